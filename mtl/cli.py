@@ -1,0 +1,229 @@
+"""The ``mtl`` command line (also ``python cli.py``): Typer commands over the library.
+
+Every command turns :class:`~mtl.errors.MtlError` into one line on stderr and exit code 2;
+``--json`` prints exactly one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mtl import settings
+from mtl.errors import MtlError, TaskFileErrors
+
+app = typer.Typer(help="Multi-task learning with a MAML initialization.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+tasks_app = typer.Typer(help="List, inspect and validate the task registry.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+
+out = Console()
+err = Console(stderr=True)
+
+TasksDir = Annotated[list[Path] | None, typer.Option(
+    "--tasks-dir", help="Extra folder of task YAML files (repeatable; also MTL_TASKS_DIRS).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _registry(tasks_dir: list[Path] | None):
+    from mtl.registry import Registry
+
+    return Registry(settings.tasks_dirs(tasks_dir))
+
+
+def _print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(o: object) -> object:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+@tasks_app.command("list")
+def tasks_list(tasks_dir: TasksDir = None,
+               role: Annotated[str | None, typer.Option(help="meta_train, meta_val or held_out")] = None,
+               modality: Annotated[str | None, typer.Option(help="text or image")] = None,
+               as_json: Json = False) -> None:
+    """Every task: modality, classes, examples per split and role."""
+    reg = _registry(tasks_dir)
+    rows = []
+    for name in reg.names(role=role, modality=modality):
+        task = reg.load(name)
+        rows.append({"name": name, "modality": task.modality, "role": task.spec.role, "classes": len(task.classes),
+                     "splits": {s: len(v) for s, v in task.splits.items()}, "file": str(reg.entry(name).file)})
+    if as_json:
+        _print_json({"tasks": rows, "data_dir": str(settings.data_dir())})
+        return
+    table = Table(title=f"{len(rows)} tasks (data: {settings.data_dir()})")
+    for col in ("name", "modality", "classes", "examples per split", "role"):
+        table.add_column(col, justify="right" if col == "classes" else "left")
+    for r in rows:
+        table.add_row(escape(r["name"]), r["modality"], str(r["classes"]),
+                      ", ".join(f"{s} {n:,}" for s, n in r["splits"].items()), r["role"])
+    out.print(table)
+
+
+@tasks_app.command("show")
+def tasks_show(name: str, tasks_dir: TasksDir = None,
+               examples: Annotated[int, typer.Option(help="How many examples to print.")] = 3,
+               as_json: Json = False) -> None:
+    """A task's fields, label names, counts per split and a few examples."""
+    reg = _registry(tasks_dir)
+    task = reg.load(name)
+    counts = {s: {task.classes[c]: n for c, n in v.counts().items()} for s, v in task.splits.items()}
+    train = task.train
+    shown = []
+    for i in range(min(examples, len(train))):
+        x = train.inputs[i]
+        shown.append({"label": task.classes[int(train.labels[i])],
+                      "input": str(x) if task.modality == "text" else f"image {x.shape} {x.dtype}"})
+    info = {"name": task.name, "file": str(reg.entry(name).file), "spec": task.spec.model_dump(mode="json"),
+            "classes": task.classes, "counts": counts, "examples": shown}
+    if as_json:
+        _print_json(info)
+        return
+    out.print(f"[bold]{task.name}[/bold]  ({info['file']})")
+    out.print(task.spec.description)
+    spec = task.spec.model_dump(mode="json", exclude_defaults=True, exclude={"labels"})
+    for key, value in spec.items():
+        if key not in ("name", "description"):
+            out.print(f"  {key}: {value}")
+    out.print(f"  classes ({len(task.classes)}): {', '.join(task.classes[:30])}"
+              f"{' ...' if len(task.classes) > 30 else ''}")
+    for s, per in counts.items():
+        vals = list(per.values())
+        out.print(f"  {s}: {sum(vals):,} examples, {len(vals)} classes, {min(vals)}-{max(vals)} per class")
+    for ex in shown:
+        out.print(f"  [{ex['label']}] {ex['input'][:100]}", markup=False, highlight=False)
+
+
+@tasks_app.command("validate")
+def tasks_validate(paths: Annotated[list[Path], typer.Argument(help="Task files or folders.")],
+                   no_data: Annotated[bool, typer.Option("--no-data", help="Check the schema only.")] = False,
+                   as_json: Json = False) -> None:
+    """Check task files (schema, then the data they point at); one line per problem."""
+    from mtl.data import load_task
+    from mtl.errors import TaskFileError
+    from mtl.registry import parse_task_file, task_files
+
+    files: list[Path] = []
+    problems: list[str] = []
+    for p in paths:
+        if p.is_dir():
+            files += task_files(p)
+        elif p.exists():
+            files.append(p)
+        else:
+            problems.append(f"{p}: file not found. Fix: check the path.")
+    ok: list[dict[str, object]] = []
+    seen: dict[str, Path] = {}
+    for f in files:
+        try:
+            spec = parse_task_file(f)
+        except TaskFileErrors as e:
+            problems += [str(x) for x in e.errors]
+            continue
+        if spec.name in seen:
+            problems.append(str(TaskFileError(f, "name", f"task name '{spec.name}' is already used by "
+                                              f"{seen[spec.name]}", "give one of the two tasks another name")))
+            continue
+        seen[spec.name] = f
+        if no_data:
+            ok.append({"file": str(f), "name": spec.name})
+            continue
+        try:
+            task = load_task(spec, f)
+        except MtlError as e:
+            problems.append(str(e))
+            continue
+        ok.append({"file": str(f), "name": spec.name, "classes": len(task.classes),
+                   "splits": {s: len(v) for s, v in task.splits.items()}})
+    if as_json:
+        _print_json({"valid": ok, "problems": problems})
+    else:
+        for item in ok:
+            detail = f", {item['classes']} classes" if "classes" in item else ""
+            out.print(f"ok  {item['file']} ({item['name']}{detail})", highlight=False)
+        for line in problems:
+            err.print(line, highlight=False, markup=False, soft_wrap=True)
+    if problems or not files:
+        if not files and not problems:
+            err.print("no task files found", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command("episode")
+def episode(task: Annotated[str, typer.Option("--task", help="Registry task name.")],
+            split: str = "train", ways: int = 5, shots: int = 1, queries: int = 15, seed: int = 0,
+            index: Annotated[int, typer.Option(help="Which episode of the seeded stream.")] = 0,
+            tasks_dir: TasksDir = None, as_json: Json = False) -> None:
+    """Draw one reproducible N-way K-shot episode from a task and show it."""
+    from mtl.episodes import EpisodeSampler
+
+    t = _registry(tasks_dir).load(task)
+    ep = EpisodeSampler(t, split=split, ways=ways, shots=shots, queries=queries, seed=seed).sample(index)
+    support = [(ep.classes[y], str(x) if t.modality == "text" else f"image {x.shape}")
+               for x, y in zip(ep.support_x, ep.support_y, strict=True)]
+    info = {"task": task, "split": split, "seed": seed, "index": index, "classes": list(ep.classes),
+            "support_size": len(ep.support_y), "query_size": len(ep.query_y),
+            "support_indices": ep.support_src[:, 1].tolist(), "query_indices": ep.query_src[:, 1].tolist(),
+            "support": [{"label": lab, "input": x} for lab, x in support]}
+    if as_json:
+        _print_json(info)
+        return
+    out.print(f"[bold]{task}[/bold] {split}: {ways}-way {shots}-shot, {queries} queries per class "
+              f"(seed {seed}, episode {index})")
+    table = Table("label", "support example")
+    for lab, x in support:
+        table.add_row(escape(lab), escape(x[:90]))
+    out.print(table)
+    out.print(f"{len(ep.query_y)} query examples")
+
+
+@app.command("formats")
+def formats() -> None:
+    """The source formats a task file can use."""
+    from mtl.formats import READERS
+
+    for name, fn in sorted(READERS.items()):
+        doc = (fn.__doc__ or "").strip().splitlines()
+        out.print(f"{name:12s} {doc[0] if doc else ''}", highlight=False, markup=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line and exit code 2, never a traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except MtlError as e:
+        for line in str(e).splitlines():
+            err.print(f"error: {line}", highlight=False, markup=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        err.print("aborted", highlight=False)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

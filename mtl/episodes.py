@@ -1,0 +1,113 @@
+"""Few-shot episodes: N classes, K support and Q query examples each, labels remapped to 0..N-1.
+
+Episode ``i`` of a sampler depends only on ``(seed, i)``, never on what was drawn before, so runs
+are reproducible, methods can be compared on the very same episodes, and workers can draw disjoint
+episode indices in parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mtl.data import Task
+from mtl.errors import MtlError
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot problem. ``*_src`` are ``(pool task position, example index in its split)``
+    pairs, so caches keyed by example (e.g. text embeddings) can be reused."""
+
+    tasks: tuple[str, ...]
+    classes: tuple[str, ...]
+    support_x: np.ndarray
+    support_y: np.ndarray
+    query_x: np.ndarray
+    query_y: np.ndarray
+    support_src: np.ndarray
+    query_src: np.ndarray
+
+    @property
+    def ways(self) -> int:
+        return len(self.classes)
+
+
+class EpisodeSampler:
+    """Draws episodes from one split of one task, or from the pooled classes of several tasks."""
+
+    def __init__(self, tasks: Task | Sequence[Task], split: str = "train", ways: int = 5, shots: int = 1,
+                 queries: int = 15, seed: int = 0) -> None:
+        self.tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+        if not self.tasks:
+            raise MtlError("no tasks to draw episodes from", "name at least one task")
+        modalities = {t.modality for t in self.tasks}
+        if len(modalities) > 1:
+            raise MtlError("a class pool cannot mix text and image tasks", "pool tasks of one modality")
+        if ways < 1 or shots < 1 or queries < 0:
+            raise MtlError(f"ways={ways}, shots={shots}, queries={queries} is not an episode",
+                           "use ways >= 1, shots >= 1, queries >= 0")
+        self.split, self.ways, self.shots, self.queries, self.seed = split, ways, shots, queries, seed
+        self._splits = [t.split(split) for t in self.tasks]
+        self._classes: list[tuple[int, int]] = []
+        self._members: list[np.ndarray] = []
+        for pos, s in enumerate(self._splits):
+            order = np.argsort(s.labels, kind="stable")
+            ids, starts = np.unique(s.labels[order], return_index=True)
+            for c, members in zip(ids.tolist(), np.split(order, starts[1:]), strict=True):
+                self._classes.append((pos, c))
+                self._members.append(members)
+        name = "+".join(t.name for t in self.tasks)
+        if ways > len(self._classes):
+            raise MtlError(f"task '{name}' split '{split}' has {len(self._classes)} classes, fewer than "
+                           f"the {ways} ways asked", f"ask for at most {len(self._classes)} ways")
+        need = shots + queries
+        for (pos, c), members in zip(self._classes, self._members, strict=True):
+            if len(members) < need:
+                raise MtlError(f"class '{self.tasks[pos].classes[c]}' of task '{self.tasks[pos].name}' split "
+                               f"'{split}' has {len(members)} examples, fewer than shots + queries = "
+                               f"{shots} + {queries}", f"ask for at most {len(members)} shots + queries")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._classes)
+
+    def sample(self, index: int) -> Episode:
+        rng = np.random.default_rng([self.seed, index])
+        chosen = rng.choice(len(self._classes), self.ways, replace=False)
+        sup: list[tuple[int, int]] = []
+        qry: list[tuple[int, int]] = []
+        for k in chosen.tolist():
+            pos = self._classes[k][0]
+            picks = rng.choice(self._members[k], self.shots + self.queries, replace=False)
+            sup += [(pos, i) for i in picks[: self.shots].tolist()]
+            qry += [(pos, i) for i in picks[self.shots:].tolist()]
+        sup_src = np.asarray(sup, np.int64).reshape(-1, 2)
+        qry_src = np.asarray(qry, np.int64).reshape(-1, 2)
+        return Episode(
+            tasks=tuple(t.name for t in self.tasks),
+            classes=tuple(self.tasks[p].classes[c] for p, c in (self._classes[k] for k in chosen.tolist())),
+            support_x=self._gather(sup_src),
+            support_y=np.repeat(np.arange(self.ways), self.shots),
+            query_x=self._gather(qry_src),
+            query_y=np.repeat(np.arange(self.ways), self.queries),
+            support_src=sup_src,
+            query_src=qry_src,
+        )
+
+    def _gather(self, src: np.ndarray) -> np.ndarray:
+        if len(self._splits) == 1:
+            return self._splits[0].inputs[src[:, 1]]
+        return np.stack([self._splits[p].inputs[i] for p, i in src.tolist()]) if len(src) else \
+            self._splits[0].inputs[:0]
+
+    def __iter__(self) -> Iterator[Episode]:
+        i = 0
+        while True:
+            yield self.sample(i)
+            i += 1
+
+    def take(self, n: int, start: int = 0) -> list[Episode]:
+        return [self.sample(i) for i in range(start, start + n)]

@@ -1,0 +1,61 @@
+"""Turn decoded or encoded images into one uint8 array of a fixed size."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mtl.errors import TaskFileError
+from mtl.schema import ImageOptions
+
+
+def _to_pil(value: object, where: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and "bytes" in value:  # `datasets` Image feature, undecoded
+        value = value["bytes"]
+    if isinstance(value, bytes | bytearray):
+        try:
+            img = Image.open(io.BytesIO(value))
+            img.load()
+            return img
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise TaskFileError(None, "source", f"corrupt or unreadable image {where} ({e})",
+                                "re-export the image or remove it from the data") from None
+    arr = np.asarray(value)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        if not np.isfinite(arr).all():
+            raise TaskFileError(None, "source", f"image {where} has NaN or infinite pixels",
+                                "clean the array before registering it")
+        hi = float(arr.max()) if arr.size else 1.0
+        arr = np.clip(arr / (hi if hi > 0 else 1.0) * 255.0, 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise TaskFileError(None, "source", f"image {where} has shape {arr.shape}, not HxW or HxWxC",
+                            "store one image per example")
+    return Image.fromarray(arr)
+
+
+def prepare_images(values: Iterable[object], options: ImageOptions, names: Sequence[str] | None = None
+                   ) -> np.ndarray:
+    """Decode, convert and resize every image; (N, H, W) if grayscale, else (N, H, W, 3)."""
+    h, w = options.hw
+    out: list[np.ndarray] = []
+    for i, value in enumerate(values):
+        where = repr(names[i]) if names is not None else f"#{i}"
+        img = _to_pil(value, where)
+        img = img.convert("L" if options.grayscale else "RGB")
+        if img.size != (w, h):
+            img = img.resize((w, h), Image.Resampling.LANCZOS)
+        arr = np.asarray(img, dtype=np.uint8)
+        out.append(255 - arr if options.invert else arr)
+    shape = (0, h, w) if options.grayscale else (0, h, w, 3)
+    return np.stack(out) if out else np.zeros(shape, np.uint8)

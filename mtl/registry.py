@@ -1,0 +1,170 @@
+"""The task registry: YAML files in one or more folders, each one task, names unique.
+
+``Registry(dirs)`` parses and validates every file up front (cheap: no data is read), so a bad file
+is reported once with its path, field and fix; ``Registry.load(name)`` reads the data (cached).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from mtl import settings
+from mtl.data import Task, load_task
+from mtl.errors import MtlError, TaskFileError, TaskFileErrors
+from mtl.schema import TaskSpec
+
+MAX_TASK_FILE_BYTES = 256 * 1024
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys and anchors/aliases (a task file needs neither, and
+    aliases allow exponential "billion laughs" documents)."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError("while parsing", None, "aliases (*name) are not allowed in task files",
+                                       event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                raise yaml.MarkedYAMLError(None, None, "a mapping key must be a plain value", key_node.start_mark)
+            if key in seen:
+                raise yaml.MarkedYAMLError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_FIXES = {
+    "missing": "add the field",
+    "extra_forbidden": "remove it or correct its spelling",
+    "literal_error": "use one of the allowed values",
+    "string_type": "give a string",
+    "int_type": "give a whole number",
+    "bool_type": "give true or false",
+    "dict_type": "give a mapping (key: value lines)",
+    "list_type": "give a list",
+    "string_pattern_mismatch": "use lowercase letters, digits, '_', '-' or '.'",
+    "string_too_short": "give a non-empty value",
+}
+
+
+def _field_of(loc: tuple[object, ...]) -> str:
+    # pydantic puts union/tag members in loc (e.g. "list[str]", "str"); drop those for readability
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float")))]
+    return ".".join(parts) or "(top level)"
+
+
+def parse_task_file(path: Path) -> TaskSpec:
+    """Parse and validate one task file; raises :class:`TaskFileErrors`, one line per problem."""
+    try:
+        if path.stat().st_size > MAX_TASK_FILE_BYTES:
+            raise TaskFileErrors([TaskFileError(path, None, f"file is larger than {MAX_TASK_FILE_BYTES} bytes",
+                                                "a task file describes a task; keep the data elsewhere")])
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskFileErrors([TaskFileError(path, None, f"not UTF-8 text (byte {e.start})",
+                                            "save the file as UTF-8")]) from None
+    except OSError as e:
+        raise TaskFileErrors([TaskFileError(path, None, f"cannot read the file ({e.strerror})",
+                                            "check the path and permissions")]) from None
+    try:
+        doc = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TaskFileErrors([TaskFileError(path, where, f"invalid YAML: {what}",
+                                            "fix the indentation and syntax (`key: value`, two-space indents)")]) \
+            from None
+    except RecursionError:
+        raise TaskFileErrors([TaskFileError(path, None, "YAML nested too deeply", "flatten the file")]) from None
+    if not isinstance(doc, dict):
+        raise TaskFileErrors([TaskFileError(path, None, "the file is empty or not a mapping of fields",
+                                            "start from an example in tasks/ (name:, modality:, source: ...)")])
+    try:
+        return TaskSpec.model_validate(doc)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors(include_url=False):
+            msg = err["msg"].removeprefix("Value error, ")
+            fix = _FIXES.get(err["type"], "see docs/TASKS.md for the schema")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            problems.append(TaskFileError(path, _field_of(err["loc"]), msg, fix))
+        raise TaskFileErrors(problems) from None
+
+
+@dataclass(frozen=True)
+class Entry:
+    spec: TaskSpec
+    file: Path
+
+
+class Registry:
+    """Every task file found in ``dirs`` (recursively; files starting with ``_`` are skipped)."""
+
+    def __init__(self, dirs: list[Path] | None = None, files: list[Path] | None = None) -> None:
+        self.dirs = list(dirs) if dirs is not None else settings.tasks_dirs()
+        self.entries: dict[str, Entry] = {}
+        self._loaded: dict[str, Task] = {}
+        problems: list[TaskFileError] = []
+        for d in self.dirs:
+            if not d.is_dir():
+                problems.append(TaskFileError(d, None, "task folder not found", "check the --tasks-dir path"))
+        paths = [p for d in self.dirs if d.is_dir() for p in task_files(d)] + list(files or [])
+        for path in paths:
+            try:
+                spec = parse_task_file(path)
+            except TaskFileErrors as e:
+                problems += e.errors
+                continue
+            if spec.name in self.entries:
+                other = self.entries[spec.name].file
+                problems.append(TaskFileError(path, "name", f"task name '{spec.name}' is already used by {other}",
+                                              "give one of the two tasks another name"))
+                continue
+            self.entries[spec.name] = Entry(spec, path)
+        if problems:
+            raise TaskFileErrors(problems)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(sorted(self.entries.values(), key=lambda e: e.spec.name))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def names(self, role: str | None = None, modality: str | None = None) -> list[str]:
+        return [e.spec.name for e in self
+                if (role is None or e.spec.role == role) and (modality is None or e.spec.modality == modality)]
+
+    def entry(self, name: str) -> Entry:
+        if name not in self.entries:
+            close = difflib.get_close_matches(name, list(self.entries), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "run `cli.py tasks list` to see the tasks"
+            raise MtlError(f"no task named '{name}' in {', '.join(str(d) for d in self.dirs)}", hint)
+        return self.entries[name]
+
+    def spec(self, name: str) -> TaskSpec:
+        return self.entry(name).spec
+
+    def load(self, name: str) -> Task:
+        if name not in self._loaded:
+            e = self.entry(name)
+            self._loaded[name] = load_task(e.spec, e.file)
+        return self._loaded[name]
+
+
+def task_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                  and not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts))

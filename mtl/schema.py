@@ -1,0 +1,191 @@
+"""The task-file schema: one YAML file describes one classification task.
+
+Validated with pydantic so that every problem is reported by field; :func:`mtl.registry.parse_task_file`
+turns pydantic's errors into one line per problem with a fix. See ``docs/TASKS.md`` for examples.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Modality = Literal["text", "image"]
+Role = Literal["meta_train", "meta_val", "held_out"]
+Format = Literal[
+    # read through the `datasets` library
+    "csv", "tsv", "json", "jsonl", "parquet", "imagefolder", "hub",
+    # formats of the shipped data that `datasets` has no builder for
+    "json_rows", "split_lines", "line_pairs", "image_zip", "npz", "idx", "mat", "sklearn",
+]
+DATASETS_FORMATS = {"csv", "tsv", "json", "jsonl", "parquet", "imagefolder", "hub"}
+IMAGE_FORMATS = {"imagefolder", "image_zip", "npz", "idx", "mat", "sklearn"}
+
+Paths = str | list[str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """Where the examples are. Exactly one of ``path`` (all examples), ``files`` (one entry per
+    split) or ``dataset`` (a Hugging Face hub id, or a scikit-learn loader for ``sklearn``)."""
+
+    format: Format
+    path: Paths | None = None
+    files: dict[str, Paths] | None = None
+    dataset: str | None = None
+    config: str | None = None
+    revision: str | None = None
+    # Options of delimited text formats (csv, tsv, split_lines).
+    sep: str | None = None
+    header: bool = True
+    columns: list[str] | None = None
+    # line_pairs: one folder per split holding a text file and a label file, line-aligned.
+    text_file: str = "seq.in"
+    label_file: str = "label"
+    # image_zip: leading folders of a member's path that are not part of its label.
+    strip_components: int = Field(default=1, ge=0, le=16)
+    # npz / mat arrays.
+    images_key: str = "images"
+    labels_key: str | None = "labels"
+    examples_per_class: int | None = Field(default=None, ge=1)
+    image_shape: list[int] | None = None
+    transpose: bool = False
+
+    @model_validator(mode="after")
+    def _one_location(self) -> Source:
+        given = [k for k in ("path", "files", "dataset") if getattr(self, k) is not None]
+        if self.format in ("hub", "sklearn"):
+            if self.dataset is None:
+                raise ValueError(f"format '{self.format}' needs `dataset` (a hub id or loader name)")
+        elif len(given) != 1 or given[0] == "dataset":
+            raise ValueError(
+                f"format '{self.format}' needs exactly one of `path` (all examples) or `files` "
+                f"(split name -> file); got {', '.join(given) or 'neither'}"
+            )
+        return self
+
+
+class Splits(_Strict):
+    """How examples are divided: as the source divides them, or by a seeded split of examples
+    (stratified by class) or of classes (class-disjoint, for meta-learning)."""
+
+    by: Literal["source", "examples", "classes"] = "source"
+    map: dict[str, str] | None = None
+    sizes: dict[str, float] | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes_match_mode(self) -> Splits:
+        if self.by == "source" and self.sizes is not None:
+            raise ValueError("`sizes` is only used with `by: examples` or `by: classes`")
+        if self.by != "source":
+            if not self.sizes:
+                raise ValueError(f"`by: {self.by}` needs `sizes`, e.g. {{train: 0.8, test: 0.2}}")
+            if self.map is not None:
+                raise ValueError("`map` is only used with `by: source`")
+            values = list(self.sizes.values())
+            if any(v <= 0 for v in values):
+                raise ValueError("every split size must be positive")
+            fractions = [v for v in values if v < 1]
+            if fractions and len(fractions) != len(values):
+                raise ValueError("give all sizes as fractions (< 1) or all as counts (>= 1), not a mix")
+            if fractions and sum(fractions) > 1 + 1e-9:
+                raise ValueError(f"split fractions add up to {sum(fractions):.3g}, more than 1")
+            if not fractions and any(v != int(v) for v in values):
+                raise ValueError("split counts must be whole numbers")
+        return self
+
+
+class Labels(_Strict):
+    """Which labels the task keeps and what they are called."""
+
+    include: list[str] | None = None
+    exclude: list[str] = []
+    pattern: str | None = None
+    names: dict[str, str] | None = None
+
+    @field_validator("include")
+    @classmethod
+    def _nonempty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("`include` is empty; list the labels to keep or remove the field")
+        return v
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _keys_as_str(cls, v: object) -> object:
+        return {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _items_as_str(cls, v: object) -> object:
+        if isinstance(v, list):
+            if any(isinstance(x, bool) for x in v):
+                raise ValueError("a label reads as a YAML boolean (yes/no/on/off/true/false); quote it, e.g. 'yes'")
+            return [str(x) for x in v]
+        return v
+
+
+class ImageOptions(_Strict):
+    """Decoding options; ``rotations`` adds a rotated copy of every class as a new class."""
+
+    size: int | tuple[int, int] = 28
+    grayscale: bool = True
+    invert: bool = False
+    rotations: list[Literal[0, 90, 180, 270]] = [0]
+    rotate_splits: list[str] | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        sizes = (v,) if isinstance(v, int) else v
+        if any(not 4 <= s <= 1024 for s in sizes):
+            raise ValueError("image size must be between 4 and 1024 pixels")
+        return v
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)  # type: ignore[return-value]
+
+
+class TaskSpec(_Strict):
+    """One classification task of the registry."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.\-]*$", max_length=100)
+    modality: Modality
+    description: str = Field(min_length=1, max_length=2000)
+    role: Role
+    source: Source | list[Source]
+    input_field: str = Field(min_length=1)
+    label_field: str = Field(min_length=1)
+    splits: Splits = Splits()
+    labels: Labels = Labels()
+    image: ImageOptions | None = None
+    train_split: str = "train"
+    val_split: str | None = None
+    test_split: str = "test"
+
+    @model_validator(mode="after")
+    def _modality_consistent(self) -> TaskSpec:
+        if self.modality == "text" and self.image is not None:
+            raise ValueError("`image` options are only for `modality: image`")
+        for src in self.sources:
+            if self.modality == "text" and src.format in IMAGE_FORMATS - {"npz"}:
+                raise ValueError(f"format '{src.format}' holds images; set `modality: image`")
+        return self
+
+    @property
+    def sources(self) -> list[Source]:
+        """Several sources are merged split by split (e.g. SST-2, whose test file has another layout)."""
+        return list(self.source) if isinstance(self.source, list) else [self.source]
+
+    @property
+    def image_options(self) -> ImageOptions:
+        return self.image or ImageOptions()
+
+    @property
+    def split_names(self) -> list[str]:
+        return [s for s in (self.train_split, self.val_split, self.test_split) if s]

@@ -1,0 +1,53 @@
+"""Where data, caches and task folders live: one place, overridable by environment variables.
+
+``MTL_DATA_DIR``   root that relative ``source`` paths in task files resolve against
+                   (default: ``../shared/datasets`` when it exists, else ``~/.cache/mtl/data``).
+``MTL_CACHE_DIR``  decoded-example and embedding caches (default ``~/.cache/mtl``).
+``MTL_TASKS_DIRS`` extra registry folders, separated by ``os.pathsep``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
+BUILTIN_TASKS_DIR = REPO_ROOT / "tasks"
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mtl"
+
+
+def data_dir() -> Path:
+    """The data root; ``../shared/datasets`` beside the checkout or the working directory wins."""
+    if env := os.environ.get("MTL_DATA_DIR"):
+        return Path(env).expanduser().resolve()
+    for base in (Path.cwd(), REPO_ROOT):
+        candidate = (base / ".." / "shared" / "datasets").resolve()
+        if candidate.is_dir():
+            return candidate
+    return _user_cache() / "data"
+
+
+def cache_dir() -> Path:
+    if env := os.environ.get("MTL_CACHE_DIR"):
+        return Path(env).expanduser().resolve()
+    return _user_cache()
+
+
+def tasks_dirs(extra: list[Path] | None = None, include_builtin: bool = True) -> list[Path]:
+    """Registry folders: the shipped ``tasks/``, then ``MTL_TASKS_DIRS``, then ``--tasks-dir`` ones."""
+    dirs: list[Path] = [BUILTIN_TASKS_DIR] if include_builtin and BUILTIN_TASKS_DIR.is_dir() else []
+    if env := os.environ.get("MTL_TASKS_DIRS"):
+        dirs += [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    dirs += [Path(p).expanduser() for p in extra or []]
+    seen: set[Path] = set()
+    unique = []
+    for d in dirs:
+        key = d.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    return unique
