@@ -26,8 +26,8 @@ app = typer.Typer(help="Multi-task learning with a MAML initialization.", no_arg
 tasks_app = typer.Typer(help="List, inspect and validate the task registry.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 TasksDir = Annotated[list[Path] | None, typer.Option(
     "--tasks-dir", help="Extra folder of task YAML files (repeatable; also MTL_TASKS_DIRS).")]
@@ -206,7 +206,7 @@ def formats() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line and exit code 2, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except MtlError as e:
         for line in str(e).splitlines():
             err.print(f"error: {line}", highlight=False, markup=False, soft_wrap=True)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -84,9 +84,10 @@ def parse_task_file(path: Path) -> TaskSpec:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise TaskFileErrors([TaskFileError(path, where, f"invalid YAML: {what}",
-                                            "fix the indentation and syntax (`key: value`, two-space indents)")]) \
-            from None
+        fix = ("write the values out instead of anchors (&) and aliases (*)" if "alias" in what else
+               "keep one of the two entries" if "duplicate" in what else
+               "fix the indentation and syntax (`key: value`, two-space indents)")
+        raise TaskFileErrors([TaskFileError(path, where, f"invalid YAML: {what}", fix)]) from None
     except RecursionError:
         raise TaskFileErrors([TaskFileError(path, None, "YAML nested too deeply", "flatten the file")]) from None
     if not isinstance(doc, dict):

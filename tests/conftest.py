@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests that need the real data skip when ``MTL_DATA_DIR`` has none of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded while testing
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from mtl import settings  # noqa: E402
+from mtl.cli import main  # noqa: E402
+from mtl.registry import Registry  # noqa: E402
+
+HAS_DATA = (settings.data_dir() / "MANIFEST.md").exists()
+needs_data = pytest.mark.skipif(not HAS_DATA, reason="real datasets not found (set MTL_DATA_DIR)")
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return Registry()
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -1,0 +1,86 @@
+"""Episodes: shapes, support/query disjointness, seeded reproducibility, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtl.data import Split, Task
+from mtl.episodes import EpisodeSampler
+from mtl.errors import MtlError
+from mtl.schema import TaskSpec
+from tests.conftest import needs_data
+
+
+def toy_task(name: str = "toy", per_class: list[int] | None = None, modality: str = "image") -> Task:
+    per_class = per_class or [10] * 8
+    labels = np.repeat(np.arange(len(per_class)), per_class)
+    if modality == "image":
+        inputs = np.stack([np.full((4, 4), i, np.uint8) for i in range(len(labels))])
+    else:
+        inputs = np.asarray([f"example {i}" for i in range(len(labels))])
+    spec = TaskSpec.model_validate({
+        "name": name, "modality": modality, "description": "toy", "role": "meta_train",
+        "source": {"format": "npz", "path": "x.npz"}, "input_field": "image", "label_field": "label"})
+    split = Split(name, "train", inputs, labels)
+    return Task(spec=spec, classes=[f"c{i}" for i in range(len(per_class))], splits={"train": split, "test": split})
+
+
+def test_shapes_labels_and_disjointness():
+    ep = EpisodeSampler(toy_task(), ways=5, shots=2, queries=3, seed=1).sample(0)
+    assert ep.support_x.shape == (10, 4, 4) and ep.query_x.shape == (15, 4, 4)
+    assert ep.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert np.bincount(ep.query_y).tolist() == [3] * 5
+    assert not set(ep.support_src[:, 1].tolist()) & set(ep.query_src[:, 1].tolist())
+    # inputs encode their own index: check the gather and the label remapping agree
+    labels = np.repeat(np.arange(8), 10)
+    for x, y in zip(ep.support_x, ep.support_y, strict=True):
+        assert ep.classes[y] == f"c{labels[x[0, 0]]}"
+
+
+def test_same_seed_same_episode_different_seed_different():
+    a = EpisodeSampler(toy_task(), ways=5, shots=1, queries=2, seed=7)
+    b = EpisodeSampler(toy_task(), ways=5, shots=1, queries=2, seed=7)
+    c = EpisodeSampler(toy_task(), ways=5, shots=1, queries=2, seed=8)
+    for i in range(5):
+        ea, eb = a.sample(i), b.sample(i)
+        assert ea.classes == eb.classes and np.array_equal(ea.support_src, eb.support_src)
+        assert np.array_equal(ea.query_x, eb.query_x)
+    assert any(a.sample(i).classes != c.sample(i).classes for i in range(5))
+    # episode i does not depend on the order in which episodes are drawn
+    assert np.array_equal(a.sample(3).query_src, a.take(4)[3].query_src)
+
+
+def test_pool_of_classes_across_tasks():
+    pool = EpisodeSampler([toy_task("a", [6] * 3), toy_task("b", [6] * 3)], ways=6, shots=1, queries=1, seed=0)
+    assert pool.num_classes == 6
+    ep = pool.sample(0)
+    assert set(ep.support_src[:, 0].tolist()) == {0, 1} and ep.tasks == ("a", "b")
+
+
+def test_text_episode_inputs_are_strings():
+    ep = EpisodeSampler(toy_task(modality="text"), ways=3, shots=2, queries=1).sample(0)
+    assert ep.support_x.dtype.kind == "U" and ep.support_x[0].startswith("example")
+
+
+def test_too_many_ways_names_task_and_counts():
+    with pytest.raises(MtlError, match=r"task 'toy' split 'train' has 8 classes, fewer than the 9 ways"):
+        EpisodeSampler(toy_task(), ways=9)
+
+
+def test_too_many_shots_names_class_and_counts():
+    with pytest.raises(MtlError, match=r"class 'c2' of task 'toy' split 'train' has 3 examples.*1 \+ 5"):
+        EpisodeSampler(toy_task(per_class=[10, 10, 3]), ways=2, shots=1, queries=5)
+
+
+def test_pool_refuses_mixed_modalities():
+    with pytest.raises(MtlError, match="cannot mix text and image"):
+        EpisodeSampler([toy_task("a"), toy_task("b", modality="text")])
+
+
+@needs_data
+def test_real_omniglot_and_clinc_episodes(registry):
+    omni = EpisodeSampler(registry.load("omniglot"), split="test", ways=20, shots=1, queries=5, seed=0).sample(0)
+    assert omni.support_x.shape == (20, 28, 28) and omni.query_x.shape == (100, 28, 28)
+    text = EpisodeSampler(registry.load("clinc150-travel"), ways=15, shots=5, queries=10, seed=0).sample(3)
+    assert text.support_x.shape == (75,) and len(set(text.classes)) == 15

@@ -1,0 +1,190 @@
+"""Every source format reads a small local file into the right examples; bad files fail clearly."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from mtl import data as data_module
+from mtl.data import load_task
+from mtl.errors import TaskFileError
+from mtl.schema import TaskSpec
+
+TEXTS = [f"sentence {i}" for i in range(12)]
+LABELS = ["a", "b", "c"] * 4
+
+
+def spec(modality: str = "text", input_field: str = "text", label_field: str = "label", **source) -> TaskSpec:
+    doc = {"name": "t", "modality": modality, "description": "d", "role": "held_out", "source": source,
+           "input_field": input_field, "label_field": label_field,
+           "splits": {"by": "examples", "sizes": {"train": 0.5, "test": 0.5}}}
+    if modality == "image":
+        doc["image"] = {"size": 8}
+    return TaskSpec.model_validate(doc)
+
+
+def check_text(task) -> None:
+    assert task.classes == ["a", "b", "c"]
+    assert sorted(np.concatenate([task.train.inputs, task.test.inputs]).tolist()) == sorted(TEXTS)
+    for s in task.splits.values():  # each text keeps its own label
+        for x, y in zip(s.inputs, s.labels, strict=True):
+            assert LABELS[TEXTS.index(x)] == task.classes[y]
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_module, "_MEMO", {})
+
+
+def test_csv_and_relative_path_through_data_dir(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(TEXTS, LABELS)))
+    monkeypatch.setenv("MTL_DATA_DIR", str(tmp_path))
+    check_text(load_task(spec(format="csv", path="d/x.csv")))
+
+
+def test_headerless_tsv_keeps_quotes_and_null_text(tmp_path):
+    texts = [*TEXTS[:-2], '"quoted', "null"]
+    (tmp_path / "x.tsv").write_text("".join(f"{y}\t{t}\n" for t, y in zip(texts, LABELS)))
+    task = load_task(spec(format="tsv", path=str(tmp_path / "x.tsv"), header=False, columns=["label", "text"]))
+    all_text = set(np.concatenate([task.train.inputs, task.test.inputs]).tolist())
+    assert '"quoted' in all_text and "null" in all_text
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])
+def test_json_jsonl_parquet(tmp_path, fmt):
+    rows = [{"text": t, "label": y} for t, y in zip(TEXTS, LABELS)]
+    path = tmp_path / f"x.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    check_text(load_task(spec(format=fmt, path=str(path))))
+
+
+def test_hub_loader_on_a_local_dataset_folder(tmp_path):
+    """`format: hub` calls datasets.load_dataset(id); a local folder id exercises that same code."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    for split, part in (("train", slice(0, 6)), ("test", slice(6, 12))):
+        (folder / f"{split}.csv").write_text("text,label\n" + "".join(
+            f"{t},{y}\n" for t, y in zip(TEXTS[part], LABELS[part])))
+    doc = spec(format="hub", dataset=str(folder)).model_dump()
+    doc["splits"] = {"by": "source"}
+    task = load_task(TaskSpec.model_validate(doc))
+    assert len(task.train) == 6 and len(task.test) == 6
+    check_text(task)
+
+
+def test_json_rows_split_lines_line_pairs(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps({"all": [[t, y] for t, y in zip(TEXTS, LABELS)]}))
+    check_text(load_task(spec(format="json_rows", path=str(tmp_path / "rows.json"), columns=["text", "label"])))
+    (tmp_path / "lines.txt").write_text("".join(f"{y} {t}\n" for t, y in zip(TEXTS, LABELS)))
+    check_text(load_task(spec(format="split_lines", path=str(tmp_path / "lines.txt"), sep=" ", header=False,
+                              columns=["label", "text"])))
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "seq.in").write_text("\n".join(TEXTS) + "\n")
+    (tmp_path / "pairs" / "label").write_text("\n".join(LABELS) + "\n")
+    check_text(load_task(spec(format="line_pairs", path=str(tmp_path / "pairs"))))
+
+
+def png(value: int, size: int = 10) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def check_images(task, n: int = 12) -> None:
+    assert task.classes == ["a", "b", "c"] or task.classes == ["0", "1", "2"]
+    x = np.concatenate([task.train.inputs, task.test.inputs])
+    assert x.shape == (n, 8, 8) and x.dtype == np.uint8
+    for s in task.splits.values():  # pixel value encodes the class
+        for img, y in zip(s.inputs, s.labels, strict=True):
+            assert abs(int(img.mean()) - 60 * (y + 1)) <= 1
+
+
+def test_imagefolder_and_image_zip(tmp_path):
+    root = tmp_path / "folder"
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for i, y in enumerate(LABELS):
+            (root / y).mkdir(parents=True, exist_ok=True)
+            (root / y / f"{i}.png").write_bytes(png(60 * (ord(y) - 96)))
+            zf.writestr(f"top/{y}/{i}.png", png(60 * (ord(y) - 96)))
+    check_images(load_task(spec("image", "image", "label", format="imagefolder", path=str(root))))
+    check_images(load_task(spec("image", "image", "label", format="image_zip", path=str(tmp_path / "imgs.zip"))))
+
+
+def test_npz_idx_mat(tmp_path):
+    images = np.stack([np.full((10, 10), 60 * (i % 3 + 1), np.uint8) for i in range(12)])
+    labels = np.arange(12) % 3
+    np.savez(tmp_path / "x.npz", images=images, labels=labels)
+    check_images(load_task(spec("image", "image", "label", format="npz", path=str(tmp_path / "x.npz"))))
+    with gzip.open(tmp_path / "img.gz", "wb") as f:
+        f.write(struct.pack(">HBB3I", 0, 8, 3, 12, 10, 10) + images.tobytes())
+    (tmp_path / "lab.idx").write_bytes(struct.pack(">HBBI", 0, 8, 1, 12) + labels.astype(np.uint8).tobytes())
+    check_images(load_task(spec("image", "image", "label", format="idx",
+                                path=[str(tmp_path / "img.gz"), str(tmp_path / "lab.idx")])))
+    from scipy.io import savemat
+
+    order = np.argsort(labels, kind="stable")  # mat: consecutive blocks of 4 per class, one image per column
+    savemat(tmp_path / "x.mat", {"faces": images[order].reshape(12, -1).T})
+    check_images(load_task(spec("image", "image", "label", format="mat", path=str(tmp_path / "x.mat"),
+                                images_key="faces", labels_key=None, image_shape=[10, 10], examples_per_class=4)))
+
+
+def test_sklearn_digits():
+    task = load_task(spec("image", "image", "label", format="sklearn", dataset="digits"))
+    assert len(task.classes) == 10 and len(task.train) + len(task.test) == 1797
+
+
+def test_corrupt_image_in_zip_is_named(tmp_path):
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        zf.writestr("top/a/0.png", png(10))
+        zf.writestr("top/a/1.png", png(10)[:30])  # truncated
+    with pytest.raises(TaskFileError, match=r"corrupt or unreadable image 'imgs.zip:top/a/1.png'"):
+        load_task(spec("image", "image", "label", format="image_zip", path=str(tmp_path / "imgs.zip")))
+
+
+def test_truncated_archive_and_wrong_format(tmp_path):
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(TaskFileError, match="truncated or not a zip"):
+        load_task(spec("image", "image", "label", format="image_zip", path=str(tmp_path / "bad.zip")))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TaskFileError, match="cannot read bad.json"):
+        load_task(spec(format="json_rows", path=str(tmp_path / "bad.json")))
+
+
+def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
+    (tmp_path / "x.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(TEXTS, LABELS)))
+    s = spec(format="csv", path=str(tmp_path / "x.csv"))
+    first = load_task(s)
+    monkeypatch.setattr(data_module, "_MEMO", {})
+
+    def fail(*a, **k):
+        raise AssertionError("source read again despite the cache")
+
+    monkeypatch.setattr(data_module, "read_source", fail)
+    second = load_task(s)
+    assert np.array_equal(first.train.inputs, second.train.inputs)
+
+
+def test_shipped_examples_in_docs_parse():
+    """The schema example in docs/TASKS.md is a valid task file."""
+    text = (Path(__file__).parents[1] / "docs" / "TASKS.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    TaskSpec.model_validate(yaml.safe_load(block))

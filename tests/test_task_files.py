@@ -1,0 +1,122 @@
+"""Malformed task files are rejected with one line per problem: file, field, what, fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtl.errors import TaskFileErrors
+from mtl.registry import Registry
+from tests.conftest import write
+
+GOOD = """\
+name: tiny
+modality: text
+description: a tiny task
+role: held_out
+source:
+  format: csv
+  path: {path}
+input_field: text
+label_field: label
+splits:
+  by: examples
+  sizes: {{train: 0.5, test: 0.5}}
+"""
+
+
+@pytest.fixture
+def csv_file(tmp_path: Path) -> Path:
+    rows = ["text,label"] + [f"sentence number {i},{'ab'[i % 2]}" for i in range(20)]
+    return write(tmp_path / "data" / "tiny.csv", "\n".join(rows) + "\n")
+
+
+def good(csv_file: Path) -> str:
+    return GOOD.format(path=csv_file)
+
+
+CASES = {
+    # name: (file text builder, field expected in the message, words expected)
+    "bad indentation": (lambda g: g.replace("  format: csv", "format: csv\n   path: x"), "line", "invalid YAML"),
+    "missing field": (lambda g: g.replace("label_field: label\n", ""), "label_field", "Field required"),
+    "wrong type": (lambda g: g.replace("  sizes: {train: 0.5, test: 0.5}", "  sizes: [1, 2]"), "splits.sizes",
+                   "dictionary"),
+    "unknown modality": (lambda g: g.replace("modality: text", "modality: audio"), "modality", "'text' or 'image'"),
+    "unknown field": (lambda g: g + "colour: blue\n", "colour", "unknown field"),
+    "missing file": (lambda g: g.replace("tiny.csv", "nope.csv"), "source.path", "not found"),
+    "label field absent": (lambda g: g.replace("label_field: label", "label_field: intent"), "label_field",
+                           "column 'intent' is not in the data"),
+    "empty task": (lambda g: g + "labels:\n  pattern: 'zzz*'\n", "labels.pattern", "matches no label"),
+    "excluded everything": (lambda g: g + "labels:\n  exclude: [a, b]\n", "labels", "is empty"),
+    "unknown label": (lambda g: g + "labels:\n  include: [a, c]\n", "labels.include", "'c' not in the data"),
+    "duplicate key": (lambda g: g + "role: meta_train\n", "line", "duplicate key 'role'"),
+    "alias": (lambda g: g.replace("description: a tiny task", "description: &d a tiny task") + "x: *d\n", "line",
+              "aliases"),
+    "empty file": (lambda g: "", None, "empty or not a mapping"),
+    "yaml boolean label": (lambda g: g + "labels:\n  include: [yes, no]\n", "labels.include", "quote it"),
+    "bad split fractions": (lambda g: g.replace("test: 0.5", "test: 0.9"), "splits", "more than 1"),
+    "bad name": (lambda g: g.replace("name: tiny", "name: Tiny Task!"), "name", "pattern"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_task_file_gets_one_line_with_file_field_and_fix(case, tmp_path, csv_file, run_cli):
+    build, field, words = CASES[case]
+    path = write(tmp_path / "tasks" / "t.yaml", build(good(csv_file)))
+    code, out, err = run_cli("tasks", "validate", path)
+    assert code == 1, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, out
+    first = lines[0]
+    assert first.startswith(str(path)) and "Fix:" in first, first
+    if field:
+        assert f": {field}" in first, first
+    assert words in first, first
+    assert "Traceback" not in err + out
+
+
+def test_good_file_validates(tmp_path, csv_file, run_cli):
+    path = write(tmp_path / "tasks" / "t.yaml", good(csv_file))
+    code, out, err = run_cli("tasks", "validate", path)
+    assert code == 0, err
+    assert "ok" in out and "2 classes" in out
+
+
+def test_several_problems_one_line_each(tmp_path, run_cli):
+    path = write(tmp_path / "t.yaml", "name: x\nmodality: audio\n")
+    code, _, err = run_cli("tasks", "validate", path, "--no-data")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) >= 5  # modality + description, role, source, fields missing
+    assert all(line.startswith(str(path)) for line in lines)
+
+
+def test_duplicate_names_name_both_files(tmp_path, csv_file):
+    a = write(tmp_path / "reg" / "a.yaml", good(csv_file))
+    b = write(tmp_path / "reg" / "sub" / "b.yaml", good(csv_file))
+    with pytest.raises(TaskFileErrors) as e:
+        Registry([tmp_path / "reg"])
+    assert str(a) in str(e.value) and str(b) in str(e.value)
+
+
+def test_user_folder_and_env_var(tmp_path, csv_file, run_cli, monkeypatch):
+    write(tmp_path / "mine" / "tiny.yaml", good(csv_file))
+    code, out, _ = run_cli("tasks", "list", "--tasks-dir", tmp_path / "mine", "--json")
+    assert code == 0 and "tiny" in out
+    monkeypatch.setenv("MTL_TASKS_DIRS", str(tmp_path / "mine"))
+    code, out, _ = run_cli("tasks", "show", "tiny", "--json")
+    assert code == 0 and '"classes": ["a", "b"]' in out
+
+
+def test_unknown_task_suggests_close_names(run_cli):
+    code, _, err = run_cli("tasks", "show", "clinc150-bankin")
+    assert code == 2 and "did you mean clinc150-banking" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_process_prints_no_traceback(tmp_path):
+    path = write(tmp_path / "bad.yaml", "name: [unclosed\n")
+    proc = subprocess.run([sys.executable, "cli.py", "tasks", "validate", str(path)], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 1 and "invalid YAML" in proc.stderr and "Traceback" not in proc.stderr
