@@ -193,6 +193,172 @@ def episode(task: Annotated[str, typer.Option("--task", help="Registry task name
     out.print(f"{len(ep.query_y)} query examples")
 
 
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+@app.command("train")
+def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (see configs/).")],
+          out_dir: Annotated[Path, typer.Option("--out", help="Run folder.")],
+          method: Annotated[str | None, typer.Option(help="maml, fomaml, anil, metasgd, reptile or multitask.")] = None,
+          seed: Annotated[int | None, typer.Option()] = None,
+          device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+          iterations: Annotated[int | None, typer.Option()] = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+          override: Annotated[list[str] | None, typer.Option(
+              "--set", help="Override any recipe field: --set inner.steps=5 (repeatable).")] = None,
+          tasks_dir: TasksDir = None, as_json: Json = False) -> None:
+    """Meta-train (or multi-task train) a shared-trunk multi-head model from a recipe."""
+    import yaml as _yaml
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mtl.recipe import load_recipe
+    from mtl.train import Trainer
+
+    overrides: dict[str, object] = {"method": method, "seed": seed, "device": device, "iterations": iterations}
+    for item in override or []:
+        if "=" not in item:
+            raise MtlError(f"--set {item!r} is not key=value", "write e.g. --set inner.lr=0.1")
+        key, value = item.split("=", 1)
+        overrides[key] = _yaml.safe_load(value)
+    recipe = load_recipe(config, overrides)
+    if tasks_dir:
+        recipe = recipe.model_copy(update={"tasks_dirs": recipe.tasks_dirs + [str(p) for p in tasks_dir]})
+    trainer = Trainer(recipe, out_dir)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} val {task.fields[val]}"),
+               TextColumn("{task.fields[rate]:.2f} it/s"), TimeRemainingColumn()]
+    with Progress(*columns, console=err, disable=as_json or not err.is_terminal, transient=False) as bar:
+        job = bar.add_task(recipe.method, total=recipe.iterations, completed=trainer.start, loss=0.0, acc=0.0,
+                           val="-", rate=0.0)
+        state = {"val": "-", "t": None, "n": 0}
+
+        def on_step(row: dict[str, object]) -> None:
+            import time as _time
+
+            now = _time.perf_counter()
+            if state["t"] is None:
+                state["t"], state["n"] = now, 0
+            state["n"] += 1  # type: ignore[operator]
+            rate = (state["n"] - 1) / (now - state["t"]) if now > state["t"] else 0.0  # type: ignore[operator]
+            if "val_accuracy" in row:
+                state["val"] = f"{row['val_accuracy']:.3f}"
+            bar.update(job, completed=int(row["iteration"]) + 1, loss=row["loss"], acc=row["accuracy"],  # type: ignore[arg-type]
+                       val=state["val"], rate=rate)
+
+        result = trainer.run(resume=resume, on_step=on_step)
+    if as_json:
+        _print_json(result)
+    else:
+        val = result["best_val_accuracy"]
+        out.print(f"trained {result['iterations']} iterations in {result['seconds']} s; "
+                  f"best validation accuracy {val:.4f}" if val is not None else "", highlight=False)
+        out.print(f"run folder: {out_dir} (best.safetensors, last.safetensors, metrics.jsonl, curve.png)",
+                  highlight=False)
+
+
+@app.command("adapt")
+def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to adapt to.")],
+              checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run folder or checkpoint file.")],
+              out_dir: Annotated[Path, typer.Option("--out", help="Folder for the adapted model.")],
+              shots: Annotated[int, typer.Option(help="Labelled examples per class.")] = 5,
+              steps: Annotated[int | None, typer.Option(help="Gradient steps (default: the recipe's).")] = None,
+              lr: Annotated[float | None, typer.Option(help="Step size (default: the learned ones).")] = None,
+              examples: Annotated[Path | None, typer.Option(
+                  help="Your labelled examples: CSV/JSONL with text,label, or a folder label/image.")] = None,
+              head_init: Annotated[str | None, typer.Option(help="zero or proto.")] = None,
+              device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
+    """Fine-tune a learned initialization on a few labelled examples of a task; save the adapted model."""
+    from dataclasses import asdict
+
+    from mtl.adapt import adapt
+    from mtl.device import resolve_device
+    from mtl.learner import load_learner
+
+    if shots < 1:
+        raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
+    if head_init not in (None, "zero", "proto"):
+        raise MtlError(f"--head-init {head_init} is unknown", "use zero or proto")
+    dev = resolve_device(device)
+    t = _registry(tasks_dir).load(task)
+    learner, meta = load_learner(checkpoint, dev)
+    result = adapt(learner, meta, t, out_dir, shots, seed, steps, lr, examples, head_init, dev)
+    if as_json:
+        _print_json(asdict(result))
+        return
+    acc = (f"test accuracy {result.test_accuracy:.4f} +/- {result.test_ci95:.4f} on {result.test_examples} "
+           "examples" if result.test_accuracy is not None else "no test examples of these classes")
+    out.print(f"adapted to {task}: {result.classes} classes x {result.shots} shots, {result.steps} steps; {acc}; "
+              f"saved {out_dir} ({result.seconds:.2f} s)", highlight=False)
+
+
+@app.command("predict")
+def predict(model: Annotated[Path, typer.Option("--model", help="Folder written by `adapt`.")],
+            inputs: Annotated[list[str], typer.Argument(help="Texts, image paths, or .txt files of them.")],
+            top: Annotated[int, typer.Option(help="How many labels to list per input.")] = 1,
+            device: Device = "auto", as_json: Json = False) -> None:
+    """Predict label names and probabilities with an adapted model."""
+    from mtl.adapt import AdaptedModel
+    from mtl.device import resolve_device
+
+    m = AdaptedModel.load(model, resolve_device(device))
+    x, shown = m.load_inputs(inputs)
+    proba = m.predict_proba(x)
+    rows = []
+    for item, p in zip(shown, proba, strict=True):
+        order = np.argsort(-p)[: max(1, top)]
+        rows.append({"input": item, "label": m.classes[order[0]], "probability": round(float(p[order[0]]), 5),
+                     "top": [{"label": m.classes[i], "probability": round(float(p[i]), 5)} for i in order]})
+    if as_json:
+        _print_json({"model": str(model), "task": m.meta["task"], "predictions": rows})
+        return
+    for r in rows:
+        out.print(f"{r['label']}\t{r['probability']:.3f}\t{r['input']}", highlight=False, markup=False)
+
+
+@app.command("evaluate")
+def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run folder or checkpoint file.")],
+             task: Annotated[str, typer.Option("--task", help="Registry task.")],
+             ways: int = 5, shots: int = 1, queries: int = 15, episodes: int = 600,
+             split: Annotated[str | None, typer.Option(help="Default: the task's test split.")] = None,
+             steps: Annotated[int | None, typer.Option(help="Adaptation steps (default: the recipe's).")] = None,
+             seed: int = 0, device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
+    """Episodic accuracy: mean and 95% confidence interval over seeded episodes."""
+    from mtl.device import resolve_device
+    from mtl.evaluation import mean_ci
+    from mtl.learner import load_learner
+    from mtl.stream import EpisodeStream
+
+    dev = resolve_device(device)
+    t = _registry(tasks_dir).load(task)
+    learner, meta = load_learner(checkpoint, dev)
+    if t.modality not in learner.model.encoders:
+        raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
+    name = split or t.spec.test_split
+    frozen = learner.model.config.text_trainable_layers == 0
+    stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, learner.model.config.text_encoder, frozen)
+    from mtl.device import autocast
+
+    with autocast(dev, meta["recipe"].get("precision", "fp32")):
+        accs = [learner.evaluate(b, steps) for b in stream.fixed(episodes)]
+    mean, ci = mean_ci(accs)
+    info = {"task": task, "split": name, "ways": stream.samplers[0].ways, "shots": shots, "queries": queries,
+            "episodes": episodes, "accuracy": round(mean, 5), "ci95": round(ci, 5), "checkpoint": meta["path"]}
+    if as_json:
+        _print_json(info)
+    else:
+        out.print(f"{task} ({name}) {info['ways']}-way {shots}-shot over {episodes} episodes: "
+                  f"{100 * mean:.2f}% +/- {100 * ci:.2f}% (95% CI)", highlight=False)
+
+
+@app.command("models")
+def models() -> None:
+    """The encoders a recipe can name (model.image_encoder, model.text_encoder)."""
+    from mtl.models import ENCODERS
+
+    for name in ENCODERS:
+        out.print(name, highlight=False)
+
+
 @app.command("formats")
 def formats() -> None:
     """The source formats a task file can use."""

@@ -1,0 +1,38 @@
+"""Build a meta-learner from a recipe, and rebuild it from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtl.checkpoint import load_checkpoint, load_into
+from mtl.maml import MetaLearner
+from mtl.models import MultiTaskModel
+from mtl.recipe import Recipe
+
+
+def build_learner(recipe: Recipe, modalities: list[str], heads: dict[str, int]) -> MetaLearner:
+    """``heads``: task -> outputs (episode ways for MAML with learned heads, all classes for multitask)."""
+    model = MultiTaskModel(recipe.model, modalities)
+    method = "maml" if recipe.method == "multitask" else recipe.method
+    learner = MetaLearner(model, method, recipe.inner, heads if recipe.inner.head_init == "learned" else None)
+    if recipe.method == "multitask":
+        for task, n in heads.items():
+            torch.nn.init.normal_(model.add_head(task, n).weight, std=0.01)
+    return learner
+
+
+def load_learner(path: Path, device: torch.device) -> tuple[MetaLearner, dict[str, Any]]:
+    tensors, meta = load_checkpoint(path, device)
+    if "recipe" not in meta:
+        from mtl.errors import MtlError
+
+        raise MtlError(f"{meta['path']} is an adapted model, not a training checkpoint",
+                       "pass the run folder of `cli.py train` to --checkpoint")
+    recipe = Recipe.model_validate(meta["recipe"])
+    learner = build_learner(recipe, meta["modalities"], {k: int(v) for k, v in meta["heads"].items()})
+    load_into(learner, tensors, "learner.")
+    learner.to(device)
+    return learner, meta

@@ -1,0 +1,281 @@
+"""Gradient-based meta-learning over a plain ``nn.Module``: MAML, first-order MAML, ANIL, Meta-SGD,
+Reptile and MAML++'s options, with functional inner loops (``torch.func.functional_call``).
+
+One inner loop serves every method; the methods differ in which parameters adapt, whether the
+outer gradient flows through the inner updates (second order), where the inner learning rates come
+from, and how the outer gradient is formed (Reptile).
+
+Batch norm: by default (``bn: support``) the query set is normalised with statistics of the support
+set, computed with the current fast weights, so query examples never share statistics with each
+other and accuracy is not inflated by transduction. ``bn: transductive`` reproduces the original
+MAML code (batch statistics of whichever set is forwarded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mtl.inputs import concat
+from mtl.models import EpisodicBatchNorm2d, MultiTaskModel, head_key, support_statistics
+
+Method = Literal["maml", "fomaml", "anil", "metasgd", "reptile"]
+
+
+class InnerConfig(BaseModel):
+    """How a task is adapted, during meta-training and when a user adapts to a new task."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(default=1, ge=1, le=100)
+    lr: float = Field(default=0.4, gt=0)
+    eval_steps: int | None = Field(default=None, ge=0, le=1000)  # steps when adapting a new task; None: `steps`
+    adapt: Literal["all", "trunk+head", "head"] = "all"
+    head_init: Literal["learned", "zero", "proto"] = "zero"
+    bn: Literal["support", "transductive"] = "support"
+    # MAML++ (Antoniou et al., 2019)
+    msl: bool = False  # multi-step loss: query loss after every inner step, annealed to the last
+    msl_iterations: int = 1000
+    lslr: bool = False  # learned per-layer, per-step inner learning rates
+    per_step_bn: bool = False  # per-step batch-norm weights and biases
+    second_order_from: int = 0  # derivative-order annealing: first order before this iteration
+
+
+@dataclass
+class TaskBatch:
+    """One episode as tensors on the device."""
+
+    task: str
+    modality: str
+    xs: Tensor | list[str]
+    ys: Tensor
+    xq: Tensor | list[str]
+    yq: Tensor
+
+    @property
+    def ways(self) -> int:
+        return int(self.ys.max()) + 1
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class MetaLearner(nn.Module):
+    """The meta-learned state: the model plus learned inner learning rates and per-step BN params."""
+
+    def __init__(self, model: MultiTaskModel, method: Method, inner: InnerConfig,
+                 heads: dict[str, int] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.inner = inner
+        if method == "anil":
+            self.inner = inner = inner.model_copy(update={"adapt": "head"})
+        if inner.head_init == "learned":
+            for task, ways in (heads or {}).items():
+                head = model.add_head(task, ways)
+                nn.init.normal_(head.weight, std=0.01)
+        self.lrs = nn.ParameterDict()
+        self.bn_steps = nn.ParameterDict()
+        if inner.per_step_bn:
+            for name, p in self._bn_params().items():
+                self.bn_steps[_key(name)] = nn.Parameter(p.detach().clone().unsqueeze(0).repeat(inner.steps + 1, 1))
+        if method == "metasgd" or inner.lslr:
+            for name, p in self._lr_shapes().items():
+                shape = p if method == "metasgd" else (inner.steps,)
+                self.lrs[_key(name)] = nn.Parameter(torch.full(shape, inner.lr))
+
+    @property
+    def eval_steps(self) -> int:
+        return self.inner.steps if self.inner.eval_steps is None else self.inner.eval_steps
+
+    # --- which parameters adapt ----------------------------------------------------------------
+
+    def _bn_params(self) -> dict[str, Tensor]:
+        names = {f"{n}.{p}" for n, m in self.model.named_modules() if isinstance(m, EpisodicBatchNorm2d)
+                 for p in ("weight", "bias")}
+        return {n: p for n, p in self.model.named_parameters() if n in names}
+
+    def adapted_names(self, modality: str) -> list[str]:
+        """Body parameters updated by the inner loop (the episode head is handled apart)."""
+        if self.inner.adapt == "head":
+            return []
+        skip = set(self._bn_params()) if self.inner.per_step_bn else set()
+        out = []
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad or n in skip or n.startswith("heads."):
+                continue
+            if n.startswith("encoders."):
+                if self.inner.adapt != "all" or not n.startswith(f"encoders.{modality}."):
+                    continue
+            elif n.startswith("projections.") and not n.startswith(f"projections.{modality}."):
+                continue
+            out.append(n)
+        return out
+
+    def _lr_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for m in self.model.encoders:
+            for n in self.adapted_names(m):
+                shapes[n] = tuple(dict(self.model.named_parameters())[n].shape)
+        shapes["head.weight"] = (1, self.model.feature_dim)  # shared by rows: heads differ in width
+        shapes["head.bias"] = (1,)
+        return shapes
+
+    def inner_lr(self, name: str, step: int) -> Tensor | float:
+        k = _key(name)
+        if k not in self.lrs:
+            return self.inner.lr
+        lr = self.lrs[k]
+        return lr if self.method == "metasgd" else lr[min(step, lr.shape[0] - 1)]
+
+    # --- the inner loop ------------------------------------------------------------------------
+
+    def _features(self, params: dict[str, Tensor], x: Tensor | list[str], modality: str, step: int,
+                  stats_rows: int | None) -> Tensor:
+        params = {k: v for k, v in params.items() if not k.startswith("head.")}
+        if self.inner.per_step_bn:
+            s = min(step, self.inner.steps)
+            params = {**params, **{n: self.bn_steps[_key(n)][s] for n in self._bn_params()}}
+        with support_statistics(self.model, stats_rows):
+            return functional_call(self.model, params, (x,), {"modality": modality}, strict=False)
+
+    def init_head(self, b: TaskBatch, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        ways = b.ways
+        dim = self.model.feature_dim
+        key = head_key(b.task)
+        if self.inner.head_init == "learned" and key in self.model.heads and self.model.heads[key].out_features == ways:
+            head = self.model.heads[key]
+            return head.weight, head.bias
+        if self.inner.head_init == "proto":
+            feats = self._features(params, b.xs, b.modality, 0, None)
+            protos = torch.zeros(ways, dim, device=feats.device, dtype=feats.dtype).index_add(0, b.ys, feats)
+            protos = protos / torch.bincount(b.ys, minlength=ways).clamp_min(1).unsqueeze(1).to(feats.dtype)
+            return 2 * protos, -(protos * protos).sum(1)  # Proto-MAML: logits = -|f - c|^2 + const
+        device = b.ys.device
+        return (torch.zeros(ways, dim, device=device, requires_grad=True),
+                torch.zeros(ways, device=device, requires_grad=True))
+
+    def adapt(self, b: TaskBatch, steps: int, create_graph: bool, track_query: bool = True, detach: bool = False
+              ) -> tuple[list[Tensor], dict[str, Tensor], Tensor | None]:
+        """Run the inner loop. Returns the query losses after each tracked step, the fast weights and
+        the last query logits. ``detach`` starts from a copy of the weights (evaluation, Reptile)."""
+        names = self.adapted_names(b.modality)
+        all_params = dict(self.model.named_parameters())
+        fast = {n: all_params[n] for n in names}
+        w, bias = self.init_head(b, fast)
+        fast["head.weight"], fast["head.bias"] = w, bias
+        if detach:
+            fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
+        ns = len(b.ys)
+        transductive = self.inner.bn == "transductive"
+        query_losses: list[Tensor] = []
+        logits: Tensor | None = None
+        body_only = not names and not self.inner.per_step_bn  # ANIL: the body forward is shared
+        if body_only:
+            both = self._features({}, concat(b.xs, b.xq), b.modality, 0, None if transductive else ns)
+            if transductive:
+                fs, fq = self._features({}, b.xs, b.modality, 0, None), self._features({}, b.xq, b.modality, 0, None)
+            else:
+                fs, fq = both[:ns], both[ns:]
+        for step in range(steps):
+            if not body_only:
+                fs = self._features(fast, b.xs, b.modality, step, None)
+            loss = F.cross_entropy(fs @ fast["head.weight"].T + fast["head.bias"], b.ys)
+            keys = [k for k, v in fast.items() if v.requires_grad]
+            grads = torch.autograd.grad(loss, [fast[k] for k in keys], create_graph=create_graph, allow_unused=True)
+            for k, g in zip(keys, grads, strict=True):
+                if g is not None:
+                    fast[k] = fast[k] - self.inner_lr(k, step) * (g if create_graph else g.detach())
+            if track_query and (self.inner.msl or step == steps - 1):
+                logits = self.query_logits(b, fast, step + 1, fq if body_only else None)
+                query_losses.append(F.cross_entropy(logits, b.yq))
+        if steps == 0 and track_query:
+            logits = self.query_logits(b, fast, 0, fq if body_only else None)
+            query_losses.append(F.cross_entropy(logits, b.yq))
+        return query_losses, fast, logits
+
+    def query_logits(self, b: TaskBatch, fast: dict[str, Tensor], step: int, fq: Tensor | None = None) -> Tensor:
+        if fq is None:
+            body = {k: v for k, v in fast.items() if not k.startswith("head.")}
+            if self.inner.bn == "transductive":
+                fq = self._features(body, b.xq, b.modality, step, None)
+            else:
+                fq = self._features(body, concat(b.xs, b.xq), b.modality, step, len(b.ys))[len(b.ys):]
+        return fq @ fast["head.weight"].T + fast["head.bias"]
+
+    # --- the outer step ------------------------------------------------------------------------
+
+    def msl_weights(self, iteration: int) -> Tensor:
+        """MAML++'s importance of each step's query loss: uniform at first, the last step's later."""
+        s = self.inner.steps
+        if not self.inner.msl:
+            return torch.ones(1)
+        decay = 1.0 / s / self.inner.msl_iterations
+        floor = 0.03 / s
+        w = torch.full((s,), max(1.0 / s - iteration * decay, floor))
+        w[-1] = min(1.0 / s + iteration * (s - 1) * decay, 1.0 - (s - 1) * floor)
+        return w
+
+    def second_order(self, iteration: int) -> bool:
+        return self.method in ("maml", "metasgd") and iteration >= self.inner.second_order_from
+
+    def meta_backward(self, batches: Sequence[TaskBatch], iteration: int) -> tuple[float, float]:
+        """Accumulate the meta-gradient of a meta-batch into ``.grad``; returns (loss, query accuracy)."""
+        if self.method == "reptile":
+            return self._reptile_backward(batches)
+        weights = self.msl_weights(iteration)
+        create_graph = self.second_order(iteration)
+        total, correct, count = 0.0, 0, 0
+        for b in batches:
+            losses, _, logits = self.adapt(b, self.inner.steps, create_graph)
+            loss = sum(w * lo for w, lo in zip(weights.tolist(), losses, strict=True)) / len(batches)
+            loss.backward()  # one task at a time: its graph is freed before the next
+            total += float(losses[-1].detach()) / len(batches)
+            assert logits is not None
+            correct += int((logits.detach().argmax(1) == b.yq).sum())
+            count += len(b.yq)
+        return total, correct / max(count, 1)
+
+    def _reptile_backward(self, batches: Sequence[TaskBatch]) -> tuple[float, float]:
+        """Reptile: the outer 'gradient' is the mean of (initial - adapted) weights, training on
+        support and query together."""
+        params = dict(self.model.named_parameters())
+        total, correct, count = 0.0, 0, 0
+        for b in batches:
+            joint = TaskBatch(b.task, b.modality, concat(b.xs, b.xq), torch.cat([b.ys, b.yq]), b.xq, b.yq)
+            with torch.no_grad():
+                pred = self.query_logits(b, self._detached_fast(b), 0).argmax(1)
+            correct += int((pred == b.yq).sum())
+            count += len(b.yq)
+            losses, fast, _ = self.adapt(joint, self.inner.steps, create_graph=False, detach=True)
+            total += float(losses[-1]) / len(batches)
+            for n, v in fast.items():
+                if n in params:
+                    p = params[n]
+                    delta = (p.detach() - v.detach()) / len(batches)
+                    p.grad = delta if p.grad is None else p.grad + delta
+        return total, correct / max(count, 1)
+
+    def _detached_fast(self, b: TaskBatch) -> dict[str, Tensor]:
+        w, bias = self.init_head(b, {})
+        return {"head.weight": w.detach(), "head.bias": bias.detach()}
+
+    @torch.no_grad()
+    def _accuracy(self, b: TaskBatch, fast: dict[str, Tensor], steps: int) -> float:
+        pred = self.query_logits(b, {k: v.detach() for k, v in fast.items()}, steps).argmax(1)
+        return float((pred == b.yq).float().mean())
+
+    def evaluate(self, b: TaskBatch, steps: int | None = None) -> float:
+        """Query accuracy after adapting to the support set (no meta-gradient)."""
+        steps = self.eval_steps if steps is None else steps
+        with torch.enable_grad():
+            _, fast, _ = self.adapt(b, steps, create_graph=False, track_query=False, detach=True)
+        return self._accuracy(b, fast, steps)

@@ -1,0 +1,247 @@
+"""The shared-trunk multi-head model: an encoder per modality, a trunk, one head per task.
+
+Plain ``nn.Module``s: the meta-learning code adapts them through ``torch.func.functional_call``.
+Encoders and trunks are built by name from small registries (``ENCODERS``), timm-style, so a
+recipe says ``image_encoder: conv4`` and ``python cli.py models`` lists what exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+
+class EpisodicBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm whose statistics come from the first ``stats_rows`` rows of the batch.
+
+    Meta-learning puts ``[support; query]`` through one forward with ``stats_rows = len(support)``:
+    queries are normalised with support statistics only, so no query sees another query's
+    statistics (no transductive leak). With ``stats_rows = None`` it uses the whole batch (the
+    transductive MAML default). In ``eval()`` it uses the running statistics, which
+    :func:`calibrate_batchnorm` sets from an adapted model's support set. Written with plain tensor
+    ops so that second-order gradients through the statistics are exact.
+    """
+
+    stats_rows: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.training or self.running_mean is None) and self.stats_rows is None:
+            # transductive: the native kernel (fewer memory passes; exact double backward)
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if self.training or self.running_mean is None:
+            ref = x[: self.stats_rows]
+            mean, var = channel_stats(ref)
+        else:
+            mean, var = self.running_mean, self.running_var  # type: ignore[assignment]
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale + (self.bias if self.bias is not None else 0.0)
+        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
+
+
+def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance; E[x^2] - E[x]^2 in fp32 is 8x faster than ``var`` on
+    channels-last CPU tensors."""
+    xf = x.float()
+    mean = xf.mean(dim=(0, 2, 3))
+    return mean, ((xf * xf).mean(dim=(0, 2, 3)) - mean * mean).clamp_min(0)
+
+
+@contextlib.contextmanager
+def support_statistics(model: nn.Module, rows: int | None) -> Iterator[None]:
+    """Within the block, batch norms take statistics from the first ``rows`` rows only."""
+    norms = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm2d)]
+    old = [m.stats_rows for m in norms]
+    for m in norms:
+        m.stats_rows = rows
+    try:
+        yield
+    finally:
+        for m, r in zip(norms, old, strict=True):
+            m.stats_rows = r
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, forward: Callable[[], object]) -> None:
+    """Set every batch norm's running statistics to those of the batch that ``forward`` runs."""
+    norms = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm2d)]
+    hooks = []
+    for m in norms:
+        def hook(mod: EpisodicBatchNorm2d, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]
+            mean, var = channel_stats(x if mod.stats_rows is None else x[: mod.stats_rows])
+            mod.running_mean.copy_(mean)  # type: ignore[union-attr]
+            mod.running_var.copy_(var)  # type: ignore[union-attr]
+        hooks.append(m.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.train()
+    try:
+        forward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
+class ConvEncoder(nn.Module):
+    """The Conv-4 of the MAML paper: blocks of 3x3 conv, batch norm, ReLU, 2x2 max-pool."""
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=False),  # BN has the bias
+                       EpisodicBatchNorm2d(hidden), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=i >= 4)]
+        self.blocks = nn.Sequential(*layers)
+        self.out_dim = hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        if x.dim() == 3:
+            x = x.unsqueeze(1)  # grayscale (N, H, W) -> (N, 1, H, W)
+        elif x.dim() == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last)  # 2x faster convolutions on CPU
+        h = self.blocks(x)
+        return h.mean(dim=(2, 3))  # global average pool: any input size gives `hidden` features
+
+
+class TextEncoder(nn.Module):
+    """A pretrained transformer (all-MiniLM-L6-v2 by default) with mean pooling.
+
+    Frozen by default: ``forward`` then accepts precomputed sentence embeddings (a float tensor),
+    which training reads from a disk cache (:mod:`mtl.embeddings`). With ``trainable_layers = n``
+    the top ``n`` transformer layers are trained in the outer loop and ``forward`` takes strings.
+    """
+
+    def __init__(self, name: str = "minilm", trainable_layers: int = 0) -> None:
+        super().__init__()
+        self.name = name
+        self.trainable_layers = trainable_layers
+        self.out_dim = 384
+        self.transformer: nn.Module | None = None
+        if trainable_layers > 0:
+            from mtl.embeddings import load_transformer
+
+            self.transformer, self.tokenizer = load_transformer(name)
+            self.out_dim = self.transformer.config.hidden_size
+            for p in self.transformer.parameters():
+                p.requires_grad_(False)
+            for layer in self.transformer.encoder.layer[-trainable_layers:]:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+
+    @property
+    def frozen(self) -> bool:
+        return self.trainable_layers == 0
+
+    def forward(self, x: Tensor | Sequence[str]) -> Tensor:
+        if isinstance(x, Tensor):
+            if not self.frozen:
+                raise ValueError("a text encoder with trainable layers takes strings, not embeddings")
+            return x.float()
+        if self.transformer is None:
+            from mtl.embeddings import embed_texts
+
+            return embed_texts(list(x), self.name)
+        from mtl.embeddings import mean_pool
+
+        batch = self.tokenizer(list(x), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batch = {k: v.to(next(self.transformer.parameters()).device) for k, v in batch.items()}
+        out = self.transformer(**batch).last_hidden_state
+        return mean_pool(out, batch["attention_mask"])
+
+
+def mlp(in_dim: int, hidden: Sequence[int]) -> tuple[nn.Module, int]:
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    return (nn.Sequential(*layers) if layers else nn.Identity()), d
+
+
+class ModelConfig(BaseModel):
+    """What to build; saved in every checkpoint so a model is rebuilt without code."""
+
+    model_config = ConfigDict(extra="forbid")
+    image_encoder: str = "conv4"
+    image_channels: int = 1
+    text_encoder: str = "minilm"
+    text_trainable_layers: int = 0
+    projection: int | None = None  # per-modality linear map to a common width before the trunk
+    trunk: list[int] = []  # hidden widths of the shared MLP trunk; [] = none
+    normalize_text: bool = True
+
+
+ENCODERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "conv4": lambda c: ConvEncoder(c.image_channels, 64, 4),
+    "conv4-wide": lambda c: ConvEncoder(c.image_channels, 128, 4),
+    "conv6": lambda c: ConvEncoder(c.image_channels, 64, 6),
+    "minilm": lambda c: TextEncoder("minilm", c.text_trainable_layers),
+}
+
+
+class MultiTaskModel(nn.Module):
+    """``features(x, modality)`` -> shared representation; ``forward(x, modality, task)`` -> logits.
+
+    Heads are plain linear layers keyed by task; meta-learning may also pass an episode head
+    (weight, bias) of its own and use only ``features``.
+    """
+
+    def __init__(self, config: ModelConfig, modalities: Sequence[str]) -> None:
+        super().__init__()
+        self.config = config
+        self.encoders = nn.ModuleDict()
+        self.projections = nn.ModuleDict()
+        dims = {}
+        for m in sorted(set(modalities)):
+            name = config.image_encoder if m == "image" else config.text_encoder
+            if name not in ENCODERS:
+                from mtl.errors import MtlError
+
+                raise MtlError(f"unknown encoder '{name}'", f"use one of {', '.join(ENCODERS)}")
+            self.encoders[m] = ENCODERS[name](config)
+            dims[m] = self.encoders[m].out_dim
+        if config.projection:
+            for m, d in dims.items():
+                self.projections[m] = nn.Linear(d, config.projection)
+            dims = dict.fromkeys(dims, config.projection)
+        if len(set(dims.values())) > 1:
+            from mtl.errors import MtlError
+
+            raise MtlError(f"encoders give features of different widths {dims}",
+                           "set `model.projection` to map every modality to one width")
+        self.trunk, self.feature_dim = mlp(next(iter(dims.values())), config.trunk)
+        self.heads = nn.ModuleDict()
+
+    def features(self, x: Tensor | Sequence[str], modality: str) -> Tensor:
+        h = self.encoders[modality](x)
+        if modality == "text" and self.config.normalize_text:
+            h = F.normalize(h, dim=-1) * 10.0  # unit-norm sentence embeddings, scaled for a linear head
+        if modality in self.projections:
+            h = F.relu(self.projections[modality](h))
+        return self.trunk(h)
+
+    def forward(self, x: Tensor | Sequence[str], modality: str, task: str | None = None) -> Tensor:
+        h = self.features(x, modality)
+        return h if task is None else self.heads[head_key(task)](h)
+
+    def add_head(self, task: str, classes: int) -> nn.Linear:
+        head = nn.Linear(self.feature_dim, classes)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        self.heads[head_key(task)] = head.to(next(self.parameters(), torch.empty(0)).device)
+        return head
+
+
+def head_key(task: str) -> str:
+    """Module names cannot hold '.', task names can."""
+    return task.replace(".", "__")

@@ -1,0 +1,76 @@
+"""Training recipes: one YAML file says what to train and how (torchtune-style), CLI flags override.
+
+See ``configs/`` for the shipped recipes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mtl.errors import MtlError
+from mtl.maml import InnerConfig
+from mtl.models import ModelConfig
+
+Method = Literal["maml", "fomaml", "anil", "metasgd", "reptile", "multitask"]
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Method = "maml"
+    tasks: list[str] = Field(min_length=1)  # registry tasks trained on (their train split)
+    val_tasks: list[str] = []  # meta-validation episodes, from each task's val split (else test split)
+    tasks_dirs: list[str] = []
+    ways: int = Field(default=5, ge=2)
+    shots: int = Field(default=1, ge=1)
+    queries: int = Field(default=15, ge=1)
+    meta_batch: int = Field(default=32, ge=1)
+    iterations: int = Field(default=1000, ge=1)
+    outer_lr: float = Field(default=1e-3, gt=0)
+    cosine: bool = False  # MAML++: cosine annealing of the outer learning rate
+    min_outer_lr: float = 1e-5
+    grad_clip: float | None = 10.0
+    inner: InnerConfig = InnerConfig()
+    model: ModelConfig = ModelConfig()
+    val_every: int = Field(default=100, ge=1)
+    val_episodes: int = Field(default=100, ge=1)
+    val_ways: int | None = None
+    val_shots: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int | None = None
+    time_limit_minutes: float | None = None  # stop (and keep the best checkpoint) after this wall time
+
+
+def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file and apply ``overrides`` (dotted keys, e.g. ``inner.steps``)."""
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise MtlError(f"config {path} not found", "check the path; shipped recipes are in configs/") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise MtlError(f"{path}: invalid YAML ({str(e).splitlines()[0]})", "fix the syntax") from None
+        if not isinstance(doc, dict):
+            raise MtlError(f"{path}: a recipe is a mapping of settings", "start from a file in configs/")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = doc
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise MtlError(f"{path or 'recipe'}: {where}: {err['msg']}",
+                       "see configs/ for valid recipes" + (f" ({len(e.errors())} problems)" if len(e.errors()) > 1 else "")
+                       ) from None

@@ -1,0 +1,58 @@
+"""Meta-batches of episodes as tensors: the bridge from registry tasks to the meta-learner.
+
+Which registry task and which episode make up slot ``b`` of iteration ``it`` depends only on
+``(seed, it, b)``, so a resumed or a distributed run sees exactly the episodes of a plain run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mtl.data import Task
+from mtl.episodes import Episode, EpisodeSampler
+from mtl.inputs import SplitInputs
+from mtl.maml import TaskBatch
+
+
+class EpisodeStream:
+    def __init__(self, tasks: Sequence[Task], split: str | dict[str, str] | None, ways: int, shots: int,
+                 queries: int, seed: int, device: torch.device, text_encoder: str = "minilm",
+                 frozen_text: bool = True) -> None:
+        """``split``: one split name, or one per task; ``None`` uses each task's train split."""
+        self.tasks = list(tasks)
+        self.seed = seed
+        self.samplers: list[EpisodeSampler] = []
+        self.inputs: list[SplitInputs] = []
+        for i, t in enumerate(self.tasks):
+            name = (split.get(t.name) if isinstance(split, dict) else split) or t.spec.train_split
+            n_classes = len(t.split(name).class_ids())
+            self.samplers.append(EpisodeSampler(t, name, min(ways, n_classes), shots, queries, seed=seed * 1000 + i))
+            self.inputs.append(SplitInputs(t.split(name), t.modality, device, text_encoder, frozen_text))
+        self.device = device
+
+    def ways_of(self, task: str) -> int:
+        return next(s.ways for s, t in zip(self.samplers, self.tasks, strict=True) if t.name == task)
+
+    def to_batch(self, pos: int, ep: Episode) -> TaskBatch:
+        inp = self.inputs[pos]
+        t = self.tasks[pos]
+        ys = torch.as_tensor(ep.support_y, device=self.device)
+        yq = torch.as_tensor(ep.query_y, device=self.device)
+        return TaskBatch(t.name, t.modality, inp[ep.support_src[:, 1]], ys, inp[ep.query_src[:, 1]], yq)
+
+    def slot(self, iteration: int, slot: int) -> TaskBatch:
+        """Slot ``slot`` of meta-batch ``iteration``: a task chosen uniformly, then its next episode."""
+        rng = np.random.default_rng([self.seed, iteration, slot])
+        pos = int(rng.integers(len(self.tasks)))
+        episode_index = int(rng.integers(2**62))
+        return self.to_batch(pos, self.samplers[pos].sample(episode_index))
+
+    def meta_batch(self, iteration: int, size: int, slots: Sequence[int] | None = None) -> list[TaskBatch]:
+        return [self.slot(iteration, b) for b in (slots if slots is not None else range(size))]
+
+    def fixed(self, n: int) -> list[TaskBatch]:
+        """``n`` episodes spread over the tasks, the same every call (validation)."""
+        return [self.to_batch(i % len(self.tasks), self.samplers[i % len(self.tasks)].sample(i)) for i in range(n)]

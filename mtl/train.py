@@ -1,0 +1,262 @@
+"""The training loop: meta-training (MAML family) or joint multi-task training, one recipe.
+
+Writes into the run folder: ``recipe.yaml``, ``metrics.jsonl`` (one JSON line per logged step),
+``curve.png``, ``last.safetensors`` (for ``--resume``) and ``best.safetensors`` (best meta-validation
+accuracy). Checkpoints are replaced atomically; a lock file keeps two runs out of one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from mtl.cache import atomic_write_bytes
+from mtl.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
+from mtl.device import autocast, resolve_device, set_threads
+from mtl.errors import MtlError
+from mtl.evaluation import mean_ci
+from mtl.learner import build_learner
+from mtl.recipe import Recipe
+from mtl.registry import Registry
+from mtl.stream import EpisodeStream
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+class RunLock:
+    """An exclusive lock file in the run folder; a stale lock (dead process) is taken over."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".lock"
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or 0)
+                    os.kill(pid, 0)
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    self.path.unlink(missing_ok=True)  # stale
+                    continue
+                except PermissionError:
+                    pass
+                raise MtlError(f"another run (pid {pid}) is writing to {self.path.parent}",
+                               "wait for it, or use another --out folder") from None
+        raise MtlError(f"cannot lock {self.path.parent}", "use another --out folder")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, out: Path, registry: Registry | None = None) -> None:
+        self.recipe = recipe
+        self.out = out
+        set_threads(recipe.threads)
+        self.device = resolve_device(recipe.device)
+        self.registry = registry or Registry(_dirs(recipe))
+        r = recipe
+        tasks = [self.registry.load(n) for n in r.tasks]
+        frozen = r.model.text_trainable_layers == 0
+        self.stream = EpisodeStream(tasks, None, r.ways, r.shots, r.queries, r.seed, self.device,
+                                    r.model.text_encoder, frozen)
+        self.val: EpisodeStream | None = None
+        if r.val_tasks:
+            vt = [self.registry.load(n) for n in r.val_tasks]
+            split = {t.name: t.spec.val_split or t.spec.test_split for t in vt}
+            self.val = EpisodeStream(vt, split, r.val_ways or r.ways, r.val_shots or r.shots, r.queries,
+                                     r.seed + 7919, self.device, r.model.text_encoder, frozen)
+        self.modalities = sorted({t.modality for t in tasks} | {t.modality for t in (self.val.tasks if self.val else [])})
+        if r.method == "multitask":
+            self.heads = {t.name: len(t.classes) for t in tasks}
+        else:
+            self.heads = {t.name: self.stream.ways_of(t.name) for t in tasks}
+        torch.manual_seed(r.seed)
+        self.learner = build_learner(r, self.modalities, self.heads).to(self.device)
+        self.params = [p for p in self.learner.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=r.outer_lr)
+        self.start = 0
+        self.best = -1.0
+        self.elapsed = 0.0
+        self.task_info = {t.name: {"modality": t.modality, "classes": t.classes, "file": str(t.file)} for t in tasks}
+        if r.method == "multitask":
+            from mtl.baselines import MultiTaskBatches
+
+            self.mt = MultiTaskBatches(tasks, r.meta_batch * r.ways * (r.shots + r.queries), r.seed, self.device,
+                                       r.model.text_encoder, frozen)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def meta(self, iteration: int) -> dict[str, Any]:
+        return {"recipe": self.recipe.model_dump(mode="json"), "iteration": iteration, "best_val": self.best,
+                "modalities": self.modalities, "heads": self.heads, "tasks": self.task_info,
+                "elapsed_seconds": round(self.elapsed, 2), "method": self.recipe.method}
+
+    def save(self, name: str, iteration: int, with_optimizer: bool) -> None:
+        tensors = {f"learner.{k}": v for k, v in self.learner.state_dict().items()}
+        meta = self.meta(iteration)
+        if with_optimizer:
+            opt_t, opt_meta = optimizer_tensors(self.opt)
+            tensors.update(opt_t)
+            meta["optimizer"] = opt_meta
+        save_checkpoint(self.out / f"{name}.safetensors", tensors, meta)
+
+    def resume(self) -> None:
+        path = self.out / "last.safetensors"
+        if not path.exists():
+            raise MtlError(f"nothing to resume in {self.out} (no last.safetensors)", "run without --resume")
+        tensors, meta = load_checkpoint(path, self.device)
+        old = Recipe.model_validate(meta["recipe"]).model_dump(exclude={"iterations", "time_limit_minutes", "device"})
+        if old != self.recipe.model_dump(exclude={"iterations", "time_limit_minutes", "device"}):
+            raise MtlError(f"the recipe differs from the one {self.out} was started with",
+                           "resume with the same config and overrides (only iterations may change)")
+        load_into(self.learner, tensors, "learner.")
+        restore_optimizer(self.opt, tensors, meta["optimizer"])
+        self.start = int(meta["iteration"]) + 1
+        self.best = float(meta["best_val"])
+        self.elapsed = float(meta.get("elapsed_seconds", 0.0))
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():  # drop lines logged after the checkpoint: they will be logged again
+            keep = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] <= meta["iteration"]]
+            atomic_write_bytes(metrics, lambda f: f.write("".join(x + "\n" for x in keep).encode()))  # type: ignore[attr-defined]
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def lr_at(self, it: int) -> float:
+        r = self.recipe
+        if not r.cosine:
+            return r.outer_lr
+        return r.min_outer_lr + 0.5 * (r.outer_lr - r.min_outer_lr) * (1 + math.cos(math.pi * it / r.iterations))
+
+    def step(self, it: int) -> tuple[float, float]:
+        r = self.recipe
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(it)
+        self.opt.zero_grad(set_to_none=True)
+        self.learner.train()
+        with autocast(self.device, r.precision):
+            if r.method == "multitask":
+                loss, acc = self.mt.backward(self.learner, it)
+            else:
+                loss, acc = self.learner.meta_backward(self.stream.meta_batch(it, r.meta_batch), it)
+        if not math.isfinite(loss):
+            raise MtlError(f"the training loss became {loss} at iteration {it}; the last good checkpoint "
+                           f"in {self.out} is kept", "lower outer_lr or inner.lr (or use precision: fp32) "
+                           "and run again with --resume")
+        if r.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, r.grad_clip)
+        self.opt.step()
+        if self.learner.lrs:  # learned inner learning rates stay positive
+            with torch.no_grad():
+                for p in self.learner.lrs.values():
+                    p.clamp_(min=1e-6)
+        return loss, acc
+
+    def validate(self) -> tuple[float, float]:
+        assert self.val is not None  # batch norm keeps episodic (support) statistics: train mode on purpose
+        with autocast(self.device, self.recipe.precision):
+            accs = [self.learner.evaluate(b) for b in self.val.fixed(self.recipe.val_episodes)]
+        return mean_ci(accs)
+
+    def run(self, resume: bool = False, on_step: Callback | None = None) -> dict[str, Any]:
+        r = self.recipe
+        with RunLock(self.out):
+            if resume:
+                self.resume()
+            else:
+                for name in ("last.safetensors", "best.safetensors", "metrics.jsonl"):
+                    if (self.out / name).exists():
+                        raise MtlError(f"{self.out} already holds a run", "pass --resume to continue it, or use "
+                                       "another --out folder")
+            text = yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False)
+            atomic_write_bytes(self.out / "recipe.yaml", lambda f: f.write(text.encode()))  # type: ignore[attr-defined]
+            metrics = (self.out / "metrics.jsonl").open("a")
+            t0 = time.perf_counter() - self.elapsed
+            last_val: tuple[float, float] | None = None
+            it = self.start - 1
+            try:
+                for it in range(self.start, r.iterations):
+                    loss, acc = self.step(it)
+                    self.elapsed = time.perf_counter() - t0
+                    row: dict[str, Any] = {"iteration": it, "loss": round(loss, 5), "accuracy": round(acc, 5),
+                                           "lr": self.lr_at(it), "seconds": round(self.elapsed, 2)}
+                    last = it == r.iterations - 1 or (r.time_limit_minutes and self.elapsed > 60 * r.time_limit_minutes)
+                    if (it + 1) % r.val_every == 0 or last:
+                        if self.val is not None:
+                            mean, ci = self.validate()
+                            row.update(val_accuracy=round(mean, 5), val_ci95=round(ci, 5))
+                            last_val = (mean, ci)
+                            if mean > self.best:
+                                self.best = mean
+                                self.save("best", it, with_optimizer=False)
+                        elif not self.val:
+                            self.save("best", it, with_optimizer=False)
+                        self.save("last", it, with_optimizer=True)
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    if on_step:
+                        on_step(row)
+                    if last:
+                        break
+            finally:
+                metrics.close()
+            plot_curve(self.out)
+        return {"iterations": it + 1, "best_val_accuracy": self.best if self.val else None,
+                "last_val": last_val, "seconds": round(self.elapsed, 1), "out": str(self.out)}
+
+
+def _dirs(recipe: Recipe) -> list[Path]:
+    from mtl import settings
+
+    return settings.tasks_dirs([Path(p) for p in recipe.tasks_dirs])
+
+
+def plot_curve(out: Path) -> None:
+    """Training loss and accuracy, and validation accuracy with its 95% CI, against iteration."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = np.array([r["iteration"] for r in rows])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    k = max(1, len(rows) // 50)
+    smooth = lambda v: np.convolve(v, np.ones(k) / k, mode="valid")  # noqa: E731
+    a1.plot(it[k - 1:], smooth(np.array([r["loss"] for r in rows])))
+    a1.set(xlabel="iteration", ylabel="query loss (train)", title="meta-training loss")
+    a2.plot(it[k - 1:], smooth(np.array([r["accuracy"] for r in rows])), label="train (query)")
+    val = [r for r in rows if "val_accuracy" in r]
+    if val:
+        a2.errorbar([r["iteration"] for r in val], [r["val_accuracy"] for r in val],
+                    yerr=[r["val_ci95"] for r in val], marker="o", capsize=3, label="validation")
+    a2.set(xlabel="iteration", ylabel="accuracy", title="accuracy")
+    a2.legend()
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out / "curve.png", lambda f: f.write(buf.getvalue()))  # type: ignore[attr-defined]
