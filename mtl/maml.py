@@ -225,7 +225,7 @@ class MetaLearner(nn.Module):
         return w
 
     def second_order(self, iteration: int) -> bool:
-        return self.method in ("maml", "metasgd") and iteration >= self.inner.second_order_from
+        return self.method in ("maml", "metasgd", "anil") and iteration >= self.inner.second_order_from
 
     def meta_backward(self, batches: Sequence[TaskBatch], iteration: int) -> tuple[float, float]:
         """Accumulate the meta-gradient of a meta-batch into ``.grad``; returns (loss, query accuracy)."""
@@ -256,7 +256,7 @@ class MetaLearner(nn.Module):
             correct += int((pred == b.yq).sum())
             count += len(b.yq)
             losses, fast, _ = self.adapt(joint, self.inner.steps, create_graph=False, detach=True)
-            total += float(losses[-1]) / len(batches)
+            total += float(losses[-1].detach()) / len(batches)
             for n, v in fast.items():
                 if n in params:
                     p = params[n]

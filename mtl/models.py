@@ -48,7 +48,7 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance; E[x^2] - E[x]^2 in fp32 is 8x faster than ``var`` on
     channels-last CPU tensors."""
-    xf = x.float()
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # reductions never in half precision
     mean = xf.mean(dim=(0, 2, 3))
     return mean, ((xf * xf).mean(dim=(0, 2, 3)) - mean * mean).clamp_min(0)
 

@@ -1,0 +1,167 @@
+"""Meta-gradients: second order matches finite differences; first order, ANIL, Meta-SGD, Reptile and
+MAML++ behave as they should; batch norm does not leak between queries."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mtl.maml import InnerConfig, MetaLearner, TaskBatch
+from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel
+
+torch.set_default_dtype(torch.float64)
+
+
+def tiny_learner(method: str = "maml", **inner) -> MetaLearner:
+    torch.manual_seed(0)
+    model = MultiTaskModel(ModelConfig(), ["image"])
+    model.encoders["image"] = ConvEncoder(1, hidden=3, depth=2)
+    model.feature_dim = 3
+    cfg = InnerConfig(**{"steps": 1, "lr": 0.5, "head_init": "zero", **inner})
+    learner = MetaLearner(model, method, cfg).double()
+    with torch.no_grad():  # non-trivial batch-norm affine parameters
+        for n, p in learner.model.named_parameters():
+            if "blocks.1." in n or "blocks.5." in n:
+                p.add_(0.3 * torch.randn_like(p))
+    return learner
+
+
+def batch(seed: int = 0, ways: int = 3, shots: int = 2, queries: int = 3) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.rand(ways * shots, 1, 8, 8, generator=g, dtype=torch.float64)
+    xq = torch.rand(ways * queries, 1, 8, 8, generator=g, dtype=torch.float64)
+    return TaskBatch("toy", "image", xs, torch.arange(ways).repeat_interleave(shots), xq,
+                     torch.arange(ways).repeat_interleave(queries))
+
+
+def meta_grads(learner: MetaLearner, batches: list[TaskBatch], it: int = 0) -> dict[str, torch.Tensor]:
+    learner.zero_grad(set_to_none=True)
+    learner.meta_backward(batches, it)
+    return {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+
+
+def outer_loss(learner: MetaLearner, batches: list[TaskBatch]) -> float:
+    total = 0.0
+    for b in batches:
+        losses, _, _ = learner.adapt(b, learner.inner.steps, create_graph=False)
+        total += float(losses[-1].detach()) / len(batches)
+    return total
+
+
+def directional_fd(learner: MetaLearner, batches: list[TaskBatch], direction: dict[str, torch.Tensor],
+                   eps: float = 1e-6) -> float:
+    params = dict(learner.named_parameters())
+    with torch.no_grad():
+        for n, d in direction.items():
+            params[n].add_(eps * d)
+    up = outer_loss(learner, batches)
+    with torch.no_grad():
+        for n, d in direction.items():
+            params[n].sub_(2 * eps * d)
+    down = outer_loss(learner, batches)
+    with torch.no_grad():
+        for n, d in direction.items():
+            params[n].add_(eps * d)
+    return (up - down) / (2 * eps)
+
+
+def check_against_fd(learner: MetaLearner, batches: list[TaskBatch]) -> dict[str, torch.Tensor]:
+    grads = meta_grads(learner, batches)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        direction = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in learner.named_parameters()
+                     if p.requires_grad}
+        analytic = sum(float((grads.get(n, torch.zeros_like(d)) * d).sum()) for n, d in direction.items())
+        numeric = directional_fd(learner, batches, direction)
+        assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+    return grads
+
+
+def test_second_order_matches_finite_differences():
+    check_against_fd(tiny_learner(steps=2), [batch(0), batch(1)])
+
+
+def test_second_order_with_transductive_native_batchnorm_matches_finite_differences():
+    check_against_fd(tiny_learner(bn="transductive"), [batch(0)])
+
+
+def test_metasgd_and_lslr_gradients_match_finite_differences():
+    learner = check_against_fd(tiny_learner("metasgd"), [batch(0)])
+    assert any(n.startswith("lrs.") for n in learner)
+    lslr = tiny_learner(steps=2, lslr=True)
+    assert all(p.shape == (2,) for p in lslr.lrs.values())
+    check_against_fd(lslr, [batch(2)])
+
+
+def test_anil_matches_finite_differences_and_adapts_only_the_head():
+    learner = tiny_learner("anil")
+    assert learner.adapted_names("image") == []
+    check_against_fd(learner, [batch(0)])
+
+
+def test_first_order_is_the_query_gradient_at_the_fast_weights():
+    learner = tiny_learner("fomaml")
+    b = batch(0)
+    grads = meta_grads(learner, [b])
+    _, fast, _ = learner.adapt(b, 1, create_graph=False, detach=True)
+    fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
+    loss = F.cross_entropy(learner.query_logits(b, fast, 1), b.yq)
+    body = [k for k in fast if not k.startswith("head.")]
+    ref = torch.autograd.grad(loss, [fast[k] for k in body])
+    for k, r in zip(body, ref, strict=True):
+        assert torch.allclose(grads[f"model.{k}"], r, atol=1e-10)
+    second = meta_grads(tiny_learner("maml"), [b])
+    diff = max(float((grads[k] - second[k]).abs().max()) for k in grads)
+    assert diff > 1e-4  # first order drops the second-order term
+
+
+def test_anil_and_maml_gradients_differ():
+    b = batch(3)  # two steps: with a zero head the first step moves only the head, in both methods
+    anil, maml = meta_grads(tiny_learner("anil", steps=2), [b]), meta_grads(tiny_learner("maml", steps=2), [b])
+    conv = "model.encoders.image.blocks.0.weight"
+    assert not torch.allclose(anil[conv], maml[conv])
+
+
+def test_reptile_gradient_is_the_weight_difference():
+    learner = tiny_learner("reptile", steps=3)
+    b = batch(0)
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    grads = meta_grads(learner, [b])
+    joint = TaskBatch(b.task, b.modality, torch.cat([b.xs, b.xq]), torch.cat([b.ys, b.yq]), b.xq, b.yq)
+    _, fast, _ = learner.adapt(joint, 3, create_graph=False, detach=True)
+    for n, v in fast.items():
+        if not n.startswith("head."):
+            assert torch.allclose(grads[f"model.{n}"], before[n] - v.detach(), atol=1e-12)
+
+
+def test_msl_weights_anneal_to_the_last_step():
+    learner = tiny_learner(steps=4, msl=True, msl_iterations=100)
+    w0, w_end = learner.msl_weights(0), learner.msl_weights(10_000)
+    assert torch.allclose(w0, torch.full((4,), 0.25)) and abs(float(w_end.sum()) - 1) < 1e-9
+    assert w_end[-1] > 0.9 and (w_end[:-1] > 0).all()
+    assert len(learner.adapt(batch(0), 4, create_graph=False)[0]) == 4
+
+
+def test_per_step_batchnorm_params_are_used_and_learned():
+    learner = tiny_learner(steps=2, per_step_bn=True)
+    assert all(p.shape[0] == 3 for p in learner.bn_steps.values())
+    grads = meta_grads(learner, [batch(0)])
+    assert any(n.startswith("bn_steps.") and g.abs().sum() > 0 for n, g in grads.items())
+    check_against_fd(learner, [batch(1)])
+
+
+def test_derivative_order_annealing():
+    learner = tiny_learner(second_order_from=10)
+    assert not learner.second_order(9) and learner.second_order(10)
+
+
+def test_support_statistics_keep_queries_independent():
+    learner = tiny_learner()
+    b = batch(0)
+    _, fast, _ = learner.adapt(b, 1, create_graph=False, detach=True)
+    full = learner.query_logits(b, fast, 1)
+    half = TaskBatch(b.task, b.modality, b.xs, b.ys, b.xq[:4], b.yq[:4])
+    assert torch.allclose(learner.query_logits(half, fast, 1), full[:4], atol=1e-12)
+    trans = tiny_learner(bn="transductive")
+    _, fast, _ = trans.adapt(b, 1, create_graph=False, detach=True)
+    assert not torch.allclose(trans.query_logits(half, fast, 1), trans.query_logits(b, fast, 1)[:4])
