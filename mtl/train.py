@@ -155,12 +155,12 @@ class Trainer:
                 loss, acc = self.mt.backward(self.learner, it)
             else:
                 loss, acc = self.learner.meta_backward(self.stream.meta_batch(it, r.meta_batch), it)
-        if not math.isfinite(loss):
-            raise MtlError(f"the training loss became {loss} at iteration {it}; the last good checkpoint "
-                           f"in {self.out} is kept", "lower outer_lr or inner.lr (or use precision: fp32) "
-                           "and run again with --resume")
-        if r.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, r.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, r.grad_clip or float("inf"))
+        for what, value in (("training loss", loss), ("gradient norm", float(norm))):
+            if not math.isfinite(value):
+                raise MtlError(f"the {what} became {value} at iteration {it}; the last good checkpoint in "
+                               f"{self.out} is kept", "lower outer_lr or inner.lr (or use precision: fp32) "
+                               "and run again with --resume")
         self.opt.step()
         if self.learner.lrs:  # learned inner learning rates stay positive
             with torch.no_grad():

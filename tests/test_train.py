@@ -1,0 +1,121 @@
+"""Training end to end on real data: learns, checkpoints round-trip, resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl.checkpoint import load_checkpoint
+from mtl.errors import MtlError
+from mtl.learner import load_learner
+from mtl.recipe import load_recipe
+from mtl.train import RunLock, Trainer
+from tests.conftest import needs_data
+
+pytestmark = needs_data
+
+SMALL = {"tasks": ["omniglot"], "val_tasks": ["omniglot"], "ways": 5, "shots": 1, "queries": 5, "meta_batch": 4,
+         "outer_lr": 0.003, "inner": {"steps": 1, "lr": 0.4}, "val_episodes": 40, "threads": 2, "device": "cpu"}
+
+
+def recipe(**over):
+    doc = json.loads(json.dumps(SMALL))
+    doc.update(over)
+    return load_recipe(None, doc)
+
+
+def params(path: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = load_checkpoint(path)
+    return {k: v for k, v in tensors.items() if k.startswith("learner.")}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, registry) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run")
+    result = Trainer(recipe(iterations=60, val_every=30), out, registry).run()
+    return out, result
+
+
+def test_short_meta_training_beats_chance_by_a_wide_margin(trained, registry):
+    out, result = trained
+    assert result["best_val_accuracy"] > 0.4  # 5-way: chance is 0.2
+    learner, _ = load_learner(out, torch.device("cpu"))
+    from mtl.stream import EpisodeStream
+
+    stream = EpisodeStream([registry.load("omniglot")], "test", 5, 1, 5, 123, torch.device("cpu"))
+    accs = [learner.evaluate(b) for b in stream.fixed(40)]
+    assert sum(accs) / len(accs) > 0.4  # held-out characters
+    for name in ("best.safetensors", "last.safetensors", "best.json", "metrics.jsonl", "curve.png", "recipe.yaml"):
+        assert (out / name).exists(), name
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 60 and "val_accuracy" in rows[29] and "val_accuracy" in rows[59]
+
+
+def test_checkpoint_round_trips_exactly(trained, tmp_path):
+    out, _ = trained
+    learner, meta = load_learner(out / "last.safetensors", torch.device("cpu"))
+    saved = params(out / "last.safetensors")
+    for k, v in learner.state_dict().items():
+        assert torch.equal(saved[f"learner.{k}"], v)
+    assert meta["tasks"]["omniglot"]["classes"][0] == "Alphabet_of_the_Magi/character01"
+    assert "torch" in meta["versions"] and meta["recipe"]["method"] == "maml"
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, registry):
+    full = tmp_path / "full"
+    Trainer(recipe(iterations=6, val_every=3, val_episodes=4), full, registry).run()
+    part = tmp_path / "part"
+    Trainer(recipe(iterations=3, val_every=3, val_episodes=4), part, registry).run()
+    Trainer(recipe(iterations=6, val_every=3, val_episodes=4), part, registry).run(resume=True)
+    a, b = params(full / "last.safetensors"), params(part / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (part / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["iteration"] for r in rows] == list(range(6))
+
+
+def test_same_seed_same_result(tmp_path, registry):
+    runs = []
+    for name in ("a", "b"):
+        Trainer(recipe(iterations=2, val_every=2, val_episodes=2), tmp_path / name, registry).run()
+        runs.append(params(tmp_path / name / "last.safetensors"))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_refuses_to_overwrite_or_share_a_run_folder(tmp_path, registry, trained):
+    out, _ = trained
+    with pytest.raises(MtlError, match="already holds a run"):
+        Trainer(recipe(iterations=2), out, registry).run()
+    with RunLock(tmp_path / "locked"), pytest.raises(MtlError, match="another run"):
+        Trainer(recipe(iterations=2), tmp_path / "locked", registry).run()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, registry):
+    out = tmp_path / "nan"
+    Trainer(recipe(iterations=2, val_every=2, val_episodes=2), out, registry).run()
+    before = (out / "last.safetensors").read_bytes()
+    with pytest.raises(MtlError, match=r"became (nan|inf) at iteration [23].*lower outer_lr or inner.lr"):
+        _resume_with_lr(out, registry)
+    assert (out / "last.safetensors").read_bytes() == before
+
+
+def _resume_with_lr(out: Path, registry) -> None:
+    trainer = Trainer(recipe(iterations=4, val_every=2, val_episodes=2), out, registry)
+    trainer.learner.inner = trainer.learner.inner.model_copy(update={"lr": 1e30})
+    trainer.run(resume=True)
+
+
+@pytest.mark.parametrize("method,inner", [("fomaml", {}), ("anil", {}), ("metasgd", {}), ("reptile", {"steps": 2}),
+                                          ("maml", {"steps": 2, "msl": True, "lslr": True, "per_step_bn": True,
+                                                    "second_order_from": 1})])
+def test_every_method_trains_and_improves(tmp_path, registry, method, inner):
+    out = tmp_path / method
+    r = recipe(method=method, iterations=8, val_every=8, val_episodes=4, cosine=True,
+               inner={"steps": 1, "lr": 0.4, **inner})
+    Trainer(r, out, registry).run()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in rows)  # finite
+    assert rows[-1]["lr"] < rows[0]["lr"]  # cosine annealing
+    load_learner(out, torch.device("cpu"))
