@@ -335,7 +335,8 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
     name = split or t.spec.test_split
     frozen = learner.model.config.text_trainable_layers == 0
-    stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, learner.model.config.text_encoder, frozen)
+    stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, learner.model.config.text_encoder, frozen,
+                           cap_ways=False)
     from mtl.device import autocast
 
     with autocast(dev, meta["recipe"].get("precision", "fp32")):

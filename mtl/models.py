@@ -96,7 +96,8 @@ class ConvEncoder(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=False),  # BN has the bias
+            # no conv bias: the batch norm that follows has one
+            layers += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=False),
                        EpisodicBatchNorm2d(hidden), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=i >= 4)]
         self.blocks = nn.Sequential(*layers)
         self.out_dim = hidden

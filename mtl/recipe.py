@@ -71,6 +71,5 @@ def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> R
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise MtlError(f"{path or 'recipe'}: {where}: {err['msg']}",
-                       "see configs/ for valid recipes" + (f" ({len(e.errors())} problems)" if len(e.errors()) > 1 else "")
-                       ) from None
+        more = f" ({len(e.errors())} problems)" if len(e.errors()) > 1 else ""
+        raise MtlError(f"{path or 'recipe'}: {where}: {err['msg']}", "see configs/ for valid recipes" + more) from None

@@ -20,8 +20,9 @@ from mtl.maml import TaskBatch
 class EpisodeStream:
     def __init__(self, tasks: Sequence[Task], split: str | dict[str, str] | None, ways: int, shots: int,
                  queries: int, seed: int, device: torch.device, text_encoder: str = "minilm",
-                 frozen_text: bool = True) -> None:
-        """``split``: one split name, or one per task; ``None`` uses each task's train split."""
+                 frozen_text: bool = True, cap_ways: bool = True) -> None:
+        """``split``: one split name, or one per task; ``None`` uses each task's train split.
+        ``cap_ways`` lowers ``ways`` for tasks with fewer classes (training on mixed registries)."""
         self.tasks = list(tasks)
         self.seed = seed
         self.samplers: list[EpisodeSampler] = []
@@ -29,7 +30,8 @@ class EpisodeStream:
         for i, t in enumerate(self.tasks):
             name = (split.get(t.name) if isinstance(split, dict) else split) or t.spec.train_split
             n_classes = len(t.split(name).class_ids())
-            self.samplers.append(EpisodeSampler(t, name, min(ways, n_classes), shots, queries, seed=seed * 1000 + i))
+            n_ways = min(ways, n_classes) if cap_ways else ways
+            self.samplers.append(EpisodeSampler(t, name, n_ways, shots, queries, seed=seed * 1000 + i))
             self.inputs.append(SplitInputs(t.split(name), t.modality, device, text_encoder, frozen_text))
         self.device = device
 

@@ -81,7 +81,8 @@ class Trainer:
             split = {t.name: t.spec.val_split or t.spec.test_split for t in vt}
             self.val = EpisodeStream(vt, split, r.val_ways or r.ways, r.val_shots or r.shots, r.queries,
                                      r.seed + 7919, self.device, r.model.text_encoder, frozen)
-        self.modalities = sorted({t.modality for t in tasks} | {t.modality for t in (self.val.tasks if self.val else [])})
+        val_tasks = self.val.tasks if self.val else []
+        self.modalities = sorted({t.modality for t in tasks} | {t.modality for t in val_tasks})
         if r.method == "multitask":
             self.heads = {t.name: len(t.classes) for t in tasks}
         else:

@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded while 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from mtl import settings  # noqa: E402
-from mtl.cli import main  # noqa: E402
-from mtl.registry import Registry  # noqa: E402
+from mtl import settings
+from mtl.cli import main
+from mtl.registry import Registry
 
 HAS_DATA = (settings.data_dir() / "MANIFEST.md").exists()
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="real datasets not found (set MTL_DATA_DIR)")

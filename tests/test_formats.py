@@ -48,14 +48,15 @@ def fresh_cache(tmp_path, monkeypatch):
 
 def test_csv_and_relative_path_through_data_dir(tmp_path, monkeypatch):
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "x.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(TEXTS, LABELS)))
+    rows = "".join(f"{t},{y}\n" for t, y in zip(TEXTS, LABELS, strict=True))
+    (tmp_path / "d" / "x.csv").write_text("text,label\n" + rows)
     monkeypatch.setenv("MTL_DATA_DIR", str(tmp_path))
     check_text(load_task(spec(format="csv", path="d/x.csv")))
 
 
 def test_headerless_tsv_keeps_quotes_and_null_text(tmp_path):
     texts = [*TEXTS[:-2], '"quoted', "null"]
-    (tmp_path / "x.tsv").write_text("".join(f"{y}\t{t}\n" for t, y in zip(texts, LABELS)))
+    (tmp_path / "x.tsv").write_text("".join(f"{y}\t{t}\n" for t, y in zip(texts, LABELS, strict=True)))
     task = load_task(spec(format="tsv", path=str(tmp_path / "x.tsv"), header=False, columns=["label", "text"]))
     all_text = set(np.concatenate([task.train.inputs, task.test.inputs]).tolist())
     assert '"quoted' in all_text and "null" in all_text
@@ -63,7 +64,7 @@ def test_headerless_tsv_keeps_quotes_and_null_text(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])
 def test_json_jsonl_parquet(tmp_path, fmt):
-    rows = [{"text": t, "label": y} for t, y in zip(TEXTS, LABELS)]
+    rows = [{"text": t, "label": y} for t, y in zip(TEXTS, LABELS, strict=True)]
     path = tmp_path / f"x.{fmt}"
     if fmt == "json":
         path.write_text(json.dumps(rows))
@@ -83,7 +84,7 @@ def test_hub_loader_on_a_local_dataset_folder(tmp_path):
     folder.mkdir()
     for split, part in (("train", slice(0, 6)), ("test", slice(6, 12))):
         (folder / f"{split}.csv").write_text("text,label\n" + "".join(
-            f"{t},{y}\n" for t, y in zip(TEXTS[part], LABELS[part])))
+            f"{t},{y}\n" for t, y in zip(TEXTS[part], LABELS[part], strict=True)))
     doc = spec(format="hub", dataset=str(folder)).model_dump()
     doc["splits"] = {"by": "source"}
     task = load_task(TaskSpec.model_validate(doc))
@@ -92,9 +93,9 @@ def test_hub_loader_on_a_local_dataset_folder(tmp_path):
 
 
 def test_json_rows_split_lines_line_pairs(tmp_path):
-    (tmp_path / "rows.json").write_text(json.dumps({"all": [[t, y] for t, y in zip(TEXTS, LABELS)]}))
+    (tmp_path / "rows.json").write_text(json.dumps({"all": [[t, y] for t, y in zip(TEXTS, LABELS, strict=True)]}))
     check_text(load_task(spec(format="json_rows", path=str(tmp_path / "rows.json"), columns=["text", "label"])))
-    (tmp_path / "lines.txt").write_text("".join(f"{y} {t}\n" for t, y in zip(TEXTS, LABELS)))
+    (tmp_path / "lines.txt").write_text("".join(f"{y} {t}\n" for t, y in zip(TEXTS, LABELS, strict=True)))
     check_text(load_task(spec(format="split_lines", path=str(tmp_path / "lines.txt"), sep=" ", header=False,
                               columns=["label", "text"])))
     (tmp_path / "pairs").mkdir()
@@ -165,12 +166,12 @@ def test_truncated_archive_and_wrong_format(tmp_path):
     with pytest.raises(TaskFileError, match="truncated or not a zip"):
         load_task(spec("image", "image", "label", format="image_zip", path=str(tmp_path / "bad.zip")))
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(TaskFileError, match="cannot read bad.json"):
+    with pytest.raises(TaskFileError, match=r"cannot read bad\.json"):
         load_task(spec(format="json_rows", path=str(tmp_path / "bad.json")))
 
 
 def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
-    (tmp_path / "x.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(TEXTS, LABELS)))
+    (tmp_path / "x.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(TEXTS, LABELS, strict=True)))
     s = spec(format="csv", path=str(tmp_path / "x.csv"))
     first = load_task(s)
     monkeypatch.setattr(data_module, "_MEMO", {})

@@ -3,13 +3,21 @@ MAML++ behave as they should; batch norm does not leak between queries."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from mtl.maml import InnerConfig, MetaLearner, TaskBatch
 from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Finite differences need double precision; restored so other test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def tiny_learner(method: str = "maml", **inner) -> MetaLearner:

@@ -1,0 +1,148 @@
+"""train / adapt / predict / evaluate through the CLI, on real text and image tasks, and their errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_data, write
+
+pytestmark = needs_data
+ROOT = Path(__file__).parents[1]
+
+TEXT_RECIPE = """\
+method: maml
+tasks: [clinc150-banking, clinc150-home, clinc150-utility]
+val_tasks: [clinc150-travel]
+ways: 5
+shots: 2
+queries: 3
+meta_batch: 2
+iterations: 6
+val_every: 3
+val_episodes: 4
+inner: {steps: 2, lr: 0.1, adapt: trunk+head, head_init: proto}
+model: {trunk: [64]}
+threads: 2
+device: cpu
+"""
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory) -> Path:
+    from mtl.cli import main
+
+    folder = tmp_path_factory.mktemp("text")
+    config = write(folder / "recipe.yaml", TEXT_RECIPE)
+    assert main(["train", "--config", str(config), "--out", str(folder / "run"), "--json"]) == 0
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> Path:
+    from mtl.cli import main
+
+    folder = tmp_path_factory.mktemp("image")
+    config = write(folder / "recipe.yaml", TEXT_RECIPE.replace(
+        "tasks: [clinc150-banking, clinc150-home, clinc150-utility]", "tasks: [omniglot]").replace(
+        "val_tasks: [clinc150-travel]", "val_tasks: [omniglot]").replace("model: {trunk: [64]}", "precision: bf16"))
+    assert main(["train", "--config", str(config), "--out", str(folder / "run"), "--set", "iterations=20"]) == 0
+    return folder / "run"
+
+
+def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 5,
+                             "--out", tmp_path / "m", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["classes"] == 15 and res["shots"] == 5 and res["test_examples"] == 450
+    assert res["test_accuracy"] > 0.5  # 15-way: chance is 0.067
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "--top", 2,
+                             "how many vacation days do i have left", "when is my next paycheck")
+    assert code == 0, err
+    preds = json.loads(out)["predictions"]
+    assert [p["label"] for p in preds] == ["pto_balance", "payday"]
+    assert set(preds[0]) == {"input", "label", "probability", "top"} and len(preds[0]["top"]) == 2
+
+
+def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
+    rows = [("my card got blocked", "account_blocked"), ("why is my account frozen", "account_blocked"),
+            ("what's my balance", "balance"), ("how much money do i have", "balance")]
+    f = write(tmp_path / "ex.csv", "text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", f,
+                             "--out", tmp_path / "m", "--json")
+    assert code == 0, err
+    assert json.loads(out)["classes"] == 2
+    bad = write(tmp_path / "bad.csv", "text,label\nhello,not_an_intent\nbye,balance\n")
+    code, _, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", bad,
+                           "--out", tmp_path / "m2")
+    assert code == 2 and "label 'not_an_intent'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
+    code, out, err = run_cli("adapt", "--task", "olivetti", "--checkpoint", image_run, "--shots", 3,
+                             "--out", tmp_path / "m", "--json")
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy"] > 0.2  # 40-way: chance is 0.025
+    import numpy as np
+    from PIL import Image
+
+    from mtl.registry import Registry
+
+    img = Registry().load("olivetti").test.inputs[0]
+    Image.fromarray(img).save(tmp_path / "face.png")
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", tmp_path / "face.png")
+    assert code == 0, err and np
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
+    code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "broken.png")
+    assert code == 2 and "broken.png" in err and "Traceback" not in err
+    code, out, err = run_cli("evaluate", "--checkpoint", image_run, "--task", "omniglot", "--ways", 5, "--shots", 1,
+                             "--episodes", 20, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["episodes"] == 20 and 0.2 < res["accuracy"] <= 1 and res["ci95"] > 0
+
+
+@pytest.mark.parametrize("args,words", [
+    (["adapt", "--task", "olivetti", "--shots", "6"], "has 5 training examples, fewer than the 6 shots"),
+    (["adapt", "--task", "nope", "--shots", "1"], "no task named 'nope'"),
+    (["adapt", "--task", "clinc150-work", "--shots", "1"], "no text encoder"),
+    (["adapt", "--task", "olivetti", "--device", "cuda"], "no CUDA GPU"),
+    (["evaluate", "--task", "omniglot", "--ways", "500"], "fewer than the 500 ways"),
+])
+def test_bad_inputs_get_one_line(image_run, tmp_path, run_cli, args, words):
+    full = [*args, "--checkpoint", image_run]
+    if args[0] == "adapt":
+        full += ["--out", tmp_path / "x"]
+    code, out, err = run_cli(*full)
+    assert code == 2, (out, err)
+    assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_files_get_one_line(tmp_path, run_cli):
+    code, _, err = run_cli("train", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "o")
+    assert code == 2 and "not found" in err
+    cfg = write(tmp_path / "c.yaml", "tasks: [omniglot]\nways: one\n")
+    code, _, err = run_cli("train", "--config", cfg, "--out", tmp_path / "o")
+    assert code == 2 and "ways" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "model.safetensors").write_bytes(b"garbage")
+    code, _, err = run_cli("predict", "--model", tmp_path / "fake", "hello")
+    assert code == 2 and "not an mtl checkpoint" in err
+
+
+def test_train_resume_through_the_cli_process(tmp_path):
+    """A real process: Ctrl-C-free interruption is simulated by a shorter first run."""
+    cfg = write(tmp_path / "r.yaml", TEXT_RECIPE.replace("iterations: 6", "iterations: 2"))
+    run = [sys.executable, "cli.py", "train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--json"]
+    first = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    resumed = subprocess.run([*run, "--resume", "--iterations", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["iterations"] == 4
