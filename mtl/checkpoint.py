@@ -24,11 +24,15 @@ FORMAT_VERSION = 1
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"mtl": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    out = {"mtl": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for pkg in ("numpy", "transformers", "safetensors"):  # read from metadata: importing them is slow
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -351,6 +351,51 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
                   f"{100 * mean:.2f}% +/- {100 * ci:.2f}% (95% CI)", highlight=False)
 
 
+@app.command("compare")
+def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tasks, comma-separated.")],
+                checkpoints: Annotated[str, typer.Option(
+                    "--checkpoints", help="maml=RUN_DIR[,multitask=RUN_DIR]")],
+                shots: Annotated[str, typer.Option(help="Shots per class, comma-separated.")] = "1,5",
+                episodes: int = 100, ways: Annotated[int | None, typer.Option(help="Default: the recipe's.")] = None,
+                methods: Annotated[str, typer.Option(help="Comma-separated.")] = ",".join(
+                    ("maml", "multitask", "scratch", "linear_probe", "centroid")),
+                steps: Annotated[int, typer.Option(help="Fine-tuning steps, the same for every method.")] = 10,
+                queries: int = 15, seed: int = 0,
+                out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.*")] = Path("runs/compare"),
+                device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
+    """MAML against the multi-task baseline and others on the same episodes: CIs, paired tests, table, plot."""
+    from mtl.compare import METHODS, compare, write_reports
+    from mtl.device import resolve_device
+
+    reg = _registry(tasks_dir)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in METHODS]
+    if bad:
+        raise MtlError(f"unknown method '{bad[0]}'", f"use some of {', '.join(METHODS)}")
+    cps: dict[str, Path] = {}
+    for item in checkpoints.split(","):
+        if "=" not in item:
+            raise MtlError(f"--checkpoints entry {item!r} is not name=RUN_DIR", "write maml=runs/a,multitask=runs/b")
+        k, v = item.split("=", 1)
+        cps[k.strip()] = Path(v.strip())
+    try:
+        shot_list = [int(s) for s in shots.split(",")]
+    except ValueError:
+        raise MtlError(f"--shots {shots!r} is not a list of numbers", "write e.g. --shots 1,5,10") from None
+    rows = compare([reg.load(t.strip()) for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways, steps,
+                   queries, seed, resolve_device(device))
+    doc = write_reports(rows, out_dir)
+    if as_json:
+        _print_json(doc)
+        return
+    table = Table("task", "shots", "method", "accuracy", "95% CI", "p vs MAML", title="same episodes for every method")
+    for r in rows:
+        table.add_row(r.task, str(r.shots), r.method, f"{100 * r.accuracy:.2f}%", f"±{100 * r.ci95:.2f}",
+                      "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}")
+    out.print(table)
+    out.print(f"wrote {out_dir}/results.csv, results.md, results.png, results.json", highlight=False)
+
+
 @app.command("models")
 def models() -> None:
     """The encoders a recipe can name (model.image_encoder, model.text_encoder)."""
