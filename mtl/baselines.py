@@ -30,11 +30,15 @@ class MultiTaskBatches:
         self.inputs = [SplitInputs(t.train, t.modality, device, text_encoder, frozen_text) for t in self.tasks]
         self.labels = [torch.as_tensor(t.train.labels, device=device) for t in self.tasks]
 
-    def backward(self, learner: MetaLearner, iteration: int) -> tuple[float, float]:
-        """Accumulate the gradient of the summed per-task losses; returns (mean loss, accuracy)."""
+    def backward(self, learner: MetaLearner, iteration: int, rank: int = 0, world: int = 1
+                 ) -> tuple[float, float, int]:
+        """Accumulate the gradient of the summed per-task losses; returns (mean loss, accuracy,
+        examples). With ``world`` processes, each takes every ``world``-th task."""
         model = learner.model
         total, correct, count = 0.0, 0, 0
         for pos, task in enumerate(self.tasks):
+            if pos % world != rank:
+                continue
             rng = np.random.default_rng([self.seed, iteration, pos])
             idx = rng.choice(len(self.labels[pos]), min(self.per_task, len(self.labels[pos])), replace=False)
             x, y = self.inputs[pos][idx], self.labels[pos][torch.as_tensor(idx, device=self.device)]
@@ -45,4 +49,4 @@ class MultiTaskBatches:
             total += float(loss) / len(self.tasks)
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
-        return total, correct / count
+        return total, correct / max(count, 1), count

@@ -29,6 +29,16 @@ app.add_typer(tasks_app, name="tasks")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+@app.callback()
+def _root(safe: Annotated[bool, typer.Option("--safe", help="Task files may only read files inside MTL_DATA_DIR.")]
+          = False) -> None:
+    """Multi-task learning with a MAML initialization."""
+    if safe:
+        import os
+
+        os.environ["MTL_SAFE"] = "1"
+
+
 TasksDir = Annotated[list[Path] | None, typer.Option(
     "--tasks-dir", help="Extra folder of task YAML files (repeatable; also MTL_TASKS_DIRS).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]

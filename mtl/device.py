@@ -34,3 +34,36 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+def init_distributed(name: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under ``torchrun`` (WORLD_SIZE > 1) joins the process group:
+    ``nccl`` on CUDA (one GPU per local rank), ``gloo`` on CPU."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(name)
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors over processes in place, as one flat buffer (one collective, not one per tensor)."""
+    import torch.distributed as dist
+
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

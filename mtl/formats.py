@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from mtl import settings
 from mtl.errors import TaskFileError
 from mtl.schema import Source
 
@@ -44,6 +45,9 @@ def resolve(path: str, root: Path, field: str) -> Path:
     """A path from a task file: absolute, or relative to the data directory."""
     p = Path(path).expanduser()
     full = p if p.is_absolute() else root / p
+    if settings.safe_mode() and not full.resolve().is_relative_to(root.resolve()):
+        raise TaskFileError(None, field, f"'{path}' is outside the data directory {root} (safe mode)",
+                            "move the data under MTL_DATA_DIR, or run without --safe if you trust this file")
     if not full.exists():
         raise TaskFileError(None, field, f"'{path}' not found (looked at {full})",
                             "correct the path, or point MTL_DATA_DIR at the folder that holds it")
@@ -87,6 +91,9 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
             kwargs["header"] = None
         if source.columns:
             kwargs["column_names"] = source.columns
+    if fmt == "hub" and settings.safe_mode():
+        raise TaskFileError(None, "source.dataset", "hub datasets can run the dataset's own code; refused in safe "
+                            "mode", "download the data and register the local files, or run without --safe")
     try:
         if fmt == "hub":
             ds = datasets.load_dataset(source.dataset, source.config, revision=source.revision)

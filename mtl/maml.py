@@ -113,7 +113,8 @@ class MetaLearner(nn.Module):
             if not p.requires_grad or n in skip or n.startswith("heads."):
                 continue
             if n.startswith("encoders."):
-                if self.inner.adapt != "all" or not n.startswith(f"encoders.{modality}."):
+                # a pretrained text encoder's trainable layers learn in the outer loop only
+                if self.inner.adapt != "all" or not n.startswith(f"encoders.{modality}.") or modality == "text":
                     continue
             elif n.startswith("projections.") and not n.startswith(f"projections.{modality}."):
                 continue
@@ -227,24 +228,29 @@ class MetaLearner(nn.Module):
     def second_order(self, iteration: int) -> bool:
         return self.method in ("maml", "metasgd", "anil") and iteration >= self.inner.second_order_from
 
-    def meta_backward(self, batches: Sequence[TaskBatch], iteration: int) -> tuple[float, float]:
-        """Accumulate the meta-gradient of a meta-batch into ``.grad``; returns (loss, query accuracy)."""
+    def meta_backward(self, batches: Sequence[TaskBatch], iteration: int, total_tasks: int | None = None
+                      ) -> tuple[float, float]:
+        """Accumulate the meta-gradient of a meta-batch into ``.grad``; returns (loss, query accuracy).
+
+        ``total_tasks``: the whole meta-batch when ``batches`` is one process's share of it, so that
+        gradients summed over processes equal the single-process mean."""
+        n = total_tasks or len(batches)
         if self.method == "reptile":
-            return self._reptile_backward(batches)
+            return self._reptile_backward(batches, n)
         weights = self.msl_weights(iteration)
         create_graph = self.second_order(iteration)
         total, correct, count = 0.0, 0, 0
         for b in batches:
             losses, _, logits = self.adapt(b, self.inner.steps, create_graph)
-            loss = sum(w * lo for w, lo in zip(weights.tolist(), losses, strict=True)) / len(batches)
+            loss = sum(w * lo for w, lo in zip(weights.tolist(), losses, strict=True)) / n
             loss.backward()  # one task at a time: its graph is freed before the next
-            total += float(losses[-1].detach()) / len(batches)
+            total += float(losses[-1].detach()) / n
             assert logits is not None
             correct += int((logits.detach().argmax(1) == b.yq).sum())
             count += len(b.yq)
         return total, correct / max(count, 1)
 
-    def _reptile_backward(self, batches: Sequence[TaskBatch]) -> tuple[float, float]:
+    def _reptile_backward(self, batches: Sequence[TaskBatch], n: int) -> tuple[float, float]:
         """Reptile: the outer 'gradient' is the mean of (initial - adapted) weights, training on
         support and query together."""
         params = dict(self.model.named_parameters())
@@ -256,11 +262,11 @@ class MetaLearner(nn.Module):
             correct += int((pred == b.yq).sum())
             count += len(b.yq)
             losses, fast, _ = self.adapt(joint, self.inner.steps, create_graph=False, detach=True)
-            total += float(losses[-1].detach()) / len(batches)
-            for n, v in fast.items():
-                if n in params:
-                    p = params[n]
-                    delta = (p.detach() - v.detach()) / len(batches)
+            total += float(losses[-1].detach()) / n
+            for name, v in fast.items():
+                if name in params:
+                    p = params[name]
+                    delta = (p.detach() - v.detach()) / n
                     p.grad = delta if p.grad is None else p.grad + delta
         return total, correct / max(count, 1)
 

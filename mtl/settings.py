@@ -4,6 +4,7 @@
                    (default: ``../shared/datasets`` when it exists, else ``~/.cache/mtl/data``).
 ``MTL_CACHE_DIR``  decoded-example and embedding caches (default ``~/.cache/mtl``).
 ``MTL_TASKS_DIRS`` extra registry folders, separated by ``os.pathsep``.
+``MTL_SAFE``       when set, task files cannot point outside ``MTL_DATA_DIR`` nor at the hub.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def data_dir() -> Path:
         if candidate.is_dir():
             return candidate
     return _user_cache() / "data"
+
+
+def safe_mode() -> bool:
+    """``MTL_SAFE=1`` (or ``cli.py --safe``): task files may only name files inside the data directory."""
+    return os.environ.get("MTL_SAFE", "") not in ("", "0", "false")
 
 
 def cache_dir() -> Path:

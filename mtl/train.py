@@ -7,6 +7,7 @@ accuracy). Checkpoints are replaced atomically; a lock file keeps two runs out o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import yaml
 
 from mtl.cache import atomic_write_bytes
 from mtl.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
-from mtl.device import autocast, resolve_device, set_threads
+from mtl.device import all_reduce_sum, autocast, init_distributed, set_threads
 from mtl.errors import MtlError
 from mtl.evaluation import mean_ci
 from mtl.learner import build_learner
@@ -68,7 +69,7 @@ class Trainer:
         self.recipe = recipe
         self.out = out
         set_threads(recipe.threads)
-        self.device = resolve_device(recipe.device)
+        self.rank, self.world, self.device = init_distributed(recipe.device)
         self.registry = registry or Registry(_dirs(recipe))
         r = recipe
         tasks = [self.registry.load(n) for n in r.tasks]
@@ -153,9 +154,18 @@ class Trainer:
         self.learner.train()
         with autocast(self.device, r.precision):
             if r.method == "multitask":
-                loss, acc = self.mt.backward(self.learner, it)
-            else:
-                loss, acc = self.learner.meta_backward(self.stream.meta_batch(it, r.meta_batch), it)
+                loss, acc, count = self.mt.backward(self.learner, it, self.rank, self.world)
+            else:  # this process's share of the meta-batch: slots rank, rank + world, ...
+                batches = self.stream.meta_batch(it, r.meta_batch, range(self.rank, r.meta_batch, self.world))
+                loss, acc = self.learner.meta_backward(batches, it, total_tasks=r.meta_batch)
+                count = sum(len(b.yq) for b in batches)
+        if self.world > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            stats = torch.tensor([loss, acc * count, count], dtype=torch.float64, device=self.device)
+            all_reduce_sum([p.grad for p in self.params] + [stats])
+            loss, acc = float(stats[0]), float(stats[1] / max(stats[2], 1))
         norm = torch.nn.utils.clip_grad_norm_(self.params, r.grad_clip or float("inf"))
         for what, value in (("training loss", loss), ("gradient norm", float(norm))):
             if not math.isfinite(value):
@@ -176,18 +186,21 @@ class Trainer:
         return mean_ci(accs)
 
     def run(self, resume: bool = False, on_step: Callback | None = None) -> dict[str, Any]:
+        """Train; under torchrun every rank trains, rank 0 alone writes and validates."""
         r = self.recipe
-        with RunLock(self.out):
+        lead = self.rank == 0
+        with RunLock(self.out) if lead else contextlib.nullcontext():
             if resume:
                 self.resume()
-            else:
+            elif lead:
                 for name in ("last.safetensors", "best.safetensors", "metrics.jsonl"):
                     if (self.out / name).exists():
                         raise MtlError(f"{self.out} already holds a run", "pass --resume to continue it, or use "
                                        "another --out folder")
             text = yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False)
-            atomic_write_bytes(self.out / "recipe.yaml", lambda f: f.write(text.encode()))  # type: ignore[attr-defined]
-            metrics = (self.out / "metrics.jsonl").open("a")
+            if lead:
+                atomic_write_bytes(self.out / "recipe.yaml", lambda f: f.write(text.encode()))  # type: ignore[attr-defined]
+            metrics = (self.out / "metrics.jsonl").open("a") if lead else open(os.devnull, "w")  # noqa: SIM115
             t0 = time.perf_counter() - self.elapsed
             last_val: tuple[float, float] | None = None
             it = self.start - 1
@@ -198,7 +211,7 @@ class Trainer:
                     row: dict[str, Any] = {"iteration": it, "loss": round(loss, 5), "accuracy": round(acc, 5),
                                            "lr": self.lr_at(it), "seconds": round(self.elapsed, 2)}
                     last = it == r.iterations - 1 or (r.time_limit_minutes and self.elapsed > 60 * r.time_limit_minutes)
-                    if (it + 1) % r.val_every == 0 or last:
+                    if lead and ((it + 1) % r.val_every == 0 or last):
                         if self.val is not None:
                             mean, ci = self.validate()
                             row.update(val_accuracy=round(mean, 5), val_ci95=round(ci, 5))
@@ -217,7 +230,8 @@ class Trainer:
                         break
             finally:
                 metrics.close()
-            plot_curve(self.out)
+            if lead:
+                plot_curve(self.out)
         return {"iterations": it + 1, "best_val_accuracy": self.best if self.val else None,
                 "last_val": last_val, "seconds": round(self.elapsed, 1), "out": str(self.out)}
 

@@ -1,0 +1,56 @@
+"""Two CPU processes (gloo, localhost, torchrun) reach the parameters of one process with the same
+seed and total meta-batch."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl.checkpoint import load_checkpoint
+from tests.conftest import needs_data, write
+
+ROOT = Path(__file__).parents[1]
+RECIPE = """\
+method: {method}
+tasks: [omniglot-latin, omniglot-greek]
+ways: 5
+shots: 1
+queries: 3
+meta_batch: 4
+iterations: 3
+val_every: 3
+outer_lr: 0.003
+inner: {{steps: 1, lr: 0.4}}
+threads: 1
+device: cpu
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["maml", "multitask"])
+def test_two_processes_equal_one(tmp_path, method):
+    cfg = write(tmp_path / "r.yaml", RECIPE.format(method=method))
+    base = ["cli.py", "train", "--config", str(cfg), "--json"]
+    one = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *base,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, _ = load_checkpoint(tmp_path / "one" / "last.safetensors")
+    b, _ = load_checkpoint(tmp_path / "two" / "last.safetensors")
+    params = [k for k in a if k.startswith("learner.")]
+    assert params and max(float((a[k] - b[k]).abs().max()) for k in params) < 1e-5
+    assert not torch.equal(a[params[0]], torch.zeros_like(a[params[0]]))
