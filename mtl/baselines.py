@@ -46,7 +46,7 @@ class MultiTaskBatches:
             assert logits is not None
             loss = F.cross_entropy(logits.float(), y)
             loss.backward()
-            total += float(loss) / len(self.tasks)
+            total += float(loss.detach()) / len(self.tasks)
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
         return total, correct / max(count, 1), count

@@ -444,6 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
         return 130
+    except Exception as e:  # a bug: still one line, with the way to see more
+        import os
+
+        if os.environ.get("MTL_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        err.print(f"error: internal error {type(e).__name__}: {first}. Fix: run again with MTL_DEBUG=1 for the "
+                  "traceback and report it", highlight=False, markup=False, soft_wrap=True)
+        return 1
     return code if isinstance(code, int) else 0
 
 

@@ -191,7 +191,10 @@ class MetaLearner(nn.Module):
                 fs = self._features(fast, b.xs, b.modality, step, None)
             loss = F.cross_entropy(fs @ fast["head.weight"].T + fast["head.bias"], b.ys)
             keys = [k for k, v in fast.items() if v.requires_grad]
-            grads = torch.autograd.grad(loss, [fast[k] for k in keys], create_graph=create_graph, allow_unused=True)
+            # retain: a first-order step must not free the graph that made the head (Proto-MAML init),
+            # through which the outer gradient still flows
+            grads = torch.autograd.grad(loss, [fast[k] for k in keys], create_graph=create_graph,
+                                        retain_graph=not detach, allow_unused=True)
             for k, g in zip(keys, grads, strict=True):
                 if g is not None:
                     fast[k] = fast[k] - self.inner_lr(k, step) * (g if create_graph else g.detach())

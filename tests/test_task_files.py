@@ -124,8 +124,8 @@ def test_cli_process_prints_no_traceback(tmp_path):
 
 def test_safe_mode_refuses_paths_outside_the_data_dir(tmp_path, csv_file, run_cli, monkeypatch):
     monkeypatch.setenv("MTL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MTL_SAFE", "")  # restored after the test: --safe sets it for the process
     inside = write(tmp_path / "t1.yaml", GOOD.format(path="tiny.csv"))
     escape = write(tmp_path / "t2.yaml", GOOD.format(path="../../../etc/passwd").replace("name: tiny", "name: t2"))
     code, _, err = run_cli("--safe", "tasks", "validate", inside, escape)
     assert code == 1 and "outside the data directory" in err and "t2.yaml" in err and "t1.yaml" not in err
-    monkeypatch.delenv("MTL_SAFE", raising=False)

@@ -107,7 +107,8 @@ def _resume_with_lr(out: Path, registry) -> None:
     trainer.run(resume=True)
 
 
-@pytest.mark.parametrize("method,inner", [("fomaml", {}), ("anil", {}), ("metasgd", {}), ("reptile", {"steps": 2}),
+@pytest.mark.parametrize("method,inner", [("fomaml", {}), ("fomaml", {"head_init": "proto"}), ("anil", {}),
+                                          ("metasgd", {}), ("reptile", {"steps": 2}),
                                           ("maml", {"steps": 2, "msl": True, "lslr": True, "per_step_bn": True,
                                                     "second_order_from": 1})])
 def test_every_method_trains_and_improves(tmp_path, registry, method, inner):
@@ -119,3 +120,16 @@ def test_every_method_trains_and_improves(tmp_path, registry, method, inner):
     assert all(r["loss"] == r["loss"] for r in rows)  # finite
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine annealing
     load_learner(out, torch.device("cpu"))
+
+
+def test_mixed_text_and_image_meta_batches(tmp_path, registry):
+    from pathlib import Path as _P
+
+    r = load_recipe(_P(__file__).parents[1] / "configs" / "mixed.yaml",
+                    {"iterations": 4, "val_every": 2, "val_episodes": 4, "device": "cpu"})
+    trainer = Trainer(r, tmp_path / "mixed", registry)
+    assert set(trainer.learner.model.encoders) == {"image", "text"}
+    modalities = {b.modality for it in range(4) for b in trainer.stream.meta_batch(it, r.meta_batch)}
+    assert modalities == {"image", "text"}
+    result = trainer.run()
+    assert result["best_val_accuracy"] > 0.2
