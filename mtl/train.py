@@ -133,7 +133,7 @@ class Trainer:
         self.best = float(meta["best_val"])
         self.elapsed = float(meta.get("elapsed_seconds", 0.0))
         metrics = self.out / "metrics.jsonl"
-        if metrics.exists():  # drop lines logged after the checkpoint: they will be logged again
+        if self.rank == 0 and metrics.exists():  # drop lines logged after the checkpoint: logged again
             keep = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["iteration"] <= meta["iteration"]]
             atomic_write_bytes(metrics, lambda f: f.write("".join(x + "\n" for x in keep).encode()))  # type: ignore[attr-defined]
