@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mtl.checkpoint import load_checkpoint
 from tests.conftest import needs_data, write
