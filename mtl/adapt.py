@@ -151,7 +151,7 @@ def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, sho
                 params[name].copy_(value)
         if learner.inner.per_step_bn:
             row = min(steps, learner.inner.steps)
-            for name in learner._bn_params():
+            for name in learner.bn_params():
                 params[name].copy_(learner.bn_steps[name.replace(".", "__")][row])
         head = model.add_head(HEAD, len(classes))
         head.weight.copy_(fast["head.weight"])

@@ -45,22 +45,22 @@ class Row:
     p_vs_maml: float | None
 
 
-def _features(learner: MetaLearner, b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
+def frozen_features(learner: MetaLearner, b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
-        f = learner._features({}, concat(b.xs, b.xq), b.modality, 0, len(b.ys)).float().cpu().numpy()
+        f = learner.episode_features({}, concat(b.xs, b.xq), b.modality, 0, len(b.ys)).float().cpu().numpy()
     return f[: len(b.ys)], f[len(b.ys):]
 
 
 def probe_accuracy(learner: MetaLearner, b: TaskBatch) -> float:
     from sklearn.linear_model import LogisticRegression
 
-    fs, fq = _features(learner, b)
+    fs, fq = frozen_features(learner, b)
     clf = LogisticRegression(max_iter=1000, C=1.0).fit(fs, b.ys.cpu().numpy())
     return float((clf.predict(fq) == b.yq.cpu().numpy()).mean())
 
 
 def centroid_accuracy(learner: MetaLearner, b: TaskBatch) -> float:
-    fs, fq = _features(learner, b)
+    fs, fq = frozen_features(learner, b)
     ys = b.ys.cpu().numpy()
     protos = np.stack([fs[ys == c].mean(0) for c in range(int(ys.max()) + 1)])
     pred = ((fq[:, None, :] - protos[None]) ** 2).sum(-1).argmin(1)

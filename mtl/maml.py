@@ -85,7 +85,7 @@ class MetaLearner(nn.Module):
         self.lrs = nn.ParameterDict()
         self.bn_steps = nn.ParameterDict()
         if inner.per_step_bn:
-            for name, p in self._bn_params().items():
+            for name, p in self.bn_params().items():
                 self.bn_steps[_key(name)] = nn.Parameter(p.detach().clone().unsqueeze(0).repeat(inner.steps + 1, 1))
         if method == "metasgd" or inner.lslr:
             for name, p in self._lr_shapes().items():
@@ -98,7 +98,7 @@ class MetaLearner(nn.Module):
 
     # --- which parameters adapt ----------------------------------------------------------------
 
-    def _bn_params(self) -> dict[str, Tensor]:
+    def bn_params(self) -> dict[str, Tensor]:
         names = {f"{n}.{p}" for n, m in self.model.named_modules() if isinstance(m, EpisodicBatchNorm2d)
                  for p in ("weight", "bias")}
         return {n: p for n, p in self.model.named_parameters() if n in names}
@@ -107,7 +107,7 @@ class MetaLearner(nn.Module):
         """Body parameters updated by the inner loop (the episode head is handled apart)."""
         if self.inner.adapt == "head":
             return []
-        skip = set(self._bn_params()) if self.inner.per_step_bn else set()
+        skip = set(self.bn_params()) if self.inner.per_step_bn else set()
         out = []
         for n, p in self.model.named_parameters():
             if not p.requires_grad or n in skip or n.startswith("heads."):
@@ -139,12 +139,12 @@ class MetaLearner(nn.Module):
 
     # --- the inner loop ------------------------------------------------------------------------
 
-    def _features(self, params: dict[str, Tensor], x: Tensor | list[str], modality: str, step: int,
+    def episode_features(self, params: dict[str, Tensor], x: Tensor | list[str], modality: str, step: int,
                   stats_rows: int | None) -> Tensor:
         params = {k: v for k, v in params.items() if not k.startswith("head.")}
         if self.inner.per_step_bn:
             s = min(step, self.inner.steps)
-            params = {**params, **{n: self.bn_steps[_key(n)][s] for n in self._bn_params()}}
+            params = {**params, **{n: self.bn_steps[_key(n)][s] for n in self.bn_params()}}
         with support_statistics(self.model, stats_rows):
             return functional_call(self.model, params, (x,), {"modality": modality}, strict=False)
 
@@ -156,7 +156,7 @@ class MetaLearner(nn.Module):
             head = self.model.heads[key]
             return head.weight, head.bias
         if self.inner.head_init == "proto":
-            feats = self._features(params, b.xs, b.modality, 0, None)
+            feats = self.episode_features(params, b.xs, b.modality, 0, None)
             protos = torch.zeros(ways, dim, device=feats.device, dtype=feats.dtype).index_add(0, b.ys, feats)
             protos = protos / torch.bincount(b.ys, minlength=ways).clamp_min(1).unsqueeze(1).to(feats.dtype)
             return 2 * protos, -(protos * protos).sum(1)  # Proto-MAML: logits = -|f - c|^2 + const
@@ -181,14 +181,15 @@ class MetaLearner(nn.Module):
         logits: Tensor | None = None
         body_only = not names and not self.inner.per_step_bn  # ANIL: the body forward is shared
         if body_only:
-            both = self._features({}, concat(b.xs, b.xq), b.modality, 0, None if transductive else ns)
             if transductive:
-                fs, fq = self._features({}, b.xs, b.modality, 0, None), self._features({}, b.xq, b.modality, 0, None)
+                fs = self.episode_features({}, b.xs, b.modality, 0, None)
+                fq = self.episode_features({}, b.xq, b.modality, 0, None)
             else:
+                both = self.episode_features({}, concat(b.xs, b.xq), b.modality, 0, ns)
                 fs, fq = both[:ns], both[ns:]
         for step in range(steps):
             if not body_only:
-                fs = self._features(fast, b.xs, b.modality, step, None)
+                fs = self.episode_features(fast, b.xs, b.modality, step, None)
             loss = F.cross_entropy(fs @ fast["head.weight"].T + fast["head.bias"], b.ys)
             keys = [k for k, v in fast.items() if v.requires_grad]
             # retain: a first-order step must not free the graph that made the head (Proto-MAML init),
@@ -210,9 +211,9 @@ class MetaLearner(nn.Module):
         if fq is None:
             body = {k: v for k, v in fast.items() if not k.startswith("head.")}
             if self.inner.bn == "transductive":
-                fq = self._features(body, b.xq, b.modality, step, None)
+                fq = self.episode_features(body, b.xq, b.modality, step, None)
             else:
-                fq = self._features(body, concat(b.xs, b.xq), b.modality, step, len(b.ys))[len(b.ys):]
+                fq = self.episode_features(body, concat(b.xs, b.xq), b.modality, step, len(b.ys))[len(b.ys):]
         return fq @ fast["head.weight"].T + fast["head.bias"]
 
     # --- the outer step ------------------------------------------------------------------------
