@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import yaml
 
+from mtl.baselines import MultiTaskBatches
 from mtl.cache import atomic_write_bytes
 from mtl.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
 from mtl.device import all_reduce_sum, autocast, init_distributed, set_threads
@@ -74,8 +75,17 @@ class Trainer:
         r = recipe
         tasks = [self.registry.load(n) for n in r.tasks]
         frozen = r.model.text_trainable_layers == 0
-        self.stream = EpisodeStream(tasks, None, r.ways, r.shots, r.queries, r.seed, self.device,
-                                    r.model.text_encoder, frozen)
+        # the training data: episodes for the MAML family, task-balanced batches for multi-task
+        self.stream: EpisodeStream | None = None
+        self.mt: MultiTaskBatches | None = None
+        if r.method == "multitask":
+            self.mt = MultiTaskBatches(tasks, r.meta_batch * r.ways * (r.shots + r.queries), r.seed, self.device,
+                                       r.model.text_encoder, frozen)
+            self.heads = {t.name: len(t.classes) for t in tasks}
+        else:
+            self.stream = EpisodeStream(tasks, None, r.ways, r.shots, r.queries, r.seed, self.device,
+                                        r.model.text_encoder, frozen)
+            self.heads = {t.name: self.stream.ways_of(t.name) for t in tasks}
         self.val: EpisodeStream | None = None
         if r.val_tasks:
             vt = [self.registry.load(n) for n in r.val_tasks]
@@ -84,10 +94,6 @@ class Trainer:
                                      r.seed + 7919, self.device, r.model.text_encoder, frozen)
         val_tasks = self.val.tasks if self.val else []
         self.modalities = sorted({t.modality for t in tasks} | {t.modality for t in val_tasks})
-        if r.method == "multitask":
-            self.heads = {t.name: len(t.classes) for t in tasks}
-        else:
-            self.heads = {t.name: self.stream.ways_of(t.name) for t in tasks}
         torch.manual_seed(r.seed)
         self.learner = build_learner(r, self.modalities, self.heads).to(self.device)
         self.params = [p for p in self.learner.parameters() if p.requires_grad]
@@ -96,11 +102,6 @@ class Trainer:
         self.best = -1.0
         self.elapsed = 0.0
         self.task_info = {t.name: {"modality": t.modality, "classes": t.classes, "file": str(t.file)} for t in tasks}
-        if r.method == "multitask":
-            from mtl.baselines import MultiTaskBatches
-
-            self.mt = MultiTaskBatches(tasks, r.meta_batch * r.ways * (r.shots + r.queries), r.seed, self.device,
-                                       r.model.text_encoder, frozen)
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -153,9 +154,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.learner.train()
         with autocast(self.device, r.precision):
-            if r.method == "multitask":
+            if self.mt is not None:
                 loss, acc, count = self.mt.backward(self.learner, it, self.rank, self.world)
             else:  # this process's share of the meta-batch: slots rank, rank + world, ...
+                assert self.stream is not None
                 batches = self.stream.meta_batch(it, r.meta_batch, range(self.rank, r.meta_batch, self.world))
                 loss, acc = self.learner.meta_backward(batches, it, total_tasks=r.meta_batch)
                 count = sum(len(b.yq) for b in batches)
@@ -219,7 +221,7 @@ class Trainer:
                             if mean > self.best:
                                 self.best = mean
                                 self.save("best", it, with_optimizer=False)
-                        elif not self.val:
+                        else:
                             self.save("best", it, with_optimizer=False)
                         self.save("last", it, with_optimizer=True)
                     metrics.write(json.dumps(row) + "\n")
