@@ -108,6 +108,11 @@ def _load(spec: TaskSpec, file: Path | None, root: Path) -> Task:
         raise TaskFileError(None, "labels", f"task '{spec.name}' is empty: no examples left after the "
                             "label filter", "check `labels.include`, `labels.exclude` and `labels.pattern`")
     names = spec.labels.names or {}
+    unnamed = [c for c in classes_raw if names and c not in names]
+    if unnamed:
+        raise TaskFileError(None, "labels.names", f"label(s) {', '.join(map(repr, unnamed[:5]))} of the data have "
+                            f"no entry in `labels.names` ({len(unnamed)} in all)",
+                            "name every label, or drop the unnamed ones with `labels.exclude`")
     classes = [names.get(c, c) for c in classes_raw]
     splits = _make_splits(spec, kept, len(classes))
     if spec.modality == "image":
@@ -142,9 +147,23 @@ def _decoded_source(spec: TaskSpec, root: Path) -> dict[str, dict[str, np.ndarra
             for s, cols in merged.items()}
 
 
+DECODE_VERSION = 2  # bump when decoding or its checks change: cached examples are then decoded again
+
+
+def _is_label(v: object) -> bool:
+    """A label is a non-empty string or a finite number; None, NaN, blanks and lists are not."""
+    if isinstance(v, str):
+        return bool(v.strip())
+    if isinstance(v, bool | int | np.integer):
+        return True
+    if isinstance(v, float | np.floating):
+        return bool(np.isfinite(v))
+    return False
+
+
 def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str, np.ndarray]]:
     image = spec.image_options if spec.modality == "image" else None
-    parts = [src.model_dump(mode="json"), spec.input_field, spec.label_field,
+    parts = [DECODE_VERSION, src.model_dump(mode="json"), spec.input_field, spec.label_field,
              image.model_dump(mode="json", exclude={"rotations", "rotate_splits"}) if image else None,
              source_fingerprint(src, root)]
 
@@ -158,16 +177,23 @@ def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str,
                     fld = "input_field" if role == "input" else "label_field"
                     raise TaskFileError(None, fld, f"column '{col}' is not in the data (split '{split}' has "
                                         f"{', '.join(visible)})", f"set `{fld}` to one of those columns")
-            labels = np.asarray([str(x) for x in cols[spec.label_field]], dtype=np.str_)
+            raw_labels = cols[spec.label_field]
+            bad = next((i for i, v in enumerate(raw_labels) if not _is_label(v)), None)
+            if bad is not None:
+                raise TaskFileError(None, "label_field", f"example {bad} of split '{split}' has no usable label "
+                                    f"({raw_labels[bad]!r:.40})", "give every example one label (text or "
+                                    "number), or delete the unlabeled ones")
+            labels = np.asarray([str(x) for x in raw_labels], dtype=np.str_)
             values = cols[spec.input_field]
             if image is not None:
                 inputs = prepare_images(values, image, cols.get("_names"))
             else:
-                bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+                bad = next((i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()), None)
                 if bad is not None:
-                    raise TaskFileError(None, "input_field", f"example {bad} of split '{split}' is "
-                                        f"{type(values[bad]).__name__}, not text",
-                                        "point `input_field` at a text column, or set `modality: image`")
+                    what = "empty" if isinstance(values[bad], str) else f"{type(values[bad]).__name__}, not text"
+                    raise TaskFileError(None, "input_field", f"example {bad} of split '{split}' is {what}",
+                                        "point `input_field` at a text column (or set `modality: image`) and "
+                                        "remove empty rows")
                 inputs = np.asarray(values, dtype=np.str_)
             arrays[f"{split}/input"], arrays[f"{split}/label"] = inputs, labels
         return arrays

@@ -31,6 +31,7 @@ class TaskFileError(MtlError):
         self.field = field
         where = ": ".join(p for p in (self.file, field) if p)
         super().__init__(f"{where}: {problem}" if where else problem, fix)
+        self.problem = problem.rstrip(".")  # unlocated, so that the error can be re-raised with a file
 
 
 class TaskFileErrors(MtlError):

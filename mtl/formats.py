@@ -12,6 +12,7 @@ import gzip
 import json
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ Columns = dict[str, Any]
 Raw = dict[str, Columns]
 Reader = Callable[[Source, Path], Raw]
 READERS: dict[str, Reader] = {}
+MAX_IMAGE_BYTES = 64 * 2**20  # one encoded image; a larger one is a mistake or a decompression bomb
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -79,7 +81,7 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as ours, once
     kwargs: dict[str, Any] = {}
     fmt = source.format
     if fmt in ("csv", "tsv"):
@@ -106,11 +108,15 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
                 if dirs:  # a folder: let the builder find every image below it
                     data_files = {_hf_split(s): [str(p / "**") for p in ps] for s, ps in files.items()}
             builder = {"tsv": "csv", "jsonl": "json"}.get(fmt, fmt)
-            ds = datasets.load_dataset(builder, data_files=data_files, **kwargs)
+            # `datasets` keeps an Arrow copy of every local source it reads: under our cache, not ~/.cache
+            ds = datasets.load_dataset(builder, data_files=data_files, cache_dir=str(settings.cache_dir() / "hf"),
+                                       **kwargs)
     except TaskFileError:
         raise
     except Exception as e:  # the library raises many types; all mean "could not read this source"
         where = source.dataset or source.path or source.files
+        while e.__cause__ is not None or e.__context__ is not None:  # the root cause says what is wrong
+            e = e.__cause__ or e.__context__  # type: ignore[assignment]
         raise TaskFileError(None, "source", f"`datasets` could not load {where} as {fmt}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                             "check the format, separator and columns, or the hub id and config") from None
@@ -120,12 +126,28 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
         cols: Columns = {}
         for name in part.column_names:
             feature = part.features[name]
+            if isinstance(feature, datasets.Image):  # decoded by us, so that a corrupt file gets a clear error
+                part = part.cast_column(name, datasets.Image(decode=False))
+                encoded = part[name]
+                cols[name] = [_image_bytes(v) for v in encoded]
+                cols["_names"] = [Path(v["path"]).name if v.get("path") else f"#{i}" for i, v in enumerate(encoded)]
+                continue
             values = part[name]
             if isinstance(feature, datasets.ClassLabel):
                 values = [feature.int2str(v) for v in values]
             cols[name] = values
         out[split] = cols
     return out
+
+
+def _image_bytes(value: dict[str, Any]) -> bytes:
+    if value.get("bytes") is not None:
+        return value["bytes"]
+    path = Path(value["path"])
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise TaskFileError(None, "source", f"image {path.name} is {path.stat().st_size:,} bytes (limit "
+                            f"{MAX_IMAGE_BYTES:,})", "shrink the image or remove it from the data")
+    return path.read_bytes()
 
 
 _ALL = "all_examples"  # `datasets` reserves the split name "all"
@@ -233,10 +255,14 @@ def read_image_zip(source: Source, root: Path) -> Raw:
                             raise TaskFileError(None, "source.strip_components",
                                                 f"{path.name}: '{info.filename}' has no folder left to "
                                                 "name its label", "lower `strip_components`")
+                        if info.file_size > MAX_IMAGE_BYTES:  # zip bombs declare their size
+                            raise TaskFileError(None, "source", f"{path.name}: '{info.filename}' unpacks to "
+                                                f"{info.file_size:,} bytes (limit {MAX_IMAGE_BYTES:,})",
+                                                "remove the oversized file from the archive")
                         images.append(zf.read(info))
                         labels.append("/".join(label_parts))
                         names.append(f"{path.name}:{info.filename}")
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
                 raise _bad_file(path, "source", e, "re-download the archive; it is truncated or not a zip") \
                     from None
         out[split] = {"image": images, "label": labels, "_names": names}
@@ -281,7 +307,7 @@ def _append_arrays(cols: Columns, images: np.ndarray, labels: np.ndarray | None,
         raise TaskFileError(None, "source.labels_key", f"{path.name}: {len(images)} images but "
                             f"{len(labels)} labels", "the arrays must have one label per image")
     cols["image"].extend(list(images))
-    cols["label"].extend(str(x) for x in labels.tolist())
+    cols["label"].extend(labels.tolist())
 
 
 @reader("mat")
