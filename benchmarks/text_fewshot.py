@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--head-init", default=None)
+    ap.add_argument("--encoder-layers", type=int, default=0, help="also fine-tune this many top encoder layers")
+    ap.add_argument("--encoder-epochs", type=int, default=30)
     a = ap.parse_args()
     torch.set_num_threads(2)
     reg = Registry()
@@ -42,11 +44,13 @@ def main() -> None:
         for seed in range(a.seeds):
             learner, meta = load_learner(a.checkpoint, torch.device("cpu"))
             with tempfile.TemporaryDirectory() as tmp:
-                r = adapt(learner, meta, task, Path(tmp), int(shots), seed, a.steps, None, None, a.head_init)
+                r = adapt(learner, meta, task, Path(tmp), int(shots), seed, a.steps, None, None, a.head_init,
+                          encoder_layers=a.encoder_layers, encoder_epochs=a.encoder_epochs)
             accs.append(r.test_accuracy)
         mean, ci = mean_ci(accs)
         pooled += accs
         print(json.dumps({"task": name, "shots": int(shots), "classes": len(task.classes), "seeds": a.seeds,
+                          "encoder_layers": a.encoder_layers,
                           "accuracy": round(mean, 4), "ci95": round(ci, 4), "per_seed": [round(x, 4) for x in accs]}),
               flush=True)
 

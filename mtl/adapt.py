@@ -109,9 +109,45 @@ class AdaptResult:
     seconds: float
 
 
+def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor, layers: int, epochs: int,
+                      lr: float, seed: int) -> None:
+    """Fine-tune the top ``layers`` of the text encoder with the trunk and the adapted head on the
+    support set (cross-entropy, AdamW): what lifts text tasks past a frozen encoder's ceiling.
+
+    The lower layers' outputs are computed once, so an epoch costs the top layers only.
+    """
+    encoder = model.encoders["text"]
+    encoder.set_trainable(layers)
+    model.config = model.config.model_copy(update={"text_trainable_layers": layers})
+    batches = encoder.lower_states(texts)
+    top = [p for p in encoder.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("encoders.") and
+            (not n.startswith("heads.") or n.startswith(f"heads.{HEAD}."))]
+    opt = torch.optim.AdamW([{"params": top, "lr": lr}, {"params": rest, "lr": lr}], weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)  # dropout: same seed, same model
+    model.train()
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for j in rng.permutation(len(batches)):
+                idx, hidden, mask = batches[j]
+                logits = model.heads[HEAD](model.from_encoding(encoder.upper(hidden, mask), "text"))
+                loss = torch.nn.functional.cross_entropy(logits.float(), ys[idx.to(ys.device)])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    model.eval()
+
+
 def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, shots: int, seed: int = 0,
           steps: int | None = None, lr: float | None = None, examples: Path | None = None,
-          head_init: str | None = None, device: torch.device | None = None) -> AdaptResult:
+          head_init: str | None = None, device: torch.device | None = None, encoder_layers: int = 0,
+          encoder_epochs: int = 30, encoder_lr: float = 1e-4) -> AdaptResult:
+    """Adapt ``learner``'s initialization to ``task`` from K shots (or ``examples``) and save the model.
+
+    The meta-learned inner loop adapts first; with ``encoder_layers`` > 0 (text tasks), the top layers
+    of the text encoder are then fine-tuned with the trunk and head for ``encoder_epochs`` epochs.
+    """
     t0 = time.perf_counter()
     device = device or torch.device("cpu")
     model = learner.model
@@ -156,6 +192,12 @@ def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, sho
         head = model.add_head(HEAD, len(classes))
         head.weight.copy_(fast["head.weight"])
         head.bias.copy_(fast["head.bias"])
+    if encoder_layers:
+        if modality != "text":
+            raise MtlError("--encoder-layers fine-tunes a text encoder; this task has images",
+                           "leave --encoder-layers out for image tasks")
+        tune_text_encoder(model, xs_np.tolist(), ys, encoder_layers, encoder_epochs, encoder_lr, seed)
+        cfg = model.config
     calibrate_batchnorm(model, lambda: model.features(xs, modality))
     adapted = AdaptedModel(model, {"model_config": cfg.model_dump(mode="json"), "modality": modality,
                                    "classes": classes, "task": task.name, "image": image.model_dump(mode="json"),

@@ -276,6 +276,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               examples: Annotated[Path | None, typer.Option(
                   help="Your labelled examples: CSV/JSONL with text,label, or a folder label/image.")] = None,
               head_init: Annotated[str | None, typer.Option(help="zero or proto.")] = None,
+              encoder_layers: Annotated[int, typer.Option(
+                  help="Text tasks: then also fine-tune this many top layers of the text encoder.")] = 0,
+              encoder_epochs: Annotated[int, typer.Option(help="Epochs of that fine-tuning.")] = 30,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Fine-tune a learned initialization on a few labelled examples of a task; save the adapted model."""
     from dataclasses import asdict
@@ -291,7 +294,10 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     dev = resolve_device(device)
     t = _registry(tasks_dir).load(task)
     learner, meta = load_learner(checkpoint, dev)
-    result = adapt(learner, meta, t, out_dir, shots, seed, steps, lr, examples, head_init, dev)
+    if encoder_layers < 0 or encoder_epochs < 1:
+        raise MtlError("--encoder-layers must be 0 or more and --encoder-epochs 1 or more", "e.g. --encoder-layers 2")
+    result = adapt(learner, meta, t, out_dir, shots, seed, steps, lr, examples, head_init, dev,
+                   encoder_layers=encoder_layers, encoder_epochs=encoder_epochs)
     if as_json:
         _print_json(asdict(result))
         return

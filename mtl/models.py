@@ -8,8 +8,10 @@ recipe says ``image_encoder: conv4`` and ``python cli.py models`` lists what exi
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
@@ -71,6 +73,8 @@ def support_statistics(model: nn.Module, rows: int | None) -> Iterator[None]:
 def calibrate_batchnorm(model: nn.Module, forward: Callable[[], object]) -> None:
     """Set every batch norm's running statistics to those of the batch that ``forward`` runs."""
     norms = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm2d)]
+    if not norms:
+        return
     hooks = []
     for m in norms:
         def hook(mod: EpisodicBatchNorm2d, inputs: tuple[Tensor, ...]) -> None:
@@ -129,19 +133,64 @@ class TextEncoder(nn.Module):
         self.out_dim = 384
         self.transformer: nn.Module | None = None
         if trainable_layers > 0:
+            self.set_trainable(trainable_layers)
+
+    def set_trainable(self, layers: int) -> None:
+        """Train the top ``layers`` transformer layers; ``forward`` then takes strings."""
+        if self.transformer is None:
             from mtl.embeddings import load_transformer
 
-            self.transformer, self.tokenizer = load_transformer(name)
+            shared, self.tokenizer = load_transformer(self.name)
+            # a private copy: the shared instance stays frozen, so cached embeddings stay valid
+            self.transformer = copy.deepcopy(shared).to(next(self.parameters(), torch.empty(0)).device)
             self.out_dim = self.transformer.config.hidden_size
-            for p in self.transformer.parameters():
-                p.requires_grad_(False)
-            for layer in self.transformer.encoder.layer[-trainable_layers:]:
-                for p in layer.parameters():
-                    p.requires_grad_(True)
+        assert self.transformer is not None
+        n_layers = len(self.transformer.encoder.layer)
+        if not 1 <= layers <= n_layers:
+            from mtl.errors import MtlError
+
+            raise MtlError(f"the text encoder has {n_layers} layers; {layers} cannot be trained",
+                           f"train between 1 and {n_layers} layers")
+        self.trainable_layers = layers
+        for p in self.transformer.parameters():
+            p.requires_grad_(False)
+        for layer in self.transformer.encoder.layer[-layers:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
 
     @property
     def frozen(self) -> bool:
         return self.trainable_layers == 0
+
+    def _tokens(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        return {k: v.to(next(self.transformer.parameters()).device) for k, v in batch.items()}  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def lower_states(self, texts: Sequence[str], batch_size: int = 32) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(row indices, hidden states entering the trainable layers, attention mask) of length-sorted
+        batches: computed once, so that an epoch of fine-tuning runs the trainable layers only."""
+        assert self.transformer is not None
+        start = len(self.transformer.encoder.layer) - self.trainable_layers
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = []
+        for i in range(0, len(texts), batch_size):
+            idx = order[i:i + batch_size]
+            batch = self._tokens([texts[j] for j in idx])
+            hidden = self.transformer(**batch, output_hidden_states=True).hidden_states[start]
+            out.append((torch.as_tensor(idx), hidden, batch["attention_mask"]))
+        return out
+
+    def upper(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """Sentence embeddings from :meth:`lower_states`: the trainable layers, then mean pooling."""
+        from mtl.embeddings import mean_pool
+
+        assert self.transformer is not None
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.transformer.encoder.layer[-self.trainable_layers:]:
+            hidden = layer(hidden, attention_mask=additive)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older transformers return tuples
+        return mean_pool(hidden, mask)
 
     def forward(self, x: Tensor | Sequence[str]) -> Tensor:
         if isinstance(x, Tensor):
@@ -154,8 +203,7 @@ class TextEncoder(nn.Module):
             return embed_texts(list(x), self.name)
         from mtl.embeddings import mean_pool
 
-        batch = self.tokenizer(list(x), padding=True, truncation=True, max_length=128, return_tensors="pt")
-        batch = {k: v.to(next(self.transformer.parameters()).device) for k, v in batch.items()}
+        batch = self._tokens(x)
         out = self.transformer(**batch).last_hidden_state
         return mean_pool(out, batch["attention_mask"])
 
@@ -224,7 +272,10 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict()
 
     def features(self, x: Tensor | Sequence[str], modality: str) -> Tensor:
-        h = self.encoders[modality](x)
+        return self.from_encoding(self.encoders[modality](x), modality)
+
+    def from_encoding(self, h: Tensor, modality: str) -> Tensor:
+        """The shared representation of an encoder's output."""
         if modality == "text" and self.config.normalize_text:
             h = F.normalize(h, dim=-1) * 10.0  # unit-norm sentence embeddings, scaled for a linear head
         if modality in self.projections:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import needs_data, write
 
@@ -67,6 +68,43 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     preds = json.loads(out)["predictions"]
     assert [p["label"] for p in preds] == ["pto_balance", "payday"]
     assert set(preds[0]) == {"input", "label", "probability", "top"} and len(preds[0]["top"]) == 2
+
+
+def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_run, tmp_path, run_cli):
+    from mtl.adapt import AdaptedModel
+    from mtl.embeddings import load_transformer
+    from mtl.registry import Registry
+
+    shared = load_transformer("minilm")[0]
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3,
+                             "--encoder-layers", 1, "--encoder-epochs", 3, "--out", tmp_path / "m", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["test_accuracy"] > 0.5 and res["test_examples"] == 450
+    # the cached (shared) encoder is untouched, so cached embeddings stay valid for everyone else
+    assert all(torch.equal(before[k], v) for k, v in shared.state_dict().items())
+    model = AdaptedModel.load(tmp_path / "m")
+    assert model.model.config.text_trainable_layers == 1
+    test = Registry().load("clinc150-work").test
+    acc = float((model.predict_ids(test.inputs) == test.labels).mean())  # the saved model: the same accuracy
+    assert abs(acc - res["test_accuracy"]) < 1e-9
+    code, _, err = run_cli("adapt", "--task", "olivetti", "--checkpoint", text_run, "--encoder-layers", 1,
+                           "--out", tmp_path / "x")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_lower_states_then_upper_layers_equal_the_full_encoder():
+    from mtl.models import TextEncoder
+
+    enc = TextEncoder("minilm", trainable_layers=2).eval()
+    texts = ["book a table for two", "what's the weather like in paris tomorrow afternoon", "hi"]
+    with torch.no_grad():
+        full = enc(texts)
+        parts = torch.zeros_like(full)
+        for idx, hidden, mask in enc.lower_states(texts, batch_size=2):
+            parts[idx] = enc.upper(hidden, mask)
+    assert torch.allclose(full, parts, atol=1e-5)
 
 
 def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
