@@ -3,8 +3,8 @@ from-scratch model, a linear probe and nearest class centroids on frozen feature
 
 Every method sees identical episodes (same seeds), so differences are paired; the report gives
 mean accuracy with a 95% confidence interval and a paired t-test of MAML against each baseline.
-Fine-tuned methods get the same number of steps; the baselines' step size is chosen on episodes of
-the task's validation split (never on test queries), MAML uses its meta-learned one.
+Fine-tuned methods get the same number of steps, and each its step size chosen on episodes of the
+task's validation split (never on test queries): from a grid, and for MAML also its meta-learned ones.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Row:
     ci95: float
     episodes: int
     p_vs_maml: float | None
+    step_size: str = "-"  # the fine-tuning step size chosen on validation episodes ("learned": meta-learned)
 
 
 def frozen_features(learner: MetaLearner, b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -71,16 +72,21 @@ def finetune_accuracy(learner: MetaLearner, b: TaskBatch, steps: int) -> float:
     return learner.evaluate(b, steps)
 
 
-def with_lr(learner: MetaLearner, lr: float) -> MetaLearner:
-    learner.inner = learner.inner.model_copy(update={"lr": lr, "lslr": False, "head_init": "zero"})
+def with_lr(learner: MetaLearner, lr: float, keep_head: bool = False) -> MetaLearner:
+    """Plain fine-tuning with step size ``lr``; a new zero head unless ``keep_head`` (MAML's own init)."""
+    update: dict[str, Any] = {"lr": lr, "lslr": False} if keep_head else {"lr": lr, "lslr": False, "head_init": "zero"}
+    learner.inner = learner.inner.model_copy(update=update)
     learner.lrs = torch.nn.ParameterDict()
     return learner
 
 
-def choose_lr(make: Any, val: list[TaskBatch], steps: int) -> float:
-    """The step size of LR_GRID with the best accuracy on validation episodes."""
-    scores = {lr: np.mean([finetune_accuracy(with_lr(make(), lr), b, steps) for b in val]) for lr in LR_GRID}
-    return max(scores, key=lambda k: scores[k])
+def choose_lr(make: Any, val: list[TaskBatch], steps: int, learned: bool = False) -> float | None:
+    """The step size with the best accuracy on validation episodes: one of LR_GRID or, for a
+    meta-learned model, its own learned step sizes (``None``)."""
+    candidates: list[float | None] = [None, *LR_GRID] if learned else list(LR_GRID)
+    scores = {lr: np.mean([finetune_accuracy(make() if lr is None else with_lr(make(), lr, keep_head=learned), b,
+                                             steps) for b in val]) for lr in candidates}
+    return max(scores, key=lambda k: scores[k])  # ties: the first (the learned one)
 
 
 def compare(tasks: Sequence[Task], shots_list: Sequence[int], episodes: int, checkpoints: dict[str, Path],
@@ -91,7 +97,7 @@ def compare(tasks: Sequence[Task], shots_list: Sequence[int], episodes: int, che
         from mtl.errors import MtlError
 
         raise MtlError("compare needs a MAML checkpoint", "pass --checkpoints maml=RUN_DIR[,multitask=RUN_DIR]")
-    maml, maml_meta = learners["maml"]
+    maml_meta = learners["maml"][1]
     feature_source = learners.get("multitask", learners["maml"])[0]
     recipe = Recipe.model_validate(maml_meta["recipe"])
     rows: list[Row] = []
@@ -105,9 +111,16 @@ def compare(tasks: Sequence[Task], shots_list: Sequence[int], episodes: int, che
             val = EpisodeStream([task], val_split, n_ways, shots, queries, seed + 1, device, recipe.model.text_encoder,
                                 frozen, cap_ways=False).fixed(min(20, episodes))
             accs: dict[str, list[float]] = {}
+            chosen: dict[str, str] = {}
             for m in methods:
-                if m == "maml":
-                    accs[m] = [finetune_accuracy(maml, b, steps) for b in test]
+                if m == "maml":  # its meta-learned step sizes, unless a grid value does better on validation
+                    def make_maml() -> MetaLearner:
+                        return load_learner(checkpoints["maml"], device)[0]
+
+                    lr = choose_lr(make_maml, val, steps, learned=True)
+                    learner = make_maml() if lr is None else with_lr(make_maml(), lr, keep_head=True)
+                    chosen[m] = "learned" if lr is None else f"{lr:g}"
+                    accs[m] = [finetune_accuracy(learner, b, steps) for b in test]
                 elif m in ("multitask", "scratch"):
                     if m == "multitask" and "multitask" not in learners:
                         continue
@@ -121,7 +134,9 @@ def compare(tasks: Sequence[Task], shots_list: Sequence[int], episodes: int, che
                                              maml_meta["modalities"], {}).to(device)
 
                     lr = choose_lr(make, val, steps)
+                    assert lr is not None
                     learner = with_lr(make(), lr)
+                    chosen[m] = f"{lr:g}"
                     accs[m] = [finetune_accuracy(learner, b, steps) for b in test]
                 elif m == "linear_probe":
                     accs[m] = [probe_accuracy(feature_source, b) for b in test]
@@ -133,25 +148,25 @@ def compare(tasks: Sequence[Task], shots_list: Sequence[int], episodes: int, che
                 if m != "maml" and "maml" in accs:
                     diff = np.asarray(accs["maml"]) - np.asarray(values)
                     p = 1.0 if np.allclose(diff, 0) else float(stats.ttest_rel(accs["maml"], values).pvalue)
-                rows.append(Row(task.name, shots, m, mean, ci, len(values), p))
+                rows.append(Row(task.name, shots, m, mean, ci, len(values), p, chosen.get(m, "-")))
     return rows
 
 
 def write_reports(rows: list[Row], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["task", "shots", "method", "accuracy", "ci95", "episodes", "p_vs_maml"]
+    fields = ["task", "shots", "method", "accuracy", "ci95", "episodes", "p_vs_maml", "step_size"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     for r in rows:
         w.writerow({k: getattr(r, k) for k in fields})
     atomic_write_bytes(out / "results.csv", lambda f: f.write(buf.getvalue().encode()))
-    md = ["| task | shots | method | accuracy (%) | 95% CI | episodes | p (paired t, vs MAML) |",
-          "|---|---|---|---|---|---|---|"]
+    md = ["| task | shots | method | accuracy (%) | 95% CI | episodes | p (paired t, vs MAML) | step size |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}"
         md.append(f"| {r.task} | {r.shots} | {r.method} | {100 * r.accuracy:.2f} | ±{100 * r.ci95:.2f} | "
-                  f"{r.episodes} | {p} |")
+                  f"{r.episodes} | {p} | {r.step_size} |")
     atomic_write_bytes(out / "results.md", lambda f: f.write(("\n".join(md) + "\n").encode()))
     _plot(rows, out / "results.png")
     doc = {"results": [r.__dict__ for r in rows], "files": {k: str(out / f"results.{k}") for k in ("csv", "md", "png")}}

@@ -78,6 +78,11 @@ def test_compare_outputs_are_written_and_consistent(runs, run_cli, tmp_path):
         assert line in (tmp_path / "cmp" / "results.md").read_text()
     assert (tmp_path / "cmp" / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert all(r["p_vs_maml"] is None for r in results if r["method"] == "maml")
+    steps = {r["method"]: r["step_size"] for r in results}  # chosen on validation episodes, reported
+    assert steps["linear_probe"] == steps["centroid"] == "-"
+    assert steps["maml"] == "learned" or float(steps["maml"]) > 0
+    assert float(steps["multitask"]) > 0 and float(steps["scratch"]) > 0
+    assert table[0]["step_size"] == results[0]["step_size"]
 
 
 @needs_data
