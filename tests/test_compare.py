@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,9 @@ def test_ci_matches_a_reference():
     assert math.isclose(mean, values.mean()) and math.isclose(half, (hi - lo) / 2)
     big = rng.uniform(0, 1, 100_000)
     assert math.isclose(mean_ci(big)[1], 1.96 * big.std(ddof=1) / math.sqrt(len(big)), rel_tol=1e-3)
+
+
+ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,18 @@ def test_compare_outputs_are_written_and_consistent(runs, run_cli, tmp_path):
     assert steps["maml"] == "learned" or float(steps["maml"]) > 0
     assert float(steps["multitask"]) > 0 and float(steps["scratch"]) > 0
     assert table[0]["step_size"] == results[0]["step_size"]
+
+
+@needs_data
+def test_compare_on_a_users_own_task_folder(runs, run_cli, tmp_path):
+    text = (ROOT / "tasks" / "omniglot" / "alphabets" / "angelic.yaml").read_text()
+    write(tmp_path / "mine" / "glyphs.yaml", text.replace("name: omniglot-angelic", "name: my-glyphs"))
+    code, out, err = run_cli("compare", "--tasks", "my-glyphs", "--tasks-dir", tmp_path / "mine", "--shots", "1",
+                             "--episodes", 4, "--checkpoints", f"maml={runs / 'maml'}", "--methods", "maml,centroid",
+                             "--steps", 1, "--queries", 2, "--out", tmp_path / "cmp", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert {(r["task"], r["method"]) for r in rows} == {("my-glyphs", "maml"), ("my-glyphs", "centroid")}
 
 
 @needs_data
