@@ -13,7 +13,6 @@ an epoch costs only the top layers. Accuracy on the task's whole test split afte
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
@@ -22,23 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtl.embeddings import load_transformer, mean_pool
+from mtl.models import TextEncoder
 from mtl.registry import Registry
-
-Batches = list[tuple[np.ndarray, Tensor, Tensor]]
-
-
-def lower_states(texts: list[str], layer: int, batch_size: int) -> Batches:
-    """Hidden states entering ``layer`` for length-sorted batches: (row indices, states, mask)."""
-    model, tok = load_transformer("minilm")
-    order = np.argsort([len(x) for x in texts])
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            idx = order[i:i + batch_size]
-            b = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            out.append((idx, model(**b, output_hidden_states=True).hidden_states[layer], b["attention_mask"]))
-    return out
 
 
 def main() -> None:
@@ -59,32 +43,27 @@ def main() -> None:
                           for c in sorted(tr.counts())])
     ys = torch.as_tensor(tr.labels[sup])
     yq = torch.as_tensor(task.test.labels)
-    model, _ = load_transformer("minilm")
-    n_layers = len(model.encoder.layer)
-    top = copy.deepcopy(model.encoder.layer[n_layers - a.layers:])
+    encoder = TextEncoder("minilm", trainable_layers=a.layers)  # a private copy of the pretrained encoder
     t0 = time.perf_counter()
-    support = lower_states([str(x) for x in tr.inputs[sup]], n_layers - a.layers, 32)
-    query = lower_states([str(x) for x in task.test.inputs], n_layers - a.layers, 128)
+    support = encoder.lower_states([str(x) for x in tr.inputs[sup]], 32)
+    query = encoder.lower_states([str(x) for x in task.test.inputs], 128)
     prep = time.perf_counter() - t0
+    top = [p for p in encoder.parameters() if p.requires_grad]
 
     def run_top(h: Tensor, mask: Tensor) -> Tensor:
-        additive = (1.0 - mask[:, None, None, :].float()) * -1e9
-        for layer in top:
-            h = layer(h, attention_mask=additive)
-            h = h[0] if isinstance(h, tuple) else h  # older transformers return a tuple
-        return F.normalize(mean_pool(h, mask), dim=-1)
+        return F.normalize(encoder.upper(h, mask), dim=-1)
 
-    def embed(batches: Batches) -> Tensor:
-        out = torch.zeros(sum(len(b[0]) for b in batches), model.config.hidden_size)
+    def embed(batches: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+        out = torch.zeros(sum(len(b[0]) for b in batches), encoder.out_dim)
         for idx, h, m in batches:
-            out[torch.as_tensor(idx)] = run_top(h, m)
+            out[idx] = run_top(h, m)
         return out
 
     def accuracy() -> float:
-        top.eval()
+        encoder.eval()
         with torch.no_grad():
             pred = head(embed(query)).argmax(1)
-        top.train()
+        encoder.train()
         return float((pred == yq).float().mean())
 
     with torch.no_grad():
@@ -95,14 +74,14 @@ def main() -> None:
     with torch.no_grad():  # a cosine classifier with temperature 10: logits = 10 * (2 p.x - |p|^2)
         head.weight.copy_(20 * protos)
         head.bias.copy_(-10 * (protos ** 2).sum(1))
-    opt = torch.optim.AdamW([{"params": top.parameters(), "lr": a.lr}, {"params": head.parameters(), "lr": 1e-2}],
+    opt = torch.optim.AdamW([{"params": top, "lr": a.lr}, {"params": head.parameters(), "lr": 1e-2}],
                             weight_decay=0.01)
     curve = {0: accuracy()}
     t0 = time.perf_counter()
     for epoch in range(1, a.epochs + 1):
         for j in np.random.default_rng(epoch).permutation(len(support)):
             idx, h, m = support[j]
-            loss = F.cross_entropy(head(run_top(h, m)), ys[torch.as_tensor(idx)])
+            loss = F.cross_entropy(head(run_top(h, m)), ys[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -59,25 +59,22 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(raw)
 
 
+def image_zip(extra: dict[str, bytes] | None = None) -> bytes:
+    """Omniglot-like archive top/<class>/<i>.png, plus ``extra`` members."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for c in CLASSES:
+            for i in range(PER_CLASS):
+                zf.writestr(f"top/{c}/{i}.png", png(40 * CLASSES.index(c) + i))
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
 @functools.cache
-def bomb_member() -> bytes:
-    """A zip whose one image unpacks to 80 MB of zeros (about 80 KB on disk)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for c in CLASSES:
-            for i in range(PER_CLASS):
-                zf.writestr(f"top/{c}/{i}.png", png(40 * CLASSES.index(c) + i))
-        zf.writestr("top/cat/huge.png", b"\0" * (80 * 2**20))
-    return buf.getvalue()
-
-
-def image_zip(tmp: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for c in CLASSES:
-            for i in range(PER_CLASS):
-                zf.writestr(f"top/{c}/{i}.png", png(40 * CLASSES.index(c) + i))
-    return buf.getvalue()
+def zip_bomb() -> bytes:
+    """One member unpacks to 80 MB of zeros (about 80 KB on disk)."""
+    return image_zip({"top/cat/huge.png": b"\0" * (80 * 2**20)})
 
 
 def rows() -> list[tuple[str, str]]:
@@ -147,22 +144,16 @@ def build(kind: str, folder: Path, draw_int, draw_bytes) -> dict[str, object]:
             victim.write_bytes(broken_png(draw_int, draw_bytes))
         return task_doc("image", {"format": "imagefolder", "path": "imgs"})
     if kind.startswith("zip"):
-        blob = image_zip(folder)
+        blob = image_zip()
         if kind == "zip_corrupt_image":
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w") as zf:
-                for c in CLASSES:
-                    for i in range(PER_CLASS):
-                        zf.writestr(f"top/{c}/{i}.png", png(i))
-                zf.writestr("top/dog/broken.png", broken_png(draw_int, draw_bytes))
-            blob = buf.getvalue()
+            blob = image_zip({"top/dog/broken.png": broken_png(draw_int, draw_bytes)})
         if kind == "zip_truncated":
             blob = blob[: draw_int(0, len(blob) - 1)]
         if kind == "zip_flipped_bytes":  # inside the first member's compressed data: the CRC check fails
             at = draw_int(40, 80)
             blob = blob[:at] + bytes(b ^ 0xFF for b in blob[at: at + draw_int(1, 8)]) + blob[at + 8:]
         if kind == "zip_bomb":
-            blob = bomb_member()
+            blob = zip_bomb()
         (folder / "imgs.zip").write_bytes(blob)
         return task_doc("image", {"format": "image_zip", "path": "imgs.zip", "strip_components": 1})
     if kind.startswith("npz"):
