@@ -221,6 +221,7 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
     import yaml as _yaml
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from mtl.device import close_distributed
     from mtl.recipe import load_recipe
     from mtl.train import Trainer
 
@@ -255,7 +256,10 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
             bar.update(job, completed=int(row["iteration"]) + 1, loss=row["loss"], acc=row["accuracy"],  # type: ignore[arg-type]
                        val=state["val"], rate=rate)
 
-        result = trainer.run(resume=resume, on_step=on_step)
+        try:
+            result = trainer.run(resume=resume, on_step=on_step)
+        finally:
+            close_distributed()
     if as_json:
         _print_json(result)
     else:

@@ -55,11 +55,34 @@ def init_distributed(name: str = "auto") -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def _group_active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Wait for every process; a no-op outside ``torchrun``."""
+    import torch.distributed as dist
+
+    if _group_active():
+        dist.barrier()
+
+
+def close_distributed() -> None:
+    """Leave the process group before exit. Without it a rank that finishes first (rank 1 skips
+    checkpointing) can abort in gloo's teardown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if _group_active():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """Sum tensors over processes in place, as one flat buffer (one collective, not one per tensor)."""
     import torch.distributed as dist
 
-    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not tensors or not _group_active() or dist.get_world_size() == 1:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)

@@ -23,7 +23,7 @@ import yaml
 from mtl.baselines import MultiTaskBatches
 from mtl.cache import atomic_write_bytes
 from mtl.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
-from mtl.device import all_reduce_sum, autocast, init_distributed, set_threads
+from mtl.device import all_reduce_sum, autocast, barrier, init_distributed, set_threads
 from mtl.errors import MtlError
 from mtl.evaluation import mean_ci
 from mtl.learner import build_learner
@@ -234,6 +234,7 @@ class Trainer:
                 metrics.close()
             if lead:
                 plot_curve(self.out)
+        barrier()  # every rank returns once rank 0 has written the checkpoints
         return {"iterations": it + 1, "best_val_accuracy": self.best if self.val else None,
                 "last_val": last_val, "seconds": round(self.elapsed, 1), "out": str(self.out)}
 
