@@ -126,6 +126,7 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
     opt = torch.optim.AdamW([{"params": top, "lr": lr}, {"params": rest, "lr": lr}], weight_decay=0.01)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)  # dropout: same seed, same model
+    encoder.dropout = True
     model.train()
     with torch.enable_grad():
         for _ in range(epochs):
@@ -136,6 +137,7 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+    encoder.dropout = False
     model.eval()
 
 

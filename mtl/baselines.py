@@ -22,12 +22,12 @@ from mtl.models import head_key
 
 class MultiTaskBatches:
     def __init__(self, tasks: Sequence[Task], examples_per_step: int, seed: int, device: torch.device,
-                 text_encoder: str = "minilm", frozen_text: bool = True) -> None:
+                 text_encoder: str = "minilm", text_layers: int = 0) -> None:
         self.tasks = list(tasks)
         self.per_task = max(1, examples_per_step // len(self.tasks))
         self.seed = seed
         self.device = device
-        self.inputs = [SplitInputs(t.train, t.modality, device, text_encoder, frozen_text) for t in self.tasks]
+        self.inputs = [SplitInputs(t.train, t.modality, device, text_encoder, text_layers) for t in self.tasks]
         self.labels = [torch.as_tensor(t.train.labels, device=device) for t in self.tasks]
 
     def backward(self, learner: MetaLearner, iteration: int, rank: int = 0, world: int = 1

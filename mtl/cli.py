@@ -354,8 +354,8 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
     if t.modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
     name = split or t.spec.test_split
-    frozen = learner.model.config.text_trainable_layers == 0
-    stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, learner.model.config.text_encoder, frozen,
+    layers = learner.model.config.text_trainable_layers
+    stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, learner.model.config.text_encoder, layers,
                            cap_ways=False)
     from mtl.device import autocast
 

@@ -104,15 +104,15 @@ def compare(tasks: Sequence[Task], shots_list: Sequence[int], episodes: int, che
     feature_source = learners.get("multitask", learners["maml"])[0]
     recipe = Recipe.model_validate(maml_meta["recipe"])
     rows: list[Row] = []
-    frozen = recipe.model.text_trainable_layers == 0
+    layers = recipe.model.text_trainable_layers
     for task in tasks:
         n_ways = ways or min(len(task.test.class_ids()), recipe.ways)
         val_split = task.spec.val_split or task.spec.train_split
         for shots in shots_list:
             test = EpisodeStream([task], task.spec.test_split, n_ways, shots, queries, seed, device,
-                                 recipe.model.text_encoder, frozen, cap_ways=False).fixed(episodes)
+                                 recipe.model.text_encoder, layers, cap_ways=False).fixed(episodes)
             val = EpisodeStream([task], val_split, n_ways, shots, queries, seed + 1, device, recipe.model.text_encoder,
-                                frozen, cap_ways=False).fixed(min(20, episodes))
+                                layers, cap_ways=False).fixed(min(20, episodes))
             accs: dict[str, list[float]] = {}
             chosen: dict[str, str] = {}
             for m in methods:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,66 @@ def _encode(texts: list[str], name: str, batch_size: int = 128) -> np.ndarray:
     return out
 
 
+def _digest(texts: list[str]) -> str:
+    return hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def embed_texts(texts: list[str], name: str = "minilm") -> Tensor:
     """Embeddings of ``texts`` (rows in order), computed once per encoder and list of texts."""
-    digest = hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
-    arrays = cached_arrays("embeddings", [name, digest, len(texts)],
+    arrays = cached_arrays("embeddings", [name, _digest(texts), len(texts)],
                            lambda: {"x": _encode(texts, name).astype(np.float16)})
     return torch.from_numpy(arrays["x"].astype(np.float32))
+
+
+@dataclass
+class TokenStates:
+    """Token-level hidden states entering a text encoder's trainable top layers, with their
+    attention mask (right-padded): what meta-training feeds a partly trainable text encoder, so
+    that the frozen lower layers run once per text, not once per episode."""
+
+    hidden: Tensor  # (N, L, D), stored in half precision
+    mask: Tensor  # (N, L)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def __getitem__(self, idx: Tensor) -> TokenStates:
+        """Rows ``idx`` in fp32, trimmed to their longest text."""
+        mask = self.mask[idx]
+        length = max(int(mask.sum(1).max()), 1) if len(mask) else 1
+        return TokenStates(self.hidden[idx, :length].float(), mask[:, :length])
+
+    @staticmethod
+    def cat(a: TokenStates, b: TokenStates) -> TokenStates:
+        length = max(a.hidden.shape[1], b.hidden.shape[1])
+
+        def pad(x: Tensor) -> Tensor:
+            return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]])
+
+        return TokenStates(torch.cat([pad(a.hidden), pad(b.hidden)]), torch.cat([pad(a.mask), pad(b.mask)]))
+
+
+@torch.no_grad()
+def _lower(texts: list[str], name: str, start: int, batch_size: int = 128) -> dict[str, np.ndarray]:
+    model, tok = load_transformer(name)
+    lengths = [len(x) for x in tok(texts, truncation=True, max_length=128)["input_ids"]] if texts else [1]
+    hidden = np.zeros((len(texts), max(lengths), model.config.hidden_size), np.float16)
+    mask = np.zeros((len(texts), max(lengths)), np.uint8)
+    order = np.argsort(lengths, kind="stable")
+    for i in range(0, len(texts), batch_size):
+        idx = order[i:i + batch_size]
+        batch = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        h = model(**batch, output_hidden_states=True).hidden_states[start]
+        hidden[idx, :h.shape[1]] = h.numpy().astype(np.float16)
+        mask[idx, :h.shape[1]] = batch["attention_mask"].numpy()
+    return {"hidden": hidden, "mask": mask}
+
+
+def token_states(texts: list[str], name: str, trainable_layers: int) -> TokenStates:
+    """The hidden states of ``texts`` below the top ``trainable_layers`` layers, computed once per
+    encoder, depth and list of texts (cached on disk like sentence embeddings)."""
+    model, _ = load_transformer(name)
+    start = len(model.encoder.layer) - trainable_layers
+    arrays = cached_arrays("token-states", [name, start, _digest(texts), len(texts)],
+                           lambda: _lower(texts, name, start))
+    return TokenStates(torch.from_numpy(arrays["hidden"]), torch.from_numpy(arrays["mask"]).long())

@@ -1,7 +1,9 @@
 """Model-ready inputs of a task split, on the device, indexed by example number.
 
-Images stay uint8 (the encoder scales them); text becomes cached sentence embeddings when the text
-encoder is frozen, or stays as strings when some of its layers train.
+Images stay uint8 (the encoder scales them). Text becomes cached sentence embeddings when the text
+encoder is frozen, or the cached hidden states entering its trainable top layers when some train
+(:class:`~mtl.embeddings.TokenStates`): either way the frozen part of the transformer runs once per
+text, not once per episode.
 """
 
 from __future__ import annotations
@@ -13,29 +15,35 @@ import torch
 from torch import Tensor
 
 from mtl.data import Split
+from mtl.embeddings import TokenStates
+
+Inputs = Tensor | TokenStates | list[str]
 
 
 class SplitInputs:
     def __init__(self, split: Split, modality: str, device: torch.device, text_encoder: str = "minilm",
-                 frozen_text: bool = True) -> None:
+                 text_layers: int = 0) -> None:
+        """``text_layers``: how many top layers of the text encoder train (0: frozen)."""
         self.modality = modality
-        self.texts: np.ndarray | None = None
-        self.tensor: Tensor | None = None
+        self.data: Tensor | TokenStates
         if modality == "image":
-            self.tensor = torch.from_numpy(np.ascontiguousarray(split.inputs)).to(device)
-        elif frozen_text:
+            self.data = torch.from_numpy(np.ascontiguousarray(split.inputs)).to(device)
+        elif text_layers == 0:
             from mtl.embeddings import embed_texts
 
-            self.tensor = embed_texts(split.inputs.tolist(), text_encoder).to(device)
+            self.data = embed_texts(split.inputs.tolist(), text_encoder).to(device)
         else:
-            self.texts = split.inputs
+            from mtl.embeddings import token_states
 
-    def __getitem__(self, idx: np.ndarray | Sequence[int]) -> Tensor | list[str]:
-        if self.tensor is not None:
-            return self.tensor[torch.as_tensor(np.asarray(idx), device=self.tensor.device)]
-        assert self.texts is not None
-        return self.texts[np.asarray(idx)].tolist()
+            states = token_states(split.inputs.tolist(), text_encoder, text_layers)
+            self.data = TokenStates(states.hidden.to(device), states.mask.to(device))
+        self.device = device
+
+    def __getitem__(self, idx: np.ndarray | Sequence[int]) -> Tensor | TokenStates:
+        return self.data[torch.as_tensor(np.asarray(idx), device=self.device)]
 
 
-def concat(a: Tensor | list[str], b: Tensor | list[str]) -> Tensor | list[str]:
+def concat(a: Inputs, b: Inputs) -> Inputs:
+    if isinstance(a, TokenStates):
+        return TokenStates.cat(a, b)  # type: ignore[arg-type]
     return torch.cat([a, b]) if isinstance(a, Tensor) else list(a) + list(b)  # type: ignore[list-item]

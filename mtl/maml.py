@@ -13,6 +13,7 @@ MAML code (batch statistics of whichever set is forwarded).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mtl.inputs import concat
+from mtl.inputs import Inputs, concat
 from mtl.models import EpisodicBatchNorm2d, MultiTaskModel, head_key, support_statistics
 
 Method = Literal["maml", "fomaml", "anil", "metasgd", "reptile"]
@@ -53,9 +54,9 @@ class TaskBatch:
 
     task: str
     modality: str
-    xs: Tensor | list[str]
+    xs: Inputs
     ys: Tensor
-    xq: Tensor | list[str]
+    xq: Inputs
     yq: Tensor
 
     @property
@@ -139,16 +140,31 @@ class MetaLearner(nn.Module):
 
     # --- the inner loop ------------------------------------------------------------------------
 
-    def episode_features(self, params: dict[str, Tensor], x: Tensor | list[str], modality: str, step: int,
-                  stats_rows: int | None) -> Tensor:
+    def episode_features(self, params: dict[str, Tensor], x: Inputs, modality: str, step: int,
+                         stats_rows: int | None, encoded: bool = False) -> Tensor:
+        """Features of ``x`` under ``params``; ``encoded``: ``x`` is the encoder's output already."""
         params = {k: v for k, v in params.items() if not k.startswith("head.")}
         if self.inner.per_step_bn:
             s = min(step, self.inner.steps)
             params = {**params, **{n: self.bn_steps[_key(n)][s] for n in self.bn_params()}}
         with support_statistics(self.model, stats_rows):
-            return functional_call(self.model, params, (x,), {"modality": modality}, strict=False)
+            return functional_call(self.model, params, (x,), {"modality": modality, "encoded": encoded},
+                                   strict=False)
 
-    def init_head(self, b: TaskBatch, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def encode(self, b: TaskBatch) -> tuple[Tensor, Tensor]:
+        """The encoder's outputs for support and query, queries normalised with support statistics
+        (or their own, ``bn: transductive``). Gradients reach the encoder through them."""
+        encoder = self.model.encoders[b.modality]
+        if self.inner.bn == "transductive":
+            with support_statistics(self.model, None):
+                return encoder(b.xs), encoder(b.xq)
+        ns = len(b.ys)
+        with support_statistics(self.model, ns):
+            both = encoder(concat(b.xs, b.xq))
+        return both[:ns], both[ns:]
+
+    def init_head(self, b: TaskBatch, params: dict[str, Tensor], encoded: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
         ways = b.ways
         dim = self.model.feature_dim
         key = head_key(b.task)
@@ -156,7 +172,10 @@ class MetaLearner(nn.Module):
             head = self.model.heads[key]
             return head.weight, head.bias
         if self.inner.head_init == "proto":
-            feats = self.episode_features(params, b.xs, b.modality, 0, None)
+            if encoded is None:
+                feats = self.episode_features(params, b.xs, b.modality, 0, None)
+            else:
+                feats = self.episode_features(params, encoded, b.modality, 0, None, encoded=True)
             protos = torch.zeros(ways, dim, device=feats.device, dtype=feats.dtype).index_add(0, b.ys, feats)
             protos = protos / torch.bincount(b.ys, minlength=ways).clamp_min(1).unsqueeze(1).to(feats.dtype)
             return 2 * protos, -(protos * protos).sum(1)  # Proto-MAML: logits = -|f - c|^2 + const
@@ -167,30 +186,35 @@ class MetaLearner(nn.Module):
     def adapt(self, b: TaskBatch, steps: int, create_graph: bool, track_query: bool = True, detach: bool = False
               ) -> tuple[list[Tensor], dict[str, Tensor], Tensor | None]:
         """Run the inner loop. Returns the query losses after each tracked step, the fast weights and
-        the last query logits. ``detach`` starts from a copy of the weights (evaluation, Reptile)."""
+        the last query logits. ``detach`` starts from a copy of the weights (evaluation, Reptile).
+
+        When the inner loop leaves the encoder alone (``adapt: trunk+head`` or ``head``, and always
+        for a pretrained text encoder), the episode is encoded once and every step runs the trunk and
+        head only."""
         names = self.adapted_names(b.modality)
         all_params = dict(self.model.named_parameters())
         fast = {n: all_params[n] for n in names}
-        w, bias = self.init_head(b, fast)
+        encoded = None
+        if not self.inner.per_step_bn and not any(n.startswith("encoders.") for n in names):
+            with torch.no_grad() if detach else contextlib.nullcontext():  # no outer gradient to keep
+                encoded = self.encode(b)
+        w, bias = self.init_head(b, fast, encoded[0] if encoded else None)
         fast["head.weight"], fast["head.bias"] = w, bias
         if detach:
             fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
-        ns = len(b.ys)
-        transductive = self.inner.bn == "transductive"
         query_losses: list[Tensor] = []
         logits: Tensor | None = None
-        body_only = not names and not self.inner.per_step_bn  # ANIL: the body forward is shared
-        if body_only:
-            if transductive:
-                fs = self.episode_features({}, b.xs, b.modality, 0, None)
-                fq = self.episode_features({}, b.xq, b.modality, 0, None)
-            else:
-                both = self.episode_features({}, concat(b.xs, b.xq), b.modality, 0, ns)
-                fs, fq = both[:ns], both[ns:]
+        fs = fq = None
+        if encoded is not None and not names:  # ANIL: the body's features are shared by every step
+            fs = self.episode_features({}, encoded[0], b.modality, 0, None, encoded=True)
+            fq = self.episode_features({}, encoded[1], b.modality, 0, None, encoded=True)
         for step in range(steps):
-            if not body_only:
-                fs = self.episode_features(fast, b.xs, b.modality, step, None)
-            loss = F.cross_entropy(fs @ fast["head.weight"].T + fast["head.bias"], b.ys)
+            if encoded is None:
+                feats = self.episode_features(fast, b.xs, b.modality, step, None)
+            else:
+                feats = fs if fs is not None else self.episode_features(fast, encoded[0], b.modality, step, None,
+                                                                        encoded=True)
+            loss = F.cross_entropy(feats @ fast["head.weight"].T + fast["head.bias"], b.ys)
             keys = [k for k, v in fast.items() if v.requires_grad]
             # retain: a first-order step must not free the graph that made the head (Proto-MAML init),
             # through which the outer gradient still flows
@@ -200,17 +224,21 @@ class MetaLearner(nn.Module):
                 if g is not None:
                     fast[k] = fast[k] - self.inner_lr(k, step) * (g if create_graph else g.detach())
             if track_query and (self.inner.msl or step == steps - 1):
-                logits = self.query_logits(b, fast, step + 1, fq if body_only else None)
+                logits = self.query_logits(b, fast, step + 1, fq, encoded[1] if encoded else None)
                 query_losses.append(F.cross_entropy(logits, b.yq))
         if steps == 0 and track_query:
-            logits = self.query_logits(b, fast, 0, fq if body_only else None)
+            logits = self.query_logits(b, fast, 0, fq, encoded[1] if encoded else None)
             query_losses.append(F.cross_entropy(logits, b.yq))
         return query_losses, fast, logits
 
-    def query_logits(self, b: TaskBatch, fast: dict[str, Tensor], step: int, fq: Tensor | None = None) -> Tensor:
+    def query_logits(self, b: TaskBatch, fast: dict[str, Tensor], step: int, fq: Tensor | None = None,
+                     encoded_query: Tensor | None = None) -> Tensor:
+        """Query logits under ``fast``, from the query's features ``fq``, its encoding, or its inputs."""
         if fq is None:
             body = {k: v for k, v in fast.items() if not k.startswith("head.")}
-            if self.inner.bn == "transductive":
+            if encoded_query is not None:
+                fq = self.episode_features(body, encoded_query, b.modality, step, None, encoded=True)
+            elif self.inner.bn == "transductive":
                 fq = self.episode_features(body, b.xq, b.modality, step, None)
             else:
                 fq = self.episode_features(body, concat(b.xs, b.xq), b.modality, step, len(b.ys))[len(b.ys):]

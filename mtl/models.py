@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from mtl.embeddings import TokenStates
+
 
 class EpisodicBatchNorm2d(nn.BatchNorm2d):
     """Batch norm whose statistics come from the first ``stats_rows`` rows of the batch.
@@ -123,7 +125,8 @@ class TextEncoder(nn.Module):
 
     Frozen by default: ``forward`` then accepts precomputed sentence embeddings (a float tensor),
     which training reads from a disk cache (:mod:`mtl.embeddings`). With ``trainable_layers = n``
-    the top ``n`` transformer layers are trained in the outer loop and ``forward`` takes strings.
+    the top ``n`` transformer layers are trained in the outer loop and ``forward`` takes strings, or
+    the cached :class:`TokenStates` that enter those layers (what training feeds it).
     """
 
     def __init__(self, name: str = "minilm", trainable_layers: int = 0) -> None:
@@ -132,6 +135,7 @@ class TextEncoder(nn.Module):
         self.trainable_layers = trainable_layers
         self.out_dim = 384
         self.transformer: nn.Module | None = None
+        self.dropout = False  # see `train`
         if trainable_layers > 0:
             self.set_trainable(trainable_layers)
 
@@ -192,7 +196,18 @@ class TextEncoder(nn.Module):
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older transformers return tuples
         return mean_pool(hidden, mask)
 
-    def forward(self, x: Tensor | Sequence[str]) -> Tensor:
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Meta-learning runs episodes, validation included, in training mode (for batch norm's
+        episodic statistics); the transformer's dropout stays off unless ``dropout`` is set, so the
+        same episode gives the same accuracy."""
+        super().train(mode)
+        if self.transformer is not None and not self.dropout:
+            self.transformer.eval()
+        return self
+
+    def forward(self, x: Tensor | Sequence[str] | TokenStates) -> Tensor:
+        if isinstance(x, TokenStates):
+            return self.upper(x.hidden, x.mask)
         if isinstance(x, Tensor):
             if not self.frozen:
                 raise ValueError("a text encoder with trainable layers takes strings, not embeddings")
@@ -271,7 +286,7 @@ class MultiTaskModel(nn.Module):
         self.trunk, self.feature_dim = mlp(next(iter(dims.values())), config.trunk)
         self.heads = nn.ModuleDict()
 
-    def features(self, x: Tensor | Sequence[str], modality: str) -> Tensor:
+    def features(self, x: Tensor | Sequence[str] | TokenStates, modality: str) -> Tensor:
         return self.from_encoding(self.encoders[modality](x), modality)
 
     def from_encoding(self, h: Tensor, modality: str) -> Tensor:
@@ -282,8 +297,11 @@ class MultiTaskModel(nn.Module):
             h = F.relu(self.projections[modality](h))
         return self.trunk(h)
 
-    def forward(self, x: Tensor | Sequence[str], modality: str, task: str | None = None) -> Tensor:
-        h = self.features(x, modality)
+    def forward(self, x: Tensor | Sequence[str] | TokenStates, modality: str, task: str | None = None,
+                encoded: bool = False) -> Tensor:
+        """``encoded``: ``x`` is already the encoder's output (an inner loop that leaves the encoder
+        alone encodes an episode once)."""
+        h = self.from_encoding(x, modality) if encoded else self.features(x, modality)  # type: ignore[arg-type]
         return h if task is None else self.heads[head_key(task)](h)
 
     def add_head(self, task: str, classes: int) -> nn.Linear:

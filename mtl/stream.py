@@ -20,7 +20,7 @@ from mtl.maml import TaskBatch
 class EpisodeStream:
     def __init__(self, tasks: Sequence[Task], split: str | dict[str, str] | None, ways: int, shots: int,
                  queries: int, seed: int, device: torch.device, text_encoder: str = "minilm",
-                 frozen_text: bool = True, cap_ways: bool = True) -> None:
+                 text_layers: int = 0, cap_ways: bool = True) -> None:
         """``split``: one split name, or one per task; ``None`` uses each task's train split.
         ``cap_ways`` lowers ``ways`` for tasks with fewer classes (training on mixed registries)."""
         self.tasks = list(tasks)
@@ -32,7 +32,7 @@ class EpisodeStream:
             n_classes = len(t.split(name).class_ids())
             n_ways = min(ways, n_classes) if cap_ways else ways
             self.samplers.append(EpisodeSampler(t, name, n_ways, shots, queries, seed=seed * 1000 + i))
-            self.inputs.append(SplitInputs(t.split(name), t.modality, device, text_encoder, frozen_text))
+            self.inputs.append(SplitInputs(t.split(name), t.modality, device, text_encoder, text_layers))
         self.device = device
 
     def ways_of(self, task: str) -> int:

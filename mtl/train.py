@@ -74,24 +74,24 @@ class Trainer:
         self.registry = registry or Registry(_dirs(recipe))
         r = recipe
         tasks = [self.registry.load(n) for n in r.tasks]
-        frozen = r.model.text_trainable_layers == 0
+        layers = r.model.text_trainable_layers
         # the training data: episodes for the MAML family, task-balanced batches for multi-task
         self.stream: EpisodeStream | None = None
         self.mt: MultiTaskBatches | None = None
         if r.method == "multitask":
             self.mt = MultiTaskBatches(tasks, r.meta_batch * r.ways * (r.shots + r.queries), r.seed, self.device,
-                                       r.model.text_encoder, frozen)
+                                       r.model.text_encoder, layers)
             self.heads = {t.name: len(t.classes) for t in tasks}
         else:
             self.stream = EpisodeStream(tasks, None, r.ways, r.shots, r.queries, r.seed, self.device,
-                                        r.model.text_encoder, frozen)
+                                        r.model.text_encoder, layers)
             self.heads = {t.name: self.stream.ways_of(t.name) for t in tasks}
         self.val: EpisodeStream | None = None
         if r.val_tasks:
             vt = [self.registry.load(n) for n in r.val_tasks]
             split = {t.name: t.spec.val_split or t.spec.test_split for t in vt}
             self.val = EpisodeStream(vt, split, r.val_ways or r.ways, r.val_shots or r.shots, r.queries,
-                                     r.seed + 7919, self.device, r.model.text_encoder, frozen)
+                                     r.seed + 7919, self.device, r.model.text_encoder, layers)
         val_tasks = self.val.tasks if self.val else []
         self.modalities = sorted({t.modality for t in tasks} | {t.modality for t in val_tasks})
         torch.manual_seed(r.seed)
