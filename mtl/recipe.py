@@ -30,6 +30,7 @@ class Recipe(BaseModel):
     meta_batch: int = Field(default=32, ge=1)
     iterations: int = Field(default=1000, ge=1)
     outer_lr: float = Field(default=1e-3, gt=0)
+    encoder_lr: float | None = Field(default=None, gt=0)  # outer lr of a pretrained text encoder's layers
     cosine: bool = False  # MAML++: cosine annealing of the outer learning rate
     min_outer_lr: float = 1e-5
     grad_clip: float | None = 10.0

@@ -97,7 +97,12 @@ class Trainer:
         torch.manual_seed(r.seed)
         self.learner = build_learner(r, self.modalities, self.heads).to(self.device)
         self.params = [p for p in self.learner.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(self.params, lr=r.outer_lr)
+        # a pretrained encoder's trainable layers may learn more slowly than the rest (`encoder_lr`)
+        pretrained = {id(p) for n, p in self.learner.named_parameters() if n.startswith("model.encoders.text.")}
+        groups = [{"params": [p for p in self.params if id(p) not in pretrained], "scale": 1.0},
+                  {"params": [p for p in self.params if id(p) in pretrained],
+                   "scale": (r.encoder_lr or r.outer_lr) / r.outer_lr}]
+        self.opt = torch.optim.Adam([g for g in groups if g["params"]], lr=r.outer_lr)
         self.start = 0
         self.best = -1.0
         self.elapsed = 0.0
@@ -150,7 +155,7 @@ class Trainer:
     def step(self, it: int) -> tuple[float, float]:
         r = self.recipe
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(it)
+            g["lr"] = self.lr_at(it) * g.get("scale", 1.0)
         self.opt.zero_grad(set_to_none=True)
         self.learner.train()
         with autocast(self.device, r.precision):

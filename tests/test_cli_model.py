@@ -107,6 +107,46 @@ def test_lower_states_then_upper_layers_equal_the_full_encoder():
     assert torch.allclose(full, parts, atol=1e-5)
 
 
+def test_cached_token_states_then_upper_layers_equal_the_full_encoder():
+    from mtl.embeddings import TokenStates, token_states
+    from mtl.models import TextEncoder
+
+    enc = TextEncoder("minilm", trainable_layers=2).eval()
+    texts = ["book a table for two", "what's the weather like in paris tomorrow afternoon", "hi"]
+    states = token_states(texts, "minilm", 2)
+    assert states.hidden.dtype == torch.float16  # half the memory of the cache
+    with torch.no_grad():
+        full = enc(texts)
+        short, long = states[torch.tensor([0, 2])], states[torch.tensor([1])]
+        assert short.hidden.shape[1] < long.hidden.shape[1]  # a batch is trimmed to its longest text
+        both = enc(TokenStates.cat(short, long))  # padded to a common length: same outputs
+    assert torch.allclose(full[[0, 2, 1]], both, atol=2e-2)  # fp16 storage
+
+
+def test_meta_training_the_top_text_layer_moves_it_alone(tmp_path, run_cli):
+    from mtl.checkpoint import load_checkpoint
+    from mtl.embeddings import load_transformer
+
+    recipe = write(tmp_path / "r.yaml", TEXT_RECIPE.replace("model: {trunk: [64]}",
+                   "model: {trunk: [], text_trainable_layers: 1}\nencoder_lr: 0.0001").replace(
+                   "iterations: 6", "iterations: 3"))
+    code, _, err = run_cli("train", "--config", recipe, "--out", tmp_path / "run", "--json")
+    assert code == 0, err
+    tensors, _ = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    pretrained = load_transformer("minilm")[0].state_dict()
+    prefix = "learner.model.encoders.text.transformer."
+    moved = {k[len(prefix):] for k, v in tensors.items() if k.startswith(prefix)
+             and not torch.equal(v, pretrained[k[len(prefix):]])}
+    assert moved and all(k.startswith("encoder.layer.5.") for k in moved)  # the top layer, nothing below
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", tmp_path / "run", "--shots", 3,
+                             "--out", tmp_path / "m", "--json")
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy"] > 0.5
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "when is my next paycheck")
+    assert code == 0, err
+    assert json.loads(out)["predictions"][0]["label"] == "payday"
+
+
 def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
     rows = [("my card got blocked", "account_blocked"), ("why is my account frozen", "account_blocked"),
             ("what's my balance", "balance"), ("how much money do i have", "balance")]
