@@ -180,7 +180,7 @@ def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, sho
     xs = _tensor(xs_np, modality, device, cfg.text_encoder, frozen)
     ys = torch.as_tensor(ys_np, device=device)
     batch = TaskBatch(task.name, modality, xs, ys, xs, ys)
-    with torch.enable_grad():
+    with torch.enable_grad(), learner.evaluation():
         _, fast, _ = learner.adapt(batch, steps, create_graph=False, track_query=False, detach=True)
     with torch.no_grad():
         params = dict(model.named_parameters())
@@ -200,7 +200,14 @@ def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, sho
                            "leave --encoder-layers out for image tasks")
         tune_text_encoder(model, xs_np.tolist(), ys, encoder_layers, encoder_epochs, encoder_lr, seed)
         cfg = model.config
-    calibrate_batchnorm(model, lambda: model.features(xs, modality))
+    if learner.inner.per_step_bn_stats:  # the meta-learned statistics of the last step
+        with torch.no_grad():
+            for name, (mean, var) in learner.step_stats(steps).items():
+                norm = learner.norms()[name]
+                norm.running_mean.copy_(mean)  # type: ignore[union-attr]
+                norm.running_var.copy_(var)  # type: ignore[union-attr]
+    else:
+        calibrate_batchnorm(model, lambda: model.features(xs, modality))
     adapted = AdaptedModel(model, {"model_config": cfg.model_dump(mode="json"), "modality": modality,
                                    "classes": classes, "task": task.name, "image": image.model_dump(mode="json"),
                                    "shots": shots, "steps": steps, "checkpoint": meta.get("path")})

@@ -14,7 +14,7 @@ MAML code (batch statistics of whichever set is forwarded).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mtl.inputs import Inputs, concat
-from mtl.models import EpisodicBatchNorm2d, MultiTaskModel, head_key, support_statistics
+from mtl.models import EpisodicBatchNorm2d, MultiTaskModel, head_key, step_statistics, support_statistics
 
 Method = Literal["maml", "fomaml", "anil", "metasgd", "reptile"]
 
@@ -45,6 +45,7 @@ class InnerConfig(BaseModel):
     msl_iterations: int = 1000
     lslr: bool = False  # learned per-layer, per-step inner learning rates
     per_step_bn: bool = False  # per-step batch-norm weights and biases
+    per_step_bn_stats: bool = False  # per-step batch-norm running statistics, used when evaluating
     second_order_from: int = 0  # derivative-order annealing: first order before this iteration
 
 
@@ -88,6 +89,11 @@ class MetaLearner(nn.Module):
         if inner.per_step_bn:
             for name, p in self.bn_params().items():
                 self.bn_steps[_key(name)] = nn.Parameter(p.detach().clone().unsqueeze(0).repeat(inner.steps + 1, 1))
+        self.evaluating = False  # per-step running statistics: collected in training, used when evaluating
+        if inner.per_step_bn_stats:
+            for name, m in self.norms().items():
+                self.register_buffer(f"bn_mean__{_key(name)}", torch.zeros(inner.steps + 1, m.num_features))
+                self.register_buffer(f"bn_var__{_key(name)}", torch.ones(inner.steps + 1, m.num_features))
         if method == "metasgd" or inner.lslr:
             for name, p in self._lr_shapes().items():
                 shape = p if method == "metasgd" else (inner.steps,)
@@ -99,9 +105,26 @@ class MetaLearner(nn.Module):
 
     # --- which parameters adapt ----------------------------------------------------------------
 
+    def norms(self) -> dict[str, EpisodicBatchNorm2d]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, EpisodicBatchNorm2d)}
+
+    def step_stats(self, step: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each batch norm's running (mean, var) for inner step ``step`` (views: updates land in place)."""
+        s = min(step, self.inner.steps)
+        return {n: (getattr(self, f"bn_mean__{_key(n)}")[s], getattr(self, f"bn_var__{_key(n)}")[s])
+                for n in self.norms()}
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Adapting a task to evaluate it (not to meta-train): per-step running statistics are used."""
+        old, self.evaluating = self.evaluating, True
+        try:
+            yield
+        finally:
+            self.evaluating = old
+
     def bn_params(self) -> dict[str, Tensor]:
-        names = {f"{n}.{p}" for n, m in self.model.named_modules() if isinstance(m, EpisodicBatchNorm2d)
-                 for p in ("weight", "bias")}
+        names = {f"{n}.{p}" for n in self.norms() for p in ("weight", "bias")}
         return {n: p for n, p in self.model.named_parameters() if n in names}
 
     def adapted_names(self, modality: str) -> list[str]:
@@ -147,7 +170,11 @@ class MetaLearner(nn.Module):
         if self.inner.per_step_bn:
             s = min(step, self.inner.steps)
             params = {**params, **{n: self.bn_steps[_key(n)][s] for n in self.bn_params()}}
-        with support_statistics(self.model, stats_rows):
+        stats = contextlib.nullcontext()
+        if self.inner.per_step_bn_stats and not encoded:
+            mode = "collect" if self.training and not self.evaluating else "use"
+            stats = step_statistics(self.model, self.step_stats(step), mode)  # type: ignore[assignment]
+        with support_statistics(self.model, stats_rows), stats:
             return functional_call(self.model, params, (x,), {"modality": modality, "encoded": encoded},
                                    strict=False)
 
@@ -195,7 +222,8 @@ class MetaLearner(nn.Module):
         all_params = dict(self.model.named_parameters())
         fast = {n: all_params[n] for n in names}
         encoded = None
-        if not self.inner.per_step_bn and not any(n.startswith("encoders.") for n in names):
+        per_step = self.inner.per_step_bn or self.inner.per_step_bn_stats
+        if not (per_step and self.norms()) and not any(n.startswith("encoders.") for n in names):
             with torch.no_grad() if detach else contextlib.nullcontext():  # no outer gradient to keep
                 encoded = self.encode(b)
         w, bias = self.init_head(b, fast, encoded[0] if encoded else None)
@@ -314,6 +342,7 @@ class MetaLearner(nn.Module):
     def evaluate(self, b: TaskBatch, steps: int | None = None) -> float:
         """Query accuracy after adapting to the support set (no meta-gradient)."""
         steps = self.eval_steps if steps is None else steps
-        with torch.enable_grad():
-            _, fast, _ = self.adapt(b, steps, create_graph=False, track_query=False, detach=True)
-        return self._accuracy(b, fast, steps)
+        with self.evaluation():
+            with torch.enable_grad():
+                _, fast, _ = self.adapt(b, steps, create_graph=False, track_query=False, detach=True)
+            return self._accuracy(b, fast, steps)

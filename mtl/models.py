@@ -32,14 +32,24 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
     """
 
     stats_rows: int | None = None
+    # MAML++'s per-step running statistics (see :func:`step_statistics`): the (mean, var) rows of
+    # the current inner step, and whether this forward "collect"s into them or "use"s them
+    step_stats: tuple[Tensor, Tensor] | None = None
+    step_mode: str | None = None
+    momentum_of_steps: float = 0.1
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.training or self.running_mean is None) and self.stats_rows is None:
+        if self.step_stats is not None and self.step_mode == "use":
+            mean, var = self.step_stats
+        elif (self.training or self.running_mean is None) and self.stats_rows is None and self.step_stats is None:
             # transductive: the native kernel (fewer memory passes; exact double backward)
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        if self.training or self.running_mean is None:
-            ref = x[: self.stats_rows]
-            mean, var = channel_stats(ref)
+        elif self.training or self.running_mean is None:
+            mean, var = channel_stats(x[: self.stats_rows])
+            if self.step_stats is not None:  # collect
+                with torch.no_grad():
+                    self.step_stats[0].lerp_(mean.detach().to(self.step_stats[0].dtype), self.momentum_of_steps)
+                    self.step_stats[1].lerp_(var.detach().to(self.step_stats[1].dtype), self.momentum_of_steps)
         else:
             mean, var = self.running_mean, self.running_var  # type: ignore[assignment]
         scale = torch.rsqrt(var + self.eps)
@@ -69,6 +79,21 @@ def support_statistics(model: nn.Module, rows: int | None) -> Iterator[None]:
     finally:
         for m, r in zip(norms, old, strict=True):
             m.stats_rows = r
+
+
+@contextlib.contextmanager
+def step_statistics(model: nn.Module, rows: dict[str, tuple[Tensor, Tensor]], mode: str) -> Iterator[None]:
+    """Within the block, the batch norm named ``n`` normalises with the running statistics
+    ``rows[n]`` (``mode="use"``), or with its support statistics while averaging them into
+    ``rows[n]`` (``"collect"``): MAML++'s per-step batch-norm running statistics."""
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, EpisodicBatchNorm2d) and n in rows}
+    for n, m in norms.items():
+        m.step_stats, m.step_mode = rows[n], mode
+    try:
+        yield
+    finally:
+        for m in norms.values():
+            m.step_stats, m.step_mode = None, None
 
 
 @torch.no_grad()

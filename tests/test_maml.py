@@ -158,6 +158,27 @@ def test_per_step_batchnorm_params_are_used_and_learned():
     check_against_fd(learner, [batch(1)])
 
 
+def test_per_step_batchnorm_statistics_are_collected_in_training_and_used_when_evaluating():
+    learner = tiny_learner(steps=2, per_step_bn_stats=True).train()
+    for seed in range(3):
+        meta_grads(learner, [batch(seed)])
+    norms = list(learner.norms())
+    rows = learner.step_stats(0)[norms[1]][0], learner.step_stats(2)[norms[1]][0]  # (zero head: step 1 = 0)
+    assert rows[0].abs().sum() > 0 and not torch.allclose(*rows)  # one row per inner step, each learned
+    check_against_fd(learner, [batch(4)])  # the statistics are not parameters: exact meta-gradients still
+    before = {k: v.clone() for k, v in learner.named_buffers() if k.startswith("bn_")}
+    b = batch(5)
+    learner.evaluate(b)
+    assert all(torch.equal(before[k], v) for k, v in learner.named_buffers() if k.startswith("bn_"))
+    with learner.evaluation():  # queries are normalised with step 0's running statistics, no support's
+        feats = learner.episode_features({}, b.xq, "image", 0, None)
+    for name, (mean, var) in learner.step_stats(0).items():
+        learner.norms()[name].running_mean.copy_(mean)
+        learner.norms()[name].running_var.copy_(var)
+    with torch.no_grad():
+        assert torch.allclose(feats, learner.model.eval().features(b.xq, "image"), atol=1e-10)
+
+
 def test_derivative_order_annealing():
     learner = tiny_learner(second_order_from=10)
     assert not learner.second_order(9) and learner.second_order(10)

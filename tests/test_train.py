@@ -110,7 +110,7 @@ def _resume_with_lr(out: Path, registry) -> None:
 @pytest.mark.parametrize("method,inner", [("fomaml", {}), ("fomaml", {"head_init": "proto"}), ("anil", {}),
                                           ("metasgd", {}), ("reptile", {"steps": 2}),
                                           ("maml", {"steps": 2, "msl": True, "lslr": True, "per_step_bn": True,
-                                                    "second_order_from": 1})])
+                                                    "per_step_bn_stats": True, "second_order_from": 1})])
 def test_every_method_trains_and_improves(tmp_path, registry, method, inner):
     out = tmp_path / method
     r = recipe(method=method, iterations=8, val_every=8, val_episodes=4, cosine=True,
@@ -119,7 +119,15 @@ def test_every_method_trains_and_improves(tmp_path, registry, method, inner):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in rows)  # finite
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine annealing
-    load_learner(out, torch.device("cpu"))
+    learner, meta = load_learner(out, torch.device("cpu"))
+    if inner.get("per_step_bn_stats"):  # an adapted model keeps the last step's statistics; predict uses them
+        from mtl.adapt import AdaptedModel, adapt
+
+        res = adapt(learner, meta, registry.load("mnist"), tmp_path / "m", shots=1)
+        model = AdaptedModel.load(tmp_path / "m")
+        norm = next(m for n, m in model.model.named_modules() if n.endswith("blocks.1"))
+        assert torch.equal(norm.running_mean, learner.step_stats(learner.eval_steps)["encoders.image.blocks.1"][0])
+        assert res.test_accuracy is not None and res.test_accuracy > 0.2
 
 
 def test_mixed_text_and_image_meta_batches(tmp_path, registry):
