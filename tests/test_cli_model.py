@@ -123,7 +123,7 @@ def test_cached_token_states_then_upper_layers_equal_the_full_encoder():
     assert torch.allclose(full[[0, 2, 1]], both, atol=2e-2)  # fp16 storage
 
 
-def test_meta_training_the_top_text_layer_moves_it_alone(tmp_path, run_cli):
+def test_meta_training_the_top_text_layer_moves_it_alone(text_run, tmp_path, run_cli):
     from mtl.checkpoint import load_checkpoint
     from mtl.embeddings import load_transformer
 
@@ -145,6 +145,9 @@ def test_meta_training_the_top_text_layer_moves_it_alone(tmp_path, run_cli):
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "when is my next paycheck")
     assert code == 0, err
     assert json.loads(out)["predictions"][0]["label"] == "payday"
+    code, _, err = run_cli("compare", "--tasks", "clinc150-work", "--shots", 1, "--episodes", 2,
+                           "--checkpoints", f"maml={tmp_path / 'run'},multitask={text_run}", "--out", tmp_path / "c")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "text encoder layers" in err
 
 
 def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
