@@ -219,7 +219,7 @@ def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, sho
     if keep.any():
         xq = test.inputs[keep]
         yq = np.asarray([name_to_id[task.classes[c]] for c in test.labels[keep].tolist()])
-        pred = adapted.predict_ids(xq)
+        pred = adapted.predict_ids(xq, cached=True)
         correct = (pred == yq).astype(np.float64)
         n_test = len(yq)
         acc = float(correct.mean())
@@ -262,17 +262,30 @@ class AdaptedModel:
         return cls(model.to(device or "cpu"), meta)
 
     @torch.no_grad()
-    def predict_proba(self, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    def predict_proba(self, inputs: np.ndarray, batch_size: int = 512, cached: bool = False) -> np.ndarray:
+        """``cached``: for a model with trainable text layers, read the frozen layers' outputs from
+        the disk cache (a task's test split: the same texts every time), not for one-off inputs."""
         cfg = self.model.config
+        layers = cfg.text_trainable_layers
+        states = None
+        if cached and self.meta["modality"] == "text" and layers:
+            from mtl.embeddings import token_states
+
+            states = token_states(inputs.tolist(), cfg.text_encoder, layers)
         out = []
         for i in range(0, len(inputs), batch_size):
-            x = _tensor(inputs[i:i + batch_size], self.meta["modality"], self.device, cfg.text_encoder,
-                        cfg.text_trainable_layers == 0)
+            if states is not None:
+                rows = torch.arange(i, min(i + batch_size, len(inputs)))
+                x: Any = states[rows]
+                x = type(x)(x.hidden.to(self.device), x.mask.to(self.device))
+            else:
+                x = _tensor(inputs[i:i + batch_size], self.meta["modality"], self.device, cfg.text_encoder,
+                            layers == 0)
             out.append(torch.softmax(self.model(x, self.meta["modality"], HEAD).float(), dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
-    def predict_ids(self, inputs: np.ndarray) -> np.ndarray:
-        return self.predict_proba(inputs).argmax(1)
+    def predict_ids(self, inputs: np.ndarray, cached: bool = False) -> np.ndarray:
+        return self.predict_proba(inputs, cached=cached).argmax(1)
 
     def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str]]:
         """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line."""
