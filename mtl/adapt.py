@@ -271,13 +271,11 @@ class AdaptedModel:
         if cached and self.meta["modality"] == "text" and layers:
             from mtl.embeddings import token_states
 
-            states = token_states(inputs.tolist(), cfg.text_encoder, layers)
+            states = token_states(inputs.tolist(), cfg.text_encoder, layers).to(self.device)
         out = []
         for i in range(0, len(inputs), batch_size):
             if states is not None:
-                rows = torch.arange(i, min(i + batch_size, len(inputs)))
-                x: Any = states[rows]
-                x = type(x)(x.hidden.to(self.device), x.mask.to(self.device))
+                x: Any = states[torch.arange(i, min(i + batch_size, len(inputs)), device=self.device)]
             else:
                 x = _tensor(inputs[i:i + batch_size], self.meta["modality"], self.device, cfg.text_encoder,
                             layers == 0)

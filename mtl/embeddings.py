@@ -82,21 +82,15 @@ def embed_texts(texts: list[str], name: str = "minilm") -> Tensor:
 
 @dataclass
 class TokenStates:
-    """Token-level hidden states entering a text encoder's trainable top layers, with their
-    attention mask (right-padded): what meta-training feeds a partly trainable text encoder, so
-    that the frozen lower layers run once per text, not once per episode."""
+    """A batch of token-level hidden states entering a text encoder's trainable top layers, with
+    their attention mask (right-padded): what meta-training feeds a partly trainable text encoder,
+    so that the frozen lower layers run once per text, not once per episode."""
 
-    hidden: Tensor  # (N, L, D), stored in half precision
+    hidden: Tensor  # (N, L, D)
     mask: Tensor  # (N, L)
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
-
-    def __getitem__(self, idx: Tensor) -> TokenStates:
-        """Rows ``idx`` in fp32, trimmed to their longest text."""
-        mask = self.mask[idx]
-        length = max(int(mask.sum(1).max()), 1) if len(mask) else 1
-        return TokenStates(self.hidden[idx, :length].float(), mask[:, :length])
 
     @staticmethod
     def cat(a: TokenStates, b: TokenStates) -> TokenStates:
@@ -108,27 +102,53 @@ class TokenStates:
         return TokenStates(torch.cat([pad(a.hidden), pad(b.hidden)]), torch.cat([pad(a.mask), pad(b.mask)]))
 
 
+@dataclass
+class TokenStore:
+    """The token states of a list of texts, unpadded: text ``i`` owns rows
+    ``offsets[i]:offsets[i + 1]`` of ``tokens`` (half precision). Padding every text to the longest
+    would cost several times the memory on data sets with a few long texts."""
+
+    tokens: Tensor  # (total tokens, D)
+    offsets: Tensor  # (N + 1,)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def to(self, device: torch.device) -> TokenStore:
+        return TokenStore(self.tokens.to(device), self.offsets.to(device))
+
+    def __getitem__(self, idx: Tensor) -> TokenStates:
+        """Texts ``idx`` as a padded fp32 batch, as long as its longest text."""
+        start, length = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        width = max(int(length.max()), 1) if len(idx) else 1
+        pos = torch.arange(width, device=self.tokens.device)
+        mask = (pos[None, :] < length[:, None]).long()
+        rows = (start[:, None] + pos[None, :]).clamp_max(len(self.tokens) - 1)
+        hidden = self.tokens[rows].float() * mask[..., None]
+        return TokenStates(hidden, mask)
+
+
 @torch.no_grad()
 def _lower(texts: list[str], name: str, start: int, batch_size: int = 128) -> dict[str, np.ndarray]:
     model, tok = load_transformer(name)
-    lengths = [len(x) for x in tok(texts, truncation=True, max_length=128)["input_ids"]] if texts else [1]
-    hidden = np.zeros((len(texts), max(lengths), model.config.hidden_size), np.float16)
-    mask = np.zeros((len(texts), max(lengths)), np.uint8)
+    lengths = np.asarray([len(x) for x in tok(texts, truncation=True, max_length=128)["input_ids"]], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = np.zeros((int(offsets[-1]), model.config.hidden_size), np.float16)
     order = np.argsort(lengths, kind="stable")
     for i in range(0, len(texts), batch_size):
         idx = order[i:i + batch_size]
         batch = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        h = model(**batch, output_hidden_states=True).hidden_states[start]
-        hidden[idx, :h.shape[1]] = h.numpy().astype(np.float16)
-        mask[idx, :h.shape[1]] = batch["attention_mask"].numpy()
-    return {"hidden": hidden, "mask": mask}
+        h = model(**batch, output_hidden_states=True).hidden_states[start].numpy().astype(np.float16)
+        for row, j in enumerate(idx):
+            tokens[offsets[j]:offsets[j + 1]] = h[row, :lengths[j]]
+    return {"tokens": tokens, "offsets": offsets}
 
 
-def token_states(texts: list[str], name: str, trainable_layers: int) -> TokenStates:
+def token_states(texts: list[str], name: str, trainable_layers: int) -> TokenStore:
     """The hidden states of ``texts`` below the top ``trainable_layers`` layers, computed once per
     encoder, depth and list of texts (cached on disk like sentence embeddings)."""
     model, _ = load_transformer(name)
     start = len(model.encoder.layer) - trainable_layers
-    arrays = cached_arrays("token-states", [name, start, _digest(texts), len(texts)],
+    arrays = cached_arrays("token-states", [name, start, _digest(texts), len(texts), "ragged"],
                            lambda: _lower(texts, name, start))
-    return TokenStates(torch.from_numpy(arrays["hidden"]), torch.from_numpy(arrays["mask"]).long())
+    return TokenStore(torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["offsets"]))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mtl.data import Split
-from mtl.embeddings import TokenStates
+from mtl.embeddings import TokenStates, TokenStore
 
 Inputs = Tensor | TokenStates | list[str]
 
@@ -25,7 +25,7 @@ class SplitInputs:
                  text_layers: int = 0) -> None:
         """``text_layers``: how many top layers of the text encoder train (0: frozen)."""
         self.modality = modality
-        self.data: Tensor | TokenStates
+        self.data: Tensor | TokenStore
         if modality == "image":
             self.data = torch.from_numpy(np.ascontiguousarray(split.inputs)).to(device)
         elif text_layers == 0:
@@ -35,8 +35,7 @@ class SplitInputs:
         else:
             from mtl.embeddings import token_states
 
-            states = token_states(split.inputs.tolist(), text_encoder, text_layers)
-            self.data = TokenStates(states.hidden.to(device), states.mask.to(device))
+            self.data = token_states(split.inputs.tolist(), text_encoder, text_layers).to(device)
         self.device = device
 
     def __getitem__(self, idx: np.ndarray | Sequence[int]) -> Tensor | TokenStates:

@@ -114,7 +114,7 @@ def test_cached_token_states_then_upper_layers_equal_the_full_encoder():
     enc = TextEncoder("minilm", trainable_layers=2).eval()
     texts = ["book a table for two", "what's the weather like in paris tomorrow afternoon", "hi"]
     states = token_states(texts, "minilm", 2)
-    assert states.hidden.dtype == torch.float16  # half the memory of the cache
+    assert states.tokens.dtype == torch.float16 and len(states) == 3  # unpadded, half precision
     with torch.no_grad():
         full = enc(texts)
         short, long = states[torch.tensor([0, 2])], states[torch.tensor([1])]
