@@ -114,9 +114,12 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
     """Fine-tune the top ``layers`` of the text encoder with the trunk and the adapted head on the
     support set (cross-entropy, AdamW): what lifts text tasks past a frozen encoder's ceiling.
 
-    The lower layers' outputs are computed once, so an epoch costs the top layers only.
+    The lower layers' outputs are computed once, so an epoch costs the top layers only. Layers that
+    meta-training already trained keep training (``layers`` is at least their number): everything
+    below ``text_trainable_layers`` must stay pretrained, as cached token states stand in for it.
     """
     encoder = model.encoders["text"]
+    layers = max(layers, encoder.trainable_layers)
     encoder.set_trainable(layers)
     model.config = model.config.model_copy(update={"text_trainable_layers": layers})
     batches = encoder.lower_states(texts)

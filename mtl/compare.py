@@ -101,11 +101,11 @@ def compare(tasks: Sequence[Task], shots_list: Sequence[int], episodes: int, che
 
         raise MtlError("compare needs a MAML checkpoint", "pass --checkpoints maml=RUN_DIR[,multitask=RUN_DIR]")
     maml_meta = learners["maml"][1]
-    layers = {k: lm[0].model.config.text_trainable_layers for k, lm in learners.items()}
-    if len(set(layers.values())) > 1:  # one set of episode inputs serves every checkpoint
+    depth = {k: lm[0].model.config.text_trainable_layers for k, lm in learners.items()}
+    if len(set(depth.values())) > 1:  # one set of episode inputs serves every checkpoint
         from mtl.errors import MtlError
 
-        raise MtlError(f"the checkpoints train different numbers of text encoder layers ({layers})",
+        raise MtlError(f"the checkpoints train different numbers of text encoder layers ({depth})",
                        "compare checkpoints trained with the same model.text_trainable_layers")
     feature_source = learners.get("multitask", learners["maml"])[0]
     recipe = Recipe.model_validate(maml_meta["recipe"])

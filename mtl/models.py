@@ -198,7 +198,8 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def lower_states(self, texts: Sequence[str], batch_size: int = 32) -> list[tuple[Tensor, Tensor, Tensor]]:
         """(row indices, hidden states entering the trainable layers, attention mask) of length-sorted
-        batches: computed once, so that an epoch of fine-tuning runs the trainable layers only."""
+        batches: computed once, so that an epoch of fine-tuning runs the trainable layers only. From
+        this encoder's own layers, unlike :func:`mtl.embeddings.token_states` (the pretrained ones)."""
         assert self.transformer is not None
         start = len(self.transformer.encoder.layer) - self.trainable_layers
         order = np.argsort([len(t) for t in texts], kind="stable")

@@ -123,12 +123,12 @@ def test_cached_token_states_then_upper_layers_equal_the_full_encoder():
     assert torch.allclose(full[[0, 2, 1]], both, atol=2e-2)  # fp16 storage
 
 
-def test_meta_training_the_top_text_layer_moves_it_alone(text_run, tmp_path, run_cli):
+def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, run_cli):
     from mtl.checkpoint import load_checkpoint
     from mtl.embeddings import load_transformer
 
     recipe = write(tmp_path / "r.yaml", TEXT_RECIPE.replace("model: {trunk: [64]}",
-                   "model: {trunk: [], text_trainable_layers: 1}\nencoder_lr: 0.0001").replace(
+                   "model: {trunk: [], text_trainable_layers: 2}\nencoder_lr: 0.0001").replace(
                    "iterations: 6", "iterations: 3"))
     code, _, err = run_cli("train", "--config", recipe, "--out", tmp_path / "run", "--json")
     assert code == 0, err
@@ -137,7 +137,7 @@ def test_meta_training_the_top_text_layer_moves_it_alone(text_run, tmp_path, run
     prefix = "learner.model.encoders.text.transformer."
     moved = {k[len(prefix):] for k, v in tensors.items() if k.startswith(prefix)
              and not torch.equal(v, pretrained[k[len(prefix):]])}
-    assert moved and all(k.startswith("encoder.layer.5.") for k in moved)  # the top layer, nothing below
+    assert {k.split(".")[2] for k in moved} == {"4", "5"}  # the top two layers, nothing below
     code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", tmp_path / "run", "--shots", 3,
                              "--out", tmp_path / "m", "--json")
     assert code == 0, err
@@ -145,6 +145,18 @@ def test_meta_training_the_top_text_layer_moves_it_alone(text_run, tmp_path, run
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "when is my next paycheck")
     assert code == 0, err
     assert json.loads(out)["predictions"][0]["label"] == "payday"
+    # fine-tuning fewer layers than were meta-learned still trains those (the layers below stay pretrained)
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", tmp_path / "run", "--shots", 3,
+                             "--encoder-layers", 1, "--encoder-epochs", 1, "--out", tmp_path / "m1", "--json")
+    assert code == 0, err
+    from mtl.adapt import AdaptedModel
+    from mtl.registry import Registry
+
+    model = AdaptedModel.load(tmp_path / "m1")
+    assert model.model.config.text_trainable_layers == 2
+    test = Registry().load("clinc150-work").test
+    acc = float((model.predict_ids(test.inputs) == test.labels).mean())  # strings through the whole encoder
+    assert abs(acc - json.loads(out)["test_accuracy"]) < 1e-9  # = adapt's figure from cached states
     code, _, err = run_cli("compare", "--tasks", "clinc150-work", "--shots", 1, "--episodes", 2,
                            "--checkpoints", f"maml={tmp_path / 'run'},multitask={text_run}", "--out", tmp_path / "c")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "text encoder layers" in err
