@@ -129,16 +129,19 @@ class TokenStore:
 
 
 @torch.no_grad()
-def _lower(texts: list[str], name: str, start: int, batch_size: int = 128) -> dict[str, np.ndarray]:
-    model, tok = load_transformer(name)
+def lower_token_states(model: torch.nn.Module, tok: object, texts: list[str], start: int,
+                       dtype: type = np.float16, batch_size: int = 128) -> dict[str, np.ndarray]:
+    """``tokens`` and ``offsets`` of a :class:`TokenStore`: the hidden states entering layer ``start``."""
+    device = next(model.parameters()).device
     lengths = np.asarray([len(x) for x in tok(texts, truncation=True, max_length=128)["input_ids"]], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    tokens = np.zeros((int(offsets[-1]), model.config.hidden_size), np.float16)
+    tokens = np.zeros((int(offsets[-1]), model.config.hidden_size), dtype)
     order = np.argsort(lengths, kind="stable")
     for i in range(0, len(texts), batch_size):
         idx = order[i:i + batch_size]
-        batch = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        h = model(**batch, output_hidden_states=True).hidden_states[start].numpy().astype(np.float16)
+        batch = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=128,
+                    return_tensors="pt").to(device)
+        h = model(**batch, output_hidden_states=True).hidden_states[start].float().cpu().numpy().astype(dtype)
         for row, j in enumerate(idx):
             tokens[offsets[j]:offsets[j + 1]] = h[row, :lengths[j]]
     return {"tokens": tokens, "offsets": offsets}
@@ -150,5 +153,5 @@ def token_states(texts: list[str], name: str, trainable_layers: int) -> TokenSto
     model, _ = load_transformer(name)
     start = len(model.encoder.layer) - trainable_layers
     arrays = cached_arrays("token-states", [name, start, _digest(texts), len(texts), "ragged"],
-                           lambda: _lower(texts, name, start))
+                           lambda: lower_token_states(model, load_transformer(name)[1], texts, start))
     return TokenStore(torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["offsets"]))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mtl.data import Split
-from mtl.embeddings import TokenStates, TokenStore
+from mtl.embeddings import TokenStates, TokenStore, embed_texts, token_states
 
 Inputs = Tensor | TokenStates | list[str]
 
@@ -29,12 +29,8 @@ class SplitInputs:
         if modality == "image":
             self.data = torch.from_numpy(np.ascontiguousarray(split.inputs)).to(device)
         elif text_layers == 0:
-            from mtl.embeddings import embed_texts
-
             self.data = embed_texts(split.inputs.tolist(), text_encoder).to(device)
         else:
-            from mtl.embeddings import token_states
-
             self.data = token_states(split.inputs.tolist(), text_encoder, text_layers).to(device)
         self.device = device
 

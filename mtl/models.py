@@ -200,15 +200,19 @@ class TextEncoder(nn.Module):
         """(row indices, hidden states entering the trainable layers, attention mask) of length-sorted
         batches: computed once, so that an epoch of fine-tuning runs the trainable layers only. From
         this encoder's own layers, unlike :func:`mtl.embeddings.token_states` (the pretrained ones)."""
+        from mtl.embeddings import TokenStore, lower_token_states
+
         assert self.transformer is not None
         start = len(self.transformer.encoder.layer) - self.trainable_layers
+        arrays = lower_token_states(self.transformer, self.tokenizer, list(texts), start, np.float32)
+        device = next(self.transformer.parameters()).device
+        store = TokenStore(torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["offsets"])).to(device)
         order = np.argsort([len(t) for t in texts], kind="stable")
         out = []
         for i in range(0, len(texts), batch_size):
-            idx = order[i:i + batch_size]
-            batch = self._tokens([texts[j] for j in idx])
-            hidden = self.transformer(**batch, output_hidden_states=True).hidden_states[start]
-            out.append((torch.as_tensor(idx), hidden, batch["attention_mask"]))
+            idx = torch.as_tensor(order[i:i + batch_size])
+            states = store[idx.to(device)]
+            out.append((idx, states.hidden, states.mask))
         return out
 
     def upper(self, hidden: Tensor, mask: Tensor) -> Tensor:
