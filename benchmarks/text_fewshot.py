@@ -42,7 +42,7 @@ def main() -> None:
         task = reg.load(name)
         accs = []
         for seed in range(a.seeds):
-            learner, meta = load_learner(a.checkpoint, torch.device("cpu"))
+            learner, meta = load_learner(a.checkpoint, torch.device("cpu"), hold_text=a.encoder_layers == 0)
             with tempfile.TemporaryDirectory() as tmp:
                 r = adapt(learner, meta, task, Path(tmp), int(shots), seed, a.steps, None, None, a.head_init,
                           encoder_layers=a.encoder_layers, encoder_epochs=a.encoder_epochs)

@@ -86,13 +86,13 @@ def read_examples(path: Path, modality: str, image: ImageOptions) -> tuple[np.nd
     return inputs, ids, classes
 
 
-def _tensor(x: np.ndarray, modality: str, device: torch.device, encoder: str, frozen: bool) -> torch.Tensor | list[str]:
+def _inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device) -> torch.Tensor | list[str]:
+    """What the model's encoder takes: image tensors, cached sentence embeddings, or strings."""
     if modality == "image":
         return torch.from_numpy(np.ascontiguousarray(x)).to(device)
-    if frozen:
-        from mtl.embeddings import embed_texts
-
-        return embed_texts(x.tolist(), encoder).to(device)
+    encoder = model.encoders["text"]
+    if encoder.reads_embeddings:
+        return encoder.embed(x.tolist()).to(device)  # type: ignore[operator]
     return x.tolist()
 
 
@@ -161,7 +161,6 @@ def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, sho
         raise MtlError(f"the checkpoint has no {modality} encoder (trained on {', '.join(model.encoders)} tasks)",
                        f"adapt a checkpoint trained with {modality} tasks")
     cfg = model.config
-    frozen = cfg.text_trainable_layers == 0
     image = task.spec.image_options
     if examples is not None:
         xs_np, ys_np, classes = read_examples(examples, modality, image)
@@ -180,7 +179,7 @@ def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, sho
         updates["head_init"] = head_init
     learner.inner = learner.inner.model_copy(update=updates)
     steps = learner.eval_steps if steps is None else steps
-    xs = _tensor(xs_np, modality, device, cfg.text_encoder, frozen)
+    xs = _inputs(xs_np, model, modality, device)
     ys = torch.as_tensor(ys_np, device=device)
     batch = TaskBatch(task.name, modality, xs, ys, xs, ys)
     with torch.enable_grad(), learner.evaluation():
@@ -269,19 +268,18 @@ class AdaptedModel:
         """``cached``: for a model with trainable text layers, read the frozen layers' outputs from
         the disk cache (a task's test split: the same texts every time), not for one-off inputs."""
         cfg = self.model.config
-        layers = cfg.text_trainable_layers
+        modality = self.meta["modality"]
         states = None
-        if cached and self.meta["modality"] == "text" and layers:
+        if cached and modality == "text" and not self.model.encoders["text"].reads_embeddings:
             from mtl.embeddings import token_states
 
-            states = token_states(inputs.tolist(), cfg.text_encoder, layers).to(self.device)
+            states = token_states(inputs.tolist(), cfg.text_encoder, cfg.text_trainable_layers).to(self.device)
         out = []
         for i in range(0, len(inputs), batch_size):
             if states is not None:
                 x: Any = states[torch.arange(i, min(i + batch_size, len(inputs)), device=self.device)]
             else:
-                x = _tensor(inputs[i:i + batch_size], self.meta["modality"], self.device, cfg.text_encoder,
-                            layers == 0)
+                x = _inputs(inputs[i:i + batch_size], self.model, modality, self.device)
             out.append(torch.softmax(self.model(x, self.meta["modality"], HEAD).float(), dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 

@@ -297,7 +297,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
         raise MtlError(f"--head-init {head_init} is unknown", "use zero or proto")
     dev = resolve_device(device)
     t = _registry(tasks_dir).load(task)
-    learner, meta = load_learner(checkpoint, dev)
+    learner, meta = load_learner(checkpoint, dev, hold_text=encoder_layers == 0)
     if encoder_layers < 0 or encoder_epochs < 1:
         raise MtlError("--encoder-layers must be 0 or more and --encoder-epochs 1 or more", "e.g. --encoder-layers 2")
     result = adapt(learner, meta, t, out_dir, shots, seed, steps, lr, examples, head_init, dev,

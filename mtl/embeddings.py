@@ -6,9 +6,11 @@ embeddings from the cache (keyed by encoder and the exact texts) instead of runn
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +58,30 @@ def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
+@dataclass(frozen=True)
+class EncoderWeights:
+    """A text encoder's own transformer state (meta-learned top layers), standing in for the
+    pretrained one; ``digest`` keys the sentence embeddings it gives in the cache."""
+
+    tensors: Mapping[str, Tensor]
+    digest: str
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, Tensor]) -> EncoderWeights:
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
+            h.update(t.view(torch.uint8).numpy())
+        return cls(tensors, h.hexdigest())
+
+
 @torch.no_grad()
-def _encode(texts: list[str], name: str, batch_size: int = 128) -> np.ndarray:
+def _encode(texts: list[str], name: str, weights: EncoderWeights | None = None, batch_size: int = 128) -> np.ndarray:
     model, tok = load_transformer(name)
+    if weights is not None:
+        model = copy.deepcopy(model)
+        model.load_state_dict({k: v.cpu() for k, v in weights.tensors.items()})
     order = np.argsort([len(t) for t in texts])  # similar lengths together: less padding
     out = np.zeros((len(texts), model.config.hidden_size), np.float32)
     for i in range(0, len(texts), batch_size):
@@ -73,10 +96,11 @@ def _digest(texts: list[str]) -> str:
     return hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def embed_texts(texts: list[str], name: str = "minilm") -> Tensor:
-    """Embeddings of ``texts`` (rows in order), computed once per encoder and list of texts."""
-    arrays = cached_arrays("embeddings", [name, _digest(texts), len(texts)],
-                           lambda: {"x": _encode(texts, name).astype(np.float16)})
+def embed_texts(texts: list[str], name: str = "minilm", weights: EncoderWeights | None = None) -> Tensor:
+    """Embeddings of ``texts`` (rows in order), computed once per encoder (``weights``, if given,
+    replace the pretrained ones) and list of texts."""
+    key: list[object] = [name, _digest(texts), len(texts)] + ([weights.digest] if weights else [])
+    arrays = cached_arrays("embeddings", key, lambda: {"x": _encode(texts, name, weights).astype(np.float16)})
     return torch.from_numpy(arrays["x"].astype(np.float32))
 
 

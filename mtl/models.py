@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from mtl.embeddings import TokenStates
+from mtl.embeddings import EncoderWeights, TokenStates
 
 
 class EpisodicBatchNorm2d(nn.BatchNorm2d):
@@ -145,6 +146,22 @@ class ConvEncoder(nn.Module):
         return h.mean(dim=(2, 3))  # global average pool: any input size gives `hidden` features
 
 
+class HeldState(nn.Module):
+    """A module's tensors without its code: buffers nested under the same names, so the
+    ``state_dict`` of a model holding it has the keys the real module would give."""
+
+    def __init__(self, state: dict[str, Tensor]) -> None:
+        super().__init__()
+        for name, tensor in state.items():
+            *path, leaf = name.split(".")
+            module: nn.Module = self
+            for part in path:
+                if part not in module._modules:
+                    module.add_module(part, nn.Module())
+                module = module._modules[part]  # type: ignore[assignment]
+            module.register_buffer(leaf, tensor)
+
+
 class TextEncoder(nn.Module):
     """A pretrained transformer (all-MiniLM-L6-v2 by default) with mean pooling.
 
@@ -160,18 +177,44 @@ class TextEncoder(nn.Module):
         self.trainable_layers = trainable_layers
         self.out_dim = 384
         self.transformer: nn.Module | None = None
+        self.weights: EncoderWeights | None = None  # see `hold`
         self.dropout = False  # see `train`
         if trainable_layers > 0:
             self.set_trainable(trainable_layers)
 
+    def hold(self, state: dict[str, Tensor], layers: int) -> None:
+        """Keep a meta-learned encoder (``state``: its transformer's tensors, ``layers`` trained) as a
+        fixed function of the text, without building it: for adaptation that leaves the encoder
+        alone. Its sentence embeddings come from the disk cache, keyed by a digest of ``state``, so
+        a warm cache skips importing transformers and running the layers (what makes ``adapt``
+        fast); ``state_dict`` still holds every tensor, so the saved model is complete."""
+        self.transformer = HeldState(state)
+        self.weights = EncoderWeights.of(state)
+        self.trainable_layers = layers
+
+    @property
+    def reads_embeddings(self) -> bool:
+        """``forward`` maps texts to cached sentence embeddings (frozen or held encoder)."""
+        return self.transformer is None or isinstance(self.transformer, HeldState)
+
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        from mtl.embeddings import embed_texts
+
+        return embed_texts(list(texts), self.name, self.weights)
+
     def set_trainable(self, layers: int) -> None:
         """Train the top ``layers`` transformer layers; ``forward`` then takes strings."""
-        if self.transformer is None:
+        if self.reads_embeddings:
             from mtl.embeddings import load_transformer
 
+            held = self.transformer.state_dict() if self.transformer is not None else None
+            device = next(itertools.chain(self.parameters(), self.buffers()), torch.empty(0)).device
             shared, self.tokenizer = load_transformer(self.name)
             # a private copy: the shared instance stays frozen, so cached embeddings stay valid
-            self.transformer = copy.deepcopy(shared).to(next(self.parameters(), torch.empty(0)).device)
+            self.transformer = copy.deepcopy(shared).to(device)
+            if held is not None:
+                self.transformer.load_state_dict(held)
+            self.weights = None
             self.out_dim = self.transformer.config.hidden_size
         assert self.transformer is not None
         n_layers = len(self.transformer.encoder.layer)
@@ -186,10 +229,6 @@ class TextEncoder(nn.Module):
         for layer in self.transformer.encoder.layer[-layers:]:
             for p in layer.parameters():
                 p.requires_grad_(True)
-
-    @property
-    def frozen(self) -> bool:
-        return self.trainable_layers == 0
 
     def _tokens(self, texts: Sequence[str]) -> dict[str, Tensor]:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -239,13 +278,11 @@ class TextEncoder(nn.Module):
         if isinstance(x, TokenStates):
             return self.upper(x.hidden, x.mask)
         if isinstance(x, Tensor):
-            if not self.frozen:
+            if not self.reads_embeddings:
                 raise ValueError("a text encoder with trainable layers takes strings, not embeddings")
             return x.float()
-        if self.transformer is None:
-            from mtl.embeddings import embed_texts
-
-            return embed_texts(list(x), self.name)
+        if self.reads_embeddings:
+            return self.embed(x)
         from mtl.embeddings import mean_pool
 
         batch = self._tokens(x)

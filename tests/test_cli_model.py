@@ -142,19 +142,42 @@ def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, 
                              "--out", tmp_path / "m", "--json")
     assert code == 0, err
     assert json.loads(out)["test_accuracy"] > 0.5
+    adapted_acc = json.loads(out)["test_accuracy"]
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "when is my next paycheck")
     assert code == 0, err
     assert json.loads(out)["predictions"][0]["label"] == "payday"
+    from mtl.adapt import AdaptedModel
+    from mtl.registry import Registry
+
+    # plain adapt holds the meta-learned layers as a fixed function with cached sentence embeddings;
+    # the saved model runs the whole encoder on strings and agrees (embeddings cached in half precision)
+    test = Registry().load("clinc150-work").test
+    model = AdaptedModel.load(tmp_path / "m")
+    assert abs(float((model.predict_ids(test.inputs) == test.labels).mean()) - adapted_acc) < 0.02
+    # once those embeddings are cached, adapt neither imports transformers nor runs a layer
+    probe = "import sys; from mtl.cli import main; main(sys.argv[1:]); print('transformers' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", probe, "adapt", "--task", "clinc150-work", "--checkpoint",
+                           str(tmp_path / "run"), "--shots", "3", "--out", str(tmp_path / "m2"), "--json"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result, imported = proc.stdout.strip().splitlines()
+    assert json.loads(result)["test_accuracy"] == adapted_acc and imported == "False"
+    # held layers turn back into a trainable transformer with exactly the checkpoint's tensors
+    from mtl.learner import load_learner
+
+    held, _ = load_learner(tmp_path / "run", torch.device("cpu"), hold_text=True)
+    built, _ = load_learner(tmp_path / "run", torch.device("cpu"))
+    assert held.model.encoders["text"].reads_embeddings and not built.model.encoders["text"].reads_embeddings
+    a, b = held.state_dict(), built.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    held.model.encoders["text"].set_trainable(2)
+    assert all(torch.equal(v, b[k]) for k, v in held.state_dict().items())
     # fine-tuning fewer layers than were meta-learned still trains those (the layers below stay pretrained)
     code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", tmp_path / "run", "--shots", 3,
                              "--encoder-layers", 1, "--encoder-epochs", 1, "--out", tmp_path / "m1", "--json")
     assert code == 0, err
-    from mtl.adapt import AdaptedModel
-    from mtl.registry import Registry
-
     model = AdaptedModel.load(tmp_path / "m1")
     assert model.model.config.text_trainable_layers == 2
-    test = Registry().load("clinc150-work").test
     acc = float((model.predict_ids(test.inputs) == test.labels).mean())  # strings through the whole encoder
     assert abs(acc - json.loads(out)["test_accuracy"]) < 1e-9  # = adapt's figure from cached states
     code, _, err = run_cli("compare", "--tasks", "clinc150-work", "--shots", 1, "--episodes", 2,
