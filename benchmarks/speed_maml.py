@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from mtl.device import set_threads
 from mtl.maml import InnerConfig, MetaLearner, TaskBatch
 from mtl.models import ModelConfig, MultiTaskModel
 
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    set_threads(a.threads)  # as `cli.py train` does
     T, N, K, Q = a.meta_batch, a.ways, a.shots, a.query
     torch.manual_seed(0)
     shift = torch.randn(T, N, 1, 28, 28)

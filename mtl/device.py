@@ -32,8 +32,30 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def set_threads(threads: int | None) -> None:
+    keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the system.
+
+    A meta-iteration allocates and frees the same large activation buffers for every task; by
+    default glibc unmaps or trims them and page-faults them in again (millions of faults a minute
+    on Omniglot's Conv-4, 10-25% of meta-training time on CPU). The cost: the process keeps its
+    peak memory until it exits. A no-op (False) where there is no glibc."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    settings = ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 << 20))
+    return all(mallopt(option, value) == 1 for option, value in settings)
 
 
 def init_distributed(name: str = "auto") -> tuple[int, int, torch.device]:

@@ -194,3 +194,19 @@ def test_support_statistics_keep_queries_independent():
     trans = tiny_learner(bn="transductive")
     _, fast, _ = trans.adapt(b, 1, create_graph=False, detach=True)
     assert not torch.allclose(trans.query_logits(half, fast, 1), trans.query_logits(b, fast, 1)[:4])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_conv4_runs_channels_last_throughout(channels):
+    """Grayscale input is ambiguous between layouts; unless made explicit, every layer ran NCHW
+    (about 4x slower max-pooling and batch norm on CPU)."""
+    from mtl.device import keep_freed_memory
+
+    encoder = ConvEncoder(channels)
+    layouts = []
+    for module in encoder.blocks:
+        module.register_forward_pre_hook(
+            lambda m, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    encoder(torch.rand(4, channels, 28, 28))
+    assert len(layouts) == 16 and all(layouts[1:])  # the first conv's input may be either
+    assert keep_freed_memory()  # glibc's allocator tuned (Linux)
