@@ -178,7 +178,8 @@ class TextEncoder(nn.Module):
     Frozen by default: ``forward`` then accepts precomputed sentence embeddings (a float tensor),
     which training reads from a disk cache (:mod:`mtl.embeddings`). With ``trainable_layers = n``
     the top ``n`` transformer layers are trained in the outer loop and ``forward`` takes strings, or
-    the cached :class:`TokenStates` that enter those layers (what training feeds it).
+    the cached :class:`TokenStates` that enter those layers (what training feeds it). A meta-learned
+    encoder that adaptation leaves alone is ``hold``-ed: cached embeddings again, its weights kept.
     """
 
     def __init__(self, name: str = "minilm", trainable_layers: int = 0) -> None:
