@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Meta-training throughput with 1 and 2 processes (torchrun, gloo) on this machine: Omniglot
 # 5-way 1-shot, 15 queries, meta-batch 32, second order; one thread per process for 2 processes.
-# Prints the iterations per second each run reached (from its metrics.jsonl).
+# Prints the iterations per second each run reached (from its metrics.jsonl). Extra arguments
+# go to both runs, e.g. `--set inner.bn=transductive`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
-common=(train --config configs/omniglot_5way1shot.yaml --json --set iterations=12 --set val_every=1000 --set val_tasks=[])
+common=(train --config configs/omniglot_5way1shot.yaml --json --set iterations=12 --set val_every=1000 --set val_tasks=[] "$@")
 python cli.py "${common[@]}" --set threads=2 --out "$out/p1" >/dev/null
 python -m torch.distributed.run --nproc_per_node 2 cli.py "${common[@]}" --set threads=1 --out "$out/p2" >/dev/null
 for run in p1 p2; do
