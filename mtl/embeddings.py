@@ -76,12 +76,22 @@ class EncoderWeights:
         return cls(tensors, h.hexdigest())
 
 
+_held: dict[str, torch.nn.Module] = {}  # digest -> transformer: one copy for every cache miss
+
+
+def _with_weights(model: torch.nn.Module, weights: EncoderWeights) -> torch.nn.Module:
+    if weights.digest not in _held:
+        _held.clear()
+        _held[weights.digest] = copy.deepcopy(model)
+        _held[weights.digest].load_state_dict({k: v.cpu() for k, v in weights.tensors.items()})
+    return _held[weights.digest]
+
+
 @torch.no_grad()
 def _encode(texts: list[str], name: str, weights: EncoderWeights | None = None, batch_size: int = 128) -> np.ndarray:
     model, tok = load_transformer(name)
     if weights is not None:
-        model = copy.deepcopy(model)
-        model.load_state_dict({k: v.cpu() for k, v in weights.tensors.items()})
+        model = _with_weights(model, weights)
     order = np.argsort([len(t) for t in texts])  # similar lengths together: less padding
     out = np.zeros((len(texts), model.config.hidden_size), np.float32)
     for i in range(0, len(texts), batch_size):

@@ -18,7 +18,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from mtl.embeddings import EncoderWeights, TokenStates
+from mtl.embeddings import (
+    EncoderWeights,
+    TokenStates,
+    TokenStore,
+    embed_texts,
+    load_transformer,
+    lower_token_states,
+    mean_pool,
+)
+from mtl.errors import MtlError
 
 
 class EpisodicBatchNorm2d(nn.BatchNorm2d):
@@ -213,15 +222,11 @@ class TextEncoder(nn.Module):
         return self.transformer is None or isinstance(self.transformer, HeldState)
 
     def embed(self, texts: Sequence[str]) -> Tensor:
-        from mtl.embeddings import embed_texts
-
         return embed_texts(list(texts), self.name, self.weights)
 
     def set_trainable(self, layers: int) -> None:
         """Train the top ``layers`` transformer layers; ``forward`` then takes strings."""
         if self.reads_embeddings:
-            from mtl.embeddings import load_transformer
-
             held = self.transformer.state_dict() if self.transformer is not None else None
             device = next(itertools.chain(self.parameters(), self.buffers()), torch.empty(0)).device
             shared, self.tokenizer = load_transformer(self.name)
@@ -234,8 +239,6 @@ class TextEncoder(nn.Module):
         assert self.transformer is not None
         n_layers = len(self.transformer.encoder.layer)
         if not 1 <= layers <= n_layers:
-            from mtl.errors import MtlError
-
             raise MtlError(f"the text encoder has {n_layers} layers; {layers} cannot be trained",
                            f"train between 1 and {n_layers} layers")
         self.trainable_layers = layers
@@ -254,8 +257,6 @@ class TextEncoder(nn.Module):
         """(row indices, hidden states entering the trainable layers, attention mask) of length-sorted
         batches: computed once, so that an epoch of fine-tuning runs the trainable layers only. From
         this encoder's own layers, unlike :func:`mtl.embeddings.token_states` (the pretrained ones)."""
-        from mtl.embeddings import TokenStore, lower_token_states
-
         assert self.transformer is not None
         start = len(self.transformer.encoder.layer) - self.trainable_layers
         arrays = lower_token_states(self.transformer, self.tokenizer, list(texts), start, np.float32)
@@ -271,8 +272,6 @@ class TextEncoder(nn.Module):
 
     def upper(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """Sentence embeddings from :meth:`lower_states`: the trainable layers, then mean pooling."""
-        from mtl.embeddings import mean_pool
-
         assert self.transformer is not None
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         for layer in self.transformer.encoder.layer[-self.trainable_layers:]:
@@ -298,8 +297,6 @@ class TextEncoder(nn.Module):
             return x.float()
         if self.reads_embeddings:
             return self.embed(x)
-        from mtl.embeddings import mean_pool
-
         batch = self._tokens(x)
         out = self.transformer(**batch).last_hidden_state
         return mean_pool(out, batch["attention_mask"])
@@ -351,9 +348,7 @@ class MultiTaskModel(nn.Module):
         for m in sorted(set(modalities)):
             name = config.image_encoder if m == "image" else config.text_encoder
             if name not in ENCODERS:
-                from mtl.errors import MtlError
-
-                raise MtlError(f"unknown encoder '{name}'", f"use one of {', '.join(ENCODERS)}")
+                    raise MtlError(f"unknown encoder '{name}'", f"use one of {', '.join(ENCODERS)}")
             self.encoders[m] = ENCODERS[name](config)
             dims[m] = self.encoders[m].out_dim
         if config.projection:
@@ -361,8 +356,6 @@ class MultiTaskModel(nn.Module):
                 self.projections[m] = nn.Linear(d, config.projection)
             dims = dict.fromkeys(dims, config.projection)
         if len(set(dims.values())) > 1:
-            from mtl.errors import MtlError
-
             raise MtlError(f"encoders give features of different widths {dims}",
                            "set `model.projection` to map every modality to one width")
         self.trunk, self.feature_dim = mlp(next(iter(dims.values())), config.trunk)
