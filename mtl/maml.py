@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mtl.inputs import Inputs, concat
-from mtl.models import EpisodicBatchNorm2d, MultiTaskModel, head_key, step_statistics, support_statistics
+from mtl.models import (
+    EpisodicBatchNorm2d,
+    MultiTaskModel,
+    head_key,
+    nchw_for_double_backward,
+    step_statistics,
+    support_statistics,
+)
 
 Method = Literal["maml", "fomaml", "anil", "metasgd", "reptile"]
 
@@ -238,7 +245,8 @@ class MetaLearner(nn.Module):
             fq = self.episode_features({}, encoded[1], b.modality, 0, None, encoded=True)
         for step in range(steps):
             if encoded is None:
-                feats = self.episode_features(fast, b.xs, b.modality, step, None)
+                with nchw_for_double_backward(self.model) if create_graph else contextlib.nullcontext():
+                    feats = self.episode_features(fast, b.xs, b.modality, step, None)
             else:
                 feats = fs if fs is not None else self.episode_features(fast, encoded[0], b.modality, step, None,
                                                                         encoded=True)

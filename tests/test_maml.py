@@ -210,3 +210,24 @@ def test_conv4_runs_channels_last_throughout(channels):
     encoder(torch.rand(4, channels, 28, 28))
     assert len(layouts) == 16 and all(layouts[1:])  # the first conv's input may be either
     assert keep_freed_memory()  # glibc's allocator tuned (Linux)
+
+
+def test_second_order_support_pass_runs_nchw(monkeypatch):
+    """The pass differentiated twice runs NCHW (faster double backward), the query pass channels-last;
+    the layout does not change the meta-gradient."""
+    import contextlib
+
+    import mtl.maml
+
+    learner, b = tiny_learner(), batch()
+    layouts: list[tuple[int, bool]] = []
+    learner.model.encoders["image"].blocks[4].register_forward_pre_hook(  # the second conv
+        lambda m, inp: layouts.append((len(inp[0]), inp[0].is_contiguous(memory_format=torch.channels_last))))
+    nchw = meta_grads(learner, [b])
+    assert layouts == [(6, False), (15, True)]  # support alone; then [support; query] for support statistics
+    monkeypatch.setattr(mtl.maml, "nchw_for_double_backward", lambda model: contextlib.nullcontext())
+    nhwc = meta_grads(learner, [b])
+    assert layouts[2:] == [(6, True), (15, True)]
+    assert all(torch.allclose(nchw[n], nhwc[n], atol=1e-12) for n in nchw)
+    learner.adapt(b, 1, create_graph=False)  # a first-order pass stays channels-last
+    assert layouts[4] == (6, True)
