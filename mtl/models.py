@@ -151,13 +151,14 @@ def nchw_for_double_backward(model: nn.Module) -> Iterator[None]:
     NCHW (batch norm's double backward above all), while channels-last makes a pass differentiated
     once 1.5-1.8x faster (docs/BENCHMARKS.md)."""
     convs = [m for m in model.modules() if isinstance(m, ConvEncoder)]
+    old = [m.nhwc for m in convs]
     for m in convs:
         m.nhwc = False
     try:
         yield
     finally:
-        for m in convs:
-            m.nhwc = True
+        for m, layout in zip(convs, old, strict=True):
+            m.nhwc = layout
 
 
 class ConvEncoder(nn.Module):
