@@ -231,3 +231,24 @@ def test_second_order_support_pass_runs_nchw(monkeypatch):
     assert all(torch.allclose(nchw[n], nhwc[n], atol=1e-12) for n in nchw)
     learner.adapt(b, 1, create_graph=False)  # a first-order pass stays channels-last
     assert layouts[4] == (6, True)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_support_batchnorm_gradient_is_exact(affine):
+    """The fused backward of support-statistics batch norm against autograd through its definition."""
+    from mtl.models import SupportBatchNorm, channel_stats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 4, 5, generator=g).requires_grad_()
+    w, b = (torch.randn(3, generator=g).requires_grad_() for _ in range(2)) if affine else (None, None)
+    assert torch.autograd.gradcheck(lambda *t: SupportBatchNorm.apply(*t, 2, 1e-5), (x, w, b))
+    mean, var = channel_stats(x[:2])
+    scale = torch.rsqrt(var + 1e-5) * (w if affine else 1)
+    shift = -mean * scale + (b if affine else 0)
+    reference = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    out = SupportBatchNorm.apply(x, w, b, 2, 1e-5)
+    gy = torch.randn(out.shape, generator=g)
+    inputs = (x, w, b) if affine else (x,)
+    for ours, theirs in zip(torch.autograd.grad(out, inputs, gy), torch.autograd.grad(reference, inputs, gy),
+                            strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-12)
