@@ -3,12 +3,15 @@ MAML++ behave as they should; batch norm does not leak between queries."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import mtl.maml
 from mtl.maml import InnerConfig, MetaLearner, TaskBatch
-from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel
+from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel, SupportBatchNorm, channel_stats
 
 
 @pytest.fixture(autouse=True)
@@ -215,10 +218,6 @@ def test_conv4_runs_channels_last_throughout(channels):
 def test_second_order_support_pass_runs_nchw(monkeypatch):
     """The pass differentiated twice runs NCHW (faster double backward), the query pass channels-last;
     the layout does not change the meta-gradient."""
-    import contextlib
-
-    import mtl.maml
-
     learner, b = tiny_learner(), batch()
     layouts: list[tuple[int, bool]] = []
     learner.model.encoders["image"].blocks[4].register_forward_pre_hook(  # the second conv
@@ -235,9 +234,8 @@ def test_second_order_support_pass_runs_nchw(monkeypatch):
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_support_batchnorm_gradient_is_exact(affine):
-    """The fused backward of support-statistics batch norm against autograd through its definition."""
-    from mtl.models import SupportBatchNorm, channel_stats
-
+    """The fused backward of support-statistics batch norm against autograd through its definition;
+    differentiating it twice raises rather than giving a wrong answer."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 3, 4, 5, generator=g).requires_grad_()
     w, b = (torch.randn(3, generator=g).requires_grad_() for _ in range(2)) if affine else (None, None)
@@ -249,6 +247,9 @@ def test_support_batchnorm_gradient_is_exact(affine):
     out = SupportBatchNorm.apply(x, w, b, 2, 1e-5)
     gy = torch.randn(out.shape, generator=g)
     inputs = (x, w, b) if affine else (x,)
-    for ours, theirs in zip(torch.autograd.grad(out, inputs, gy), torch.autograd.grad(reference, inputs, gy),
-                            strict=True):
+    for ours, theirs in zip(torch.autograd.grad(out, inputs, gy, retain_graph=True),
+                            torch.autograd.grad(reference, inputs, gy), strict=True):
         assert torch.allclose(ours, theirs, atol=1e-12)
+    (gx,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)  # as an inner loop would
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
