@@ -141,17 +141,23 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @contextlib.contextmanager
-def support_statistics(model: nn.Module, rows: int | None) -> Iterator[None]:
-    """Within the block, batch norms take statistics from the first ``rows`` rows only."""
-    norms = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm2d)]
-    old = [m.stats_rows for m in norms]
-    for m in norms:
-        m.stats_rows = rows
+def setting(model: nn.Module, kind: type[nn.Module], attr: str, value: object) -> Iterator[None]:
+    """Within the block, every submodule of type ``kind`` has ``attr`` set to ``value``: how a pass
+    switches a mode of plain modules without changing their code."""
+    modules = [m for m in model.modules() if isinstance(m, kind)]
+    old = [getattr(m, attr) for m in modules]
+    for m in modules:
+        setattr(m, attr, value)
     try:
         yield
     finally:
-        for m, r in zip(norms, old, strict=True):
-            m.stats_rows = r
+        for m, v in zip(modules, old, strict=True):
+            setattr(m, attr, v)
+
+
+def support_statistics(model: nn.Module, rows: int | None) -> contextlib.AbstractContextManager[None]:
+    """Within the block, batch norms take statistics from the first ``rows`` rows only."""
+    return setting(model, EpisodicBatchNorm2d, "stats_rows", rows)
 
 
 @contextlib.contextmanager
@@ -203,21 +209,12 @@ def channels_last(x: Tensor) -> Tensor:
     return x.contiguous().as_strided(x.shape, (h * w, 1, w, 1))
 
 
-@contextlib.contextmanager
-def nchw_for_double_backward(model: nn.Module) -> Iterator[None]:
+def nchw_for_double_backward(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Within the block, convolutional encoders run NCHW: the layout for a pass whose graph is
     differentiated twice (second-order MAML's support pass). On CPU such a pass runs 1.25-2x faster
     NCHW (batch norm's double backward above all), while channels-last makes a pass differentiated
     once 1.5-1.8x faster (docs/BENCHMARKS.md)."""
-    convs = [m for m in model.modules() if isinstance(m, ConvEncoder)]
-    old = [m.nhwc for m in convs]
-    for m in convs:
-        m.nhwc = False
-    try:
-        yield
-    finally:
-        for m, layout in zip(convs, old, strict=True):
-            m.nhwc = layout
+    return setting(model, ConvEncoder, "nhwc", False)
 
 
 class ConvEncoder(nn.Module):
