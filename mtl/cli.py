@@ -423,6 +423,7 @@ def models() -> None:
 
     for name in ENCODERS:
         out.print(name, highlight=False)
+    out.print("(model.text_encoder may also name the folder of any transformers sentence encoder)", highlight=False)
 
 
 @app.command("formats")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,29 @@ def model_path(name: str) -> Path:
     raise MtlError(f"unknown text encoder '{name}'", f"use one of {', '.join(TEXT_MODELS)} or a local model folder")
 
 
+def encoder_dim(name: str) -> int:
+    """Width of the encoder's sentence embeddings, from its ``config.json``: no transformers import,
+    which a warm cache never needs."""
+    path = model_path(name) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        return int(config.get("hidden_size") or config.get("dim") or config["d_model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MtlError(f"text encoder '{name}': cannot read the embedding width from {path} ({e})",
+                       "give the folder of a model saved with transformers' save_pretrained") from None
+
+
+def encoder_key(name: str) -> str:
+    """What names the encoder's weights in cache keys: a shipped encoder's name, or a local folder's
+    path with the size and modification time of its files, so replacing the model there
+    invalidates what was cached from the old one."""
+    if name in TEXT_MODELS:
+        return name
+    folder = model_path(name).resolve()
+    stamp = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return f"{folder}:{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}"
+
+
 @functools.cache
 def load_transformer(name: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,6 +75,16 @@ def load_transformer(name: str):
     model = AutoModel.from_pretrained(str(path))
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer layers of a BERT-style encoder (BERT, RoBERTa, MPNet, MiniLM, E5,
+    BGE...): what training the top layers needs."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise MtlError(f"the text encoder {type(model).__name__} has no encoder.layer stack, so its top layers "
+                       "cannot be trained", "use it frozen (text_trainable_layers: 0) or a BERT-style encoder")
+    return layers
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -109,7 +143,7 @@ def _digest(texts: list[str]) -> str:
 def embed_texts(texts: list[str], name: str = "minilm", weights: EncoderWeights | None = None) -> Tensor:
     """Embeddings of ``texts`` (rows in order), computed once per encoder (``weights``, if given,
     replace the pretrained ones) and list of texts."""
-    key: list[object] = [name, _digest(texts), len(texts)] + ([weights.digest] if weights else [])
+    key: list[object] = [encoder_key(name), _digest(texts), len(texts)] + ([weights.digest] if weights else [])
     arrays = cached_arrays("embeddings", key, lambda: {"x": _encode(texts, name, weights).astype(np.float16)})
     return torch.from_numpy(arrays["x"].astype(np.float32))
 
@@ -185,7 +219,7 @@ def token_states(texts: list[str], name: str, trainable_layers: int) -> TokenSto
     """The hidden states of ``texts`` below the top ``trainable_layers`` layers, computed once per
     encoder, depth and list of texts (cached on disk like sentence embeddings)."""
     model, _ = load_transformer(name)
-    start = len(model.encoder.layer) - trainable_layers
-    arrays = cached_arrays("token-states", [name, start, _digest(texts), len(texts), "ragged"],
+    start = len(transformer_layers(model)) - trainable_layers
+    arrays = cached_arrays("token-states", [encoder_key(name), start, _digest(texts), len(texts), "ragged"],
                            lambda: lower_token_states(model, load_transformer(name)[1], texts, start))
     return TokenStore(torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["offsets"]))

@@ -11,11 +11,12 @@ import contextlib
 import copy
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
 
 from mtl.embeddings import (
@@ -23,9 +24,11 @@ from mtl.embeddings import (
     TokenStates,
     TokenStore,
     embed_texts,
+    encoder_dim,
     load_transformer,
     lower_token_states,
     mean_pool,
+    transformer_layers,
 )
 from mtl.errors import MtlError
 
@@ -275,7 +278,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.name = name
         self.trainable_layers = trainable_layers
-        self.out_dim = 384
+        self.out_dim = encoder_dim(name)
         self.transformer: nn.Module | None = None
         self.weights: EncoderWeights | None = None  # see `hold`
         self.dropout = False  # see `train`
@@ -313,14 +316,14 @@ class TextEncoder(nn.Module):
             self.weights = None
             self.out_dim = self.transformer.config.hidden_size
         assert self.transformer is not None
-        n_layers = len(self.transformer.encoder.layer)
+        n_layers = len(transformer_layers(self.transformer))
         if not 1 <= layers <= n_layers:
             raise MtlError(f"the text encoder has {n_layers} layers; {layers} cannot be trained",
                            f"train between 1 and {n_layers} layers")
         self.trainable_layers = layers
         for p in self.transformer.parameters():
             p.requires_grad_(False)
-        for layer in self.transformer.encoder.layer[-layers:]:
+        for layer in transformer_layers(self.transformer)[-layers:]:
             for p in layer.parameters():
                 p.requires_grad_(True)
 
@@ -334,7 +337,7 @@ class TextEncoder(nn.Module):
         batches: computed once, so that an epoch of fine-tuning runs the trainable layers only. From
         this encoder's own layers, unlike :func:`mtl.embeddings.token_states` (the pretrained ones)."""
         assert self.transformer is not None
-        start = len(self.transformer.encoder.layer) - self.trainable_layers
+        start = len(transformer_layers(self.transformer)) - self.trainable_layers
         arrays = lower_token_states(self.transformer, self.tokenizer, list(texts), start, np.float32)
         device = next(self.transformer.parameters()).device
         store = TokenStore(torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["offsets"])).to(device)
@@ -350,7 +353,7 @@ class TextEncoder(nn.Module):
         """Sentence embeddings from :meth:`lower_states`: the trainable layers, then mean pooling."""
         assert self.transformer is not None
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        for layer in self.transformer.encoder.layer[-self.trainable_layers:]:
+        for layer in transformer_layers(self.transformer)[-self.trainable_layers:]:
             hidden = layer(hidden, attention_mask=additive)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older transformers return tuples
         return mean_pool(hidden, mask)
@@ -393,11 +396,17 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image_encoder: str = "conv4"
     image_channels: int = 1
-    text_encoder: str = "minilm"
+    text_encoder: str = "minilm"  # a registered name or a transformers model folder (made absolute)
     text_trainable_layers: int = 0
     projection: int | None = None  # per-modality linear map to a common width before the trunk
     trunk: list[int] = []  # hidden widths of the shared MLP trunk; [] = none
     normalize_text: bool = True
+
+    @field_validator("text_encoder")
+    @classmethod
+    def _absolute_folder(cls, name: str) -> str:
+        """A checkpoint must find the folder again from wherever it is adapted."""
+        return name if name in ENCODERS or not Path(name).is_dir() else str(Path(name).resolve())
 
 
 ENCODERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
@@ -406,6 +415,17 @@ ENCODERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "conv6": lambda c: ConvEncoder(c.image_channels, 64, 6),
     "minilm": lambda c: TextEncoder("minilm", c.text_trainable_layers),
 }
+
+
+def build_encoder(name: str, config: ModelConfig, modality: str) -> nn.Module:
+    """The encoder a recipe names: a registered one, or for text the folder of any transformers
+    sentence encoder (saved with ``save_pretrained``; mean pooling), e.g. a larger model than MiniLM."""
+    if name in ENCODERS:
+        return ENCODERS[name](config)
+    if modality == "text" and Path(name).is_dir():
+        return TextEncoder(name, config.text_trainable_layers)
+    other = " or the folder of a transformers model" if modality == "text" else ""
+    raise MtlError(f"unknown {modality} encoder '{name}'", f"use one of {', '.join(ENCODERS)}{other}")
 
 
 class MultiTaskModel(nn.Module):
@@ -423,9 +443,7 @@ class MultiTaskModel(nn.Module):
         dims = {}
         for m in sorted(set(modalities)):
             name = config.image_encoder if m == "image" else config.text_encoder
-            if name not in ENCODERS:
-                    raise MtlError(f"unknown encoder '{name}'", f"use one of {', '.join(ENCODERS)}")
-            self.encoders[m] = ENCODERS[name](config)
+            self.encoders[m] = build_encoder(name, config, m)
             dims[m] = self.encoders[m].out_dim
         if config.projection:
             for m, d in dims.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,43 @@ def test_cached_token_states_then_upper_layers_equal_the_full_encoder():
         assert short.hidden.shape[1] < long.hidden.shape[1]  # a batch is trimmed to its longest text
         both = enc(TokenStates.cat(short, long))  # padded to a common length: same outputs
     assert torch.allclose(full[[0, 2, 1]], both, atol=2e-2)  # fp16 storage
+
+
+def test_a_transformers_folder_as_the_text_encoder(tmp_path, run_cli):
+    """Any sentence encoder saved by transformers (here a tiny random BERT) trains, adapts and
+    predicts like the shipped MiniLM, with its own width; its cache key changes with its files."""
+    from transformers import BertConfig, BertModel
+
+    from mtl.checkpoint import load_checkpoint
+    from mtl.embeddings import encoder_key, load_transformer
+
+    folder = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(folder)
+    load_transformer("minilm")[1].save_pretrained(folder)  # the tokenizer
+    recipe = write(tmp_path / "r.yaml", TEXT_RECIPE.replace("model: {trunk: [64]}", f"model: {{trunk: [16], "
+                   f"text_encoder: '{folder}'}}").replace("iterations: 6", "iterations: 2"))
+    code, _, err = run_cli("train", "--config", recipe, "--out", tmp_path / "run", "--json")
+    assert code == 0, err
+    tensors, _ = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert tensors["learner.model.trunk.0.weight"].shape == (16, 32)  # the folder's width, not MiniLM's 384
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", tmp_path / "run", "--shots", 2,
+                             "--encoder-layers", 1, "--encoder-epochs", 1, "--out", tmp_path / "m", "--json")
+    assert code == 0, err
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "when is my next paycheck")
+    assert code == 0, err
+    assert json.loads(out)["predictions"][0]["label"] in json.loads((tmp_path / "m" / "model.json").read_text(
+        ))["classes"]
+    from mtl.models import ModelConfig
+
+    assert ModelConfig(text_encoder=os.path.relpath(folder)).text_encoder == str(folder.resolve())  # for adapt anywhere
+    key = encoder_key(str(folder))
+    BertModel(config).save_pretrained(folder)  # another model in the same folder
+    assert encoder_key(str(folder)) != key
+    code, _, err = run_cli("train", "--config", write(tmp_path / "bad.yaml", TEXT_RECIPE.replace(
+        "model: {trunk: [64]}", f"model: {{text_encoder: '{tmp_path / 'nowhere'}'}}")), "--out", tmp_path / "r2")
+    assert code == 2 and "unknown text encoder" in err and len(err.strip().splitlines()) == 1
 
 
 def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, run_cli):
