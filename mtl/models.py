@@ -314,7 +314,6 @@ class TextEncoder(nn.Module):
             if held is not None:
                 self.transformer.load_state_dict(held)
             self.weights = None
-            self.out_dim = self.transformer.config.hidden_size
         assert self.transformer is not None
         n_layers = len(transformer_layers(self.transformer))
         if not 1 <= layers <= n_layers:
