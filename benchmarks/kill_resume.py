@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mtl.checkpoint import load_checkpoint
+from mtl.run.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = """\

@@ -18,8 +18,8 @@ import time
 
 import torch
 
+from mtl.algorithms.base import InnerConfig, MetaLearner, TaskBatch
 from mtl.device import set_threads
-from mtl.maml import InnerConfig, MetaLearner, TaskBatch
 from mtl.models import ModelConfig, MultiTaskModel
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtl.data.registry import Registry
 from mtl.models import TextEncoder
-from mtl.registry import Registry
 
 
 def pretrain(encoder: TextEncoder, top: list[Tensor], name: str, epochs: int) -> float:

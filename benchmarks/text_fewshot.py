@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from mtl.adapt import adapt
-from mtl.evaluation import mean_ci
-from mtl.learner import load_learner
-from mtl.registry import Registry
+from mtl.data.registry import Registry
+from mtl.run.adapt import adapt
+from mtl.run.evaluate import mean_ci
+from mtl.run.learner import load_learner
 
 
 def main() -> None:

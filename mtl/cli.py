@@ -45,7 +45,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on std
 
 
 def _registry(tasks_dir: list[Path] | None):
-    from mtl.registry import Registry
+    from mtl.data.registry import Registry
 
     return Registry(settings.tasks_dirs(tasks_dir))
 
@@ -125,9 +125,9 @@ def tasks_validate(paths: Annotated[list[Path], typer.Argument(help="Task files 
                    no_data: Annotated[bool, typer.Option("--no-data", help="Check the schema only.")] = False,
                    as_json: Json = False) -> None:
     """Check task files (schema, then the data they point at); one line per problem."""
-    from mtl.data import load_task
+    from mtl.data.registry import parse_task_file, task_files
+    from mtl.data.task import load_task
     from mtl.errors import TaskFileError
-    from mtl.registry import parse_task_file, task_files
 
     files: list[Path] = []
     problems: list[str] = []
@@ -181,7 +181,7 @@ def episode(task: Annotated[str, typer.Option("--task", help="Registry task name
             index: Annotated[int, typer.Option(help="Which episode of the seeded stream.")] = 0,
             tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Draw one reproducible N-way K-shot episode from a task and show it."""
-    from mtl.episodes import EpisodeSampler
+    from mtl.data.episodes import EpisodeSampler
 
     t = _registry(tasks_dir).load(task)
     ep = EpisodeSampler(t, split=split, ways=ways, shots=shots, queries=queries, seed=seed).sample(index)
@@ -222,8 +222,8 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mtl.device import close_distributed
-    from mtl.recipe import load_recipe
-    from mtl.train import Trainer
+    from mtl.run.recipe import load_recipe
+    from mtl.run.trainer import Trainer
 
     overrides: dict[str, object] = {"method": method, "seed": seed, "device": device, "iterations": iterations}
     for item in override or []:
@@ -287,9 +287,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     """Fine-tune a learned initialization on a few labelled examples of a task; save the adapted model."""
     from dataclasses import asdict
 
-    from mtl.adapt import adapt
     from mtl.device import resolve_device
-    from mtl.learner import load_learner
+    from mtl.run.adapt import adapt
+    from mtl.run.learner import load_learner
 
     if shots < 1:
         raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
@@ -317,8 +317,8 @@ def predict(model: Annotated[Path, typer.Option("--model", help="Folder written 
             top: Annotated[int, typer.Option(help="How many labels to list per input.")] = 1,
             device: Device = "auto", as_json: Json = False) -> None:
     """Predict label names and probabilities with an adapted model."""
-    from mtl.adapt import AdaptedModel
     from mtl.device import resolve_device
+    from mtl.run.adapt import AdaptedModel
 
     m = AdaptedModel.load(model, resolve_device(device))
     x, shown = m.load_inputs(inputs)
@@ -343,10 +343,10 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
              steps: Annotated[int | None, typer.Option(help="Adaptation steps (default: the recipe's).")] = None,
              seed: int = 0, device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Episodic accuracy: mean and 95% confidence interval over seeded episodes."""
+    from mtl.data.stream import EpisodeStream
     from mtl.device import resolve_device
-    from mtl.evaluation import mean_ci
-    from mtl.learner import load_learner
-    from mtl.stream import EpisodeStream
+    from mtl.run.evaluate import mean_ci
+    from mtl.run.learner import load_learner
 
     dev = resolve_device(device)
     t = _registry(tasks_dir).load(task)
@@ -384,8 +384,8 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
                 out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.*")] = Path("runs/compare"),
                 device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """MAML against the multi-task baseline and others on the same episodes: CIs, paired tests, table, plot."""
-    from mtl.compare import METHODS, compare, write_reports
     from mtl.device import resolve_device
+    from mtl.run.compare import METHODS, compare, write_reports
 
     reg = _registry(tasks_dir)
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -429,7 +429,7 @@ def models() -> None:
 @app.command("formats")
 def formats() -> None:
     """The source formats a task file can use."""
-    from mtl.formats import READERS
+    from mtl.data.formats import READERS
 
     for name, fn in sorted(READERS.items()):
         doc = (fn.__doc__ or "").strip().splitlines()

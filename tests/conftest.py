@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from mtl import settings
 from mtl.cli import main
-from mtl.registry import Registry
+from mtl.data.registry import Registry
 
 HAS_DATA = (settings.data_dir() / "MANIFEST.md").exists()
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="real datasets not found (set MTL_DATA_DIR)")

@@ -72,9 +72,9 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
 
 
 def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_run, tmp_path, run_cli):
-    from mtl.adapt import AdaptedModel
-    from mtl.embeddings import load_transformer
-    from mtl.registry import Registry
+    from mtl.data.embeddings import load_transformer
+    from mtl.data.registry import Registry
+    from mtl.run.adapt import AdaptedModel
 
     shared = load_transformer("minilm")[0]
     before = {k: v.clone() for k, v in shared.state_dict().items()}
@@ -109,7 +109,7 @@ def test_lower_states_then_upper_layers_equal_the_full_encoder():
 
 
 def test_cached_token_states_then_upper_layers_equal_the_full_encoder():
-    from mtl.embeddings import TokenStates, token_states
+    from mtl.data.embeddings import TokenStates, token_states
     from mtl.models import TextEncoder
 
     enc = TextEncoder("minilm", trainable_layers=2).eval()
@@ -129,8 +129,8 @@ def test_a_transformers_folder_as_the_text_encoder(tmp_path, run_cli):
     predicts like the shipped MiniLM, with its own width; its cache key changes with its files."""
     from transformers import BertConfig, BertModel
 
-    from mtl.checkpoint import load_checkpoint
-    from mtl.embeddings import encoder_key, load_transformer
+    from mtl.data.embeddings import encoder_key, load_transformer
+    from mtl.run.checkpoint import load_checkpoint
 
     folder = tmp_path / "tiny-bert"
     torch.manual_seed(0)
@@ -162,8 +162,8 @@ def test_a_transformers_folder_as_the_text_encoder(tmp_path, run_cli):
 
 
 def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, run_cli):
-    from mtl.checkpoint import load_checkpoint
-    from mtl.embeddings import load_transformer
+    from mtl.data.embeddings import load_transformer
+    from mtl.run.checkpoint import load_checkpoint
 
     recipe = write(tmp_path / "r.yaml", TEXT_RECIPE.replace("model: {trunk: [64]}",
                    "model: {trunk: [], text_trainable_layers: 2}\nencoder_lr: 0.0001").replace(
@@ -184,8 +184,8 @@ def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, 
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "when is my next paycheck")
     assert code == 0, err
     assert json.loads(out)["predictions"][0]["label"] == "payday"
-    from mtl.adapt import AdaptedModel
-    from mtl.registry import Registry
+    from mtl.data.registry import Registry
+    from mtl.run.adapt import AdaptedModel
 
     # plain adapt holds the meta-learned layers as a fixed function with cached sentence embeddings;
     # the saved model runs the whole encoder on strings and agrees (embeddings cached in half precision)
@@ -201,7 +201,7 @@ def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, 
     result, imported = proc.stdout.strip().splitlines()
     assert json.loads(result)["test_accuracy"] == adapted_acc and imported == "False"
     # held layers turn back into a trainable transformer with exactly the checkpoint's tensors
-    from mtl.learner import load_learner
+    from mtl.run.learner import load_learner
 
     held, _ = load_learner(tmp_path / "run", torch.device("cpu"), hold_text=True)
     built, _ = load_learner(tmp_path / "run", torch.device("cpu"))
@@ -245,7 +245,7 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
     import numpy as np
     from PIL import Image
 
-    from mtl.registry import Registry
+    from mtl.data.registry import Registry
 
     img = Registry().load("olivetti").test.inputs[0]
     Image.fromarray(img).save(tmp_path / "face.png")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mtl.evaluation import mean_ci
+from mtl.run.evaluate import mean_ci
 from tests.conftest import needs_data, write
 
 RECIPE = """\
@@ -105,7 +105,7 @@ def test_compare_on_a_users_own_task_folder(runs, run_cli, tmp_path):
 def test_paired_episodes_are_identical_across_methods(registry):
     import torch
 
-    from mtl.stream import EpisodeStream
+    from mtl.data.stream import EpisodeStream
 
     task = registry.load("omniglot-angelic")
     a = EpisodeStream([task], "test", 5, 1, 3, 0, torch.device("cpu"), cap_ways=False).fixed(5)

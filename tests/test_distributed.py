@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl.checkpoint import load_checkpoint
+from mtl.run.checkpoint import load_checkpoint
 from tests.conftest import needs_data, write
 
 ROOT = Path(__file__).parents[1]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtl.data import Split, Task
-from mtl.episodes import EpisodeSampler
+from mtl.data.episodes import EpisodeSampler
+from mtl.data.schema import TaskSpec
+from mtl.data.task import Split, Task
 from mtl.errors import MtlError
-from mtl.schema import TaskSpec
 from tests.conftest import needs_data
 
 

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from mtl import data as data_module
-from mtl.data import load_task
+from mtl.data import task as data_module
+from mtl.data.schema import TaskSpec
+from mtl.data.task import load_task
 from mtl.errors import TaskFileError
-from mtl.schema import TaskSpec
 
 TEXTS = [f"sentence {i}" for i in range(12)]
 LABELS = ["a", "b", "c"] * 4

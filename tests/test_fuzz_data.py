@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mtl import data as data_module
 from mtl.cli import main
+from mtl.data import task as data_module
 
 CLASSES = ["cat", "dog", "owl"]
 PER_CLASS = 6

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mtl.maml
-from mtl.maml import InnerConfig, MetaLearner, TaskBatch
+import mtl.algorithms.base
+from mtl.algorithms.base import InnerConfig, MetaLearner, TaskBatch
 from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel, SupportBatchNorm, channel_stats
 
 
@@ -224,7 +224,7 @@ def test_second_order_support_pass_runs_nchw(monkeypatch):
         lambda m, inp: layouts.append((len(inp[0]), inp[0].is_contiguous(memory_format=torch.channels_last))))
     nchw = meta_grads(learner, [b])
     assert layouts == [(6, False), (15, True)]  # support alone; then [support; query] for support statistics
-    monkeypatch.setattr(mtl.maml, "nchw_for_double_backward", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(mtl.algorithms.base, "nchw_for_double_backward", lambda model: contextlib.nullcontext())
     nhwc = meta_grads(learner, [b])
     assert layouts[2:] == [(6, True), (15, True)]
     assert all(torch.allclose(nchw[n], nhwc[n], atol=1e-12) for n in nchw)

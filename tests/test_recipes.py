@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mtl.errors import MtlError
-from mtl.recipe import load_recipe
+from mtl.run.recipe import load_recipe
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from mtl.data.registry import Registry
 from mtl.errors import TaskFileErrors
-from mtl.registry import Registry
 from tests.conftest import write
 
 GOOD = """\

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtl.checkpoint import load_checkpoint
 from mtl.errors import MtlError
-from mtl.learner import load_learner
-from mtl.recipe import load_recipe
-from mtl.train import RunLock, Trainer
+from mtl.run.checkpoint import load_checkpoint
+from mtl.run.learner import load_learner
+from mtl.run.recipe import load_recipe
+from mtl.run.trainer import RunLock, Trainer
 from tests.conftest import needs_data
 
 pytestmark = needs_data
@@ -43,7 +43,7 @@ def test_short_meta_training_beats_chance_by_a_wide_margin(trained, registry):
     out, result = trained
     assert result["best_val_accuracy"] > 0.4  # 5-way: chance is 0.2
     learner, _ = load_learner(out, torch.device("cpu"))
-    from mtl.stream import EpisodeStream
+    from mtl.data.stream import EpisodeStream
 
     stream = EpisodeStream([registry.load("omniglot")], "test", 5, 1, 5, 123, torch.device("cpu"))
     accs = [learner.evaluate(b) for b in stream.fixed(40)]
@@ -121,7 +121,7 @@ def test_every_method_trains_and_improves(tmp_path, registry, method, inner):
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine annealing
     learner, meta = load_learner(out, torch.device("cpu"))
     if inner.get("per_step_bn_stats"):  # an adapted model keeps the last step's statistics; predict uses them
-        from mtl.adapt import AdaptedModel, adapt
+        from mtl.run.adapt import AdaptedModel, adapt
 
         res = adapt(learner, meta, registry.load("mnist"), tmp_path / "m", shots=1)
         model = AdaptedModel.load(tmp_path / "m")

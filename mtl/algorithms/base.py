@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mtl.inputs import Inputs, concat
+from mtl.data.inputs import Inputs, concat
 from mtl.models import (
     EpisodicBatchNorm2d,
     MultiTaskModel,

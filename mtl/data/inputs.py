@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl.data import Split
-from mtl.embeddings import TokenStates, TokenStore, embed_texts, token_states
+from mtl.data.embeddings import TokenStates, TokenStore, embed_texts, token_states
+from mtl.data.task import Split
 
 Inputs = Tensor | TokenStates | list[str]
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtl.data import Task
-from mtl.inputs import SplitInputs
-from mtl.maml import MetaLearner
+from mtl.algorithms.base import MetaLearner
+from mtl.data.inputs import SplitInputs
+from mtl.data.task import Task
 from mtl.models import head_key
 
 

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from mtl import __version__
-from mtl.cache import atomic_write_bytes
+from mtl.data.cache import atomic_write_bytes
 from mtl.errors import MtlError
 
 FORMAT_VERSION = 1

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mtl.data.schema import ImageOptions
 from mtl.errors import TaskFileError
-from mtl.schema import ImageOptions
 
 
 def _to_pil(value: object, where: str) -> Image.Image:

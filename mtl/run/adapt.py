@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl.checkpoint import load_checkpoint, load_into, save_checkpoint
-from mtl.data import Task
+from mtl.algorithms.base import MetaLearner, TaskBatch
+from mtl.data.images import prepare_images
+from mtl.data.schema import ImageOptions
+from mtl.data.task import Task
 from mtl.errors import MtlError
-from mtl.images import prepare_images
-from mtl.maml import MetaLearner, TaskBatch
 from mtl.models import ModelConfig, MultiTaskModel, calibrate_batchnorm
-from mtl.schema import ImageOptions
+from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
 
 HEAD = "adapted"
 
@@ -271,7 +271,7 @@ class AdaptedModel:
         modality = self.meta["modality"]
         states = None
         if cached and modality == "text" and not self.model.encoders["text"].reads_embeddings:
-            from mtl.embeddings import token_states
+            from mtl.data.embeddings import token_states
 
             states = token_states(inputs.tolist(), cfg.text_encoder, cfg.text_trainable_layers).to(self.device)
         out = []

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from mtl.checkpoint import load_checkpoint, load_into
-from mtl.maml import MetaLearner
+from mtl.algorithms.base import MetaLearner
 from mtl.models import MultiTaskModel
-from mtl.recipe import Recipe
+from mtl.run.checkpoint import load_checkpoint, load_into
+from mtl.run.recipe import Recipe
 
 
 def build_learner(recipe: Recipe, modalities: list[str], heads: dict[str, int]) -> MetaLearner:

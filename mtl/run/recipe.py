@@ -11,8 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mtl.algorithms.base import InnerConfig
 from mtl.errors import MtlError
-from mtl.maml import InnerConfig
 from mtl.models import ModelConfig
 
 Method = Literal["maml", "fomaml", "anil", "metasgd", "reptile", "multitask"]

@@ -1,0 +1,1 @@
+"""Meta-learning algorithms, one module each, registered by name."""

@@ -1,0 +1,1 @@
+"""YAML -> task -> episodes: task-file schema, registry, source readers, decoding, caches, episodes."""

@@ -1,0 +1,180 @@
+"""Batch norm for episodes: statistics from the support set only, or MAML++'s per-step running
+statistics, with exact (and fast) gradients for second-order meta-learning."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class EpisodicBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm whose statistics come from the first ``stats_rows`` rows of the batch.
+
+    Meta-learning puts ``[support; query]`` through one forward with ``stats_rows = len(support)``:
+    queries are normalised with support statistics only, so no query sees another query's
+    statistics (no transductive leak). With ``stats_rows = None`` it uses the whole batch (the
+    transductive MAML default). In ``eval()`` it uses the running statistics, which
+    :func:`calibrate_batchnorm` sets from an adapted model's support set. Gradients through the
+    statistics are exact: the whole-batch mode is the native kernel, differentiable twice (MAML's
+    support pass); support statistics go through :class:`SupportBatchNorm`, differentiable once
+    (the query pass); MAML++'s per-step statistics are plain tensor ops.
+    """
+
+    stats_rows: int | None = None
+    # MAML++'s per-step running statistics (see :func:`step_statistics`): the (mean, var) rows of
+    # the current inner step, and whether this forward "collect"s into them or "use"s them
+    step_stats: tuple[Tensor, Tensor] | None = None
+    step_mode: str | None = None
+    momentum_of_steps: float = 0.1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.step_stats is not None and self.step_mode == "use":
+            mean, var = self.step_stats
+        elif self.training or self.running_mean is None:
+            if self.step_stats is None and self.stats_rows is None:
+                # transductive: the native kernel (fewer memory passes; exact double backward)
+                return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            if self.step_stats is None:
+                return SupportBatchNorm.apply(x, self.weight, self.bias, self.stats_rows, self.eps)
+            mean, var = channel_stats(x[: self.stats_rows])  # and collect them, MAML++'s per-step statistics
+            with torch.no_grad():
+                self.step_stats[0].lerp_(mean.detach().to(self.step_stats[0].dtype), self.momentum_of_steps)
+                self.step_stats[1].lerp_(var.detach().to(self.step_stats[1].dtype), self.momentum_of_steps)
+        else:
+            mean, var = self.running_mean, self.running_var  # type: ignore[assignment]
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale + (self.bias if self.bias is not None else 0.0)
+        # x * scale + shift, through the native kernel as an eval-mode batch norm with mean 0 and
+        # variance 1 - eps: scale and shift are its (differentiable) affine parameters, and its
+        # fused backward and double backward are ~20% faster per meta-iteration than addcmul's
+        unit = torch.full_like(scale, 1.0 - self.eps)
+        return F.batch_norm(x, torch.zeros_like(scale), unit, scale, shift, False, 0.0, self.eps)
+
+
+class SupportBatchNorm(torch.autograd.Function):
+    """Batch norm of all rows of ``x`` with the statistics of its first ``rows`` rows, differentiable
+    once (the query pass of MAML with support statistics is not differentiated twice).
+
+    As a composition of ``x[:rows]``, the statistics and an eval-mode batch norm, autograd's backward
+    would build a zero gradient of the whole batch for the slice and add it to the batch norm's: two
+    more passes over the largest tensor of a meta-iteration (~15% of its time on Omniglot). Here one
+    fused eval-mode backward gives every row's gradient and the parameter sums, and the statistics'
+    share is added to the support rows only."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor | None,
+                bias: Tensor | None, rows: int, eps: float) -> Tensor:
+        mean, var = channel_stats(x[:rows])
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd * weight if weight is not None else invstd
+        shift = -mean * scale + (bias if bias is not None else 0.0)
+        # x * scale + shift as an eval-mode batch norm with mean 0 and variance 1 - eps: the native
+        # kernel, ~20% faster per meta-iteration than addcmul
+        unit = torch.full_like(scale, 1.0 - eps)
+        ctx.save_for_backward(x, weight, mean, var, scale)
+        ctx.rows, ctx.eps, ctx.bias_dtype = rows, eps, None if bias is None else bias.dtype
+        return F.batch_norm(x, torch.zeros_like(scale), unit, scale, shift, False, 0.0, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, gy: Tensor
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None, None, None]:
+        x, weight, mean, var, scale = ctx.saved_tensors  # type: ignore[attr-defined]
+        rows, eps, bias_dtype = ctx.rows, ctx.eps, ctx.bias_dtype  # type: ignore[attr-defined]
+        unit = torch.full_like(scale, 1.0 - eps)
+        # gy * scale for every row, sum(gy * x) and sum(gy) per channel, in one pass
+        gx, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
+            gy, x, scale, torch.zeros_like(scale), unit, None, None, False, eps, [True, True, True])
+        invstd = torch.rsqrt(var + eps)
+        sum_gx, sum_g = _wide(sum_gx), _wide(sum_g)
+        sum_g_centred = sum_gx - mean * sum_g  # sum(gy * (x - mean))
+        w = weight if weight is not None else torch.ones_like(invstd)
+        # through the statistics of the support rows: d mean / d x_i = 1/n, d var / d x_i = 2 (x_i - mean)/n
+        n = rows * x.shape[2] * x.shape[3]
+        d_mean = -sum_g * scale
+        d_var = (sum_g_centred * w * -0.5 * invstd.pow(3)) * (var > 0)  # var is clamped at 0
+        shape = (1, -1, 1, 1)
+        support = _wide(x[:rows]) - mean.view(shape)
+        gx[:rows] += (d_mean.view(shape) / n + support * (2 * d_var / n).view(shape)).to(gx.dtype)
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        g_weight = (sum_g_centred * invstd).to(weight.dtype) if weight is not None and needs[1] else None
+        g_bias = sum_g.to(bias_dtype) if bias_dtype is not None and needs[2] else None
+        return gx, g_weight, g_bias, None, None
+
+
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in at least single precision: reductions never in half precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance; E[x^2] - E[x]^2 in fp32 is 8x faster than ``var`` on
+    channels-last CPU tensors."""
+    xf = _wide(x)
+    mean = xf.mean(dim=(0, 2, 3))
+    return mean, ((xf * xf).mean(dim=(0, 2, 3)) - mean * mean).clamp_min(0)
+
+
+@contextlib.contextmanager
+def setting(model: nn.Module, kind: type[nn.Module], attr: str, value: object) -> Iterator[None]:
+    """Within the block, every submodule of type ``kind`` has ``attr`` set to ``value``: how a pass
+    switches a mode of plain modules without changing their code."""
+    modules = [m for m in model.modules() if isinstance(m, kind)]
+    old = [getattr(m, attr) for m in modules]
+    for m in modules:
+        setattr(m, attr, value)
+    try:
+        yield
+    finally:
+        for m, v in zip(modules, old, strict=True):
+            setattr(m, attr, v)
+
+
+def support_statistics(model: nn.Module, rows: int | None) -> contextlib.AbstractContextManager[None]:
+    """Within the block, batch norms take statistics from the first ``rows`` rows only."""
+    return setting(model, EpisodicBatchNorm2d, "stats_rows", rows)
+
+
+@contextlib.contextmanager
+def step_statistics(model: nn.Module, rows: dict[str, tuple[Tensor, Tensor]], mode: str) -> Iterator[None]:
+    """Within the block, the batch norm named ``n`` normalises with the running statistics
+    ``rows[n]`` (``mode="use"``), or with its support statistics while averaging them into
+    ``rows[n]`` (``"collect"``): MAML++'s per-step batch-norm running statistics."""
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, EpisodicBatchNorm2d) and n in rows}
+    for n, m in norms.items():
+        m.step_stats, m.step_mode = rows[n], mode
+    try:
+        yield
+    finally:
+        for m in norms.values():
+            m.step_stats, m.step_mode = None, None
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, forward: Callable[[], object]) -> None:
+    """Set every batch norm's running statistics to those of the batch that ``forward`` runs."""
+    norms = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm2d)]
+    if not norms:
+        return
+    hooks = []
+    for m in norms:
+        def hook(mod: EpisodicBatchNorm2d, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]
+            mean, var = channel_stats(x if mod.stats_rows is None else x[: mod.stats_rows])
+            mod.running_mean.copy_(mean)  # type: ignore[union-attr]
+            mod.running_var.copy_(var)  # type: ignore[union-attr]
+        hooks.append(m.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.train()
+    try:
+        forward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)

@@ -1,0 +1,79 @@
+"""Convolutional image encoders: the MAML paper's Conv-4 and its wider and deeper variants."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from mtl.models.batchnorm import EpisodicBatchNorm2d, setting
+from mtl.models.encoders.registry import register_encoder
+
+if TYPE_CHECKING:
+    from mtl.models.multitask import ModelConfig
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` with NHWC strides. For one channel ``contiguous(memory_format=...)`` keeps the NCHW
+    strides (both layouts are the same bytes), convolutions then pick NCHW and the whole network
+    runs NCHW; the explicit strides (a view) make them pick NHWC."""
+    if x.shape[1] != 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    h, w = x.shape[2:]
+    return x.contiguous().as_strided(x.shape, (h * w, 1, w, 1))
+
+
+def nchw_for_double_backward(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Within the block, convolutional encoders run NCHW: the layout for a pass whose graph is
+    differentiated twice (second-order MAML's support pass). On CPU such a pass runs 1.25-2x faster
+    NCHW (batch norm's double backward above all), while channels-last makes a pass differentiated
+    once 1.5-1.8x faster (docs/BENCHMARKS.md)."""
+    return setting(model, ConvEncoder, "nhwc", False)
+
+
+class ConvEncoder(nn.Module):
+    """The Conv-4 of the MAML paper: blocks of 3x3 conv, batch norm, ReLU, 2x2 max-pool."""
+
+    nhwc: bool = True  # channels-last activations (see :func:`nchw_for_double_backward`)
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            # no conv bias: the batch norm that follows has one. ReLU after the max-pool: the same
+            # function (ReLU is monotone), with ReLU and its double backward on a quarter of the values
+            layers += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=False),
+                       EpisodicBatchNorm2d(hidden), nn.MaxPool2d(2, ceil_mode=i >= 4), nn.ReLU()]
+        self.blocks = nn.Sequential(*layers)
+        self.out_dim = hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        if x.dim() == 3:
+            x = x.unsqueeze(1)  # grayscale (N, H, W) -> (N, 1, H, W)
+        elif x.dim() == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)
+        x = channels_last(x) if self.nhwc else x.contiguous()  # NHWC: 2x faster conv and pooling on CPU
+        h = self.blocks(x)
+        return h.mean(dim=(2, 3))  # global average pool: any input size gives `hidden` features
+
+
+@register_encoder("conv4", "image")
+def conv4(config: ModelConfig) -> ConvEncoder:
+    """The MAML paper's Conv-4: 4 blocks of 64 channels."""
+    return ConvEncoder(config.image_channels, 64, 4)
+
+
+@register_encoder("conv4-wide", "image")
+def conv4_wide(config: ModelConfig) -> ConvEncoder:
+    """Conv-4 with 128 channels per block."""
+    return ConvEncoder(config.image_channels, 128, 4)
+
+
+@register_encoder("conv6", "image")
+def conv6(config: ModelConfig) -> ConvEncoder:
+    """Six blocks of 64 channels (the last two without pooling below 1x1)."""
+    return ConvEncoder(config.image_channels, 64, 6)

@@ -1,0 +1,2 @@
+"""What a command does, as library functions: recipes, the training loop, checkpoints, adaptation,
+evaluation and comparison."""
