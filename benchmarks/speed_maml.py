@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from mtl.algorithms.base import InnerConfig, MetaLearner, TaskBatch
+from mtl.algorithms import Algorithm, InnerConfig, build_algorithm
+from mtl.data.stream import TaskBatch
 from mtl.device import set_threads
 from mtl.models import ModelConfig, MultiTaskModel
 
@@ -49,11 +50,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = MultiTaskModel(ModelConfig(), ["image"])
         method = "maml" if a.order == "second" else "fomaml"
-        learner = MetaLearner(model, method, InnerConfig(steps=a.steps, lr=0.4, head_init="learned", bn=bn),
+        learner = build_algorithm(method, model, InnerConfig(steps=a.steps, lr=0.4, head_init="learned", bn=bn),
                               heads={"omniglot": N})
         opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
-        def step(learner: MetaLearner = learner, opt: torch.optim.Optimizer = opt, bf16: bool = precision == "bf16"
+        def step(learner: Algorithm = learner, opt: torch.optim.Optimizer = opt, bf16: bool = precision == "bf16"
                  ) -> None:
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import numpy as np
@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mtl import settings
-from mtl.errors import MtlError, TaskFileErrors
+from mtl.errors import MtlError
 
 app = typer.Typer(help="Multi-task learning with a MAML initialization.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -125,42 +125,9 @@ def tasks_validate(paths: Annotated[list[Path], typer.Argument(help="Task files 
                    no_data: Annotated[bool, typer.Option("--no-data", help="Check the schema only.")] = False,
                    as_json: Json = False) -> None:
     """Check task files (schema, then the data they point at); one line per problem."""
-    from mtl.data.registry import parse_task_file, task_files
-    from mtl.data.task import load_task
-    from mtl.errors import TaskFileError
+    from mtl.data.registry import validate
 
-    files: list[Path] = []
-    problems: list[str] = []
-    for p in paths:
-        if p.is_dir():
-            files += task_files(p)
-        elif p.exists():
-            files.append(p)
-        else:
-            problems.append(f"{p}: file not found. Fix: check the path.")
-    ok: list[dict[str, object]] = []
-    seen: dict[str, Path] = {}
-    for f in files:
-        try:
-            spec = parse_task_file(f)
-        except TaskFileErrors as e:
-            problems += [str(x) for x in e.errors]
-            continue
-        if spec.name in seen:
-            problems.append(str(TaskFileError(f, "name", f"task name '{spec.name}' is already used by "
-                                              f"{seen[spec.name]}", "give one of the two tasks another name")))
-            continue
-        seen[spec.name] = f
-        if no_data:
-            ok.append({"file": str(f), "name": spec.name})
-            continue
-        try:
-            task = load_task(spec, f)
-        except MtlError as e:
-            problems.append(str(e))
-            continue
-        ok.append({"file": str(f), "name": spec.name, "classes": len(task.classes),
-                   "splits": {s: len(v) for s, v in task.splits.items()}})
+    ok, problems = validate(paths, check_data=not no_data)
     if as_json:
         _print_json({"valid": ok, "problems": problems})
     else:
@@ -169,9 +136,7 @@ def tasks_validate(paths: Annotated[list[Path], typer.Argument(help="Task files 
             out.print(f"ok  {item['file']} ({item['name']}{detail})", highlight=False)
         for line in problems:
             err.print(line, highlight=False, markup=False, soft_wrap=True)
-    if problems or not files:
-        if not files and not problems:
-            err.print("no task files found", highlight=False)
+    if problems:
         raise typer.Exit(1)
 
 
@@ -209,65 +174,71 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 @app.command("train")
 def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (see configs/).")],
           out_dir: Annotated[Path, typer.Option("--out", help="Run folder.")],
-          method: Annotated[str | None, typer.Option(help="maml, fomaml, anil, metasgd, reptile or multitask.")] = None,
+          method: Annotated[str | None, typer.Option(help="A registered algorithm (`algorithms` lists them).")] = None,
           seed: Annotated[int | None, typer.Option()] = None,
           device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
           iterations: Annotated[int | None, typer.Option()] = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
           override: Annotated[list[str] | None, typer.Option(
               "--set", help="Override any recipe field: --set inner.steps=5 (repeatable).")] = None,
+          log: Annotated[list[str] | None, typer.Option(
+              "--log", help="Also log to tensorboard or mlflow (repeatable; optional packages).")] = None,
           tasks_dir: TasksDir = None, as_json: Json = False) -> None:
-    """Meta-train (or multi-task train) a shared-trunk multi-head model from a recipe."""
+    """Meta-train (or jointly train) a shared-trunk multi-head model from a recipe."""
     import yaml as _yaml
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from mtl.device import close_distributed
     from mtl.run.recipe import load_recipe
-    from mtl.run.trainer import Trainer
+    from mtl.run.trainer import train as run_training
 
-    overrides: dict[str, object] = {"method": method, "seed": seed, "device": device, "iterations": iterations}
+    overrides: dict[str, object] = {"method": method, "seed": seed, "device": device, "iterations": iterations,
+                                    "log": log}
     for item in override or []:
         if "=" not in item:
             raise MtlError(f"--set {item!r} is not key=value", "write e.g. --set inner.lr=0.1")
         key, value = item.split("=", 1)
         overrides[key] = _yaml.safe_load(value)
     recipe = load_recipe(config, overrides)
-    if tasks_dir:
-        recipe = recipe.model_copy(update={"tasks_dirs": recipe.tasks_dirs + [str(p) for p in tasks_dir]})
-    trainer = Trainer(recipe, out_dir)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} val {task.fields[val]}"),
                TextColumn("{task.fields[rate]:.2f} it/s"), TimeRemainingColumn()]
     with Progress(*columns, console=err, disable=as_json or not err.is_terminal, transient=False) as bar:
-        job = bar.add_task(recipe.method, total=recipe.iterations, completed=trainer.start, loss=0.0, acc=0.0,
-                           val="-", rate=0.0)
-        state = {"val": "-", "t": None, "n": 0}
+        job = bar.add_task(recipe.method, total=recipe.iterations, loss=0.0, acc=0.0, val="-", rate=0.0)
+        rate = _Rate()
 
-        def on_step(row: dict[str, object]) -> None:
-            import time as _time
+        def on_step(row: dict[str, Any]) -> None:
+            val = f"{row['val_accuracy']:.3f}" if "val_accuracy" in row else bar.tasks[0].fields["val"]
+            bar.update(job, completed=int(row["iteration"]) + 1, loss=row["loss"], acc=row["accuracy"], val=val,
+                       rate=rate.tick())
 
-            now = _time.perf_counter()
-            if state["t"] is None:
-                state["t"], state["n"] = now, 0
-            state["n"] += 1  # type: ignore[operator]
-            rate = (state["n"] - 1) / (now - state["t"]) if now > state["t"] else 0.0  # type: ignore[operator]
-            if "val_accuracy" in row:
-                state["val"] = f"{row['val_accuracy']:.3f}"
-            bar.update(job, completed=int(row["iteration"]) + 1, loss=row["loss"], acc=row["accuracy"],  # type: ignore[arg-type]
-                       val=state["val"], rate=rate)
-
-        try:
-            result = trainer.run(resume=resume, on_step=on_step)
-        finally:
-            close_distributed()
+        result = run_training(recipe, out_dir, resume=resume, on_step=on_step, tasks_dirs=tasks_dir)
+    if result["rank"] != 0:  # under torchrun, rank 0 alone reports
+        return
     if as_json:
         _print_json(result)
-    else:
-        val = result["best_val_accuracy"]
-        out.print(f"trained {result['iterations']} iterations in {result['seconds']} s; "
-                  f"best validation accuracy {val:.4f}" if val is not None else "", highlight=False)
-        out.print(f"run folder: {out_dir} (best.safetensors, last.safetensors, metrics.jsonl, curve.png)",
-                  highlight=False)
+        return
+    val = result["best_val_accuracy"]
+    best = f"; best validation accuracy {val:.4f}" if val is not None else ""
+    out.print(f"trained {result['iterations']} iterations in {result['seconds']} s{best}", highlight=False)
+    out.print(f"run folder: {out_dir} (best.safetensors, last.safetensors, metrics.jsonl, curve.png)",
+              highlight=False)
+
+
+class _Rate:
+    """Iterations per second since the first step (the first one includes start-up)."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+        self.n = 0
+
+    def tick(self) -> float:
+        import time
+
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        self.n += 1
+        return (self.n - 1) / (now - self.t0) if now > self.t0 else 0.0
 
 
 @app.command("adapt")
@@ -285,30 +256,20 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               encoder_epochs: Annotated[int, typer.Option(help="Epochs of that fine-tuning.")] = 30,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Fine-tune a learned initialization on a few labelled examples of a task; save the adapted model."""
-    from dataclasses import asdict
-
-    from mtl.device import resolve_device
     from mtl.run.adapt import adapt
-    from mtl.run.learner import load_learner
 
-    if shots < 1:
-        raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
-    if head_init not in (None, "zero", "proto"):
-        raise MtlError(f"--head-init {head_init} is unknown", "use zero or proto")
-    dev = resolve_device(device)
-    t = _registry(tasks_dir).load(task)
-    learner, meta = load_learner(checkpoint, dev, hold_text=encoder_layers == 0)
-    if encoder_layers < 0 or encoder_epochs < 1:
-        raise MtlError("--encoder-layers must be 0 or more and --encoder-epochs 1 or more", "e.g. --encoder-layers 2")
-    result = adapt(learner, meta, t, out_dir, shots, seed, steps, lr, examples, head_init, dev,
-                   encoder_layers=encoder_layers, encoder_epochs=encoder_epochs)
+    m = adapt(checkpoint, task, shots=shots, examples=examples, steps=steps, lr=lr, head_init=head_init,
+              encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, seed=seed, device=device, out=out_dir,
+              registry=_registry(tasks_dir))
+    result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
+              **{k: m.meta[k] for k in ("shots", "steps", "test_accuracy", "test_ci95", "test_examples", "seconds")}}
     if as_json:
-        _print_json(asdict(result))
+        _print_json(result)
         return
-    acc = (f"test accuracy {result.test_accuracy:.4f} +/- {result.test_ci95:.4f} on {result.test_examples} "
-           "examples" if result.test_accuracy is not None else "no test examples of these classes")
-    out.print(f"adapted to {task}: {result.classes} classes x {result.shots} shots, {result.steps} steps; {acc}; "
-              f"saved {out_dir} ({result.seconds:.2f} s)", highlight=False)
+    acc = (f"test accuracy {m.meta['test_accuracy']:.4f} +/- {m.meta['test_ci95']:.4f} on {m.meta['test_examples']} "
+           "examples" if m.meta["test_accuracy"] is not None else "no test examples of these classes")
+    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {m.meta['steps']} steps; "
+              f"{acc}; saved {out_dir} ({m.meta['seconds']:.2f} s)", highlight=False)
 
 
 @app.command("predict")
@@ -318,16 +279,10 @@ def predict(model: Annotated[Path, typer.Option("--model", help="Folder written 
             device: Device = "auto", as_json: Json = False) -> None:
     """Predict label names and probabilities with an adapted model."""
     from mtl.device import resolve_device
-    from mtl.run.adapt import AdaptedModel
+    from mtl.run.adapted import AdaptedModel
 
     m = AdaptedModel.load(model, resolve_device(device))
-    x, shown = m.load_inputs(inputs)
-    proba = m.predict_proba(x)
-    rows = []
-    for item, p in zip(shown, proba, strict=True):
-        order = np.argsort(-p)[: max(1, top)]
-        rows.append({"input": item, "label": m.classes[order[0]], "probability": round(float(p[order[0]]), 5),
-                     "top": [{"label": m.classes[i], "probability": round(float(p[i]), 5)} for i in order]})
+    rows = m.predictions(inputs, top)
     if as_json:
         _print_json({"model": str(model), "task": m.meta["task"], "predictions": rows})
         return
@@ -343,87 +298,82 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
              steps: Annotated[int | None, typer.Option(help="Adaptation steps (default: the recipe's).")] = None,
              seed: int = 0, device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Episodic accuracy: mean and 95% confidence interval over seeded episodes."""
-    from mtl.data.stream import EpisodeStream
-    from mtl.device import resolve_device
-    from mtl.run.evaluate import mean_ci
-    from mtl.run.learner import load_learner
+    from mtl.run.evaluate import evaluate as run_evaluation
 
-    dev = resolve_device(device)
-    t = _registry(tasks_dir).load(task)
-    learner, meta = load_learner(checkpoint, dev)
-    if t.modality not in learner.model.encoders:
-        raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
-    name = split or t.spec.test_split
-    layers = learner.model.config.text_trainable_layers
-    stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, learner.model.config.text_encoder, layers,
-                           cap_ways=False)
-    from mtl.device import autocast
-
-    with autocast(dev, meta["recipe"].get("precision", "fp32")):
-        accs = [learner.evaluate(b, steps) for b in stream.fixed(episodes)]
-    mean, ci = mean_ci(accs)
-    info = {"task": task, "split": name, "ways": stream.samplers[0].ways, "shots": shots, "queries": queries,
-            "episodes": episodes, "accuracy": round(mean, 5), "ci95": round(ci, 5), "checkpoint": meta["path"]}
+    info = run_evaluation(checkpoint, task, ways, shots, queries, episodes, split, steps, seed=seed, device=device,
+                          registry=_registry(tasks_dir))
     if as_json:
         _print_json(info)
     else:
-        out.print(f"{task} ({name}) {info['ways']}-way {shots}-shot over {episodes} episodes: "
-                  f"{100 * mean:.2f}% +/- {100 * ci:.2f}% (95% CI)", highlight=False)
+        out.print(f"{task} ({info['split']}) {info['ways']}-way {shots}-shot over {episodes} episodes: "
+                  f"{100 * info['accuracy']:.2f}% +/- {100 * info['ci95']:.2f}% (95% CI)", highlight=False)
 
 
 @app.command("compare")
 def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tasks, comma-separated.")],
                 checkpoints: Annotated[str, typer.Option(
-                    "--checkpoints", help="maml=RUN_DIR[,multitask=RUN_DIR]")],
+                    "--checkpoints", help="label=RUN_DIR,...: maml=runs/a,protonet=runs/b,multitask=runs/c")],
                 shots: Annotated[str, typer.Option(help="Shots per class, comma-separated.")] = "1,5",
                 episodes: int = 100, ways: Annotated[int | None, typer.Option(help="Default: the recipe's.")] = None,
-                methods: Annotated[str, typer.Option(help="Comma-separated.")] = ",".join(
-                    ("maml", "multitask", "scratch", "linear_probe", "centroid")),
+                methods: Annotated[str | None, typer.Option(
+                    help="Comma-separated checkpoint labels and baselines (scratch, linear_probe, centroid); "
+                    "default: all.")] = None,
                 steps: Annotated[int, typer.Option(help="Fine-tuning steps, the same for every method.")] = 10,
                 queries: int = 15, seed: int = 0,
                 out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.*")] = Path("runs/compare"),
                 device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
-    """MAML against the multi-task baseline and others on the same episodes: CIs, paired tests, table, plot."""
+    """Checkpoints (MAML, ProtoNet, multi-task...) and baselines on the same episodes: CIs, paired tests,
+    table, plot; the reports are rewritten after every finished setting."""
     from mtl.device import resolve_device
-    from mtl.run.compare import METHODS, compare, write_reports
+    from mtl.run.compare import compare, write_reports
 
     reg = _registry(tasks_dir)
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in METHODS]
-    if bad:
-        raise MtlError(f"unknown method '{bad[0]}'", f"use some of {', '.join(METHODS)}")
     cps: dict[str, Path] = {}
     for item in checkpoints.split(","):
         if "=" not in item:
-            raise MtlError(f"--checkpoints entry {item!r} is not name=RUN_DIR", "write maml=runs/a,multitask=runs/b")
+            raise MtlError(f"--checkpoints entry {item!r} is not label=RUN_DIR", "write maml=runs/a,multitask=runs/b")
         k, v = item.split("=", 1)
         cps[k.strip()] = Path(v.strip())
     try:
         shot_list = [int(s) for s in shots.split(",")]
     except ValueError:
         raise MtlError(f"--shots {shots!r} is not a list of numbers", "write e.g. --shots 1,5,10") from None
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     rows = compare([reg.load(t.strip()) for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways, steps,
-                   queries, seed, resolve_device(device))
+                   queries, seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir))
     doc = write_reports(rows, out_dir)
     if as_json:
         _print_json(doc)
         return
-    table = Table("task", "shots", "method", "accuracy", "95% CI", "p vs MAML", title="same episodes for every method")
+    table = Table("task", "shots", "method", "accuracy", "95% CI", "p vs reference", "step size",
+                  title="same episodes for every method")
     for r in rows:
         table.add_row(r.task, str(r.shots), r.method, f"{100 * r.accuracy:.2f}%", f"±{100 * r.ci95:.2f}",
-                      "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}")
+                      "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}", r.step_size)
     out.print(table)
+    for task, shot, left in sorted({(r.task, r.shots, tuple(r.left_out)) for r in rows if r.left_out}):
+        out.print(f"{task} {shot}-shot: {len(left)} classes with too few test examples left out "
+                  f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''})", highlight=False)
     out.print(f"wrote {out_dir}/results.csv, results.md, results.png, results.json", highlight=False)
 
 
 @app.command("models")
 def models() -> None:
     """The encoders a recipe can name (model.image_encoder, model.text_encoder)."""
-    from mtl.models import ENCODERS
+    from mtl.models.encoders.registry import describe
 
-    for name in ENCODERS:
-        out.print(name, highlight=False)
+    for e in describe():
+        out.print(f"{e['name']:12s} {e['modality']:6s} {e['description']}", highlight=False, markup=False)
     out.print("(model.text_encoder may also name the folder of any transformers sentence encoder)", highlight=False)
+
+
+@app.command("algorithms")
+def algorithms() -> None:
+    """The algorithms a recipe can name (method:), and what each trains on."""
+    from mtl.algorithms import ALGORITHMS, summary
+
+    for name, cls in ALGORITHMS.items():
+        out.print(f"{name:12s} {cls.training_data:9s} {summary(cls)}", highlight=False, markup=False)
 
 
 @app.command("formats")

@@ -74,7 +74,7 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
 def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_run, tmp_path, run_cli):
     from mtl.data.embeddings import load_transformer
     from mtl.data.registry import Registry
-    from mtl.run.adapt import AdaptedModel
+    from mtl.run.adapted import AdaptedModel
 
     shared = load_transformer("minilm")[0]
     before = {k: v.clone() for k, v in shared.state_dict().items()}
@@ -185,7 +185,7 @@ def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, 
     assert code == 0, err
     assert json.loads(out)["predictions"][0]["label"] == "payday"
     from mtl.data.registry import Registry
-    from mtl.run.adapt import AdaptedModel
+    from mtl.run.adapted import AdaptedModel
 
     # plain adapt holds the meta-learned layers as a fixed function with cached sentence embeddings;
     # the saved model runs the whole encoder on strings and agrees (embeddings cached in half precision)

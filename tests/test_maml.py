@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mtl.algorithms.base
-from mtl.algorithms.base import InnerConfig, MetaLearner, TaskBatch
+import mtl.algorithms.inner
+from mtl.algorithms import Algorithm, InnerConfig, build_algorithm
+from mtl.data.stream import TaskBatch
 from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel, SupportBatchNorm, channel_stats
 
 
@@ -23,13 +24,13 @@ def float64():
     torch.set_default_dtype(old)
 
 
-def tiny_learner(method: str = "maml", **inner) -> MetaLearner:
+def tiny_learner(method: str = "maml", **inner) -> Algorithm:
     torch.manual_seed(0)
     model = MultiTaskModel(ModelConfig(), ["image"])
     model.encoders["image"] = ConvEncoder(1, hidden=3, depth=2)
     model.feature_dim = 3
     cfg = InnerConfig(**{"steps": 1, "lr": 0.5, "head_init": "zero", **inner})
-    learner = MetaLearner(model, method, cfg).double()
+    learner = build_algorithm(method, model, cfg).double()
     with torch.no_grad():  # non-trivial batch-norm affine parameters
         for n, p in learner.model.named_parameters():
             if "blocks.1." in n or "blocks.5." in n:
@@ -45,13 +46,13 @@ def batch(seed: int = 0, ways: int = 3, shots: int = 2, queries: int = 3) -> Tas
                      torch.arange(ways).repeat_interleave(queries))
 
 
-def meta_grads(learner: MetaLearner, batches: list[TaskBatch], it: int = 0) -> dict[str, torch.Tensor]:
+def meta_grads(learner: Algorithm, batches: list[TaskBatch], it: int = 0) -> dict[str, torch.Tensor]:
     learner.zero_grad(set_to_none=True)
     learner.meta_backward(batches, it)
     return {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
 
 
-def outer_loss(learner: MetaLearner, batches: list[TaskBatch]) -> float:
+def outer_loss(learner: Algorithm, batches: list[TaskBatch]) -> float:
     total = 0.0
     for b in batches:
         losses, _, _ = learner.adapt(b, learner.inner.steps, create_graph=False)
@@ -59,7 +60,7 @@ def outer_loss(learner: MetaLearner, batches: list[TaskBatch]) -> float:
     return total
 
 
-def directional_fd(learner: MetaLearner, batches: list[TaskBatch], direction: dict[str, torch.Tensor],
+def directional_fd(learner: Algorithm, batches: list[TaskBatch], direction: dict[str, torch.Tensor],
                    eps: float = 1e-6) -> float:
     params = dict(learner.named_parameters())
     with torch.no_grad():
@@ -76,7 +77,7 @@ def directional_fd(learner: MetaLearner, batches: list[TaskBatch], direction: di
     return (up - down) / (2 * eps)
 
 
-def check_against_fd(learner: MetaLearner, batches: list[TaskBatch]) -> dict[str, torch.Tensor]:
+def check_against_fd(learner: Algorithm, batches: list[TaskBatch]) -> dict[str, torch.Tensor]:
     grads = meta_grads(learner, batches)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -224,7 +225,7 @@ def test_second_order_support_pass_runs_nchw(monkeypatch):
         lambda m, inp: layouts.append((len(inp[0]), inp[0].is_contiguous(memory_format=torch.channels_last))))
     nchw = meta_grads(learner, [b])
     assert layouts == [(6, False), (15, True)]  # support alone; then [support; query] for support statistics
-    monkeypatch.setattr(mtl.algorithms.base, "nchw_for_double_backward", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(mtl.algorithms.inner, "nchw_for_double_backward", lambda model: contextlib.nullcontext())
     nhwc = meta_grads(learner, [b])
     assert layouts[2:] == [(6, True), (15, True)]
     assert all(torch.allclose(nchw[n], nhwc[n], atol=1e-12) for n in nchw)

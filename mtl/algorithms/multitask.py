@@ -1,52 +1,54 @@
 """The standard multi-task baseline: the same architecture trained jointly on all tasks.
 
 Hard parameter sharing, one head per task over all its classes, task-balanced batches (the same
-number of examples from every task each step), loss = sum of the per-task mean losses. With the
-default recipe it sees as many examples per step as a MAML meta-batch does
-(``meta_batch * ways * (shots + queries)``), so equal iterations mean equal examples seen.
+number of examples from every task each step, :class:`~mtl.data.stream.ClassBatches`), loss = sum of
+the per-task mean losses. With the default recipe it sees as many examples per step as a MAML
+meta-batch does (``meta_batch * ways * (shots + queries)``), so equal iterations mean equal examples
+seen. A new task is then fine-tuned from it with the same inner loop as every method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
-import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
-from mtl.algorithms.base import MetaLearner
-from mtl.data.inputs import SplitInputs
-from mtl.data.task import Task
-from mtl.models import head_key
+from mtl.algorithms.inner import Algorithm, InnerConfig
+from mtl.algorithms.registry import algorithm
+from mtl.data.inputs import Inputs
+from mtl.data.stream import ClassBatches
+from mtl.models import MultiTaskModel, head_key
 
 
-class MultiTaskBatches:
-    def __init__(self, tasks: Sequence[Task], examples_per_step: int, seed: int, device: torch.device,
-                 text_encoder: str = "minilm", text_layers: int = 0) -> None:
-        self.tasks = list(tasks)
-        self.per_task = max(1, examples_per_step // len(self.tasks))
-        self.seed = seed
-        self.device = device
-        self.inputs = [SplitInputs(t.train, t.modality, device, text_encoder, text_layers) for t in self.tasks]
-        self.labels = [torch.as_tensor(t.train.labels, device=device) for t in self.tasks]
+@algorithm("multitask")
+class MultiTask(Algorithm):
+    """Multi-task baseline: joint training of the shared model with one head per task, then fine-tuning."""
 
-    def backward(self, learner: MetaLearner, iteration: int, rank: int = 0, world: int = 1
-                 ) -> tuple[float, float, int]:
-        """Accumulate the gradient of the summed per-task losses; returns (mean loss, accuracy,
-        examples). With ``world`` processes, each takes every ``world``-th task."""
-        model = learner.model
+    training_data = "classes"
+
+    def __init__(self, model: MultiTaskModel, inner: InnerConfig, heads: dict[str, int] | None = None) -> None:
+        super().__init__(model, inner, heads)
+        for task, n in (heads or {}).items():
+            nn.init.normal_(model.add_head(task, n).weight, std=0.01)
+
+    def class_logits(self, x: Inputs, modality: str, task: str) -> Tensor:
+        """Logits of training task ``task``'s own head over all its classes."""
+        return self.model(x, modality, task)
+
+    def outer_backward(self, source: Any, iteration: int, meta_batch: int, rank: int = 0, world: int = 1
+                       ) -> tuple[float, float, int]:
+        """The summed per-task losses; with ``world`` processes, each takes every ``world``-th task."""
+        batches: ClassBatches = source
         total, correct, count = 0.0, 0, 0
-        for pos, task in enumerate(self.tasks):
-            if pos % world != rank:
+        for pos, task in enumerate(batches.tasks):
+            if pos % world != rank or head_key(task.name) not in self.model.heads:
                 continue
-            rng = np.random.default_rng([self.seed, iteration, pos])
-            idx = rng.choice(len(self.labels[pos]), min(self.per_task, len(self.labels[pos])), replace=False)
-            x, y = self.inputs[pos][idx], self.labels[pos][torch.as_tensor(idx, device=self.device)]
-            logits = model(x, task.modality, task.name) if head_key(task.name) in model.heads else None
-            assert logits is not None
+            x, y = batches.batch(iteration, pos)
+            logits = self.class_logits(x, task.modality, task.name)
             loss = F.cross_entropy(logits.float(), y)
             loss.backward()
-            total += float(loss.detach()) / len(self.tasks)
+            total += float(loss.detach()) / len(batches.tasks)
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
         return total, correct / max(count, 1), count

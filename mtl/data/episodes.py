@@ -39,7 +39,9 @@ class EpisodeSampler:
     """Draws episodes from one split of one task, or from the pooled classes of several tasks."""
 
     def __init__(self, tasks: Task | Sequence[Task], split: str = "train", ways: int = 5, shots: int = 1,
-                 queries: int = 15, seed: int = 0) -> None:
+                 queries: int = 15, seed: int = 0, skip_small: bool = False) -> None:
+        """``skip_small``: leave out classes with fewer than ``shots + queries`` examples (listed in
+        ``left_out``) instead of refusing the split; an error only if fewer than ``ways`` remain."""
         self.tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
         if not self.tasks:
             raise MtlError("no tasks to draw episodes from", "name at least one task")
@@ -60,10 +62,18 @@ class EpisodeSampler:
                 self._classes.append((pos, c))
                 self._members.append(members)
         name = "+".join(t.name for t in self.tasks)
-        if ways > len(self._classes):
-            raise MtlError(f"task '{name}' split '{split}' has {len(self._classes)} classes, fewer than "
-                           f"the {ways} ways asked", f"ask for at most {len(self._classes)} ways")
         need = shots + queries
+        self.left_out: list[str] = []
+        if skip_small:
+            keep = [i for i, m in enumerate(self._members) if len(m) >= need]
+            self.left_out = [self.tasks[p].classes[c] for i, (p, c) in enumerate(self._classes) if i not in set(keep)]
+            self._classes = [self._classes[i] for i in keep]
+            self._members = [self._members[i] for i in keep]
+        if ways > len(self._classes):
+            enough = f" with at least {need} examples" if skip_small else ""
+            raise MtlError(f"task '{name}' split '{split}' has {len(self._classes)} classes{enough}, fewer than "
+                           f"the {ways} ways asked", f"ask for at most {len(self._classes)} ways"
+                           + (" or fewer shots + queries" if skip_small else ""))
         for (pos, c), members in zip(self._classes, self._members, strict=True):
             if len(members) < need:
                 raise MtlError(f"class '{self.tasks[pos].classes[c]}' of task '{self.tasks[pos].name}' split "

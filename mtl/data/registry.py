@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -124,18 +125,8 @@ class Registry:
             if not d.is_dir():
                 problems.append(TaskFileError(d, None, "task folder not found", "check the --tasks-dir path"))
         paths = [p for d in self.dirs if d.is_dir() for p in task_files(d)] + list(files or [])
-        for path in paths:
-            try:
-                spec = parse_task_file(path)
-            except TaskFileErrors as e:
-                problems += e.errors
-                continue
-            if spec.name in self.entries:
-                other = self.entries[spec.name].file
-                problems.append(TaskFileError(path, "name", f"task name '{spec.name}' is already used by {other}",
-                                              "give one of the two tasks another name"))
-                continue
-            self.entries[spec.name] = Entry(spec, path)
+        self.entries, more = scan(paths)
+        problems += more
         if problems:
             raise TaskFileErrors(problems)
 
@@ -164,6 +155,54 @@ class Registry:
             e = self.entry(name)
             self._loaded[name] = load_task(e.spec, e.file)
         return self._loaded[name]
+
+
+def scan(paths: list[Path]) -> tuple[dict[str, Entry], list[TaskFileError]]:
+    """Parse task files: the valid ones by name, and every problem (schema, duplicate names)."""
+    entries: dict[str, Entry] = {}
+    problems: list[TaskFileError] = []
+    for path in paths:
+        try:
+            spec = parse_task_file(path)
+        except TaskFileErrors as e:
+            problems += e.errors
+            continue
+        if spec.name in entries:
+            problems.append(TaskFileError(path, "name", f"task name '{spec.name}' is already used by "
+                                          f"{entries[spec.name].file}", "give one of the two tasks another name"))
+            continue
+        entries[spec.name] = Entry(spec, path)
+    return entries, problems
+
+
+def validate(paths: list[Path], check_data: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+    """Check task files or folders of them: the schema, names, and (``check_data``) the data they
+    point at. Returns one summary per valid file and one line per problem."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for p in paths:
+        if p.is_dir():
+            files += task_files(p)
+        elif p.exists():
+            files.append(p)
+        else:
+            problems.append(f"{p}: file not found. Fix: check the path.")
+    entries, errors = scan(files)
+    problems += [str(e) for e in errors]
+    ok: list[dict[str, Any]] = []
+    for e in entries.values():
+        item: dict[str, Any] = {"file": str(e.file), "name": e.spec.name}
+        if check_data:
+            try:
+                task = load_task(e.spec, e.file)
+            except MtlError as err:
+                problems.append(str(err))
+                continue
+            item.update(classes=len(task.classes), splits={s: len(v) for s, v in task.splits.items()})
+        ok.append(item)
+    if not files and not problems:
+        problems.append("no task files found")
+    return ok, problems
 
 
 def task_files(folder: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Meta-batches of episodes as tensors: the bridge from registry tasks to the meta-learner.
+"""Training data as tensors: meta-batches of episodes (meta-learning) and task-balanced batches over
+all classes (joint training); the bridge from registry tasks to the algorithms.
 
 Which registry task and which episode make up slot ``b`` of iteration ``it`` depends only on
 ``(seed, it, b)``, so a resumed or a distributed run sees exactly the episodes of a plain run.
@@ -7,22 +8,40 @@ Which registry task and which episode make up slot ``b`` of iteration ``it`` dep
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from mtl.algorithms.base import TaskBatch
 from mtl.data.episodes import Episode, EpisodeSampler
-from mtl.data.inputs import SplitInputs
+from mtl.data.inputs import Inputs, SplitInputs
 from mtl.data.task import Task
+
+
+@dataclass
+class TaskBatch:
+    """One episode as tensors on the device: what every algorithm's inner loop takes."""
+
+    task: str
+    modality: str
+    xs: Inputs
+    ys: Tensor
+    xq: Inputs
+    yq: Tensor
+
+    @property
+    def ways(self) -> int:
+        return int(self.ys.max()) + 1
 
 
 class EpisodeStream:
     def __init__(self, tasks: Sequence[Task], split: str | dict[str, str] | None, ways: int, shots: int,
                  queries: int, seed: int, device: torch.device, text_encoder: str = "minilm",
-                 text_layers: int = 0, cap_ways: bool = True) -> None:
+                 text_layers: int = 0, cap_ways: bool = True, skip_small: bool = False) -> None:
         """``split``: one split name, or one per task; ``None`` uses each task's train split.
-        ``cap_ways`` lowers ``ways`` for tasks with fewer classes (training on mixed registries)."""
+        ``cap_ways`` lowers ``ways`` for tasks with fewer classes (training on mixed registries);
+        ``skip_small`` leaves out classes too small for an episode (see :class:`EpisodeSampler`)."""
         self.tasks = list(tasks)
         self.seed = seed
         self.samplers: list[EpisodeSampler] = []
@@ -31,7 +50,8 @@ class EpisodeStream:
             name = (split.get(t.name) if isinstance(split, dict) else split) or t.spec.train_split
             n_classes = len(t.split(name).class_ids())
             n_ways = min(ways, n_classes) if cap_ways else ways
-            self.samplers.append(EpisodeSampler(t, name, n_ways, shots, queries, seed=seed * 1000 + i))
+            self.samplers.append(EpisodeSampler(t, name, n_ways, shots, queries, seed=seed * 1000 + i,
+                                                skip_small=skip_small))
             self.inputs.append(SplitInputs(t.split(name), t.modality, device, text_encoder, text_layers))
         self.device = device
 
@@ -58,3 +78,24 @@ class EpisodeStream:
     def fixed(self, n: int) -> list[TaskBatch]:
         """``n`` episodes spread over the tasks, the same every call (validation)."""
         return [self.to_batch(i % len(self.tasks), self.samplers[i % len(self.tasks)].sample(i)) for i in range(n)]
+
+
+class ClassBatches:
+    """Task-balanced batches over all of each task's classes (joint training): ``examples_per_step``
+    split evenly over the tasks; the batch of task ``pos`` at ``iteration`` depends only on
+    ``(seed, iteration, pos)``."""
+
+    def __init__(self, tasks: Sequence[Task], examples_per_step: int, seed: int, device: torch.device,
+                 text_encoder: str = "minilm", text_layers: int = 0) -> None:
+        self.tasks = list(tasks)
+        self.per_task = max(1, examples_per_step // len(self.tasks))
+        self.seed = seed
+        self.device = device
+        self.inputs = [SplitInputs(t.train, t.modality, device, text_encoder, text_layers) for t in self.tasks]
+        self.labels = [torch.as_tensor(t.train.labels, device=device) for t in self.tasks]
+
+    def batch(self, iteration: int, pos: int) -> tuple[Tensor | Inputs, Tensor]:
+        rng = np.random.default_rng([self.seed, iteration, pos])
+        n = len(self.labels[pos])
+        idx = rng.choice(n, min(self.per_task, n), replace=False)
+        return self.inputs[pos][idx], self.labels[pos][torch.as_tensor(idx, device=self.device)]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mtl.data.embeddings import TokenStates
 from mtl.errors import MtlError
 from mtl.models.encoders import ENCODERS, build_encoder
+from mtl.models.heads import make_head
 
 
 def mlp(in_dim: int, hidden: Sequence[int]) -> tuple[nn.Module, int]:
@@ -93,10 +94,9 @@ class MultiTaskModel(nn.Module):
         h = self.from_encoding(x, modality) if encoded else self.features(x, modality)  # type: ignore[arg-type]
         return h if task is None else self.heads[head_key(task)](h)
 
-    def add_head(self, task: str, classes: int) -> nn.Linear:
-        head = nn.Linear(self.feature_dim, classes)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
+    def add_head(self, task: str, classes: int, kind: str = "linear") -> nn.Linear:
+        """A zero head for ``task``: ``linear``, or ``cosine`` (:class:`~mtl.models.heads.CosineLinear`)."""
+        head = make_head(kind, self.feature_dim, classes)
         self.heads[head_key(task)] = head.to(next(self.parameters(), torch.empty(0)).device)
         return head
 

@@ -1,35 +1,57 @@
-"""Few-shot adaptation of a learned initialization to a new task, and the adapted model it saves.
+"""Few-shot adaptation of a learned initialization to a new task: a pure function of the loaded
+algorithm and a support set, returning an :class:`~mtl.run.adapted.AdaptedModel`.
 
-``adapt`` takes K labelled examples per class (from the task's train split, or a user's file),
-fine-tunes the initialization with the meta-learned inner loop, sets batch-norm statistics from the
-support set, reports accuracy on the task's test split and saves an :class:`AdaptedModel`
-(``model.safetensors`` + ``model.json``), which ``predict`` uses.
+``fit`` copies the model, runs the algorithm's inner loop on the support set (the same one training
+uses), optionally fine-tunes the top text-encoder layers, and sets batch-norm statistics from the
+support set; the loaded algorithm is never changed, so one load serves any number of adaptations.
+``adapt`` is the whole job behind ``cli.py adapt`` and ``mtl.adapt``: load, draw or read the support
+set, fit, score on the task's test split, save.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import itertools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mtl.algorithms.base import MetaLearner, TaskBatch
+from mtl.algorithms import Algorithm
 from mtl.data.images import prepare_images
+from mtl.data.registry import Registry
 from mtl.data.schema import ImageOptions
+from mtl.data.stream import TaskBatch
 from mtl.data.task import Task
+from mtl.device import resolve_device
 from mtl.errors import MtlError
-from mtl.models import ModelConfig, MultiTaskModel, calibrate_batchnorm
-from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
+from mtl.models import MultiTaskModel, calibrate_batchnorm
+from mtl.run.adapted import HEAD, AdaptedModel, model_inputs
+from mtl.run.learner import load_learner
 
-HEAD = "adapted"
+
+@dataclass(frozen=True)
+class Support:
+    """The labelled examples to adapt to: inputs, label ids into ``classes``."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    modality: str
+    task: str = "user"
+    image: ImageOptions = field(default_factory=ImageOptions)
+
+    @property
+    def shots(self) -> int:
+        return int(np.bincount(self.labels).min())
 
 
-def support_from_task(task: Task, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def support_from_task(task: Task, shots: int, seed: int) -> Support:
     """K examples of every class of the train split, drawn with ``seed``."""
     split = task.train
     rng = np.random.default_rng(seed)
@@ -43,8 +65,27 @@ def support_from_task(task: Task, shots: int, seed: int) -> tuple[np.ndarray, np
         idx.append(rng.choice(members, shots, replace=False))
     sel = np.concatenate(idx)
     remap = {c: i for i, c in enumerate(classes)}
-    return split.inputs[sel], np.asarray([remap[c] for c in split.labels[sel].tolist()]), \
-        [task.classes[c] for c in classes]
+    return Support(split.inputs[sel], np.asarray([remap[c] for c in split.labels[sel].tolist()]),
+                   [task.classes[c] for c in classes], task.modality, task.name, task.spec.image_options)
+
+
+def support_from_arrays(inputs: Any, labels: Any, modality: str, image: ImageOptions | None = None,
+                        task: str = "user") -> Support:
+    """A support set from Python values: texts (or uint8 images) and label names."""
+    labels = [str(x) for x in labels]
+    if len(labels) != len(inputs):
+        raise MtlError(f"{len(inputs)} inputs but {len(labels)} labels", "give one label per input")
+    if not labels:
+        raise MtlError("no examples to adapt to", "give at least one example of each of two classes")
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise MtlError(f"only one label ({classes[0]})", "give examples of at least two classes")
+    if modality == "text":
+        x = np.asarray([str(t) for t in inputs], dtype=np.str_)
+    else:
+        x = np.stack([np.asarray(i) for i in inputs])
+    index = {c: i for i, c in enumerate(classes)}
+    return Support(x, np.asarray([index[c] for c in labels]), classes, modality, task, image or ImageOptions())
 
 
 def read_examples(path: Path, modality: str, image: ImageOptions) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -86,29 +127,6 @@ def read_examples(path: Path, modality: str, image: ImageOptions) -> tuple[np.nd
     return inputs, ids, classes
 
 
-def _inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device) -> torch.Tensor | list[str]:
-    """What the model's encoder takes: image tensors, cached sentence embeddings, or strings."""
-    if modality == "image":
-        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
-    encoder = model.encoders["text"]
-    if encoder.reads_embeddings:
-        return encoder.embed(x.tolist()).to(device)  # type: ignore[operator]
-    return x.tolist()
-
-
-@dataclass
-class AdaptResult:
-    model_dir: str
-    task: str
-    classes: int
-    shots: int
-    steps: int
-    test_accuracy: float | None
-    test_ci95: float | None
-    test_examples: int
-    seconds: float
-
-
 def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor, layers: int, epochs: int,
                       lr: float, seed: int) -> None:
     """Fine-tune the top ``layers`` of the text encoder with the trunk and the adapted head on the
@@ -144,46 +162,30 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
     model.eval()
 
 
-def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, shots: int, seed: int = 0,
-          steps: int | None = None, lr: float | None = None, examples: Path | None = None,
-          head_init: str | None = None, device: torch.device | None = None, encoder_layers: int = 0,
-          encoder_epochs: int = 30, encoder_lr: float = 1e-4) -> AdaptResult:
-    """Adapt ``learner``'s initialization to ``task`` from K shots (or ``examples``) and save the model.
+def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: float | None = None,
+        head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int = 30, encoder_lr: float = 1e-4,
+        seed: int = 0, checkpoint: str | None = None) -> AdaptedModel:
+    """Adapt a copy of ``learner``'s initialization to ``support``; ``learner`` is left unchanged.
 
-    The meta-learned inner loop adapts first; with ``encoder_layers`` > 0 (text tasks), the top layers
-    of the text encoder are then fine-tuned with the trunk and head for ``encoder_epochs`` epochs.
-    """
-    t0 = time.perf_counter()
-    device = device or torch.device("cpu")
-    model = learner.model
-    modality = task.modality
-    if modality not in model.encoders:
-        raise MtlError(f"the checkpoint has no {modality} encoder (trained on {', '.join(model.encoders)} tasks)",
-                       f"adapt a checkpoint trained with {modality} tasks")
-    cfg = model.config
-    image = task.spec.image_options
-    if examples is not None:
-        xs_np, ys_np, classes = read_examples(examples, modality, image)
-        unknown = [c for c in classes if c not in task.classes]
-        if unknown:
-            raise MtlError(f"label '{unknown[0]}' in {examples} is not a class of task '{task.name}'",
-                           f"use the task's labels ({', '.join(task.classes[:8])}...), or register your own task")
-        shots = int(np.bincount(ys_np).min())
-    else:
-        xs_np, ys_np, classes = support_from_task(task, shots, seed)
-    updates: dict[str, Any] = {}
-    if lr is not None:
-        updates.update(lr=lr, lslr=False)
-        learner.lrs = torch.nn.ParameterDict()  # a user's learning rate replaces the learned ones
-    if head_init is not None:
-        updates["head_init"] = head_init
-    learner.inner = learner.inner.model_copy(update=updates)
+    The algorithm's inner loop adapts first (``steps``, default the recipe's ``eval_steps``; ``lr``
+    replaces the learned step sizes; ``head_init``: ``zero`` or ``proto``); with ``encoder_layers``
+    > 0 (text), the top layers of the text encoder are then fine-tuned with the trunk and head."""
+    device = next(itertools.chain(learner.parameters(), learner.buffers())).device  # a held encoder: buffers
+    modality = support.modality
+    if modality not in learner.model.encoders:
+        raise MtlError(f"the checkpoint has no {modality} encoder (trained on {', '.join(learner.model.encoders)} "
+                       "tasks)", f"adapt a checkpoint trained with {modality} tasks")
+    if encoder_layers and modality != "text":
+        raise MtlError("--encoder-layers fine-tunes a text encoder; this task has images",
+                       "leave --encoder-layers out for image tasks")
     steps = learner.eval_steps if steps is None else steps
-    xs = _inputs(xs_np, model, modality, device)
-    ys = torch.as_tensor(ys_np, device=device)
-    batch = TaskBatch(task.name, modality, xs, ys, xs, ys)
+    xs = model_inputs(support.inputs, learner.model, modality, device)
+    ys = torch.as_tensor(support.labels, device=device)
+    batch = TaskBatch(support.task, modality, xs, ys, xs, ys)
     with torch.enable_grad(), learner.evaluation():
-        _, fast, _ = learner.adapt(batch, steps, create_graph=False, track_query=False, detach=True)
+        _, fast, _ = learner.adapt(batch, steps, create_graph=False, track_query=False, detach=True, lr=lr,
+                                   head_init=head_init)
+    model: MultiTaskModel = copy.deepcopy(learner.model)
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in fast.items():
@@ -193,119 +195,86 @@ def adapt(learner: MetaLearner, meta: dict[str, Any], task: Task, out: Path, sho
             row = min(steps, learner.inner.steps)
             for name in learner.bn_params():
                 params[name].copy_(learner.bn_steps[name.replace(".", "__")][row])
-        head = model.add_head(HEAD, len(classes))
+        head = model.add_head(HEAD, len(support.classes), learner.head_kind)
         head.weight.copy_(fast["head.weight"])
         head.bias.copy_(fast["head.bias"])
     if encoder_layers:
-        if modality != "text":
-            raise MtlError("--encoder-layers fine-tunes a text encoder; this task has images",
-                           "leave --encoder-layers out for image tasks")
-        tune_text_encoder(model, xs_np.tolist(), ys, encoder_layers, encoder_epochs, encoder_lr, seed)
-        cfg = model.config
+        tune_text_encoder(model, support.inputs.tolist(), ys, encoder_layers, encoder_epochs, encoder_lr, seed)
+    norms = dict(model.named_modules())
     if learner.inner.per_step_bn_stats:  # the meta-learned statistics of the last step
         with torch.no_grad():
             for name, (mean, var) in learner.step_stats(steps).items():
-                norm = learner.norms()[name]
-                norm.running_mean.copy_(mean)  # type: ignore[union-attr]
-                norm.running_var.copy_(var)  # type: ignore[union-attr]
+                norms[name].running_mean.copy_(mean)  # type: ignore[union-attr]
+                norms[name].running_var.copy_(var)  # type: ignore[union-attr]
     else:
         calibrate_batchnorm(model, lambda: model.features(xs, modality))
-    adapted = AdaptedModel(model, {"model_config": cfg.model_dump(mode="json"), "modality": modality,
-                                   "classes": classes, "task": task.name, "image": image.model_dump(mode="json"),
-                                   "shots": shots, "steps": steps, "checkpoint": meta.get("path")})
-    acc = ci = None
-    n_test = 0
-    name_to_id = {c: i for i, c in enumerate(classes)}
+    return AdaptedModel(model, {
+        "model_config": model.config.model_dump(mode="json"), "modality": modality, "classes": support.classes,
+        "task": support.task, "image": support.image.model_dump(mode="json"), "shots": support.shots,
+        "steps": steps, "lr": lr, "head": learner.head_kind, "algorithm": learner.name, "checkpoint": checkpoint})
+
+
+def score_on_task(model: AdaptedModel, task: Task) -> tuple[float | None, float | None, int]:
+    """Accuracy (and its 95% CI) on the examples of ``task``'s test split whose class the model knows."""
+    name_to_id = {c: i for i, c in enumerate(model.classes)}
     test = task.test
     keep = np.asarray([task.classes[c] in name_to_id for c in test.labels.tolist()], bool)
-    if keep.any():
-        xq = test.inputs[keep]
-        yq = np.asarray([name_to_id[task.classes[c]] for c in test.labels[keep].tolist()])
-        pred = adapted.predict_ids(xq, cached=True)
-        correct = (pred == yq).astype(np.float64)
-        n_test = len(yq)
-        acc = float(correct.mean())
-        ci = float(1.96 * np.sqrt(acc * (1 - acc) / n_test))
-    adapted.meta.update(test_accuracy=acc, test_ci95=ci, test_examples=n_test)
-    adapted.save(out)
-    return AdaptResult(str(out), task.name, len(classes), shots, steps, acc, ci, n_test,
-                       round(time.perf_counter() - t0, 3))
+    if not keep.any():
+        return None, None, 0
+    yq = np.asarray([name_to_id[task.classes[c]] for c in test.labels[keep].tolist()])
+    correct = (model.predict_ids(test.inputs[keep], cached=True) == yq).astype(np.float64)
+    acc = float(correct.mean())
+    return acc, float(1.96 * np.sqrt(acc * (1 - acc) / len(yq))), len(yq)
 
 
-class AdaptedModel:
-    """A model adapted to one task: predicts its label names. Saved as safetensors + JSON."""
+def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any] | None = None, *,
+          shots: int = 5, examples: Path | None = None, steps: int | None = None, lr: float | None = None,
+          head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int = 30,
+          encoder_lr: float = 1e-4, seed: int = 0, device: str | torch.device = "auto",
+          out: Path | str | None = None, registry: Registry | None = None) -> AdaptedModel:
+    """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
 
-    def __init__(self, model: MultiTaskModel, meta: dict[str, Any]) -> None:
-        self.model = model.eval()
-        self.meta = meta
-        self.device = next(model.parameters()).device
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    def save(self, out: Path) -> None:
-        modality = self.meta["modality"]
-        state = {k: v for k, v in self.model.state_dict().items()
-                 if (k.startswith(("encoders.", "projections.")) and k.split(".")[1] == modality)
-                 or k.startswith(("trunk.", f"heads.{HEAD}."))}
-        save_checkpoint(out / "model.safetensors", state, {**self.meta, "kind": "adapted"})
-
-    @classmethod
-    def load(cls, folder: Path, device: torch.device | None = None) -> AdaptedModel:
-        path = folder / "model.safetensors" if folder.is_dir() else folder
-        tensors, meta = load_checkpoint(path, device or "cpu")
-        if meta.get("kind") != "adapted":
-            raise MtlError(f"{path} is a training checkpoint, not an adapted model",
-                           "run `cli.py adapt` first and pass its --out folder to --model")
-        model = MultiTaskModel(ModelConfig.model_validate(meta["model_config"]), [meta["modality"]])
-        model.add_head(HEAD, len(meta["classes"]))
-        load_into(model, tensors)
-        return cls(model.to(device or "cpu"), meta)
-
-    @torch.no_grad()
-    def predict_proba(self, inputs: np.ndarray, batch_size: int = 512, cached: bool = False) -> np.ndarray:
-        """``cached``: for a model with trainable text layers, read the frozen layers' outputs from
-        the disk cache (a task's test split: the same texts every time), not for one-off inputs."""
-        cfg = self.model.config
-        modality = self.meta["modality"]
-        states = None
-        if cached and modality == "text" and not self.model.encoders["text"].reads_embeddings:
-            from mtl.data.embeddings import token_states
-
-            states = token_states(inputs.tolist(), cfg.text_encoder, cfg.text_trainable_layers).to(self.device)
-        out = []
-        for i in range(0, len(inputs), batch_size):
-            if states is not None:
-                x: Any = states[torch.arange(i, min(i + batch_size, len(inputs)), device=self.device)]
-            else:
-                x = _inputs(inputs[i:i + batch_size], self.model, modality, self.device)
-            out.append(torch.softmax(self.model(x, self.meta["modality"], HEAD).float(), dim=1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
-
-    def predict_ids(self, inputs: np.ndarray, cached: bool = False) -> np.ndarray:
-        return self.predict_proba(inputs, cached=cached).argmax(1)
-
-    def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str]]:
-        """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line."""
-        expanded: list[str] = []
-        for item in items:
-            p = Path(item)
-            if p.suffix == ".txt" and p.is_file():
-                expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-            elif self.meta["modality"] == "image" and p.is_dir():
-                expanded += sorted(str(f) for f in p.iterdir() if f.is_file())
-            else:
-                expanded.append(item)
-        if not expanded:
-            raise MtlError("no inputs to predict", "give texts, image paths or a .txt file of them")
-        if self.meta["modality"] == "text":
-            return np.asarray(expanded, dtype=np.str_), expanded
-        blobs = []
-        for f in expanded:
-            try:
-                blobs.append(Path(f).read_bytes())
-            except OSError:
-                raise MtlError(f"image {f} cannot be read", "check the path") from None
-        images = prepare_images(blobs, ImageOptions.model_validate(self.meta["image"]), expanded)
-        return images, expanded
+    ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
+    examples per class (or ``examples``: a CSV/JSONL of text,label or a folder label/image) and whose
+    test split scores the result (``meta["test_accuracy"]``); or ``(inputs, labels)`` of your own.
+    """
+    t0 = time.perf_counter()
+    if shots < 1:
+        raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
+    if head_init not in (None, "zero", "proto"):
+        raise MtlError(f"--head-init {head_init} is unknown", "use zero or proto")
+    if encoder_layers < 0 or encoder_epochs < 1:
+        raise MtlError("--encoder-layers must be 0 or more and --encoder-epochs 1 or more", "e.g. --encoder-layers 2")
+    if isinstance(checkpoint, Algorithm):
+        learner, source = checkpoint, None
+    else:
+        learner, meta = load_learner(Path(checkpoint), resolve_device(device), hold_text=encoder_layers == 0)
+        source = meta.get("path")
+    loaded: Task | None = None
+    if isinstance(task, tuple):
+        inputs, labels = task
+        modality = "text" if isinstance(next(iter(inputs), None), str) else "image"
+        support = support_from_arrays(inputs, labels, modality)
+    else:
+        if task is None:
+            raise MtlError("no task to adapt to", "give a registry task name, or (inputs, labels)")
+        loaded = task if isinstance(task, Task) else (registry or Registry()).load(task)
+        if examples is not None:
+            xs, ys, classes = read_examples(examples, loaded.modality, loaded.spec.image_options)
+            unknown = [c for c in classes if c not in loaded.classes]
+            if unknown:
+                raise MtlError(f"label '{unknown[0]}' in {examples} is not a class of task '{loaded.name}'",
+                               f"use the task's labels ({', '.join(loaded.classes[:8])}...), or register your own task")
+            support = Support(xs, ys, classes, loaded.modality, loaded.name, loaded.spec.image_options)
+        else:
+            support = support_from_task(loaded, shots, seed)
+    model = fit(learner, support, steps, lr, head_init, encoder_layers, encoder_epochs, encoder_lr, seed, source)
+    acc = ci = None
+    n_test = 0
+    if loaded is not None:
+        acc, ci, n_test = score_on_task(model, loaded)
+    model.meta.update(test_accuracy=acc, test_ci95=ci, test_examples=n_test)
+    if out is not None:
+        model.save(out)
+    model.meta["seconds"] = round(time.perf_counter() - t0, 3)
+    return model

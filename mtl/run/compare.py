@@ -1,10 +1,17 @@
-"""Side-by-side comparison on the very same episodes: MAML against the multi-task baseline, a
-from-scratch model, a linear probe and nearest class centroids on frozen features.
+"""Side-by-side comparison on the very same episodes: meta-learned checkpoints (MAML, ProtoNet,
+Baseline++, the multi-task baseline, any registered algorithm) against a from-scratch model, a
+linear probe and nearest class centroids on frozen features.
 
 Every method sees identical episodes (same seeds), so differences are paired; the report gives
-mean accuracy with a 95% confidence interval and a paired t-test of MAML against each baseline.
-Fine-tuned methods get the same number of steps, and each its step size chosen on episodes of the
-task's validation split (never on test queries): from a grid, and for MAML also its meta-learned ones.
+mean accuracy with a 95% confidence interval and a paired t-test of the reference checkpoint
+(``maml`` when given, else the first) against each other method. Fine-tuned methods get the same
+number of steps, and each its step size chosen on episodes of the task's validation split (never on
+test queries): from a grid, or a checkpoint's own (learned) settings.
+
+Every task and setting is checked before the first episode; classes of a split with too few
+examples for ``shots + queries`` are left out of the draw (and reported); each finished setting's
+rows are handed to ``on_rows`` (``cli.py compare`` writes the reports after each), so a failure late
+in a long run loses nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +20,8 @@ import csv
 import io
 import json
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +29,18 @@ import numpy as np
 import torch
 from scipy import stats
 
-from mtl.algorithms.base import MetaLearner, TaskBatch
+from mtl.algorithms import Algorithm
 from mtl.data.cache import atomic_write_bytes
 from mtl.data.inputs import concat
-from mtl.data.stream import EpisodeStream
+from mtl.data.stream import EpisodeStream, TaskBatch
 from mtl.data.task import Task
+from mtl.errors import MtlError
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe
 
 LR_GRID = (0.01, 0.05, 0.2, 0.5)
-METHODS = ("maml", "multitask", "scratch", "linear_probe", "centroid")
+BASELINES = ("scratch", "linear_probe", "centroid")
 
 
 @dataclass
@@ -43,17 +51,18 @@ class Row:
     accuracy: float
     ci95: float
     episodes: int
-    p_vs_maml: float | None
-    step_size: str = "-"  # the fine-tuning step size chosen on validation episodes ("learned": meta-learned)
+    p_vs_maml: float | None  # paired t-test against the reference checkpoint (maml when given)
+    step_size: str = "-"  # the fine-tuning step size chosen on validation episodes ("learned": its own)
+    left_out: list[str] = field(default_factory=list)  # classes too small for an episode of this setting
 
 
-def frozen_features(learner: MetaLearner, b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
+def frozen_features(learner: Algorithm, b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         f = learner.episode_features({}, concat(b.xs, b.xq), b.modality, 0, len(b.ys)).float().cpu().numpy()
     return f[: len(b.ys)], f[len(b.ys):]
 
 
-def probe_accuracy(learner: MetaLearner, b: TaskBatch) -> float:
+def probe_accuracy(learner: Algorithm, b: TaskBatch) -> float:
     from sklearn.linear_model import LogisticRegression
 
     fs, fq = frozen_features(learner, b)
@@ -63,7 +72,7 @@ def probe_accuracy(learner: MetaLearner, b: TaskBatch) -> float:
     return float((clf.predict(fq) == b.yq.cpu().numpy()).mean())
 
 
-def centroid_accuracy(learner: MetaLearner, b: TaskBatch) -> float:
+def centroid_accuracy(learner: Algorithm, b: TaskBatch) -> float:
     fs, fq = frozen_features(learner, b)
     ys = b.ys.cpu().numpy()
     protos = np.stack([fs[ys == c].mean(0) for c in range(int(ys.max()) + 1)])
@@ -71,93 +80,132 @@ def centroid_accuracy(learner: MetaLearner, b: TaskBatch) -> float:
     return float((pred == b.yq.cpu().numpy()).mean())
 
 
-def finetune_accuracy(learner: MetaLearner, b: TaskBatch, steps: int) -> float:
-    return learner.evaluate(b, steps)
+@dataclass(frozen=True)
+class Setting:
+    """How one method adapts: its own settings (``lr=None``: learned or recipe step sizes, its own
+    head) or plain fine-tuning with step size ``lr`` from a new zero head."""
+
+    steps: int
+    lr: float | None = None
+    head_init: str | None = None
+
+    def label(self) -> str:
+        return "learned" if self.lr is None else f"{self.lr:g}"
 
 
-def with_lr(learner: MetaLearner, lr: float, keep_head: bool = False) -> MetaLearner:
-    """Plain fine-tuning with step size ``lr``; a new zero head unless ``keep_head`` (MAML's own init)."""
-    update: dict[str, Any] = {"lr": lr, "lslr": False} if keep_head else {"lr": lr, "lslr": False, "head_init": "zero"}
-    learner.inner = learner.inner.model_copy(update=update)
-    learner.lrs = torch.nn.ParameterDict()
-    return learner
+def accuracies(learner: Algorithm, episodes: list[TaskBatch], s: Setting) -> list[float]:
+    return [learner.evaluate(b, s.steps, lr=s.lr, head_init=s.head_init) for b in episodes]
 
 
-def choose_lr(make: Any, val: list[TaskBatch], steps: int, learned: bool = False) -> float | None:
-    """The step size with the best accuracy on validation episodes: one of LR_GRID or, for a
-    meta-learned model, its own learned step sizes (``None``)."""
-    candidates: list[float | None] = [None, *LR_GRID] if learned else list(LR_GRID)
-    scores = {lr: np.mean([finetune_accuracy(make() if lr is None else with_lr(make(), lr, keep_head=learned), b,
-                                             steps) for b in val]) for lr in candidates}
-    return max(scores, key=lambda k: scores[k])  # ties: the first (the learned one)
+def choose_setting(learner: Algorithm, val: list[TaskBatch], steps: int, own: bool) -> Setting:
+    """The setting with the best accuracy on validation episodes: for a trained checkpoint its own
+    settings or a grid step size with its own head; for a model from scratch, a grid step size."""
+    if own:
+        own_steps = steps if learner.compare_steps is None else learner.compare_steps
+        candidates = [Setting(own_steps)] + [Setting(steps, lr) for lr in LR_GRID]
+    else:
+        candidates = [Setting(steps, lr, "zero") for lr in LR_GRID]
+    scores = [np.mean(accuracies(learner, val, c)) for c in candidates]
+    return candidates[int(np.argmax(scores))]  # ties: the first (its own settings)
+
+
+@dataclass
+class Plan:
+    """One (task, shots) setting, with its episodes drawn and checked before any method runs."""
+
+    task: Task
+    shots: int
+    test: EpisodeStream
+    val: EpisodeStream
+
+    @property
+    def left_out(self) -> list[str]:
+        return self.test.samplers[0].left_out
+
+
+def plan(tasks: Sequence[Task], shots_list: Sequence[int], ways: int | None, queries: int, seed: int,
+         recipe: Recipe, device: torch.device) -> list[Plan]:
+    """Every setting's episode streams, built up front: a task too small for a setting fails here,
+    before the first episode of the first task."""
+    out = []
+    layers, encoder = recipe.model.text_trainable_layers, recipe.model.text_encoder
+    for task in tasks:
+        val_split = task.spec.val_split or task.spec.train_split
+        for shots in shots_list:
+            need = shots + queries
+            counts = task.test.counts()
+            eligible = sum(n >= need for n in counts.values())
+            n_ways = ways or min(eligible, recipe.ways)
+            if n_ways < 2:
+                raise MtlError(f"task '{task.name}' has {eligible} test classes with at least {need} examples, too "
+                               f"few for {shots}-shot episodes with {queries} queries",
+                               "use fewer --shots or --queries, or leave the task out")
+            test = EpisodeStream([task], task.spec.test_split, n_ways, shots, queries, seed, device, encoder, layers,
+                                 cap_ways=False, skip_small=True)
+            val = EpisodeStream([task], val_split, n_ways, shots, queries, seed + 1, device, encoder, layers,
+                                cap_ways=False, skip_small=True)
+            out.append(Plan(task, shots, test, val))
+    return out
 
 
 def compare(tasks: Sequence[Task], shots_list: Sequence[int], episodes: int, checkpoints: dict[str, Path],
-            methods: Sequence[str], ways: int | None, steps: int, queries: int, seed: int,
-            device: torch.device) -> list[Row]:
+            methods: Sequence[str] | None = None, ways: int | None = None, steps: int = 10, queries: int = 15,
+            seed: int = 0, device: torch.device | str = "cpu",
+            on_rows: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """``checkpoints``: label -> run folder (``maml=runs/a,protonet=runs/b``); ``methods``: which of
+    those labels and of ``BASELINES`` to run (default all). ``on_rows`` gets every row so far after
+    each finished (task, shots) setting."""
+    device = torch.device(device)
+    if not checkpoints:
+        raise MtlError("compare needs at least one checkpoint", "pass --checkpoints maml=RUN_DIR[,multitask=RUN_DIR]")
+    methods = list(methods or [*checkpoints, *BASELINES])
+    unknown = [m for m in methods if m not in checkpoints and m not in BASELINES]
+    if unknown:
+        raise MtlError(f"unknown method '{unknown[0]}'", f"use checkpoint labels ({', '.join(checkpoints)}) "
+                       f"or baselines ({', '.join(BASELINES)})")
     learners = {k: load_learner(p, device) for k, p in checkpoints.items()}
-    if "maml" not in learners:
-        from mtl.errors import MtlError
-
-        raise MtlError("compare needs a MAML checkpoint", "pass --checkpoints maml=RUN_DIR[,multitask=RUN_DIR]")
-    maml_meta = learners["maml"][1]
     depth = {k: lm[0].model.config.text_trainable_layers for k, lm in learners.items()}
     if len(set(depth.values())) > 1:  # one set of episode inputs serves every checkpoint
-        from mtl.errors import MtlError
-
         raise MtlError(f"the checkpoints train different numbers of text encoder layers ({depth})",
                        "compare checkpoints trained with the same model.text_trainable_layers")
-    feature_source = learners.get("multitask", learners["maml"])[0]
-    recipe = Recipe.model_validate(maml_meta["recipe"])
+    reference = "maml" if "maml" in checkpoints else next(iter(checkpoints))
+    ref_learner, ref_meta = learners[reference]
+    recipe = Recipe.model_validate(ref_meta["recipe"])
+    for t in tasks:
+        if t.modality not in ref_learner.model.encoders:
+            raise MtlError(f"the checkpoints have no {t.modality} encoder for task '{t.name}'",
+                           f"compare on tasks of the checkpoints' modalities ({', '.join(ref_learner.model.encoders)})")
+    plans = plan(tasks, shots_list, ways, queries, seed, recipe, device)
+    feature_source = learners.get("multitask", learners[reference])[0]
     rows: list[Row] = []
-    layers = recipe.model.text_trainable_layers
-    for task in tasks:
-        n_ways = ways or min(len(task.test.class_ids()), recipe.ways)
-        val_split = task.spec.val_split or task.spec.train_split
-        for shots in shots_list:
-            test = EpisodeStream([task], task.spec.test_split, n_ways, shots, queries, seed, device,
-                                 recipe.model.text_encoder, layers, cap_ways=False).fixed(episodes)
-            val = EpisodeStream([task], val_split, n_ways, shots, queries, seed + 1, device, recipe.model.text_encoder,
-                                layers, cap_ways=False).fixed(min(20, episodes))
-            accs: dict[str, list[float]] = {}
-            chosen: dict[str, str] = {}
-            for m in methods:
-                if m == "maml":  # its meta-learned step sizes, unless a grid value does better on validation
-                    def make_maml() -> MetaLearner:
-                        return load_learner(checkpoints["maml"], device)[0]
-
-                    lr = choose_lr(make_maml, val, steps, learned=True)
-                    learner = make_maml() if lr is None else with_lr(make_maml(), lr, keep_head=True)
-                    chosen[m] = "learned" if lr is None else f"{lr:g}"
-                    accs[m] = [finetune_accuracy(learner, b, steps) for b in test]
-                elif m in ("multitask", "scratch"):
-                    if m == "multitask" and "multitask" not in learners:
-                        continue
-                    path = checkpoints.get("multitask")
-
-                    def make(m: str = m, path: Path | None = path) -> MetaLearner:
-                        if m == "multitask":
-                            return load_learner(path, device)[0]  # type: ignore[arg-type]
-                        torch.manual_seed(seed)
-                        return build_learner(recipe.model_copy(update={"method": "maml"}),
-                                             maml_meta["modalities"], {}).to(device)
-
-                    lr = choose_lr(make, val, steps)
-                    assert lr is not None
-                    learner = with_lr(make(), lr)
-                    chosen[m] = f"{lr:g}"
-                    accs[m] = [finetune_accuracy(learner, b, steps) for b in test]
-                elif m == "linear_probe":
-                    accs[m] = [probe_accuracy(feature_source, b) for b in test]
-                elif m == "centroid":
-                    accs[m] = [centroid_accuracy(feature_source, b) for b in test]
-            for m, values in accs.items():
-                mean, ci = mean_ci(values)
-                p = None
-                if m != "maml" and "maml" in accs:
-                    diff = np.asarray(accs["maml"]) - np.asarray(values)
-                    p = 1.0 if np.allclose(diff, 0) else float(stats.ttest_rel(accs["maml"], values).pvalue)
-                rows.append(Row(task.name, shots, m, mean, ci, len(values), p, chosen.get(m, "-")))
+    for p in plans:
+        test, val = p.test.fixed(episodes), p.val.fixed(min(20, episodes))
+        accs: dict[str, list[float]] = {}
+        chosen: dict[str, str] = {}
+        for m in methods:
+            if m in learners or m == "scratch":
+                if m == "scratch":
+                    torch.manual_seed(seed)
+                    learner = build_learner(recipe.model_copy(update={"method": "maml"}), ref_meta["modalities"],
+                                            {}).to(device)
+                else:
+                    learner = learners[m][0]
+                setting = choose_setting(learner, val, steps, own=m != "scratch")
+                chosen[m] = setting.label()
+                accs[m] = accuracies(learner, test, setting)
+            elif m == "linear_probe":
+                accs[m] = [probe_accuracy(feature_source, b) for b in test]
+            elif m == "centroid":
+                accs[m] = [centroid_accuracy(feature_source, b) for b in test]
+        for m, values in accs.items():
+            mean, ci = mean_ci(values)
+            pv = None
+            if m != reference and reference in accs:
+                diff = np.asarray(accs[reference]) - np.asarray(values)
+                pv = 1.0 if np.allclose(diff, 0) else float(stats.ttest_rel(accs[reference], values).pvalue)
+            rows.append(Row(p.task.name, p.shots, m, mean, ci, len(values), pv, chosen.get(m, "-"), p.left_out))
+        if on_rows:
+            on_rows(rows)
     return rows
 
 
@@ -192,7 +240,7 @@ def _plot(rows: list[Row], path: Path) -> None:
     tasks = sorted({r.task for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for m in METHODS:
+        for m in dict.fromkeys(r.method for r in rows):
             pts = sorted((r.shots, r.accuracy, r.ci95) for r in rows if r.task == task and r.method == m)
             if pts:
                 x, y, e = zip(*pts, strict=True)

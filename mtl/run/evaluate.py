@@ -1,11 +1,16 @@
-"""Episodic evaluation and confidence intervals."""
+"""Episodic evaluation of a checkpoint, and confidence intervals."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from mtl.data.registry import Registry
+from mtl.data.task import Task
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -15,3 +20,30 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
         return float(v.mean()) if len(v) else float("nan"), float("nan")
     half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
     return float(v.mean()), float(half)
+
+
+def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int = 1, queries: int = 15,
+             episodes: int = 600, split: str | None = None, steps: int | None = None, lr: float | None = None,
+             seed: int = 0, device: str = "auto", registry: Registry | None = None) -> dict[str, Any]:
+    """Mean query accuracy and its 95% CI over ``episodes`` seeded N-way K-shot episodes of ``task``,
+    each adapted with the checkpoint's own inner loop (``steps``, ``lr``: replace its settings)."""
+    from mtl.data.stream import EpisodeStream
+    from mtl.device import autocast, resolve_device
+    from mtl.errors import MtlError
+    from mtl.run.learner import load_learner
+
+    dev = resolve_device(device)
+    t = task if isinstance(task, Task) else (registry or Registry()).load(task)
+    learner, meta = load_learner(Path(checkpoint), dev)
+    if t.modality not in learner.model.encoders:
+        raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
+    name = split or t.spec.test_split
+    config = learner.model.config
+    stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, config.text_encoder,
+                           config.text_trainable_layers, cap_ways=False)
+    with autocast(dev, meta["recipe"].get("precision", "fp32")):
+        accs = [learner.evaluate(b, steps, lr=lr) for b in stream.fixed(episodes)]
+    mean, ci = mean_ci(accs)
+    return {"task": t.name, "split": name, "ways": stream.samplers[0].ways, "shots": shots, "queries": queries,
+            "episodes": episodes, "accuracy": round(mean, 5), "ci95": round(ci, 5), "checkpoint": meta["path"],
+            "algorithm": learner.name}

@@ -1,4 +1,4 @@
-"""Build a meta-learner from a recipe, and rebuild it from a checkpoint."""
+"""Build an algorithm (model + meta-learned state) from a recipe, and rebuild it from a checkpoint."""
 
 from __future__ import annotations
 
@@ -7,30 +7,23 @@ from typing import Any
 
 import torch
 
-from mtl.algorithms.base import MetaLearner
+from mtl.algorithms import Algorithm, build_algorithm
+from mtl.errors import MtlError
 from mtl.models import MultiTaskModel
 from mtl.run.checkpoint import load_checkpoint, load_into
 from mtl.run.recipe import Recipe
 
 
-def build_learner(recipe: Recipe, modalities: list[str], heads: dict[str, int]) -> MetaLearner:
-    """``heads``: task -> outputs (episode ways for MAML with learned heads, all classes for multitask)."""
-    model = MultiTaskModel(recipe.model, modalities)
-    method = "maml" if recipe.method == "multitask" else recipe.method
-    learner = MetaLearner(model, method, recipe.inner, heads if recipe.inner.head_init == "learned" else None)
-    if recipe.method == "multitask":
-        for task, n in heads.items():
-            torch.nn.init.normal_(model.add_head(task, n).weight, std=0.01)
-    return learner
+def build_learner(recipe: Recipe, modalities: list[str], heads: dict[str, int]) -> Algorithm:
+    """``heads``: task -> outputs (episode ways for learned episode heads, all classes for joint training)."""
+    return build_algorithm(recipe.method, MultiTaskModel(recipe.model, modalities), recipe.inner, heads)
 
 
-def load_learner(path: Path, device: torch.device, hold_text: bool = False) -> tuple[MetaLearner, dict[str, Any]]:
+def load_learner(path: Path, device: torch.device, hold_text: bool = False) -> tuple[Algorithm, dict[str, Any]]:
     """``hold_text``: the text encoder will not be trained (plain adaptation), so meta-learned text
     layers are held as a fixed function with cached embeddings (:meth:`TextEncoder.hold`)."""
     tensors, meta = load_checkpoint(path, device)
     if "recipe" not in meta:
-        from mtl.errors import MtlError
-
         raise MtlError(f"{meta['path']} is an adapted model, not a training checkpoint",
                        "pass the run folder of `cli.py train` to --checkpoint")
     recipe = Recipe.model_validate(meta["recipe"])

@@ -9,18 +9,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtl.algorithms.base import InnerConfig
+from mtl.algorithms import ALGORITHMS, InnerConfig, get_algorithm
 from mtl.errors import MtlError
 from mtl.models import ModelConfig
-
-Method = Literal["maml", "fomaml", "anil", "metasgd", "reptile", "multitask"]
 
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Method = "maml"
+    method: str = "maml"  # a registered algorithm (`cli.py algorithms`)
     tasks: list[str] = Field(min_length=1)  # registry tasks trained on (their train split)
     val_tasks: list[str] = []  # meta-validation episodes, from each task's val split (else test split)
     tasks_dirs: list[str] = []
@@ -45,12 +43,34 @@ class Recipe(BaseModel):
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = None
     time_limit_minutes: float | None = None  # stop (and keep the best checkpoint) after this wall time
+    log: list[Literal["tensorboard", "mlflow"]] = []  # experiment trackers, beside metrics.jsonl
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm '{name}'; registered: {', '.join(ALGORITHMS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _configured(self) -> Recipe:
+        """The inner loop as the algorithm runs it (ANIL adapts the head only...), stored so that a
+        checkpoint's recipe rebuilds the same state."""
+        inner = get_algorithm(self.method).configure(self.inner)
+        if inner != self.inner:
+            object.__setattr__(self, "inner", InnerConfig.model_validate(inner.model_dump()))
+        return self
 
 
-def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read a recipe file and apply ``overrides`` (dotted keys, e.g. ``inner.steps``)."""
+def load_recipe(path: Path | dict[str, Any] | Recipe | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file (or take a dict or a recipe) and apply ``overrides`` (dotted keys, e.g.
+    ``inner.steps``; ``None`` values are ignored)."""
     doc: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, Recipe):
+        doc, path = path.model_dump(mode="json"), None
+    elif isinstance(path, dict):
+        doc, path = dict(path), None
+    elif path is not None:
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
@@ -73,4 +93,5 @@ def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> R
         err = e.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         more = f" ({len(e.errors())} problems)" if len(e.errors()) > 1 else ""
-        raise MtlError(f"{path or 'recipe'}: {where}: {err['msg']}", "see configs/ for valid recipes" + more) from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise MtlError(f"{path or 'recipe'}: {where}: {msg}", "see configs/ for valid recipes" + more) from None

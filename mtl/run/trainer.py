@@ -20,16 +20,17 @@ import numpy as np
 import torch
 import yaml
 
-from mtl.algorithms.multitask import MultiTaskBatches
+from mtl.algorithms import get_algorithm
 from mtl.data.cache import atomic_write_bytes
 from mtl.data.registry import Registry
-from mtl.data.stream import EpisodeStream
-from mtl.device import all_reduce_sum, autocast, barrier, init_distributed, set_threads
+from mtl.data.stream import ClassBatches, EpisodeStream
+from mtl.device import all_reduce_sum, autocast, barrier, close_distributed, init_distributed, set_threads
 from mtl.errors import MtlError
 from mtl.run.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner
-from mtl.run.recipe import Recipe
+from mtl.run.recipe import Recipe, load_recipe
+from mtl.run.tracking import open_trackers
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -66,26 +67,41 @@ class RunLock:
 
 
 class Trainer:
+    """One training run of a recipe, torchtune-style: construction only records what to do;
+    :meth:`setup` builds the pieces (threads, process group, data, model, optimizer), :meth:`run`
+    trains. ``Trainer(recipe, out).run()`` does both."""
+
     def __init__(self, recipe: Recipe, out: Path, registry: Registry | None = None) -> None:
         self.recipe = recipe
         self.out = out
-        set_threads(recipe.threads)
-        self.rank, self.world, self.device = init_distributed(recipe.device)
-        self.registry = registry or Registry(_dirs(recipe))
-        r = recipe
+        self.registry = registry
+        self.algorithm = get_algorithm(recipe.method)
+        self.ready = False
+        self.start = 0
+        self.best = -1.0
+        self.elapsed = 0.0
+        self.rank, self.world = 0, 1
+
+    def setup(self) -> Trainer:
+        """Threads and allocator, process group, data, model and optimizer; idempotent."""
+        if self.ready:
+            return self
+        r = self.recipe
+        set_threads(r.threads)
+        self.rank, self.world, self.device = init_distributed(r.device)
+        self.registry = self.registry or Registry(_dirs(r))
         tasks = [self.registry.load(n) for n in r.tasks]
         layers = r.model.text_trainable_layers
-        # the training data: episodes for the MAML family, task-balanced batches for multi-task
-        self.stream: EpisodeStream | None = None
-        self.mt: MultiTaskBatches | None = None
-        if r.method == "multitask":
-            self.mt = MultiTaskBatches(tasks, r.meta_batch * r.ways * (r.shots + r.queries), r.seed, self.device,
+        # the training data: episodes (meta-learning) or task-balanced batches over all classes (joint)
+        self.source: EpisodeStream | ClassBatches
+        if self.algorithm.training_data == "classes":
+            self.source = ClassBatches(tasks, r.meta_batch * r.ways * (r.shots + r.queries), r.seed, self.device,
                                        r.model.text_encoder, layers)
             self.heads = {t.name: len(t.classes) for t in tasks}
         else:
-            self.stream = EpisodeStream(tasks, None, r.ways, r.shots, r.queries, r.seed, self.device,
+            self.source = EpisodeStream(tasks, None, r.ways, r.shots, r.queries, r.seed, self.device,
                                         r.model.text_encoder, layers)
-            self.heads = {t.name: self.stream.ways_of(t.name) for t in tasks}
+            self.heads = {t.name: self.source.ways_of(t.name) for t in tasks}
         self.val: EpisodeStream | None = None
         if r.val_tasks:
             vt = [self.registry.load(n) for n in r.val_tasks]
@@ -103,10 +119,9 @@ class Trainer:
                   {"params": [p for p in self.params if id(p) in pretrained],
                    "scale": (r.encoder_lr or r.outer_lr) / r.outer_lr}]
         self.opt = torch.optim.Adam([g for g in groups if g["params"]], lr=r.outer_lr)
-        self.start = 0
-        self.best = -1.0
-        self.elapsed = 0.0
         self.task_info = {t.name: {"modality": t.modality, "classes": t.classes, "file": str(t.file)} for t in tasks}
+        self.ready = True
+        return self
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -158,14 +173,8 @@ class Trainer:
             g["lr"] = self.lr_at(it) * g.get("scale", 1.0)
         self.opt.zero_grad(set_to_none=True)
         self.learner.train()
-        with autocast(self.device, r.precision):
-            if self.mt is not None:
-                loss, acc, count = self.mt.backward(self.learner, it, self.rank, self.world)
-            else:  # this process's share of the meta-batch: slots rank, rank + world, ...
-                assert self.stream is not None
-                batches = self.stream.meta_batch(it, r.meta_batch, range(self.rank, r.meta_batch, self.world))
-                loss, acc = self.learner.meta_backward(batches, it, total_tasks=r.meta_batch)
-                count = sum(len(b.yq) for b in batches)
+        with autocast(self.device, r.precision):  # this process's share: slots rank, rank + world, ...
+            loss, acc, count = self.learner.outer_backward(self.source, it, r.meta_batch, self.rank, self.world)
         if self.world > 1:
             for p in self.params:
                 if p.grad is None:
@@ -194,6 +203,7 @@ class Trainer:
 
     def run(self, resume: bool = False, on_step: Callback | None = None) -> dict[str, Any]:
         """Train; under torchrun every rank trains, rank 0 alone writes and validates."""
+        self.setup()
         r = self.recipe
         lead = self.rank == 0
         with RunLock(self.out) if lead else contextlib.nullcontext():
@@ -208,6 +218,7 @@ class Trainer:
             if lead:
                 atomic_write_bytes(self.out / "recipe.yaml", lambda f: f.write(text.encode()))  # type: ignore[attr-defined]
             metrics = (self.out / "metrics.jsonl").open("a") if lead else open(os.devnull, "w")  # noqa: SIM115
+            trackers = open_trackers(r.log, self.out, r.model_dump(mode="json")) if lead else []
             t0 = time.perf_counter() - self.elapsed
             last_val: tuple[float, float] | None = None
             it = self.start - 1
@@ -231,17 +242,41 @@ class Trainer:
                         self.save("last", it, with_optimizer=True)
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
+                    for tracker in trackers:
+                        tracker.log(row, it)
                     if on_step:
                         on_step(row)
                     if last:
                         break
             finally:
                 metrics.close()
+                for tracker in trackers:
+                    tracker.close()
             if lead:
                 plot_curve(self.out)
         barrier()  # every rank returns once rank 0 has written the checkpoints
         return {"iterations": it + 1, "best_val_accuracy": self.best if self.val else None,
-                "last_val": last_val, "seconds": round(self.elapsed, 1), "out": str(self.out)}
+                "last_val": last_val, "seconds": round(self.elapsed, 1), "out": str(self.out), "rank": self.rank,
+                "algorithm": r.method}
+
+
+def train(recipe: Recipe | Path | str | dict[str, Any], out: Path | str, *, resume: bool = False,
+          on_step: Callback | None = None, registry: Registry | None = None, tasks_dirs: list[Path] | None = None,
+          **overrides: Any) -> dict[str, Any]:
+    """Train a recipe (a :class:`Recipe`, a YAML path or a dict) into the run folder ``out``.
+
+    ``overrides`` set recipe fields, dotted for nested ones: ``train("configs/smoke.yaml", "runs/a",
+    iterations=50, **{"inner.steps": 2})``. Returns a summary (iterations, best validation accuracy,
+    seconds, run folder); under ``torchrun`` every rank trains and rank 0 writes."""
+    if isinstance(recipe, str):
+        recipe = Path(recipe)
+    r = load_recipe(recipe, overrides)
+    if tasks_dirs:
+        r = r.model_copy(update={"tasks_dirs": r.tasks_dirs + [str(p) for p in tasks_dirs]})
+    try:
+        return Trainer(r, Path(out), registry).run(resume=resume, on_step=on_step)
+    finally:
+        close_distributed()
 
 
 def _dirs(recipe: Recipe) -> list[Path]:

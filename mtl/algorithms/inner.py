@@ -1,9 +1,14 @@
-"""Gradient-based meta-learning over a plain ``nn.Module``: MAML, first-order MAML, ANIL, Meta-SGD,
-Reptile and MAML++'s options, with functional inner loops (``torch.func.functional_call``).
+"""The shared functional inner loop, and the base class every algorithm subclasses.
 
-One inner loop serves every method; the methods differ in which parameters adapt, whether the
-outer gradient flows through the inner updates (second order), where the inner learning rates come
-from, and how the outer gradient is formed (Reptile).
+One inner loop serves every gradient-based method: ``functional_call`` over a dict of fast weights,
+so any ``nn.Module`` is adapted unchanged. An algorithm module (``maml.py``, ``anil.py``, ...) holds
+only what differs between methods, through the hooks of :class:`Algorithm`: which parameters adapt
+(:meth:`Algorithm.configure`), whether the outer gradient flows through the inner updates
+(:meth:`Algorithm.second_order`), where inner step sizes come from (``learned_lrs``), how logits are
+made from features (:meth:`Algorithm.head_logits`), how a new task's head starts, and how the outer
+gradient is formed (:meth:`Algorithm.meta_backward`). Adapting is a pure function of the initial
+state and a support set (:meth:`Algorithm.adapt`): nothing it does changes the algorithm's state, so
+training, ``adapt``, ``evaluate`` and ``compare`` share one loaded model.
 
 Batch norm: by default (``bn: support``) the query set is normalised with statistics of the support
 set, computed with the current fast weights, so query examples never share statistics with each
@@ -15,8 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mtl.data.inputs import Inputs, concat
+from mtl.data.stream import TaskBatch
 from mtl.models import (
     EpisodicBatchNorm2d,
     MultiTaskModel,
@@ -34,7 +39,8 @@ from mtl.models import (
     support_statistics,
 )
 
-Method = Literal["maml", "fomaml", "anil", "metasgd", "reptile"]
+if TYPE_CHECKING:
+    from mtl.data.stream import EpisodeStream
 
 
 class InnerConfig(BaseModel):
@@ -56,37 +62,38 @@ class InnerConfig(BaseModel):
     second_order_from: int = 0  # derivative-order annealing: first order before this iteration
 
 
-@dataclass
-class TaskBatch:
-    """One episode as tensors on the device."""
-
-    task: str
-    modality: str
-    xs: Inputs
-    ys: Tensor
-    xq: Inputs
-    yq: Tensor
-
-    @property
-    def ways(self) -> int:
-        return int(self.ys.max()) + 1
-
-
 def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-class MetaLearner(nn.Module):
-    """The meta-learned state: the model plus learned inner learning rates and per-step BN params."""
+class Algorithm(nn.Module):
+    """The meta-learned state (the model, learned inner step sizes, per-step batch-norm parameters)
+    and the shared inner loop. Subclasses, one module each, register with ``@algorithm("name")``.
 
-    def __init__(self, model: MultiTaskModel, method: Method, inner: InnerConfig,
-                 heads: dict[str, int] | None = None) -> None:
+    Class attributes a subclass may set: ``training_data`` (``"episodes"``: N-way K-shot meta-batches;
+    ``"classes"``: task-balanced batches over all of a task's classes, as joint training uses),
+    ``learned_lrs`` (``"per_parameter"``: Meta-SGD's learned step size per weight) and
+    ``compare_steps`` (the adaptation steps ``compare`` gives the method's own settings; ``None``: its
+    ``--steps``).
+    """
+
+    name: ClassVar[str] = ""
+    training_data: ClassVar[Literal["episodes", "classes"]] = "episodes"
+    learned_lrs: ClassVar[Literal["none", "per_parameter"]] = "none"
+    compare_steps: ClassVar[int | None] = None
+    head_kind: ClassVar[str] = "linear"  # what :meth:`head_logits` computes, for the saved model's head
+
+    @classmethod
+    def configure(cls, inner: InnerConfig) -> InnerConfig:
+        """The method's own inner-loop choices (ANIL: only the head adapts); fields the recipe set
+        explicitly are in ``inner.model_fields_set``."""
+        return inner
+
+    def __init__(self, model: MultiTaskModel, inner: InnerConfig, heads: dict[str, int] | None = None) -> None:
+        """``heads``: task -> outputs, for methods that keep a head per training task."""
         super().__init__()
         self.model = model
-        self.method = method
-        self.inner = inner
-        if method == "anil":
-            self.inner = inner = inner.model_copy(update={"adapt": "head"})
+        self.inner = inner = self.configure(inner)
         if inner.head_init == "learned":
             for task, ways in (heads or {}).items():
                 head = model.add_head(task, ways)
@@ -101,10 +108,25 @@ class MetaLearner(nn.Module):
             for name, m in self.norms().items():
                 self.register_buffer(f"bn_mean__{_key(name)}", torch.zeros(inner.steps + 1, m.num_features))
                 self.register_buffer(f"bn_var__{_key(name)}", torch.ones(inner.steps + 1, m.num_features))
-        if method == "metasgd" or inner.lslr:
+        if self.learned_lrs == "per_parameter" or inner.lslr:
             for name, p in self._lr_shapes().items():
-                shape = p if method == "metasgd" else (inner.steps,)
+                shape = p if self.learned_lrs == "per_parameter" else (inner.steps,)
                 self.lrs[_key(name)] = nn.Parameter(torch.full(shape, inner.lr))
+
+    # --- hooks a method overrides ----------------------------------------------------------------
+
+    def second_order(self, iteration: int) -> bool:
+        """Whether the outer gradient flows through the inner updates at ``iteration``."""
+        return False
+
+    def head_logits(self, feats: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """Logits of an episode head (``weight``, ``bias``) on features: linear by default."""
+        return feats @ weight.T + bias
+
+    @property
+    def train_steps(self) -> int:
+        """Inner steps per episode in meta-training."""
+        return self.inner.steps
 
     @property
     def eval_steps(self) -> int:
@@ -161,12 +183,16 @@ class MetaLearner(nn.Module):
         shapes["head.bias"] = (1,)
         return shapes
 
-    def inner_lr(self, name: str, step: int) -> Tensor | float:
+    def inner_lr(self, name: str, step: int, lr: float | None = None) -> Tensor | float:
+        """The step size of parameter ``name`` at ``step``: ``lr`` if given (a user's choice replaces
+        the learned ones), else the learned one, else the recipe's."""
         k = _key(name)
+        if lr is not None:
+            return lr
         if k not in self.lrs:
             return self.inner.lr
-        lr = self.lrs[k]
-        return lr if self.method == "metasgd" else lr[min(step, lr.shape[0] - 1)]
+        learned = self.lrs[k]
+        return learned if self.learned_lrs == "per_parameter" else learned[min(step, learned.shape[0] - 1)]
 
     # --- the inner loop ------------------------------------------------------------------------
 
@@ -197,30 +223,40 @@ class MetaLearner(nn.Module):
             both = encoder(concat(b.xs, b.xq))
         return both[:ns], both[ns:]
 
-    def init_head(self, b: TaskBatch, params: dict[str, Tensor], encoded: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor]:
+    def init_head(self, b: TaskBatch, params: dict[str, Tensor], encoded: Tensor | None = None,
+                  head_init: str | None = None) -> tuple[Tensor, Tensor]:
+        """A new task's head: the learned one of a training task, the support set's prototypes
+        (Proto-MAML), or zero."""
         ways = b.ways
         dim = self.model.feature_dim
         key = head_key(b.task)
-        if self.inner.head_init == "learned" and key in self.model.heads and self.model.heads[key].out_features == ways:
+        head_init = head_init or self.inner.head_init
+        if head_init == "learned" and key in self.model.heads and self.model.heads[key].out_features == ways:
             head = self.model.heads[key]
             return head.weight, head.bias
-        if self.inner.head_init == "proto":
+        if head_init == "proto":
             if encoded is None:
                 feats = self.episode_features(params, b.xs, b.modality, 0, None)
             else:
                 feats = self.episode_features(params, encoded, b.modality, 0, None, encoded=True)
             protos = torch.zeros(ways, dim, device=feats.device, dtype=feats.dtype).index_add(0, b.ys, feats)
             protos = protos / torch.bincount(b.ys, minlength=ways).clamp_min(1).unsqueeze(1).to(feats.dtype)
-            return 2 * protos, -(protos * protos).sum(1)  # Proto-MAML: logits = -|f - c|^2 + const
+            return self.head_from_prototypes(protos)
         device = b.ys.device
         return (torch.zeros(ways, dim, device=device, requires_grad=True),
                 torch.zeros(ways, device=device, requires_grad=True))
 
-    def adapt(self, b: TaskBatch, steps: int, create_graph: bool, track_query: bool = True, detach: bool = False
+    def head_from_prototypes(self, protos: Tensor) -> tuple[Tensor, Tensor]:
+        """A linear head whose logits are -|f - c|^2 + const (Proto-MAML, prototypical networks)."""
+        return 2 * protos, -(protos * protos).sum(1)
+
+    def adapt(self, b: TaskBatch, steps: int, create_graph: bool, track_query: bool = True, detach: bool = False,
+              lr: float | None = None, head_init: str | None = None
               ) -> tuple[list[Tensor], dict[str, Tensor], Tensor | None]:
         """Run the inner loop. Returns the query losses after each tracked step, the fast weights and
         the last query logits. ``detach`` starts from a copy of the weights (evaluation, Reptile).
+        ``lr`` and ``head_init`` replace the learned step sizes and the head's start for this call
+        only: the algorithm's state is never changed.
 
         When the inner loop leaves the encoder alone (``adapt: trunk+head`` or ``head``, and always
         for a pretrained text encoder), the episode is encoded once and every step runs the trunk and
@@ -233,7 +269,7 @@ class MetaLearner(nn.Module):
         if not (per_step and self.norms()) and not any(n.startswith("encoders.") for n in names):
             with torch.no_grad() if detach else contextlib.nullcontext():  # no outer gradient to keep
                 encoded = self.encode(b)
-        w, bias = self.init_head(b, fast, encoded[0] if encoded else None)
+        w, bias = self.init_head(b, fast, encoded[0] if encoded else None, head_init)
         fast["head.weight"], fast["head.bias"] = w, bias
         if detach:
             fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
@@ -250,7 +286,7 @@ class MetaLearner(nn.Module):
             else:
                 feats = fs if fs is not None else self.episode_features(fast, encoded[0], b.modality, step, None,
                                                                         encoded=True)
-            loss = F.cross_entropy(feats @ fast["head.weight"].T + fast["head.bias"], b.ys)
+            loss = F.cross_entropy(self.head_logits(feats, fast["head.weight"], fast["head.bias"]), b.ys)
             keys = [k for k, v in fast.items() if v.requires_grad]
             # retain: a first-order step must not free the graph that made the head (Proto-MAML init),
             # through which the outer gradient still flows
@@ -258,7 +294,7 @@ class MetaLearner(nn.Module):
                                         retain_graph=not detach, allow_unused=True)
             for k, g in zip(keys, grads, strict=True):
                 if g is not None:
-                    fast[k] = fast[k] - self.inner_lr(k, step) * (g if create_graph else g.detach())
+                    fast[k] = fast[k] - self.inner_lr(k, step, lr) * (g if create_graph else g.detach())
             if track_query and (self.inner.msl or step == steps - 1):
                 logits = self.query_logits(b, fast, step + 1, fq, encoded[1] if encoded else None)
                 query_losses.append(F.cross_entropy(logits, b.yq))
@@ -278,7 +314,7 @@ class MetaLearner(nn.Module):
                 fq = self.episode_features(body, b.xq, b.modality, step, None)
             else:
                 fq = self.episode_features(body, concat(b.xs, b.xq), b.modality, step, len(b.ys))[len(b.ys):]
-        return fq @ fast["head.weight"].T + fast["head.bias"]
+        return self.head_logits(fq, fast["head.weight"], fast["head.bias"])
 
     # --- the outer step ------------------------------------------------------------------------
 
@@ -293,9 +329,6 @@ class MetaLearner(nn.Module):
         w[-1] = min(1.0 / s + iteration * (s - 1) * decay, 1.0 - (s - 1) * floor)
         return w
 
-    def second_order(self, iteration: int) -> bool:
-        return self.method in ("maml", "metasgd", "anil") and iteration >= self.inner.second_order_from
-
     def meta_backward(self, batches: Sequence[TaskBatch], iteration: int, total_tasks: int | None = None
                       ) -> tuple[float, float]:
         """Accumulate the meta-gradient of a meta-batch into ``.grad``; returns (loss, query accuracy).
@@ -303,39 +336,17 @@ class MetaLearner(nn.Module):
         ``total_tasks``: the whole meta-batch when ``batches`` is one process's share of it, so that
         gradients summed over processes equal the single-process mean."""
         n = total_tasks or len(batches)
-        if self.method == "reptile":
-            return self._reptile_backward(batches, n)
         weights = self.msl_weights(iteration)
         create_graph = self.second_order(iteration)
         total, correct, count = 0.0, 0, 0
         for b in batches:
-            losses, _, logits = self.adapt(b, self.inner.steps, create_graph)
+            losses, _, logits = self.adapt(b, self.train_steps, create_graph)
             loss = sum(w * lo for w, lo in zip(weights.tolist(), losses, strict=True)) / n
             loss.backward()  # one task at a time: its graph is freed before the next
             total += float(losses[-1].detach()) / n
             assert logits is not None
             correct += int((logits.detach().argmax(1) == b.yq).sum())
             count += len(b.yq)
-        return total, correct / max(count, 1)
-
-    def _reptile_backward(self, batches: Sequence[TaskBatch], n: int) -> tuple[float, float]:
-        """Reptile: the outer 'gradient' is the mean of (initial - adapted) weights, training on
-        support and query together."""
-        params = dict(self.model.named_parameters())
-        total, correct, count = 0.0, 0, 0
-        for b in batches:
-            joint = TaskBatch(b.task, b.modality, concat(b.xs, b.xq), torch.cat([b.ys, b.yq]), b.xq, b.yq)
-            with torch.no_grad():
-                pred = self.query_logits(b, self._detached_fast(b), 0).argmax(1)
-            correct += int((pred == b.yq).sum())
-            count += len(b.yq)
-            losses, fast, _ = self.adapt(joint, self.inner.steps, create_graph=False, detach=True)
-            total += float(losses[-1].detach()) / n
-            for name, v in fast.items():
-                if name in params:
-                    p = params[name]
-                    delta = (p.detach() - v.detach()) / n
-                    p.grad = delta if p.grad is None else p.grad + delta
         return total, correct / max(count, 1)
 
     def _detached_fast(self, b: TaskBatch) -> dict[str, Tensor]:
@@ -347,10 +358,22 @@ class MetaLearner(nn.Module):
         pred = self.query_logits(b, {k: v.detach() for k, v in fast.items()}, steps).argmax(1)
         return float((pred == b.yq).float().mean())
 
-    def evaluate(self, b: TaskBatch, steps: int | None = None) -> float:
+    def evaluate(self, b: TaskBatch, steps: int | None = None, lr: float | None = None,
+                 head_init: str | None = None) -> float:
         """Query accuracy after adapting to the support set (no meta-gradient)."""
         steps = self.eval_steps if steps is None else steps
         with self.evaluation():
             with torch.enable_grad():
-                _, fast, _ = self.adapt(b, steps, create_graph=False, track_query=False, detach=True)
+                _, fast, _ = self.adapt(b, steps, create_graph=False, track_query=False, detach=True, lr=lr,
+                                        head_init=head_init)
             return self._accuracy(b, fast, steps)
+
+    def outer_backward(self, source: Any, iteration: int, meta_batch: int, rank: int = 0, world: int = 1
+                       ) -> tuple[float, float, int]:
+        """This process's share of one outer step's gradient, accumulated into ``.grad``; returns
+        (loss, accuracy, examples). ``source``: the :class:`EpisodeStream` (``training_data:
+        episodes``), or the task-balanced batches of :mod:`mtl.algorithms.multitask` (``classes``)."""
+        stream: EpisodeStream = source
+        batches = stream.meta_batch(iteration, meta_batch, range(rank, meta_batch, world))
+        loss, acc = self.meta_backward(batches, iteration, total_tasks=meta_batch)
+        return loss, acc, sum(len(b.yq) for b in batches)

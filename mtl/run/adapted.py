@@ -1,0 +1,143 @@
+"""A model adapted to one task, with a scikit-learn-style interface: ``predict`` (label names),
+``predict_proba``, ``score``, ``save`` and ``load``. Saved as ``model.safetensors`` + ``model.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtl.data.images import prepare_images
+from mtl.data.schema import ImageOptions
+from mtl.errors import MtlError
+from mtl.models import ModelConfig, MultiTaskModel
+from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
+
+HEAD = "adapted"
+
+
+def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device
+                 ) -> torch.Tensor | list[str]:
+    """What the model's encoder takes: image tensors, cached sentence embeddings, or strings."""
+    if modality == "image":
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    encoder = model.encoders["text"]
+    if encoder.reads_embeddings:
+        return encoder.embed(x.tolist()).to(device)  # type: ignore[operator]
+    return x.tolist()
+
+
+class AdaptedModel:
+    """A model adapted to one task: predicts its label names. ``meta`` says how it was made (task,
+    classes, shots, steps, the checkpoint it came from, its measured accuracy)."""
+
+    def __init__(self, model: MultiTaskModel, meta: dict[str, Any]) -> None:
+        self.model = model.eval()
+        self.meta = meta
+        self.device = next(model.parameters()).device
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def modality(self) -> str:
+        return str(self.meta["modality"])
+
+    def save(self, out: Path | str) -> Path:
+        out = Path(out)
+        modality = self.modality
+        state = {k: v for k, v in self.model.state_dict().items()
+                 if (k.startswith(("encoders.", "projections.")) and k.split(".")[1] == modality)
+                 or k.startswith(("trunk.", f"heads.{HEAD}."))}
+        save_checkpoint(out / "model.safetensors", state, {**self.meta, "kind": "adapted"})
+        return out
+
+    @classmethod
+    def load(cls, folder: Path | str, device: torch.device | str | None = None) -> AdaptedModel:
+        folder = Path(folder)
+        path = folder / "model.safetensors" if folder.is_dir() else folder
+        tensors, meta = load_checkpoint(path, device or "cpu")
+        if meta.get("kind") != "adapted":
+            raise MtlError(f"{path} is a training checkpoint, not an adapted model",
+                           "run `cli.py adapt` first and pass its --out folder to --model")
+        model = MultiTaskModel(ModelConfig.model_validate(meta["model_config"]), [meta["modality"]])
+        model.add_head(HEAD, len(meta["classes"]), meta.get("head", "linear"))
+        load_into(model, tensors)
+        return cls(model.to(device or "cpu"), meta)
+
+    @torch.no_grad()
+    def predict_proba(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
+                      ) -> np.ndarray:
+        """Class probabilities, columns in the order of :attr:`classes`. ``cached``: for a model with
+        trainable text layers, read the frozen layers' outputs from the disk cache (a task's test
+        split: the same texts every time), not for one-off inputs."""
+        inputs = self._array(inputs)
+        cfg = self.model.config
+        states = None
+        if cached and self.modality == "text" and not self.model.encoders["text"].reads_embeddings:
+            from mtl.data.embeddings import token_states
+
+            states = token_states(inputs.tolist(), cfg.text_encoder, cfg.text_trainable_layers).to(self.device)
+        out = []
+        for i in range(0, len(inputs), batch_size):
+            if states is not None:
+                x: Any = states[torch.arange(i, min(i + batch_size, len(inputs)), device=self.device)]
+            else:
+                x = model_inputs(inputs[i:i + batch_size], self.model, self.modality, self.device)
+            out.append(torch.softmax(self.model(x, self.modality, HEAD).float(), dim=1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+
+    def predict_ids(self, inputs: np.ndarray | list[Any], cached: bool = False) -> np.ndarray:
+        return self.predict_proba(inputs, cached=cached).argmax(1)
+
+    def predict(self, inputs: np.ndarray | list[Any]) -> np.ndarray:
+        """Label names."""
+        return np.asarray(self.classes, dtype=object)[self.predict_ids(inputs)]
+
+    def score(self, inputs: np.ndarray | list[Any], labels: np.ndarray | list[Any]) -> float:
+        """Accuracy on labelled examples (label names)."""
+        return float(np.mean(self.predict(inputs) == np.asarray(labels, dtype=object)))
+
+    def _array(self, inputs: np.ndarray | list[Any]) -> np.ndarray:
+        if isinstance(inputs, np.ndarray):
+            return inputs
+        if self.modality == "text":
+            return np.asarray([str(x) for x in inputs], dtype=np.str_)
+        return np.stack([np.asarray(x) for x in inputs]) if len(inputs) else np.zeros((0, 1, 1), np.uint8)
+
+    def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str]]:
+        """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line."""
+        expanded: list[str] = []
+        for item in items:
+            p = Path(item)
+            if p.suffix == ".txt" and p.is_file():
+                expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            elif self.modality == "image" and p.is_dir():
+                expanded += sorted(str(f) for f in p.iterdir() if f.is_file())
+            else:
+                expanded.append(item)
+        if not expanded:
+            raise MtlError("no inputs to predict", "give texts, image paths or a .txt file of them")
+        if self.modality == "text":
+            return np.asarray(expanded, dtype=np.str_), expanded
+        blobs = []
+        for f in expanded:
+            try:
+                blobs.append(Path(f).read_bytes())
+            except OSError:
+                raise MtlError(f"image {f} cannot be read", "check the path") from None
+        images = prepare_images(blobs, ImageOptions.model_validate(self.meta["image"]), expanded)
+        return images, expanded
+
+    def predictions(self, items: list[str], top: int = 1) -> list[dict[str, Any]]:
+        """``predict``'s rows: for each input its label, probability and the ``top`` best labels."""
+        x, shown = self.load_inputs(items)
+        rows = []
+        for item, p in zip(shown, self.predict_proba(x), strict=True):
+            order = np.argsort(-p)[: max(1, top)]
+            rows.append({"input": item, "label": self.classes[order[0]], "probability": round(float(p[order[0]]), 5),
+                         "top": [{"label": self.classes[i], "probability": round(float(p[i]), 5)} for i in order]})
+        return rows
