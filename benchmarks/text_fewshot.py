@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,17 +35,16 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(2)
     reg = Registry()
+    learner, _ = load_learner(a.checkpoint, torch.device("cpu"), hold_text=a.encoder_layers == 0)
     pooled: list[float] = []
     for item in a.tasks.split(","):
         name, shots = item.split(":")
         task = reg.load(name)
         accs = []
-        for seed in range(a.seeds):
-            learner, meta = load_learner(a.checkpoint, torch.device("cpu"), hold_text=a.encoder_layers == 0)
-            with tempfile.TemporaryDirectory() as tmp:
-                r = adapt(learner, meta, task, Path(tmp), int(shots), seed, a.steps, None, None, a.head_init,
-                          encoder_layers=a.encoder_layers, encoder_epochs=a.encoder_epochs)
-            accs.append(r.test_accuracy)
+        for seed in range(a.seeds):  # adaptation leaves the loaded learner unchanged: one load serves every seed
+            r = adapt(learner, task, shots=int(shots), seed=seed, steps=a.steps, head_init=a.head_init,
+                      encoder_layers=a.encoder_layers, encoder_epochs=a.encoder_epochs)
+            accs.append(r.meta["test_accuracy"])
         mean, ci = mean_ci(accs)
         pooled += accs
         print(json.dumps({"task": name, "shots": int(shots), "classes": len(task.classes), "seeds": a.seeds,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -68,12 +69,7 @@ def tasks_list(tasks_dir: TasksDir = None,
                modality: Annotated[str | None, typer.Option(help="text or image")] = None,
                as_json: Json = False) -> None:
     """Every task: modality, classes, examples per split and role."""
-    reg = _registry(tasks_dir)
-    rows = []
-    for name in reg.names(role=role, modality=modality):
-        task = reg.load(name)
-        rows.append({"name": name, "modality": task.modality, "role": task.spec.role, "classes": len(task.classes),
-                     "splits": {s: len(v) for s, v in task.splits.items()}, "file": str(reg.entry(name).file)})
+    rows = _registry(tasks_dir).summaries(role=role, modality=modality)
     if as_json:
         _print_json({"tasks": rows, "data_dir": str(settings.data_dir())})
         return
@@ -92,16 +88,8 @@ def tasks_show(name: str, tasks_dir: TasksDir = None,
                as_json: Json = False) -> None:
     """A task's fields, label names, counts per split and a few examples."""
     reg = _registry(tasks_dir)
-    task = reg.load(name)
-    counts = {s: {task.classes[c]: n for c, n in v.counts().items()} for s, v in task.splits.items()}
-    train = task.train
-    shown = []
-    for i in range(min(examples, len(train))):
-        x = train.inputs[i]
-        shown.append({"label": task.classes[int(train.labels[i])],
-                      "input": str(x) if task.modality == "text" else f"image {x.shape} {x.dtype}"})
-    info = {"name": task.name, "file": str(reg.entry(name).file), "spec": task.spec.model_dump(mode="json"),
-            "classes": task.classes, "counts": counts, "examples": shown}
+    info = reg.describe(name, examples)
+    task, counts = reg.load(name), info["counts"]
     if as_json:
         _print_json(info)
         return
@@ -116,7 +104,7 @@ def tasks_show(name: str, tasks_dir: TasksDir = None,
     for s, per in counts.items():
         vals = list(per.values())
         out.print(f"  {s}: {sum(vals):,} examples, {len(vals)} classes, {min(vals)}-{max(vals)} per class")
-    for ex in shown:
+    for ex in info["examples"]:
         out.print(f"  [{ex['label']}] {ex['input'][:100]}", markup=False, highlight=False)
 
 
@@ -146,26 +134,19 @@ def episode(task: Annotated[str, typer.Option("--task", help="Registry task name
             index: Annotated[int, typer.Option(help="Which episode of the seeded stream.")] = 0,
             tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Draw one reproducible N-way K-shot episode from a task and show it."""
-    from mtl.data.episodes import EpisodeSampler
+    from mtl.data.episodes import describe_episode
 
-    t = _registry(tasks_dir).load(task)
-    ep = EpisodeSampler(t, split=split, ways=ways, shots=shots, queries=queries, seed=seed).sample(index)
-    support = [(ep.classes[y], str(x) if t.modality == "text" else f"image {x.shape}")
-               for x, y in zip(ep.support_x, ep.support_y, strict=True)]
-    info = {"task": task, "split": split, "seed": seed, "index": index, "classes": list(ep.classes),
-            "support_size": len(ep.support_y), "query_size": len(ep.query_y),
-            "support_indices": ep.support_src[:, 1].tolist(), "query_indices": ep.query_src[:, 1].tolist(),
-            "support": [{"label": lab, "input": x} for lab, x in support]}
+    info = describe_episode(_registry(tasks_dir).load(task), split, ways, shots, queries, seed, index)
     if as_json:
         _print_json(info)
         return
     out.print(f"[bold]{task}[/bold] {split}: {ways}-way {shots}-shot, {queries} queries per class "
               f"(seed {seed}, episode {index})")
     table = Table("label", "support example")
-    for lab, x in support:
-        table.add_row(escape(lab), escape(x[:90]))
+    for row in info["support"]:
+        table.add_row(escape(row["label"]), escape(row["input"][:90]))
     out.print(table)
-    out.print(f"{len(ep.query_y)} query examples")
+    out.print(f"{info['query_size']} query examples")
 
 
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
@@ -227,17 +208,12 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
 class _Rate:
     """Iterations per second since the first step (the first one includes start-up)."""
 
-    def __init__(self) -> None:
-        self.t0: float | None = None
-        self.n = 0
+    t0: float | None = None
+    n = 0
 
     def tick(self) -> float:
-        import time
-
         now = time.perf_counter()
-        if self.t0 is None:
-            self.t0 = now
-        self.n += 1
+        self.t0, self.n = self.t0 or now, self.n + 1
         return (self.n - 1) / (now - self.t0) if now > self.t0 else 0.0
 
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import torch
 
 from mtl.errors import MtlError
 
-DeviceName = Literal["auto", "cpu", "cuda"]
 
-
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when a GPU is visible, else the CPU; ``cuda`` without a GPU is an error."""
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -129,7 +129,7 @@ def test_every_method_trains_and_improves(tmp_path, registry, method, inner):
     assert all(r["loss"] == r["loss"] for r in rows)  # finite
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine annealing
     assert result["best_val_accuracy"] > before + 0.02, (before, result["best_val_accuracy"])
-    learner, meta = load_learner(out, torch.device("cpu"))
+    learner, _ = load_learner(out, torch.device("cpu"))
     from mtl.run.adapt import adapt
     from mtl.run.adapted import AdaptedModel
 

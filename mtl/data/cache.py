@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -22,14 +23,17 @@ def key_of(parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def atomic_write_bytes(path: Path, write: Callable[[object], None]) -> None:
-    """Write through a temporary file in the same folder and rename it over ``path``: readers
-    see the old file or the new one, never half of one."""
+def atomic_write_bytes(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write ``data`` (bytes, or a function that writes to the open file) through a temporary file in
+    the same folder and rename it over ``path``: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -121,3 +122,15 @@ class EpisodeSampler:
 
     def take(self, n: int, start: int = 0) -> list[Episode]:
         return [self.sample(i) for i in range(start, start + n)]
+
+
+def describe_episode(task: Task, split: str, ways: int, shots: int, queries: int, seed: int, index: int
+                     ) -> dict[str, Any]:
+    """Episode ``index`` of the seeded stream, as JSON-ready data (``cli.py episode``)."""
+    ep = EpisodeSampler(task, split=split, ways=ways, shots=shots, queries=queries, seed=seed).sample(index)
+    support = [{"label": ep.classes[y], "input": str(x) if task.modality == "text" else f"image {x.shape}"}
+               for x, y in zip(ep.support_x, ep.support_y, strict=True)]
+    return {"task": task.name, "split": split, "seed": seed, "index": index, "classes": list(ep.classes),
+            "support_size": len(ep.support_y), "query_size": len(ep.query_y),
+            "support_indices": ep.support_src[:, 1].tolist(), "query_indices": ep.query_src[:, 1].tolist(),
+            "support": support}

@@ -147,6 +147,29 @@ class Registry:
             raise MtlError(f"no task named '{name}' in {', '.join(str(d) for d in self.dirs)}", hint)
         return self.entries[name]
 
+    def summaries(self, role: str | None = None, modality: str | None = None) -> list[dict[str, Any]]:
+        """One row per task: name, modality, role, classes, examples per split, file."""
+        rows = []
+        for name in self.names(role=role, modality=modality):
+            task = self.load(name)
+            rows.append({"name": name, "modality": task.modality, "role": task.spec.role,
+                         "classes": len(task.classes), "splits": {s: len(v) for s, v in task.splits.items()},
+                         "file": str(self.entry(name).file)})
+        return rows
+
+    def describe(self, name: str, examples: int = 3) -> dict[str, Any]:
+        """A task's file, spec, label names, counts per split and its first ``examples`` examples."""
+        task = self.load(name)
+        counts = {s: {task.classes[c]: n for c, n in v.counts().items()} for s, v in task.splits.items()}
+        train = task.train
+        shown = []
+        for i in range(min(examples, len(train))):
+            x = train.inputs[i]
+            shown.append({"label": task.classes[int(train.labels[i])],
+                          "input": str(x) if task.modality == "text" else f"image {x.shape} {x.dtype}"})
+        return {"name": task.name, "file": str(self.entry(name).file), "spec": task.spec.model_dump(mode="json"),
+                "classes": task.classes, "counts": counts, "examples": shown}
+
     def spec(self, name: str) -> TaskSpec:
         return self.entry(name).spec
 

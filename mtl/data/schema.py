@@ -18,7 +18,6 @@ Format = Literal[
     # formats of the shipped data that `datasets` has no builder for
     "json_rows", "split_lines", "line_pairs", "image_zip", "npz", "idx", "mat", "sklearn",
 ]
-DATASETS_FORMATS = {"csv", "tsv", "json", "jsonl", "parquet", "imagefolder", "hub"}
 IMAGE_FORMATS = {"imagefolder", "image_zip", "npz", "idx", "mat", "sklearn"}
 
 Paths = str | list[str]
@@ -185,7 +184,3 @@ class TaskSpec(_Strict):
     @property
     def image_options(self) -> ImageOptions:
         return self.image or ImageOptions()
-
-    @property
-    def split_names(self) -> list[str]:
-        return [s for s in (self.train_split, self.val_split, self.test_split) if s]

@@ -7,7 +7,7 @@ images. Labels are int64 indices into :attr:`Task.classes`.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,6 @@ class Task:
     classes: list[str]
     splits: dict[str, Split]
     file: Path | None = None
-    _by_name: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -71,14 +70,6 @@ class Task:
     @property
     def test(self) -> Split:
         return self.split(self.spec.test_split)
-
-    def class_index(self, label: str) -> int:
-        if not self._by_name:
-            self._by_name = {c: i for i, c in enumerate(self.classes)}
-        if label not in self._by_name:
-            raise TaskFileError(self.file, "label", f"unknown label '{label}' for task '{self.name}'",
-                                f"use one of: {', '.join(self.classes[:10])}{' ...' if len(self.classes) > 10 else ''}")
-        return self._by_name[label]
 
 
 def load_task(spec: TaskSpec, file: Path | None = None, data_root: Path | None = None) -> Task:

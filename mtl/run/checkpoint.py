@@ -39,9 +39,9 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     meta = {**meta, "format_version": FORMAT_VERSION, "versions": versions()}
     blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 metadata={"mtl": json.dumps(meta, sort_keys=True, default=str)})
-    atomic_write_bytes(path, lambda f: f.write(blob))  # type: ignore[attr-defined]
+    atomic_write_bytes(path, blob)
     text = json.dumps({k: v for k, v in meta.items() if k != "optimizer"}, indent=2, sort_keys=True, default=str)
-    atomic_write_bytes(path.with_suffix(".json"), lambda f: f.write(text.encode()))  # type: ignore[attr-defined]
+    atomic_write_bytes(path.with_suffix(".json"), text.encode())
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -32,8 +32,10 @@ from scipy import stats
 from mtl.algorithms import Algorithm
 from mtl.data.cache import atomic_write_bytes
 from mtl.data.inputs import concat
+from mtl.data.registry import Registry
 from mtl.data.stream import EpisodeStream, TaskBatch
 from mtl.data.task import Task
+from mtl.device import resolve_device
 from mtl.errors import MtlError
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
@@ -148,14 +150,18 @@ def plan(tasks: Sequence[Task], shots_list: Sequence[int], ways: int | None, que
     return out
 
 
-def compare(tasks: Sequence[Task], shots_list: Sequence[int], episodes: int, checkpoints: dict[str, Path],
-            methods: Sequence[str] | None = None, ways: int | None = None, steps: int = 10, queries: int = 15,
-            seed: int = 0, device: torch.device | str = "cpu",
-            on_rows: Callable[[list[Row]], None] | None = None) -> list[Row]:
+def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: int,
+            checkpoints: dict[str, Path | str], methods: Sequence[str] | None = None, ways: int | None = None,
+            steps: int = 10, queries: int = 15, seed: int = 0, device: torch.device | str = "cpu",
+            on_rows: Callable[[list[Row]], None] | None = None, registry: Registry | None = None) -> list[Row]:
     """``checkpoints``: label -> run folder (``maml=runs/a,protonet=runs/b``); ``methods``: which of
     those labels and of ``BASELINES`` to run (default all). ``on_rows`` gets every row so far after
     each finished (task, shots) setting."""
-    device = torch.device(device)
+    device = resolve_device(device) if isinstance(device, str) else device
+    if any(isinstance(t, str) for t in tasks):
+        registry = registry or Registry()
+        tasks = [registry.load(t) if isinstance(t, str) else t for t in tasks]
+    checkpoints = {k: Path(v) for k, v in checkpoints.items()}
     if not checkpoints:
         raise MtlError("compare needs at least one checkpoint", "pass --checkpoints maml=RUN_DIR[,multitask=RUN_DIR]")
     methods = list(methods or [*checkpoints, *BASELINES])
@@ -217,17 +223,17 @@ def write_reports(rows: list[Row], out: Path) -> dict[str, Any]:
     w.writeheader()
     for r in rows:
         w.writerow({k: getattr(r, k) for k in fields})
-    atomic_write_bytes(out / "results.csv", lambda f: f.write(buf.getvalue().encode()))
+    atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
     md = ["| task | shots | method | accuracy (%) | 95% CI | episodes | p (paired t, vs MAML) | step size |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}"
         md.append(f"| {r.task} | {r.shots} | {r.method} | {100 * r.accuracy:.2f} | ±{100 * r.ci95:.2f} | "
                   f"{r.episodes} | {p} | {r.step_size} |")
-    atomic_write_bytes(out / "results.md", lambda f: f.write(("\n".join(md) + "\n").encode()))
+    atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode())
     _plot(rows, out / "results.png")
     doc = {"results": [r.__dict__ for r in rows], "files": {k: str(out / f"results.{k}") for k in ("csv", "md", "png")}}
-    atomic_write_bytes(out / "results.json", lambda f: f.write(json.dumps(doc, indent=1).encode()))
+    atomic_write_bytes(out / "results.json", json.dumps(doc, indent=1).encode())
     return doc
 
 
@@ -252,4 +258,4 @@ def _plot(rows: list[Row], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
+    atomic_write_bytes(path, buf.getvalue())

@@ -157,7 +157,7 @@ class Trainer:
         if self.rank == 0 and metrics.exists():  # drop lines logged after the checkpoint: logged again
             keep = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["iteration"] <= meta["iteration"]]
-            atomic_write_bytes(metrics, lambda f: f.write("".join(x + "\n" for x in keep).encode()))  # type: ignore[attr-defined]
+            atomic_write_bytes(metrics, "".join(x + "\n" for x in keep).encode())
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -216,7 +216,7 @@ class Trainer:
                                        "another --out folder")
             text = yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False)
             if lead:
-                atomic_write_bytes(self.out / "recipe.yaml", lambda f: f.write(text.encode()))  # type: ignore[attr-defined]
+                atomic_write_bytes(self.out / "recipe.yaml", text.encode())
             metrics = (self.out / "metrics.jsonl").open("a") if lead else open(os.devnull, "w")  # noqa: SIM115
             trackers = open_trackers(r.log, self.out, r.model_dump(mode="json")) if lead else []
             t0 = time.perf_counter() - self.elapsed
@@ -317,4 +317,4 @@ def plot_curve(out: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(out / "curve.png", lambda f: f.write(buf.getvalue()))  # type: ignore[attr-defined]
+    atomic_write_bytes(out / "curve.png", buf.getvalue())

@@ -110,7 +110,9 @@ class TextEncoder(nn.Module):
 
     def _tokens(self, texts: Sequence[str]) -> dict[str, Tensor]:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
-        return {k: v.to(next(self.transformer.parameters()).device) for k, v in batch.items()}  # type: ignore[union-attr]
+        assert self.transformer is not None
+        device = next(self.transformer.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
 
     @torch.no_grad()
     def lower_states(self, texts: Sequence[str], batch_size: int = 32) -> list[tuple[Tensor, Tensor, Tensor]]:
