@@ -43,6 +43,7 @@ def test_ci_matches_a_reference():
 
 
 ROOT = Path(__file__).parents[1]
+METHODS = ("maml", "multitask", "protonet", "baseline_pp")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def runs(tmp_path_factory):
     from mtl.cli import main
 
     folder = tmp_path_factory.mktemp("cmp")
-    for method, iterations in (("maml", 6), ("multitask", 30)):
+    for method, iterations in (("maml", 6), ("multitask", 30), ("protonet", 6), ("baseline_pp", 30)):
         cfg = write(folder / f"{method}.yaml", RECIPE.format(method=method, iterations=iterations))
         assert main(["train", "--config", str(cfg), "--out", str(folder / method), "--json"]) == 0
     return folder
@@ -66,12 +67,12 @@ def test_multitask_joint_loss_decreases(runs):
 @needs_data
 def test_compare_outputs_are_written_and_consistent(runs, run_cli, tmp_path):
     code, out, err = run_cli("compare", "--tasks", "omniglot-angelic", "--shots", "1,2", "--episodes", 6,
-                             "--checkpoints", f"maml={runs / 'maml'},multitask={runs / 'multitask'}",
+                             "--checkpoints", ",".join(f"{m}={runs / m}" for m in METHODS),
                              "--steps", 2, "--queries", 3, "--out", tmp_path / "cmp", "--json")
     assert code == 0, err
     doc = json.loads(out)
     results = doc["results"]
-    assert {r["method"] for r in results} == {"maml", "multitask", "scratch", "linear_probe", "centroid"}
+    assert {r["method"] for r in results} == {*METHODS, "scratch", "linear_probe", "centroid"}
     assert {r["shots"] for r in results} == {1, 2} and all(r["episodes"] == 6 for r in results)
     with open(tmp_path / "cmp" / "results.csv") as f:
         table = list(csv.DictReader(f))
@@ -111,3 +112,64 @@ def test_paired_episodes_are_identical_across_methods(registry):
     a = EpisodeStream([task], "test", 5, 1, 3, 0, torch.device("cpu"), cap_ways=False).fixed(5)
     b = EpisodeStream([task], "test", 5, 1, 3, 0, torch.device("cpu"), cap_ways=False).fixed(5)
     assert all(torch.equal(x.xs, y.xs) and torch.equal(x.xq, y.xq) for x, y in zip(a, b, strict=True))
+
+
+def _shrunk(task, keep: int):
+    """``task`` with its first class cut to ``keep`` test examples."""
+    import dataclasses
+
+    test = task.test
+    first = np.flatnonzero(test.labels == 0)[keep:]
+    mask = np.ones(len(test.labels), bool)
+    mask[first] = False
+    small = dataclasses.replace(test, inputs=test.inputs[mask], labels=test.labels[mask])
+    spec = task.spec.model_copy(update={"name": f"{task.name}-small"})
+    return dataclasses.replace(task, spec=spec, splits={**task.splits, task.spec.test_split: small})
+
+
+@needs_data
+def test_compare_leaves_out_small_classes_and_hands_over_each_setting(runs, registry):
+    from mtl.run.compare import compare
+
+    task = registry.load("omniglot-angelic")
+    small = _shrunk(task, 3)
+    seen: list[int] = []
+    rows = compare([small, task], [1], 4, {"maml": runs / "maml"}, ["maml", "centroid"], ways=5, steps=1,
+                   queries=3, on_rows=lambda rows: seen.append(len(rows)))
+    assert seen == [2, 4]  # the reports can be written after every finished setting
+    assert rows[0].left_out == [task.classes[0]] and rows[2].left_out == []
+    assert all(0 <= r.accuracy <= 1 for r in rows)
+
+
+@needs_data
+def test_compare_checks_every_setting_before_the_first_episode(runs, registry):
+    from mtl.errors import MtlError
+    from mtl.run.compare import compare
+
+    task = registry.load("omniglot-angelic")
+    called: list[int] = []
+    with pytest.raises(MtlError, match="omniglot-angelic"):  # 5 test examples per class: 10-shot cannot be drawn
+        compare([task], [1, 10], 4, {"maml": runs / "maml"}, ["maml"], ways=5, queries=3,
+                on_rows=lambda rows: called.append(1))
+    assert called == []
+
+
+@needs_data
+def test_a_late_failure_keeps_the_finished_settings(runs, run_cli, tmp_path, monkeypatch):
+    import mtl.run.compare as cmp
+
+    real, calls = cmp.centroid_accuracy, []
+
+    def fail_on_second_setting(learner, b):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("disk full")
+        return real(learner, b)
+
+    monkeypatch.setattr(cmp, "centroid_accuracy", fail_on_second_setting)
+    code, _, err = run_cli("compare", "--tasks", "omniglot-angelic", "--shots", "1,2", "--episodes", 3,
+                           "--checkpoints", f"maml={runs / 'maml'}", "--methods", "maml,centroid", "--steps", 1,
+                           "--queries", 3, "--out", tmp_path / "cmp")
+    assert code == 1 and "disk full" in err
+    kept = json.loads((tmp_path / "cmp" / "results.json").read_text())["results"]
+    assert {(r["shots"], r["method"]) for r in kept} == {(1, "maml"), (1, "centroid")}

@@ -48,6 +48,7 @@ def test_two_processes_equal_one(tmp_path, method):
                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *base,
                           "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count('"iterations": 3') == 1  # rank 0 alone reports
     a, _ = load_checkpoint(tmp_path / "one" / "last.safetensors")
     b, _ = load_checkpoint(tmp_path / "two" / "last.safetensors")
     params = [k for k in a if k.startswith("learner.")]

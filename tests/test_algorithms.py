@@ -1,0 +1,104 @@
+"""The algorithm registry: every method is listed and named by recipes; ProtoNet and Baseline++
+compute what their papers define; an algorithm registered from a test file trains and adapts
+without touching library code; adaptation never changes the loaded model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mtl
+from mtl.algorithms import ALGORITHMS, Algorithm, InnerConfig, algorithm, build_algorithm
+from mtl.data.stream import TaskBatch
+from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel
+from mtl.run.compare import centroid_accuracy
+from tests.conftest import needs_data, write
+
+EXPECTED = {"maml", "fomaml", "anil", "metasgd", "reptile", "maml++", "protonet", "baseline_pp", "multitask"}
+
+
+def tiny(method: str, **inner) -> Algorithm:
+    torch.manual_seed(0)
+    model = MultiTaskModel(ModelConfig(), ["image"])
+    model.encoders["image"] = ConvEncoder(1, hidden=8, depth=2)
+    model.feature_dim = 8
+    return build_algorithm(method, model, InnerConfig(**{"steps": 1, "lr": 0.5, **inner}))
+
+
+def episode(seed: int = 0, ways: int = 4, shots: int = 3, queries: int = 5) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.rand(ways, 1, 1, 1, generator=g)
+    xs = (means.repeat_interleave(shots, 0) + 0.3 * torch.rand(ways * shots, 1, 12, 12, generator=g))
+    xq = (means.repeat_interleave(queries, 0) + 0.3 * torch.rand(ways * queries, 1, 12, 12, generator=g))
+    return TaskBatch("toy", "image", xs, torch.arange(ways).repeat_interleave(shots), xq,
+                     torch.arange(ways).repeat_interleave(queries))
+
+
+def test_every_method_is_registered_and_listed(run_cli):
+    assert set(ALGORITHMS) >= EXPECTED
+    code, out, _ = run_cli("algorithms")
+    assert code == 0
+    assert {line.split()[0] for line in out.splitlines()} >= EXPECTED
+
+
+def test_a_recipe_naming_an_unknown_algorithm_is_one_line(tmp_path, run_cli):
+    cfg = write(tmp_path / "r.yaml", "method: mamml\ntasks: [omniglot]\n")
+    code, _, err = run_cli("train", "--config", cfg, "--out", tmp_path / "run")
+    assert code == 2 and "unknown algorithm 'mamml'" in err and "protonet" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_protonet_classifies_by_the_nearest_prototype():
+    learner = tiny("protonet")
+    assert learner.inner.adapt == "head" and learner.inner.head_init == "proto" and learner.eval_steps == 0
+    for seed in range(5):  # with no fine-tuning, its accuracy is exactly the nearest-centroid rule's
+        b = episode(seed)
+        assert learner.evaluate(b) == pytest.approx(centroid_accuracy(learner, b))
+    # training: the query loss of the prototypes, its gradient reaching the encoder
+    learner.zero_grad()
+    loss, _ = learner.meta_backward([episode(0)], 0)
+    assert loss > 0 and learner.model.encoders["image"].blocks[0].weight.grad.abs().sum() > 0
+
+
+def test_baseline_pp_heads_are_cosine_classifiers():
+    learner = tiny("baseline_pp", adapt="head")
+    b = episode(1)
+    _, fast, logits = learner.adapt(b, 0, create_graph=False, detach=True)
+    assert logits is not None and float(logits.detach().abs().max()) <= learner.scale + 1e-5  # scale * cosine
+    feats = learner.episode_features({}, torch.cat([b.xs, b.xq]), "image", 0, len(b.ys))[len(b.ys):]
+    expected = learner.scale * torch.nn.functional.cosine_similarity(feats[:, None], fast["head.weight"][None], dim=-1)
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_adapting_never_changes_the_loaded_model():
+    learner = tiny("metasgd", steps=2)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    inner = learner.inner.model_copy()
+    for lr in (None, 0.1):
+        learner.evaluate(episode(2), steps=3, lr=lr, head_init="zero")
+    assert learner.inner == inner and set(learner.lrs) and all(
+        torch.equal(v, before[k]) for k, v in learner.state_dict().items())
+
+
+@algorithm("test-fixed-step")
+class FixedStep(Algorithm):
+    """A toy first-order method defined in this test file: one fixed inner step size, whatever the recipe."""
+
+    def inner_lr(self, name: str, step: int, lr: float | None = None) -> float:
+        return 0.05 if lr is None else lr
+
+
+@needs_data
+def test_an_algorithm_registered_from_a_test_file_trains_and_adapts(tmp_path, registry):
+    run = mtl.train({"tasks": ["omniglot"], "val_tasks": ["omniglot"], "queries": 3, "meta_batch": 2,
+                     "val_episodes": 4, "threads": 2, "device": "cpu"}, tmp_path / "run", method="test-fixed-step",
+                    iterations=4, val_every=4, registry=registry)
+    assert run["algorithm"] == "test-fixed-step" and run["best_val_accuracy"] > 0
+    meta = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert meta["recipe"]["method"] == "test-fixed-step"
+    model = mtl.adapt(tmp_path / "run", task="omniglot-angelic", shots=1, registry=registry)
+    assert model.meta["algorithm"] == "test-fixed-step" and model.meta["test_accuracy"] is not None
+    assert np.isfinite(model.predict_proba(registry.load("omniglot-angelic").test.inputs[:3])).all()
