@@ -2,7 +2,10 @@
 
 ``MTL_DATA_DIR``   root that relative ``source`` paths in task files resolve against
                    (default: ``../shared/datasets`` when it exists, else ``~/.cache/mtl/data``).
-``MTL_CACHE_DIR``  decoded-example and embedding caches (default ``~/.cache/mtl``).
+``MTL_CACHE_DIR``  decoded-example and embedding caches, and downloaded data files under ``data/``
+                   (default ``~/.cache/mtl``).
+``MTL_DATA_MIRROR`` fetch data files from ``URL/<path>`` instead of their original hosts.
+``MTL_OFFLINE``    never download; a missing file is one line saying where to put it.
 ``MTL_TASKS_DIRS`` extra registry folders, separated by ``os.pathsep``.
 ``MTL_SAFE``       when set, task files cannot point outside ``MTL_DATA_DIR`` nor at the hub.
 """
@@ -41,6 +44,11 @@ def cache_dir() -> Path:
     if env := os.environ.get("MTL_CACHE_DIR"):
         return Path(env).expanduser().resolve()
     return _user_cache()
+
+
+def download_dir() -> Path:
+    """Where data files missing from the data directory are downloaded (:mod:`mtl.data.fetch`)."""
+    return cache_dir() / "data"
 
 
 def tasks_dirs(extra: list[Path] | None = None, include_builtin: bool = True) -> list[Path]:

@@ -14,6 +14,19 @@ from mtl.settings import data_dir
 
 HERE = Path(__file__).parent
 CLINC_HELD_OUT = {"kitchen_and_dining", "travel", "work"}  # fixed before any result was seen
+NOTE = "  download:  # where each file comes from publicly, and its checksum"
+CLINC_DOWNLOAD = [NOTE, "    text/clinc150/data_full.json:",
+                  "      url: https://raw.githubusercontent.com/clinc/oos-eval/master/data/data_full.json",
+                  "      sha256: 36923c3705a59e08fe9c3883d8bc2dd966ef93e22cb78ac41171782a698d56e0"]
+OMNIGLOT_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",  # as torchvision publishes them
+                "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
+
+
+def omniglot_download(split: str) -> list[str]:
+    return [NOTE, f"    omniglot/{split}.zip:", "      url:",
+            f"        - https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{split}.zip",
+            f"        - https://github.com/brendenlake/omniglot/raw/master/python/{split}.zip",
+            f"      md5: {OMNIGLOT_MD5[split]}"]
 
 
 def clinc() -> None:
@@ -29,6 +42,7 @@ def clinc() -> None:
             "  format: json_rows",
             "  path: text/clinc150/data_full.json",
             "  columns: [text, intent]",
+            *CLINC_DOWNLOAD,
             "input_field: text",
             "label_field: intent",
             "splits:",
@@ -60,6 +74,7 @@ def omniglot_alphabets() -> None:
             "  format: image_zip",
             f"  path: omniglot/{split}.zip",
             "  strip_components: 1",
+            *omniglot_download(split),
             "input_field: image",
             "label_field: label",
             "labels:",

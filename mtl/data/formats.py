@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mtl import settings
+from mtl.data.fetch import locate
 from mtl.data.schema import Source
 from mtl.errors import TaskFileError
 
@@ -43,13 +44,18 @@ def read_source(source: Source, root: Path) -> Raw:
     return READERS[source.format](source, root)
 
 
-def resolve(path: str, root: Path, field: str) -> Path:
-    """A path from a task file: absolute, or relative to the data directory."""
+def resolve(path: str, root: Path, field: str, source: Source | None = None) -> Path:
+    """A path from a task file: absolute, or relative to the data directory; a relative path
+    missing there is looked for in the download cache, then fetched if ``source`` says from where."""
     p = Path(path).expanduser()
     full = p if p.is_absolute() else root / p
     if settings.safe_mode() and not full.resolve().is_relative_to(root.resolve()):
         raise TaskFileError(None, field, f"'{path}' is outside the data directory {root} (safe mode)",
                             "move the data under MTL_DATA_DIR, or run without --safe if you trust this file")
+    if not full.exists() and not p.is_absolute():
+        fetched = locate(path, source.download if source else None)
+        if fetched is not None:
+            return fetched
     if not full.exists():
         raise TaskFileError(None, field, f"'{path}' not found (looked at {full})",
                             "correct the path, or point MTL_DATA_DIR at the folder that holds it")
@@ -60,9 +66,10 @@ def located(source: Source, root: Path) -> dict[str, list[Path]]:
     """``{split: [paths]}`` for a path- or files-based source."""
     if source.files is not None:
         items = source.files.items()
-        return {split: [resolve(p, root, f"source.files.{split}") for p in _as_list(v)] for split, v in items}
+        return {split: [resolve(p, root, f"source.files.{split}", source) for p in _as_list(v)]
+                for split, v in items}
     assert source.path is not None
-    return {"all": [resolve(p, root, "source.path") for p in _as_list(source.path)]}
+    return {"all": [resolve(p, root, "source.path", source) for p in _as_list(source.path)]}
 
 
 def _as_list(v: str | list[str]) -> list[str]:
@@ -93,6 +100,7 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
             kwargs["header"] = None
         if source.columns:
             kwargs["column_names"] = source.columns
+        kwargs["encoding"] = source.encoding
     if fmt == "hub" and settings.safe_mode():
         raise TaskFileError(None, "source.dataset", "hub datasets can run the dataset's own code; refused in safe "
                             "mode", "download the data and register the local files, or run without --safe")
@@ -167,9 +175,10 @@ def read_json_rows(source: Source, root: Path) -> Raw:
     for split, paths in located(source, root).items():
         for path in paths:
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(path.read_text(encoding=source.encoding))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise _bad_file(path, "source", e, "the file must be UTF-8 JSON") from None
+                raise _bad_file(path, "source", e, f"the file must be JSON in {source.encoding} "
+                                "(or set `encoding`)") from None
             parts = data.items() if isinstance(data, dict) else [(split, data)]
             for name, rows in parts:
                 if not isinstance(rows, list) or any(not isinstance(r, list) or len(r) != len(columns)
@@ -193,7 +202,7 @@ def read_split_lines(source: Source, root: Path) -> Raw:
     for split, paths in located(source, root).items():
         cols = out.setdefault(split, {c: [] for c in columns})
         for path in paths:
-            lines = _read_lines(path, "source")
+            lines = _read_lines(path, "source", source.encoding)
             if source.header:
                 lines = lines[1:]
             for n, line in enumerate(lines, start=2 if source.header else 1):
@@ -217,8 +226,10 @@ def read_line_pairs(source: Source, root: Path) -> Raw:
         texts: list[str] = []
         labels: list[str] = []
         for folder in folders:
-            t = _read_lines(resolve(str(folder / source.text_file), root, "source.text_file"), "source")
-            lab = _read_lines(resolve(str(folder / source.label_file), root, "source.label_file"), "source")
+            t = _read_lines(resolve(str(folder / source.text_file), root, "source.text_file"), "source",
+                            source.encoding)
+            lab = _read_lines(resolve(str(folder / source.label_file), root, "source.label_file"), "source",
+                              source.encoding)
             if len(t) != len(lab):
                 raise TaskFileError(None, "source", f"{folder}: {len(t)} texts but {len(lab)} labels",
                                     "the text and label files must have one line per example")
@@ -228,11 +239,12 @@ def read_line_pairs(source: Source, root: Path) -> Raw:
     return out
 
 
-def _read_lines(path: Path, field: str) -> list[str]:
+def _read_lines(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding=encoding).splitlines()
     except UnicodeDecodeError as e:
-        raise _bad_file(path, field, e, "save the file as UTF-8") from None
+        raise _bad_file(path, field, e, f"set `encoding` to the file's (e.g. latin-1), or save it as {encoding}"
+                        ) from None
 
 
 @reader("image_zip")

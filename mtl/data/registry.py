@@ -148,9 +148,18 @@ class Registry:
         return self.entries[name]
 
     def summaries(self, role: str | None = None, modality: str | None = None) -> list[dict[str, Any]]:
-        """One row per task: name, modality, role, classes, examples per split, file."""
+        """One row per task: name, modality, role, classes, examples per split, file; a task whose
+        data is not here yet is listed with ``missing`` files (nothing is downloaded)."""
+        from mtl.data.availability import missing
+
         rows = []
         for name in self.names(role=role, modality=modality):
+            absent = missing(self.spec(name))
+            if absent:
+                spec = self.spec(name)
+                rows.append({"name": name, "modality": spec.modality, "role": spec.role, "classes": None,
+                             "splits": {}, "file": str(self.entry(name).file), "missing": absent})
+                continue
             task = self.load(name)
             rows.append({"name": name, "modality": task.modality, "role": task.spec.role,
                          "classes": len(task.classes), "splits": {s: len(v) for s, v in task.splits.items()},

@@ -27,9 +27,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Download(_Strict):
+    """Where a data file comes from publicly, and how to check it: one or more URLs (tried in
+    order), the file's published checksum, and for an archive the member that is the file."""
+
+    url: str | list[str]
+    md5: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    member: str | None = None  # the URL gives a zip or tar archive; the file is this member of it
+    size: int | None = Field(default=None, ge=0)  # bytes, for `cli.py data status` before a download
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
+    @property
+    def known_hash(self) -> str | None:
+        """The checksum in pooch's notation (``sha256:...``, ``md5:...``)."""
+        return f"sha256:{self.sha256}" if self.sha256 else f"md5:{self.md5}" if self.md5 else None
+
+
 class Source(_Strict):
     """Where the examples are. Exactly one of ``path`` (all examples), ``files`` (one entry per
-    split) or ``dataset`` (a Hugging Face hub id, or a scikit-learn loader for ``sklearn``)."""
+    split) or ``dataset`` (a Hugging Face hub id, or a scikit-learn loader for ``sklearn``).
+    ``download`` says where each file under ``path``/``files`` comes from publicly (file path
+    relative to the data directory -> URLs and checksum); a file missing locally is fetched."""
 
     format: Format
     path: Paths | None = None
@@ -52,6 +74,19 @@ class Source(_Strict):
     examples_per_class: int | None = Field(default=None, ge=1)
     image_shape: list[int] | None = None
     transpose: bool = False
+    # Text files: their character encoding, as for the csv readers of `datasets` and pandas.
+    encoding: str = "utf-8"
+    download: dict[str, Download] | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            return codecs.lookup(v).name
+        except LookupError:
+            raise ValueError(f"unknown encoding '{v}'; use e.g. utf-8, latin-1 or cp1252") from None
 
     @model_validator(mode="after")
     def _one_location(self) -> Source:

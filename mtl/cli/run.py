@@ -1,155 +1,16 @@
-"""The ``mtl`` command line (also ``python cli.py``): Typer commands over the library.
-
-Every command turns :class:`~mtl.errors.MtlError` into one line on stderr and exit code 2;
-``--json`` prints exactly one JSON object on stdout.
-"""
+"""``train``, ``adapt``, ``predict``, ``evaluate`` and ``compare``: each parses, calls one library function, prints."""
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
-import numpy as np
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from mtl import settings
+from mtl.cli.common import Device, Json, TasksDir, _print_json, _registry, app, err, out
 from mtl.errors import MtlError
-
-app = typer.Typer(help="Multi-task learning with a MAML initialization.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-tasks_app = typer.Typer(help="List, inspect and validate the task registry.", no_args_is_help=True)
-app.add_typer(tasks_app, name="tasks")
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-@app.callback()
-def _root(safe: Annotated[bool, typer.Option("--safe", help="Task files may only read files inside MTL_DATA_DIR.")]
-          = False) -> None:
-    """Multi-task learning with a MAML initialization."""
-    if safe:
-        import os
-
-        os.environ["MTL_SAFE"] = "1"
-
-
-TasksDir = Annotated[list[Path] | None, typer.Option(
-    "--tasks-dir", help="Extra folder of task YAML files (repeatable; also MTL_TASKS_DIRS).")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-
-
-def _registry(tasks_dir: list[Path] | None):
-    from mtl.data.registry import Registry
-
-    return Registry(settings.tasks_dirs(tasks_dir))
-
-
-def _print_json(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, sort_keys=True, default=_jsonable) + "\n")
-
-
-def _jsonable(o: object) -> object:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-@tasks_app.command("list")
-def tasks_list(tasks_dir: TasksDir = None,
-               role: Annotated[str | None, typer.Option(help="meta_train, meta_val or held_out")] = None,
-               modality: Annotated[str | None, typer.Option(help="text or image")] = None,
-               as_json: Json = False) -> None:
-    """Every task: modality, classes, examples per split and role."""
-    rows = _registry(tasks_dir).summaries(role=role, modality=modality)
-    if as_json:
-        _print_json({"tasks": rows, "data_dir": str(settings.data_dir())})
-        return
-    table = Table(title=f"{len(rows)} tasks (data: {settings.data_dir()})")
-    for col in ("name", "modality", "classes", "examples per split", "role"):
-        table.add_column(col, justify="right" if col == "classes" else "left")
-    for r in rows:
-        table.add_row(escape(r["name"]), r["modality"], str(r["classes"]),
-                      ", ".join(f"{s} {n:,}" for s, n in r["splits"].items()), r["role"])
-    out.print(table)
-
-
-@tasks_app.command("show")
-def tasks_show(name: str, tasks_dir: TasksDir = None,
-               examples: Annotated[int, typer.Option(help="How many examples to print.")] = 3,
-               as_json: Json = False) -> None:
-    """A task's fields, label names, counts per split and a few examples."""
-    reg = _registry(tasks_dir)
-    info = reg.describe(name, examples)
-    task, counts = reg.load(name), info["counts"]
-    if as_json:
-        _print_json(info)
-        return
-    out.print(f"[bold]{task.name}[/bold]  ({info['file']})")
-    out.print(task.spec.description)
-    spec = task.spec.model_dump(mode="json", exclude_defaults=True, exclude={"labels"})
-    for key, value in spec.items():
-        if key not in ("name", "description"):
-            out.print(f"  {key}: {value}")
-    out.print(f"  classes ({len(task.classes)}): {', '.join(task.classes[:30])}"
-              f"{' ...' if len(task.classes) > 30 else ''}")
-    for s, per in counts.items():
-        vals = list(per.values())
-        out.print(f"  {s}: {sum(vals):,} examples, {len(vals)} classes, {min(vals)}-{max(vals)} per class")
-    for ex in info["examples"]:
-        out.print(f"  [{ex['label']}] {ex['input'][:100]}", markup=False, highlight=False)
-
-
-@tasks_app.command("validate")
-def tasks_validate(paths: Annotated[list[Path], typer.Argument(help="Task files or folders.")],
-                   no_data: Annotated[bool, typer.Option("--no-data", help="Check the schema only.")] = False,
-                   as_json: Json = False) -> None:
-    """Check task files (schema, then the data they point at); one line per problem."""
-    from mtl.data.registry import validate
-
-    ok, problems = validate(paths, check_data=not no_data)
-    if as_json:
-        _print_json({"valid": ok, "problems": problems})
-    else:
-        for item in ok:
-            detail = f", {item['classes']} classes" if "classes" in item else ""
-            out.print(f"ok  {item['file']} ({item['name']}{detail})", highlight=False)
-        for line in problems:
-            err.print(line, highlight=False, markup=False, soft_wrap=True)
-    if problems:
-        raise typer.Exit(1)
-
-
-@app.command("episode")
-def episode(task: Annotated[str, typer.Option("--task", help="Registry task name.")],
-            split: str = "train", ways: int = 5, shots: int = 1, queries: int = 15, seed: int = 0,
-            index: Annotated[int, typer.Option(help="Which episode of the seeded stream.")] = 0,
-            tasks_dir: TasksDir = None, as_json: Json = False) -> None:
-    """Draw one reproducible N-way K-shot episode from a task and show it."""
-    from mtl.data.episodes import describe_episode
-
-    info = describe_episode(_registry(tasks_dir).load(task), split, ways, shots, queries, seed, index)
-    if as_json:
-        _print_json(info)
-        return
-    out.print(f"[bold]{task}[/bold] {split}: {ways}-way {shots}-shot, {queries} queries per class "
-              f"(seed {seed}, episode {index})")
-    table = Table("label", "support example")
-    for row in info["support"]:
-        table.add_row(escape(row["label"]), escape(row["input"][:90]))
-    out.print(table)
-    out.print(f"{info['query_size']} query examples")
-
-
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 
 
 @app.command("train")
@@ -298,8 +159,9 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
                 queries: int = 15, seed: int = 0,
                 out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.*")] = Path("runs/compare"),
                 device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
-    """Checkpoints (MAML, ProtoNet, multi-task...) and baselines on the same episodes: CIs, paired tests,
-    table, plot; the reports are rewritten after every finished setting."""
+    """Checkpoints (MAML, ProtoNet, multi-task...) and baselines on the same episodes, with CIs and tests.
+
+    The reports (table, CSV, JSON, plot) are rewritten after every finished setting."""
     from mtl.device import resolve_device
     from mtl.run.compare import compare, write_reports
 
@@ -331,67 +193,3 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
         out.print(f"{task} {shot}-shot: {len(left)} classes with too few test examples left out "
                   f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''})", highlight=False)
     out.print(f"wrote {out_dir}/results.csv, results.md, results.png, results.json", highlight=False)
-
-
-@app.command("models")
-def models() -> None:
-    """The encoders a recipe can name (model.image_encoder, model.text_encoder)."""
-    from mtl.models.encoders.registry import describe
-
-    for e in describe():
-        out.print(f"{e['name']:12s} {e['modality']:6s} {e['description']}", highlight=False, markup=False)
-    out.print("(model.text_encoder may also name the folder of any transformers sentence encoder)", highlight=False)
-
-
-@app.command("algorithms")
-def algorithms() -> None:
-    """The algorithms a recipe can name (method:), and what each trains on."""
-    from mtl.algorithms import ALGORITHMS, summary
-
-    for name, cls in ALGORITHMS.items():
-        out.print(f"{name:12s} {cls.training_data:9s} {summary(cls)}", highlight=False, markup=False)
-
-
-@app.command("formats")
-def formats() -> None:
-    """The source formats a task file can use."""
-    from mtl.data.formats import READERS
-
-    for name, fn in sorted(READERS.items()):
-        doc = (fn.__doc__ or "").strip().splitlines()
-        out.print(f"{name:12s} {doc[0] if doc else ''}", highlight=False, markup=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line and exit code 2, never a traceback."""
-    try:
-        code = app(args=argv, standalone_mode=False)
-    except MtlError as e:
-        for line in str(e).splitlines():
-            err.print(f"error: {line}", highlight=False, markup=False, soft_wrap=True)
-        return 2
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
-        err.print("aborted", highlight=False)
-        return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except KeyboardInterrupt:
-        err.print("interrupted", highlight=False)
-        return 130
-    except Exception as e:  # a bug: still one line, with the way to see more
-        import os
-
-        if os.environ.get("MTL_DEBUG"):
-            raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        err.print(f"error: internal error {type(e).__name__}: {first}. Fix: run again with MTL_DEBUG=1 for the "
-                  "traceback and report it", highlight=False, markup=False, soft_wrap=True)
-        return 1
-    return code if isinstance(code, int) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The ``mtl`` command line (also ``python cli.py``): Typer commands over the library, one module per
+group of commands (``tasks``, ``data``, ``run``, ``listing``); each parses its arguments, calls one
+library function and prints.
+
+Every command turns :class:`~mtl.errors.MtlError` into one line on stderr and exit code 2;
+``--json`` prints exactly one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mtl.cli import data, listing, run, tasks  # noqa: F401  (each module adds its commands to the app)
+from mtl.cli.common import app, err
+from mtl.errors import MtlError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line and exit code 2, never a traceback."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except MtlError as e:
+        for line in str(e).splitlines():
+            err.print(f"error: {line}", highlight=False, markup=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        err.print("aborted", highlight=False)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        return 130
+    except Exception as e:  # a bug: still one line, with the way to see more
+        import os
+
+        if os.environ.get("MTL_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        err.print(f"error: internal error {type(e).__name__}: {first}. Fix: run again with MTL_DEBUG=1 for the "
+                  "traceback and report it", highlight=False, markup=False, soft_wrap=True)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""What every command shares: the Typer apps, the consoles, common options, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+
+from mtl import settings
+
+app = typer.Typer(help="Multi-task learning with a MAML initialization.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+tasks_app = typer.Typer(help="List, inspect and validate the task registry.", no_args_is_help=True)
+data_app = typer.Typer(help="Where each task's data files are, and fetching them.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+app.add_typer(data_app, name="data")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _root(safe: Annotated[bool, typer.Option("--safe", help="Task files may only read files inside MTL_DATA_DIR.")]
+          = False) -> None:
+    """Multi-task learning with a MAML initialization."""
+    if safe:
+        import os
+
+        os.environ["MTL_SAFE"] = "1"
+
+
+TasksDir = Annotated[list[Path] | None, typer.Option(
+    "--tasks-dir", help="Extra folder of task YAML files (repeatable; also MTL_TASKS_DIRS).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _registry(tasks_dir: list[Path] | None):
+    from mtl.data.registry import Registry
+
+    return Registry(settings.tasks_dirs(tasks_dir))
+
+
+def _print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(o: object) -> object:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
