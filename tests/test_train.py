@@ -154,3 +154,23 @@ def test_mixed_text_and_image_meta_batches(tmp_path, registry):
     assert modalities == {"image", "text"}
     result = trainer.run()
     assert result["best_val_accuracy"] > 0.2
+
+
+def test_adapt_chooses_its_steps_and_step_size_without_test_data(trained, registry):
+    """Training stores the settings chosen on validation episodes; adapt uses them for 1 shot and
+    chooses by cross-validation on the support set from 2 shots, and says which and why."""
+    from mtl.run.adapt import adapt
+
+    out, _ = trained
+    stored = json.loads((out / "best.json").read_text())["adaptation"]
+    assert stored["by"] == "meta-validation" and stored["steps"] >= 1 and len(stored["scores"]) >= 2
+    one = adapt(out, "omniglot-angelic", shots=1, registry=registry)
+    assert one.meta["selection"]["by"] == "meta-validation at the end of training"
+    assert (one.meta["steps"], one.meta["lr"]) == (stored["steps"], stored["lr"])
+    five = adapt(out, "mnist", shots=5, registry=registry)
+    sel = five.meta["selection"]
+    assert sel["by"] == "3-fold cross-validation on the support set" and len(sel["scores"]) >= 4
+    chosen = f"{sel['steps']}@{'learned' if sel['lr'] is None else format(sel['lr'], 'g')}"
+    assert max(sel["scores"].values()) == sel["scores"][chosen]
+    given = adapt(out, "mnist", shots=5, steps=2, lr=0.1, registry=registry)
+    assert given.meta["selection"]["by"] == "given" and (given.meta["steps"], given.meta["lr"]) == (2, 0.1)

@@ -99,13 +99,17 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, seed=seed, device=device, out=out_dir,
               registry=_registry(tasks_dir))
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
-              **{k: m.meta[k] for k in ("shots", "steps", "test_accuracy", "test_ci95", "test_examples", "seconds")}}
+              **{k: m.meta[k] for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
+                                        "test_examples", "seconds")}}
     if as_json:
         _print_json(result)
         return
     acc = (f"test accuracy {m.meta['test_accuracy']:.4f} +/- {m.meta['test_ci95']:.4f} on {m.meta['test_examples']} "
            "examples" if m.meta["test_accuracy"] is not None else "no test examples of these classes")
-    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {m.meta['steps']} steps; "
+    sel = m.meta["selection"]
+    size = "the learned step size" if sel.get("lr") is None else f"step size {sel['lr']:g}"
+    how = f"{sel['steps']} steps at {size}"
+    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({sel['by']}); "
               f"{acc}; saved {out_dir} ({m.meta['seconds']:.2f} s)", highlight=False)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from mtl.algorithms import Algorithm
 from mtl.data.images import prepare_images
+from mtl.data.inputs import Inputs
 from mtl.data.registry import Registry
 from mtl.data.schema import ImageOptions
 from mtl.data.stream import TaskBatch
@@ -33,6 +34,7 @@ from mtl.errors import MtlError
 from mtl.models import MultiTaskModel, calibrate_batchnorm
 from mtl.run.adapted import HEAD, AdaptedModel, model_inputs
 from mtl.run.learner import load_learner
+from mtl.run.select import Setting, as_dict, candidates, choose, support_folds
 
 
 @dataclass(frozen=True)
@@ -162,14 +164,32 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
     model.eval()
 
 
+def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.Tensor, steps: int | None,
+                   lr: float | None, head_init: str | None, stored: dict[str, Any] | None) -> dict[str, Any]:
+    """How to adapt when the user did not say: by cross-validation on the support set when it has
+    two or more examples per class, else as chosen on meta-validation episodes at the end of
+    training (``stored``), else the recipe's; what the user gives is used as given."""
+    if steps is not None or lr is not None or head_init is not None:
+        s = Setting(learner.eval_steps if steps is None else steps, lr, head_init)
+        return as_dict(s, "given", {})
+    if support.shots >= 2 and learner.compare_steps is None:
+        folds = support_folds(support.task, support.modality, xs, ys)
+        s, scores = choose(learner, folds, candidates(learner, stored))
+        return as_dict(s, f"{len(folds)}-fold cross-validation on the support set", scores)
+    if stored:
+        return {**stored, "by": "meta-validation at the end of training"}
+    return as_dict(Setting(learner.eval_steps), "the recipe", {})
+
+
 def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: float | None = None,
         head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int = 30, encoder_lr: float = 1e-4,
-        seed: int = 0, checkpoint: str | None = None) -> AdaptedModel:
+        seed: int = 0, checkpoint: str | None = None, stored: dict[str, Any] | None = None) -> AdaptedModel:
     """Adapt a copy of ``learner``'s initialization to ``support``; ``learner`` is left unchanged.
 
-    The algorithm's inner loop adapts first (``steps``, default the recipe's ``eval_steps``; ``lr``
-    replaces the learned step sizes; ``head_init``: ``zero`` or ``proto``); with ``encoder_layers``
-    > 0 (text), the top layers of the text encoder are then fine-tuned with the trunk and head."""
+    The algorithm's inner loop adapts first: ``steps`` and ``lr`` (replacing the learned step sizes)
+    and ``head_init`` (``zero`` or ``proto``) as given, or chosen by :func:`choose_setting`; with
+    ``encoder_layers`` > 0 (text), the top layers of the text encoder are then fine-tuned with the
+    trunk and head."""
     device = next(itertools.chain(learner.parameters(), learner.buffers())).device  # a held encoder: buffers
     modality = support.modality
     if modality not in learner.model.encoders:
@@ -178,9 +198,10 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     if encoder_layers and modality != "text":
         raise MtlError("--encoder-layers fine-tunes a text encoder; this task has images",
                        "leave --encoder-layers out for image tasks")
-    steps = learner.eval_steps if steps is None else steps
     xs = model_inputs(support.inputs, learner.model, modality, device)
     ys = torch.as_tensor(support.labels, device=device)
+    selection = choose_setting(learner, support, xs, ys, steps, lr, head_init, stored)
+    steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
     batch = TaskBatch(support.task, modality, xs, ys, xs, ys)
     with torch.enable_grad(), learner.evaluation():
         _, fast, _ = learner.adapt(batch, steps, create_graph=False, track_query=False, detach=True, lr=lr,
@@ -211,7 +232,8 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     return AdaptedModel(model, {
         "model_config": model.config.model_dump(mode="json"), "modality": modality, "classes": support.classes,
         "task": support.task, "image": support.image.model_dump(mode="json"), "shots": support.shots,
-        "steps": steps, "lr": lr, "head": learner.head_kind, "algorithm": learner.name, "checkpoint": checkpoint})
+        "steps": steps, "lr": lr, "selection": selection, "head": learner.head_kind, "algorithm": learner.name,
+        "checkpoint": checkpoint})
 
 
 def score_on_task(model: AdaptedModel, task: Task) -> tuple[float | None, float | None, int]:
@@ -245,11 +267,12 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         raise MtlError(f"--head-init {head_init} is unknown", "use zero or proto")
     if encoder_layers < 0 or encoder_epochs < 1:
         raise MtlError("--encoder-layers must be 0 or more and --encoder-epochs 1 or more", "e.g. --encoder-layers 2")
+    stored = None
     if isinstance(checkpoint, Algorithm):
         learner, source = checkpoint, None
     else:
         learner, meta = load_learner(Path(checkpoint), resolve_device(device), hold_text=encoder_layers == 0)
-        source = meta.get("path")
+        source, stored = meta.get("path"), meta.get("adaptation")
     loaded: Task | None = None
     if isinstance(task, tuple):
         inputs, labels = task
@@ -268,7 +291,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
             support = Support(xs, ys, classes, loaded.modality, loaded.name, loaded.spec.image_options)
         else:
             support = support_from_task(loaded, shots, seed)
-    model = fit(learner, support, steps, lr, head_init, encoder_layers, encoder_epochs, encoder_lr, seed, source)
+    model = fit(learner, support, steps, lr, head_init, encoder_layers, encoder_epochs, encoder_lr, seed, source,
+                stored)
     acc = ci = None
     n_test = 0
     if loaded is not None:

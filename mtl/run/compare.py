@@ -40,8 +40,8 @@ from mtl.errors import MtlError
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe
+from mtl.run.select import LR_GRID, Setting, choose
 
-LR_GRID = (0.01, 0.05, 0.2, 0.5)
 BASELINES = ("scratch", "linear_probe", "centroid")
 
 
@@ -82,19 +82,6 @@ def centroid_accuracy(learner: Algorithm, b: TaskBatch) -> float:
     return float((pred == b.yq.cpu().numpy()).mean())
 
 
-@dataclass(frozen=True)
-class Setting:
-    """How one method adapts: its own settings (``lr=None``: learned or recipe step sizes, its own
-    head) or plain fine-tuning with step size ``lr`` from a new zero head."""
-
-    steps: int
-    lr: float | None = None
-    head_init: str | None = None
-
-    def label(self) -> str:
-        return "learned" if self.lr is None else f"{self.lr:g}"
-
-
 def accuracies(learner: Algorithm, episodes: list[TaskBatch], s: Setting) -> list[float]:
     return [learner.evaluate(b, s.steps, lr=s.lr, head_init=s.head_init) for b in episodes]
 
@@ -104,11 +91,10 @@ def choose_setting(learner: Algorithm, val: list[TaskBatch], steps: int, own: bo
     settings or a grid step size with its own head; for a model from scratch, a grid step size."""
     if own:
         own_steps = steps if learner.compare_steps is None else learner.compare_steps
-        candidates = [Setting(own_steps)] + [Setting(steps, lr) for lr in LR_GRID]
+        options = [Setting(own_steps)] + [Setting(steps, lr) for lr in LR_GRID]
     else:
-        candidates = [Setting(steps, lr, "zero") for lr in LR_GRID]
-    scores = [np.mean(accuracies(learner, val, c)) for c in candidates]
-    return candidates[int(np.argmax(scores))]  # ties: the first (its own settings)
+        options = [Setting(steps, lr, "zero") for lr in LR_GRID]
+    return choose(learner, val, options)[0]  # ties: the first (its own settings)
 
 
 @dataclass

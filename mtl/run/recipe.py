@@ -44,6 +44,7 @@ class Recipe(BaseModel):
     threads: int | None = None
     time_limit_minutes: float | None = None  # stop (and keep the best checkpoint) after this wall time
     log: list[Literal["tensorboard", "mlflow"]] = []  # experiment trackers, beside metrics.jsonl
+    choose_adaptation: bool = True  # at the end, pick adapt's steps and step size on validation episodes
 
     @field_validator("method")
     @classmethod

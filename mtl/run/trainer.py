@@ -28,8 +28,9 @@ from mtl.device import all_reduce_sum, autocast, barrier, close_distributed, ini
 from mtl.errors import MtlError
 from mtl.run.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
 from mtl.run.evaluate import mean_ci
-from mtl.run.learner import build_learner
+from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe, load_recipe
+from mtl.run.select import as_dict, candidates, choose
 from mtl.run.tracking import open_trackers
 
 Callback = Callable[[dict[str, Any]], None]
@@ -201,6 +202,19 @@ class Trainer:
             accs = [self.learner.evaluate(b) for b in self.val.fixed(self.recipe.val_episodes)]
         return mean_ci(accs)
 
+    def choose_adaptation(self) -> None:
+        """Pick the adaptation settings (steps, step size) of the best checkpoint on validation
+        episodes and store them in it: what ``adapt`` uses when a support set is too small to choose
+        by cross-validation."""
+        path = self.out / "best.safetensors"
+        learner, meta = load_learner(path, self.device)
+        episodes = self.val.fixed(min(self.recipe.val_episodes, 40)) if self.val else []
+        with autocast(self.device, self.recipe.precision):
+            setting, scores = choose(learner, episodes, candidates(learner))
+        tensors, _ = load_checkpoint(path, self.device)
+        meta = {k: v for k, v in meta.items() if k not in ("path", "format_version", "versions")}
+        save_checkpoint(path, tensors, {**meta, "adaptation": as_dict(setting, "meta-validation", scores)})
+
     def run(self, resume: bool = False, on_step: Callback | None = None) -> dict[str, Any]:
         """Train; under torchrun every rank trains, rank 0 alone writes and validates."""
         self.setup()
@@ -254,6 +268,8 @@ class Trainer:
                     tracker.close()
             if lead:
                 plot_curve(self.out)
+                if self.val is not None and r.choose_adaptation and (self.out / "best.safetensors").exists():
+                    self.choose_adaptation()
         barrier()  # every rank returns once rank 0 has written the checkpoints
         return {"iterations": it + 1, "best_val_accuracy": self.best if self.val else None,
                 "last_val": last_val, "seconds": round(self.elapsed, 1), "out": str(self.out), "rank": self.rank,

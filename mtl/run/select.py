@@ -1,0 +1,93 @@
+"""Choosing how to adapt (inner steps and step size) without test data: on meta-validation episodes
+at the end of training, or by cross-validation on the new task's own support set.
+
+A user should not have to tune ``adapt``: a model meta-trained on 5-way 1-shot Omniglot, adapted to
+10-way 5-shot MNIST with the meta-learned single step, lands far below what ten steps at a chosen
+step size reach. The same candidates serve training (stored in the checkpoint as ``adaptation``) and
+``adapt`` (chosen on the support set when it has at least two examples per class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtl.algorithms import Algorithm
+from mtl.data.inputs import Inputs
+from mtl.data.stream import TaskBatch
+
+LR_GRID = (0.01, 0.05, 0.2, 0.5)
+MORE_STEPS = 10  # the alternative to the meta-trained number of steps (often 1)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one method adapts: its own settings (``lr=None``: learned or recipe step sizes, its own
+    head) or plain fine-tuning with step size ``lr`` (and ``head_init``, default its own)."""
+
+    steps: int
+    lr: float | None = None
+    head_init: str | None = None
+
+    def label(self) -> str:
+        return "learned" if self.lr is None else f"{self.lr:g}"
+
+    def describe(self) -> str:
+        return f"{self.steps} steps at {'the learned step size' if self.lr is None else f'step size {self.lr:g}'}"
+
+
+def candidates(learner: Algorithm, stored: dict[str, Any] | None = None) -> list[Setting]:
+    """The algorithm's own settings first (ties go to it), the stored choice, then more steps with the
+    learned and the grid step sizes. Methods whose adaptation is fixed (ProtoNet) have one."""
+    own = Setting(learner.eval_steps)
+    if learner.compare_steps is not None:
+        return [Setting(learner.compare_steps)]
+    out = [own]
+    if stored:
+        out.append(Setting(int(stored["steps"]), stored.get("lr")))
+    out += [Setting(MORE_STEPS)] + [Setting(MORE_STEPS, lr) for lr in LR_GRID[1:]]
+    return list(dict.fromkeys(out))
+
+
+def score(learner: Algorithm, episodes: Sequence[TaskBatch], s: Setting) -> float:
+    return float(np.mean([learner.evaluate(b, s.steps, lr=s.lr, head_init=s.head_init) for b in episodes]))
+
+
+def choose(learner: Algorithm, episodes: Sequence[TaskBatch], options: Sequence[Setting]
+           ) -> tuple[Setting, dict[str, float]]:
+    """The best setting on ``episodes`` (the first on ties), and every candidate's accuracy."""
+    scores = {s: score(learner, episodes, s) for s in options}
+    best = max(options, key=lambda s: scores[s])
+    return best, {f"{s.steps}@{s.label()}": round(v, 4) for s, v in scores.items()}
+
+
+def support_folds(task: str, modality: str, xs: Inputs, ys: torch.Tensor, folds: int = 3) -> list[TaskBatch]:
+    """Stratified folds of a support set: fold ``f`` holds out the ``f``-th example of every class
+    (classes with fewer examples keep theirs in training). Needs >= 2 examples per class."""
+    ys_np = ys.cpu().numpy()
+    rank = np.zeros(len(ys_np), int)
+    for c in np.unique(ys_np):
+        members = np.flatnonzero(ys_np == c)
+        rank[members] = np.arange(len(members))
+    shots = int(np.bincount(ys_np).min())
+    out = []
+    for f in range(min(folds, shots)):
+        held = np.flatnonzero(rank % min(folds, shots) == f)
+        keep = np.setdiff1d(np.arange(len(ys_np)), held)
+        out.append(TaskBatch(task, modality, _take(xs, keep), ys[torch.as_tensor(keep, device=ys.device)],
+                             _take(xs, held), ys[torch.as_tensor(held, device=ys.device)]))
+    return out
+
+
+def _take(x: Inputs, idx: np.ndarray) -> Inputs:
+    if isinstance(x, list):
+        return [x[i] for i in idx.tolist()]
+    return x[torch.as_tensor(idx, device=x.device if isinstance(x, torch.Tensor) else None)]
+
+
+def as_dict(s: Setting, by: str, scores: dict[str, float]) -> dict[str, Any]:
+    return {**asdict(s), "by": by, "scores": scores}
