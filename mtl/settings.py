@@ -17,7 +17,10 @@ from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
-BUILTIN_TASKS_DIR = REPO_ROOT / "tasks"
+# a checkout keeps them at its top level; an installed wheel carries them as mtl/_shipped/ (setup.py)
+SHIPPED = REPO_ROOT if (REPO_ROOT / "tasks").is_dir() else PACKAGE_ROOT / "_shipped"
+BUILTIN_TASKS_DIR = SHIPPED / "tasks"
+BUILTIN_CONFIGS_DIR = SHIPPED / "configs"
 
 
 def _user_cache() -> Path:

@@ -72,6 +72,11 @@ def load_recipe(path: Path | dict[str, Any] | Recipe | None, overrides: dict[str
     elif isinstance(path, dict):
         doc, path = dict(path), None
     elif path is not None:
+        from mtl import settings
+
+        shipped = settings.BUILTIN_CONFIGS_DIR / path.name
+        if not path.exists() and not path.is_absolute() and shipped.exists():  # `--config smoke.yaml`, installed
+            path = shipped
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
