@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded while testing
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MTL_OFFLINE", "1")  # a data file missing here is an error, never a download
 
 from mtl import settings
 from mtl.cli import main

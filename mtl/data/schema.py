@@ -16,9 +16,9 @@ Format = Literal[
     # read through the `datasets` library
     "csv", "tsv", "json", "jsonl", "parquet", "imagefolder", "hub",
     # formats of the shipped data that `datasets` has no builder for
-    "json_rows", "split_lines", "line_pairs", "image_zip", "npz", "idx", "mat", "sklearn",
+    "json_rows", "split_lines", "line_pairs", "image_zip", "image_tar", "cifar_binary", "npz", "idx", "mat", "sklearn",
 ]
-IMAGE_FORMATS = {"imagefolder", "image_zip", "npz", "idx", "mat", "sklearn"}
+IMAGE_FORMATS = {"imagefolder", "image_zip", "image_tar", "cifar_binary", "npz", "idx", "mat", "sklearn"}
 
 Paths = str | list[str]
 
@@ -106,13 +106,26 @@ class Splits(_Strict):
     """How examples are divided: as the source divides them, or by a seeded split of examples
     (stratified by class) or of classes (class-disjoint, for meta-learning)."""
 
-    by: Literal["source", "examples", "classes"] = "source"
+    by: Literal["source", "examples", "classes", "class_lists"] = "source"
     map: dict[str, str] | None = None
     sizes: dict[str, float] | None = None
     seed: int = 0
+    classes: dict[str, list[str]] | None = None  # by: class_lists: split -> its class names (a paper's split)
 
     @model_validator(mode="after")
     def _sizes_match_mode(self) -> Splits:
+        if self.by == "class_lists":
+            if not self.classes or self.sizes is not None or self.map is not None:
+                raise ValueError("`by: class_lists` needs `classes` (split -> class names) and no `sizes` or `map`")
+            seen: dict[str, str] = {}
+            for split, names in self.classes.items():
+                for c in names:
+                    if c in seen:
+                        raise ValueError(f"class '{c}' is listed in both '{seen[c]}' and '{split}'")
+                    seen[c] = split
+            return self
+        if self.classes is not None:
+            raise ValueError("`classes` is only used with `by: class_lists`")
         if self.by == "source" and self.sizes is not None:
             raise ValueError("`sizes` is only used with `by: examples` or `by: classes`")
         if self.by != "source":

@@ -105,7 +105,7 @@ def _load(spec: TaskSpec, file: Path | None, root: Path) -> Task:
                             f"no entry in `labels.names` ({len(unnamed)} in all)",
                             "name every label, or drop the unnamed ones with `labels.exclude`")
     classes = [names.get(c, c) for c in classes_raw]
-    splits = _make_splits(spec, kept, len(classes))
+    splits = _make_splits(spec, kept, classes)
     if spec.modality == "image":
         splits, classes = _rotate(spec, splits, classes)
     for required in (spec.train_split, spec.test_split, spec.val_split):
@@ -238,9 +238,21 @@ def _select_labels(spec: TaskSpec, labels: np.ndarray) -> list[str]:
     return [c for c in chosen if c not in excluded]
 
 
-def _make_splits(spec: TaskSpec, kept: dict[str, tuple[np.ndarray, np.ndarray]], n_classes: int
+def _make_splits(spec: TaskSpec, kept: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
                  ) -> dict[str, Split]:
     sp = spec.splits
+    if sp.by == "class_lists":  # the exact class split of a paper: each split's classes by name
+        assert sp.classes is not None
+        inputs = np.concatenate([v[0] for v in kept.values()])
+        labels = np.concatenate([v[1] for v in kept.values()])
+        index = {c: i for i, c in enumerate(classes)}
+        absent = [c for names in sp.classes.values() for c in names if c not in index]
+        if absent:
+            raise TaskFileError(None, "splits.classes", f"{len(absent)} listed classes are not in the data "
+                                f"({', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''})",
+                                "check the class names against `cli.py tasks show` and the source")
+        return {name: Split(spec.name, name, inputs[m], labels[m]) for name, names in sp.classes.items()
+                for m in [np.isin(labels, [index[c] for c in names])]}
     if sp.by == "source":
         mapping = sp.map or {s: s for s in kept}
         out = {}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from mtl.errors import MtlError
-from mtl.models.encoders import conv, text  # noqa: F401  (registers the encoders)
+from mtl.models.encoders import conv, resnet, text  # noqa: F401  (registers the encoders)
 from mtl.models.encoders.registry import ENCODERS, encoder_names, register_encoder
 from mtl.models.encoders.text import TextEncoder
 
