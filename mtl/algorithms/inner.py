@@ -349,10 +349,6 @@ class Algorithm(nn.Module):
             count += len(b.yq)
         return total, correct / max(count, 1)
 
-    def _detached_fast(self, b: TaskBatch) -> dict[str, Tensor]:
-        w, bias = self.init_head(b, {})
-        return {"head.weight": w.detach(), "head.bias": bias.detach()}
-
     @torch.no_grad()
     def _accuracy(self, b: TaskBatch, fast: dict[str, Tensor], steps: int) -> float:
         pred = self.query_logits(b, {k: v.detach() for k, v in fast.items()}, steps).argmax(1)
