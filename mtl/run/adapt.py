@@ -172,7 +172,7 @@ def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.T
     if steps is not None or lr is not None or head_init is not None:
         s = Setting(learner.eval_steps if steps is None else steps, lr, head_init)
         return as_dict(s, "given", {})
-    if support.shots >= 2 and learner.compare_steps is None:
+    if support.shots >= 2:
         folds = support_folds(support.task, support.modality, xs, ys)
         s, scores = choose(learner, folds, candidates(learner, stored))
         return as_dict(s, f"{len(folds)}-fold cross-validation on the support set", scores)

@@ -42,14 +42,14 @@ class Setting:
 
 def candidates(learner: Algorithm, stored: dict[str, Any] | None = None) -> list[Setting]:
     """The algorithm's own settings first (ties go to it), the stored choice, then more steps with the
-    learned and the grid step sizes. Methods whose adaptation is fixed (ProtoNet) have one."""
-    own = Setting(learner.eval_steps)
-    if learner.compare_steps is not None:
-        return [Setting(learner.compare_steps)]
+    learned and the grid step sizes (for ProtoNet: fine-tuning the prototype head)."""
+    own = Setting(learner.eval_steps if learner.compare_steps is None else learner.compare_steps)
     out = [own]
     if stored:
         out.append(Setting(int(stored["steps"]), stored.get("lr")))
-    out += [Setting(MORE_STEPS)] + [Setting(MORE_STEPS, lr) for lr in LR_GRID[1:]]
+    if learner.lrs or learner.compare_steps is None:  # a learned or recipe step size to try with more steps
+        out.append(Setting(MORE_STEPS))
+    out += [Setting(MORE_STEPS, lr) for lr in LR_GRID[1:]]
     return list(dict.fromkeys(out))
 
 
