@@ -18,7 +18,8 @@ from tests.conftest import needs_data
 pytestmark = needs_data
 
 SMALL = {"tasks": ["omniglot"], "val_tasks": ["omniglot"], "ways": 5, "shots": 1, "queries": 5, "meta_batch": 4,
-         "outer_lr": 0.003, "inner": {"steps": 1, "lr": 0.4}, "val_episodes": 40, "threads": 2, "device": "cpu"}
+         "outer_lr": 0.003, "inner": {"steps": 1, "lr": 0.4}, "val_episodes": 40, "threads": 2, "device": "cpu",
+         "choose_adaptation": False}  # tested once, on the `trained` run
 
 
 def recipe(**over):
@@ -35,7 +36,7 @@ def params(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, registry) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run")
-    result = Trainer(recipe(iterations=60, val_every=30), out, registry).run()
+    result = Trainer(recipe(iterations=60, val_every=30, choose_adaptation=True), out, registry).run()
     return out, result
 
 

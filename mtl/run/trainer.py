@@ -208,7 +208,7 @@ class Trainer:
         by cross-validation."""
         path = self.out / "best.safetensors"
         learner, meta = load_learner(path, self.device)
-        episodes = self.val.fixed(min(self.recipe.val_episodes, 40)) if self.val else []
+        episodes = self.val.fixed(min(self.recipe.val_episodes, 20)) if self.val else []
         with autocast(self.device, self.recipe.precision):
             setting, scores = choose(learner, episodes, candidates(learner))
         tensors, _ = load_checkpoint(path, self.device)
