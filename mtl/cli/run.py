@@ -108,8 +108,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
            "examples" if m.meta["test_accuracy"] is not None else "no test examples of these classes")
     sel = m.meta["selection"]
     size = "the learned step size" if sel.get("lr") is None else f"step size {sel['lr']:g}"
-    how = f"{sel['steps']} steps at {size}" if sel["steps"] else "no gradient steps (its initial head as it is)"
-    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({sel['by']}); "
+    how = f"{sel['steps']} steps at {size}" if sel["steps"] else "no gradient steps, the initial head as it is"
+    why = "as given" if sel["by"] == "given" else f"chosen by {sel['by']}"
+    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}); "
               f"{acc}; saved {out_dir} ({m.meta['seconds']:.2f} s)", highlight=False)
 
 
