@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import string
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -69,3 +70,11 @@ def test_hostile_task_files_end_in_a_clear_error(blob, tmp_path_factory, capsys,
     if code == 1:
         lines = [x for x in captured.err.splitlines() if x.strip()]
         assert lines and all(x.startswith(str(path)) for x in lines), captured.err
+
+
+@pytest.mark.parametrize("args, says", [(["data", "status", "--task", "x"], "No such option: --task"),
+                                        (["tasks", "validate"], "Missing argument"),
+                                        (["train", "--iterations", "many"], "Invalid value for '--iterations'")])
+def test_a_mistyped_command_is_a_usage_error_not_an_internal_one(run_cli, args, says):
+    code, _, err = run_cli(*args)
+    assert code == 2 and says in err and "internal error" not in err and "Traceback" not in err

@@ -17,6 +17,24 @@ from mtl.cli.common import app, err
 from mtl.errors import MtlError
 
 
+def _click(name: str) -> tuple[type[BaseException], ...]:
+    """Click's exception class ``name`` and Typer's own: Typer 0.2x vendors click, so a usage error (an
+    unknown option, a missing argument) raises a class that plain ``click`` does not know."""
+    import typer
+
+    classes = [getattr(click.exceptions, name), getattr(typer, name, None)]
+    try:
+        from typer._click import exceptions as vendored
+
+        classes.append(getattr(vendored, name, None))
+    except ImportError:
+        pass
+    return tuple(c for c in classes if c is not None)
+
+
+EXIT, ABORT, USAGE = _click("Exit"), _click("Abort"), _click("ClickException")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line and exit code 2, never a traceback."""
     try:
@@ -25,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(e).splitlines():
             err.print(f"error: {line}", highlight=False, markup=False, soft_wrap=True)
         return 2
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
+    except EXIT as e:
+        return e.exit_code  # type: ignore[attr-defined]
+    except ABORT:
         err.print("aborted", highlight=False)
         return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
+    except USAGE as e:
+        e.show()  # type: ignore[attr-defined]
+        return e.exit_code  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
         return 130

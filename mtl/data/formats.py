@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from mtl import settings
-from mtl.data.fetch import locate
+from mtl.data.fetch import locate, offline
 from mtl.data.schema import Source
 from mtl.errors import TaskFileError
 
@@ -100,7 +100,7 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
                             "mode", "download the data and register the local files, or run without --safe")
     try:
         if fmt == "hub":
-            ds = datasets.load_dataset(source.dataset, source.config, revision=source.revision)
+            ds = _load_hub(source)
         else:
             files = located(source, root)
             data_files = {_hf_split(split): [str(p) for p in paths] for split, paths in files.items()}
@@ -119,6 +119,12 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
         where = source.dataset or source.path or source.files
         while e.__cause__ is not None or e.__context__ is not None:  # the root cause says what is wrong
             e = e.__cause__ or e.__context__  # type: ignore[assignment]
+        if fmt == "hub" and not Path(str(source.dataset)).exists() and _unreachable(e):
+            at = f"{source.dataset}" + (f"@{source.revision[:12]}" if source.revision else "")
+            raise TaskFileError(None, "source.dataset", f"could not fetch the hub data set {at} from huggingface.co "
+                                f"({'MTL_OFFLINE is set' if offline() else 'no network?'})",
+                                "run once where huggingface.co is reachable (`datasets` keeps the copy in HF_HOME), "
+                                "or download its parquet files and register them with `format: parquet`") from None
         raise TaskFileError(None, "source", f"`datasets` could not load {where} as {fmt}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                             "check the format, separator and columns, or the hub id and config") from None
@@ -129,10 +135,8 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
         for name in part.column_names:
             feature = part.features[name]
             if isinstance(feature, datasets.Image):  # decoded by us, so that a corrupt file gets a clear error
-                part = part.cast_column(name, datasets.Image(decode=False))
-                encoded = part[name]
-                cols[name] = [_image_bytes(v) for v in encoded]
-                cols["_names"] = [Path(v["path"]).name if v.get("path") else f"#{i}" for i, v in enumerate(encoded)]
+                column = _ImageColumn(part.cast_column(name, datasets.Image(decode=False)).select_columns([name]))
+                cols[name], cols["_names"] = column, column.names
                 continue
             values = part[name]
             if isinstance(feature, datasets.ClassLabel):
@@ -140,6 +144,65 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
             cols[name] = values
         out[split] = cols
     return out
+
+
+def _load_hub(source: Source) -> Any:
+    """A hub data set at its pinned revision; offline (MTL_OFFLINE) only from `datasets`' own cache."""
+    import datasets
+    import huggingface_hub
+
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retry warnings would bury our one line
+    if offline():
+        datasets.config.HF_HUB_OFFLINE = True
+    return datasets.load_dataset(source.dataset, source.config, revision=source.revision)
+
+
+def _unreachable(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return any(w in text for w in ("connection", "not cached", "offline", "resolve", "timed out", "timeout"))
+
+
+class _ImageColumn(Sequence[bytes]):
+    """One split's encoded images, read row by row from the memory-mapped Arrow table: a hub data set
+    of full-size photographs (mini-ImageNet's is 7 GB) is decoded and resized one image at a time
+    instead of being held in memory whole."""
+
+    def __init__(self, part: Any) -> None:
+        self._part, self._name = part, part.column_names[0]
+        self.names = _ImageNames(self)
+
+    def __len__(self) -> int:
+        return len(self._part)
+
+    def row(self, i: int) -> dict[str, Any]:
+        return self._part[i][self._name]
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[bytes]: ...
+    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return _image_bytes(self.row(i))
+
+
+class _ImageNames(Sequence[str]):
+    def __init__(self, column: _ImageColumn) -> None:
+        self._column = column
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        path = self._column.row(i).get("path")
+        return Path(path).name if path else f"#{i}"
 
 
 def _image_bytes(value: dict[str, Any]) -> bytes:

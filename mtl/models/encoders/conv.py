@@ -67,6 +67,13 @@ def conv4(config: ModelConfig) -> ConvEncoder:
     return ConvEncoder(config.image_channels, 64, 4)
 
 
+@register_encoder("conv4-32", "image")
+def conv4_32(config: ModelConfig) -> ConvEncoder:
+    """Conv-4 with 32 channels: the MAML paper's mini-ImageNet network, narrower so that it overfits
+    less on 84x84 colour images."""
+    return ConvEncoder(config.image_channels, 32, 4)
+
+
 @register_encoder("conv4-wide", "image")
 def conv4_wide(config: ModelConfig) -> ConvEncoder:
     """Conv-4 with 128 channels per block."""
