@@ -79,6 +79,6 @@ def test_omniglot_splits_are_class_disjoint_and_images_are_ink_on_black(registry
 
 
 def test_every_shipped_file_parses_with_a_role(registry):
-    assert len(registry) == 74  # 72 + the CIFAR-FS and FC100 benchmarks
+    assert len(registry) == 76  # 72 + the CIFAR-FS, FC100, mini-ImageNet and CUB benchmarks
     for entry in registry:
         assert entry.spec.role in ("meta_train", "meta_val", "held_out")

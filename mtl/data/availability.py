@@ -9,7 +9,7 @@ from typing import Any
 from mtl import settings
 from mtl.data.fetch import entries_under, fetch, urls_of
 from mtl.data.registry import Registry
-from mtl.data.schema import Download, TaskSpec
+from mtl.data.schema import Download, Source, TaskSpec
 
 
 def files_of(spec: TaskSpec) -> list[tuple[str, Download | None]]:
@@ -49,7 +49,7 @@ def status(registry: Registry, names: list[str] | None = None) -> list[dict[str,
         for src in spec.sources:
             if src.format in ("hub", "sklearn"):
                 origin = f"{src.format}: {src.dataset}" + (f"@{src.revision}" if src.revision else "")
-                rows.append({"task": name, "file": src.dataset, "present": src.format == "sklearn", "where": origin,
+                rows.append({"task": name, "file": src.dataset, "present": hub_cached(src), "where": origin,
                              "size": None, "source": origin})
         for rel, d in files_of(spec):
             found = where(rel)
@@ -60,14 +60,41 @@ def status(registry: Registry, names: list[str] | None = None) -> list[dict[str,
     return rows
 
 
+def hub_cached(src: Source) -> bool:
+    """Whether a hub data set loads without the network: a local folder, or already in `datasets`' cache
+    (asked of `datasets` itself with the hub switched off, which answers in about a second)."""
+    if src.format != "hub" or Path(str(src.dataset)).expanduser().is_dir():
+        return True
+    import datasets
+
+    from mtl.data.formats import load_hub
+
+    was = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        load_hub(src)
+        return True
+    except Exception:  # any failure means "not loadable offline"
+        return False
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was
+
+
 def missing(spec: TaskSpec) -> list[str]:
-    return [rel for rel, _ in files_of(spec) if where(rel) is None]
+    hub = [f"hub:{src.dataset}" for src in spec.sources if src.format == "hub" and not hub_cached(src)]
+    return hub + [rel for rel, _ in files_of(spec) if where(rel) is None]
 
 
 def fetch_tasks(registry: Registry, names: list[str]) -> list[dict[str, Any]]:
     """Download every missing file of the named tasks; returns what was fetched."""
     done = []
     for name in names:
+        for src in registry.spec(name).sources:
+            if src.format == "hub" and not hub_cached(src):
+                from mtl.data.formats import load_hub
+
+                load_hub(src)  # `datasets` downloads it into its own cache
+                done.append({"task": name, "file": f"hub:{src.dataset}", "where": "HF_HOME", "size": None})
         for rel, d in files_of(registry.spec(name)):
             if where(rel) is None and d is not None:
                 path = fetch(rel, d)

@@ -100,7 +100,7 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
                             "mode", "download the data and register the local files, or run without --safe")
     try:
         if fmt == "hub":
-            ds = _load_hub(source)
+            ds = load_hub(source)
         else:
             files = located(source, root)
             data_files = {_hf_split(split): [str(p) for p in paths] for split, paths in files.items()}
@@ -146,7 +146,7 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
     return out
 
 
-def _load_hub(source: Source) -> Any:
+def load_hub(source: Source) -> Any:
     """A hub data set at its pinned revision; offline (MTL_OFFLINE) only from `datasets`' own cache."""
     import datasets
     import huggingface_hub
