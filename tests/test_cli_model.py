@@ -63,12 +63,21 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     res = json.loads(out)
     assert res["classes"] == 15 and res["shots"] == 5 and res["test_examples"] == 450
     assert res["test_accuracy"] > 0.5  # 15-way: chance is 0.067
-    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "--top", 2,
-                             "how many vacation days do i have left", "when is my next paycheck")
+    # calibrated on the support set alone; a threshold that refuses about 5% of held-out support examples
+    assert res["calibration"]["by"].startswith("5-fold cross-validation") and res["calibration"]["temperature"] > 0
+    assert 0 <= res["test_ece"] <= 1 and 0 <= res["test_ece_uncalibrated"] <= 1
+    rej = res["rejection"]
+    assert rej["score"] == "similarity" and 0 < rej["threshold"] < 1 and rej["none"] == "none"
+    texts = ["how many vacation days do i have left", "when is my next paycheck"]
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "--top", 2, *texts)
     assert code == 0, err
     preds = json.loads(out)["predictions"]
     assert [p["label"] for p in preds] == ["pto_balance", "payday"]
-    assert set(preds[0]) == {"input", "label", "probability", "top"} and len(preds[0]["top"]) == 2
+    assert set(preds[0]) == {"input", "label", "probability", "rejected", "score", "top"}
+    assert len(preds[0]["top"]) == 2 and preds[0]["score"] > rej["threshold"] and not preds[0]["rejected"]
+    for below, label in ((1.01, "none"), (0, "payday")):  # the user's threshold replaces the chosen one
+        code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "--reject-below", below, texts[1])
+        assert code == 0 and json.loads(out)["predictions"][0]["label"] == label, err
 
 
 def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_run, tmp_path, run_cli):

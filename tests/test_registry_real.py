@@ -13,6 +13,7 @@ EXPECTED = {
     "omniglot": (1028 * 4 + 172 + 423, {"train": 1028 * 4 * 20, "val": 172 * 20, "test": 423 * 20}),
     "omniglot-lake": (1623, {"train": 19280, "test": 13180}),
     "clinc150": (150, {"train": 15000, "val": 3000, "test": 4500}),
+    "clinc150-oos": (1, {"train": 100, "val": 100, "test": 1000}),
     "banking77": (77, {"train": 10003, "test": 3080}),
     "snips": (7, {"train": 13084, "val": 700, "test": 700}),
     "sst2": (2, {"train": 6920, "val": 872, "test": 1821}),
@@ -79,6 +80,6 @@ def test_omniglot_splits_are_class_disjoint_and_images_are_ink_on_black(registry
 
 
 def test_every_shipped_file_parses_with_a_role(registry):
-    assert len(registry) == 76  # 72 + the CIFAR-FS, FC100, mini-ImageNet and CUB benchmarks
+    assert len(registry) == 77  # 72 + CLINC150's out-of-scope queries + CIFAR-FS, FC100, mini-ImageNet, CUB
     for entry in registry:
         assert entry.spec.role in ("meta_train", "meta_val", "held_out")

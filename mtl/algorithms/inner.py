@@ -349,20 +349,22 @@ class Algorithm(nn.Module):
             count += len(b.yq)
         return total, correct / max(count, 1)
 
-    @torch.no_grad()
-    def _accuracy(self, b: TaskBatch, fast: dict[str, Tensor], steps: int) -> float:
-        pred = self.query_logits(b, {k: v.detach() for k, v in fast.items()}, steps).argmax(1)
-        return float((pred == b.yq).float().mean())
-
-    def evaluate(self, b: TaskBatch, steps: int | None = None, lr: float | None = None,
-                 head_init: str | None = None) -> float:
-        """Query accuracy after adapting to the support set (no meta-gradient)."""
+    def query_logits_after(self, b: TaskBatch, steps: int | None = None, lr: float | None = None,
+                           head_init: str | None = None) -> Tensor:
+        """Query logits after adapting to the support set (no meta-gradient): what accuracy, calibration
+        and out-of-fold scores are computed from."""
         steps = self.eval_steps if steps is None else steps
         with self.evaluation():
             with torch.enable_grad():
                 _, fast, _ = self.adapt(b, steps, create_graph=False, track_query=False, detach=True, lr=lr,
                                         head_init=head_init)
-            return self._accuracy(b, fast, steps)
+            with torch.no_grad():
+                return self.query_logits(b, {k: v.detach() for k, v in fast.items()}, steps).float()
+
+    def evaluate(self, b: TaskBatch, steps: int | None = None, lr: float | None = None,
+                 head_init: str | None = None) -> float:
+        """Query accuracy after adapting to the support set (no meta-gradient)."""
+        return float((self.query_logits_after(b, steps, lr, head_init).argmax(1) == b.yq).float().mean())
 
     def outer_backward(self, source: Any, iteration: int, meta_batch: int, rank: int = 0, world: int = 1
                        ) -> tuple[float, float, int]:

@@ -91,16 +91,30 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               encoder_layers: Annotated[int, typer.Option(
                   help="Text tasks: then also fine-tune this many top layers of the text encoder.")] = 0,
               encoder_epochs: Annotated[int, typer.Option(help="Epochs of that fine-tuning.")] = 30,
+              reject_by: Annotated[str, typer.Option(
+                  help="Out-of-scope score: similarity (to the nearest class prototype) or probability "
+                       "(calibrated).")] = "similarity",
+              reject_rate: Annotated[float, typer.Option(
+                  help="Share of known inputs the threshold chosen on the support set may refuse.")] = 0.05,
+              reject_below: Annotated[float | None, typer.Option(
+                  help="Refuse inputs scoring below this instead (0: refuse nothing).")] = None,
+              none_label: Annotated[str, typer.Option(help="The answer for refused inputs.")] = "none",
+              unknown: Annotated[str | None, typer.Option(
+                  help="A task of inputs that fit no class (clinc150-oos): report out-of-scope recall, "
+                       "precision and AUROC on its test split.")] = None,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
-    """Fine-tune a learned initialization on a few labelled examples of a task; save the adapted model."""
+    """Fine-tune a learned initialization on a few labelled examples of a task; calibrate its
+    probabilities and choose when to answer "none of these"; save the adapted model."""
     from mtl.run.adapt import adapt
 
     m = adapt(checkpoint, task, shots=shots, examples=examples, steps=steps, lr=lr, head_init=head_init,
               encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, seed=seed, device=device, out=out_dir,
-              registry=_registry(tasks_dir))
+              registry=_registry(tasks_dir), reject_by=reject_by, reject_rate=reject_rate, reject_below=reject_below,
+              none=none_label, unknown=unknown)
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
-              **{k: m.meta[k] for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
-                                        "test_examples", "seconds")}}
+              **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
+                                            "test_examples", "test_ece", "test_ece_uncalibrated", "calibration",
+                                            "rejection", "open_set", "seconds")}}
     if as_json:
         _print_json(result)
         return
@@ -110,20 +124,36 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     size = "the learned step size" if sel.get("lr") is None else f"step size {sel['lr']:g}"
     how = f"{sel['steps']} steps at {size}" if sel["steps"] else "no gradient steps, the initial head as it is"
     why = "as given" if sel["by"] == "given" else f"chosen by {sel['by']}"
+    cal, rej = m.meta["calibration"], m.meta["rejection"]
+    ece = (f"; ECE {m.meta['test_ece']:.3f} (uncalibrated {m.meta['test_ece_uncalibrated']:.3f})"
+           if m.meta.get("test_ece") is not None else "")
+    refuse = (f"answers '{rej['none']}' below {rej['score']} {rej['threshold']:.3f} ({rej['by']})"
+              if rej["threshold"] > 0 else f"never answers '{rej['none']}' ({rej['by']})")
     out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}); "
-              f"{acc}; saved {out_dir} ({m.meta['seconds']:.2f} s)", highlight=False)
+              f"{acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; saved {out_dir} "
+              f"({m.meta['seconds']:.2f} s)", highlight=False)
+    if m.meta.get("open_set"):
+        o = m.meta["open_set"]
+        out.print(f"against {o['unknown_examples']} inputs of {o['unknown_task']}: out-of-scope recall "
+                  f"{o['oos_recall']:.3f}, precision {o['oos_precision']:.3f}, AUROC {o['auroc']:.3f}; in-scope "
+                  f"accuracy {o['in_scope_accuracy_with_rejection']:.4f} with refusals ({o['in_scope_accuracy']:.4f} "
+                  "without)", highlight=False)
 
 
 @app.command("predict")
 def predict(model: Annotated[Path, typer.Option("--model", help="Folder written by `adapt`.")],
             inputs: Annotated[list[str], typer.Argument(help="Texts, image paths, or .txt files of them.")],
             top: Annotated[int, typer.Option(help="How many labels to list per input.")] = 1,
+            reject_below: Annotated[float | None, typer.Option(
+                help="Answer 'none' below this score instead of the model's threshold (0: never).")] = None,
             device: Device = "auto", as_json: Json = False) -> None:
-    """Predict label names and probabilities with an adapted model."""
+    """Predict label names (or 'none' for inputs that fit no class) and calibrated probabilities."""
     from mtl.device import resolve_device
     from mtl.run.adapted import AdaptedModel
 
     m = AdaptedModel.load(model, resolve_device(device))
+    if reject_below is not None:
+        m.reject_below(reject_below)
     rows = m.predictions(inputs, top)
     if as_json:
         _print_json({"model": str(model), "task": m.meta["task"], "predictions": rows})

@@ -33,6 +33,16 @@ from mtl.device import resolve_device
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel, calibrate_batchnorm
 from mtl.run.adapted import HEAD, AdaptedModel, model_inputs
+from mtl.run.calibration import (
+    CALIBRATION_FOLDS,
+    REJECT_RATE,
+    Rejection,
+    expected_calibration_error,
+    fit_temperature,
+    leave_one_out_similarity,
+    softmax,
+    threshold_for,
+)
 from mtl.run.learner import load_learner
 from mtl.run.select import Setting, as_dict, candidates, choose, support_folds
 
@@ -181,15 +191,53 @@ def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.T
     return as_dict(Setting(learner.eval_steps), "the recipe", {})
 
 
+def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inputs, ys: torch.Tensor,
+              selection: dict[str, Any], stored: dict[str, Any] | None, reject_by: str, reject_rate: float,
+              none: str) -> tuple[dict[str, Any], Rejection, torch.Tensor]:
+    """The temperature, the rejection threshold and the class prototypes, from the support set alone.
+
+    With two or more examples per class, cross-validation's out-of-fold predictions (the same folds
+    that chose the settings) fit the temperature and give the in-scope scores whose low quantile is
+    the threshold; with one, the temperature fitted on meta-validation episodes at the end of training
+    is used and nothing is refused unless the user sets a threshold."""
+    feats, labels = feats.float(), ys.long()
+    with torch.no_grad():
+        f = torch.nn.functional.normalize(feats, dim=1)
+        protos = torch.zeros(len(support.classes), f.shape[1], device=f.device).index_add_(0, labels, f)
+        protos = torch.nn.functional.normalize(protos, dim=1).cpu()
+    if support.shots < 2:
+        t = float((stored or {}).get("temperature", 1.0))
+        by = "meta-validation at the end of training" if stored and "temperature" in stored else "none (1-shot)"
+        return {"temperature": t, "by": by}, Rejection(reject_by, 0.0, none, "off (1-shot: set --reject-below)"), protos
+    folds = support_folds(support.task, support.modality, xs, ys, folds=min(support.shots, CALIBRATION_FOLDS))
+    steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
+    logits = torch.cat([learner.query_logits_after(b, steps, lr, head_init) for b in folds]).cpu().numpy()
+    held = torch.cat([b.yq for b in folds]).cpu().numpy()
+    t = fit_temperature(logits, held)
+    calibration = {"temperature": round(t, 4), "by": f"{len(folds)}-fold cross-validation on the support set",
+                   "ece_before": round(expected_calibration_error(softmax(logits), held), 4),
+                   "ece_after": round(expected_calibration_error(softmax(logits, t), held), 4)}
+    if reject_by == "similarity":
+        scores = leave_one_out_similarity(feats, labels).cpu().numpy()
+    else:
+        scores = softmax(logits, t).max(1)
+    threshold = threshold_for(scores, reject_rate)
+    by = f"refuses {reject_rate:.0%} of held-out support examples" if threshold > 0 else \
+        "off (too few examples to bound in-scope refusals; set --reject-below)"
+    return calibration, Rejection(reject_by, round(threshold, 5), none, by), protos
+
+
 def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: float | None = None,
         head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int = 30, encoder_lr: float = 1e-4,
-        seed: int = 0, checkpoint: str | None = None, stored: dict[str, Any] | None = None) -> AdaptedModel:
+        seed: int = 0, checkpoint: str | None = None, stored: dict[str, Any] | None = None,
+        reject_by: str = "similarity", reject_rate: float = REJECT_RATE, none: str = "none") -> AdaptedModel:
     """Adapt a copy of ``learner``'s initialization to ``support``; ``learner`` is left unchanged.
 
     The algorithm's inner loop adapts first: ``steps`` and ``lr`` (replacing the learned step sizes)
     and ``head_init`` (``zero`` or ``proto``) as given, or chosen by :func:`choose_setting`; with
     ``encoder_layers`` > 0 (text), the top layers of the text encoder are then fine-tuned with the
-    trunk and head."""
+    trunk and head. The probabilities are then calibrated and a rejection threshold chosen on the support
+    set (:func:`calibrate`)."""
     device = next(itertools.chain(learner.parameters(), learner.buffers())).device  # a held encoder: buffers
     modality = support.modality
     if modality not in learner.model.encoders:
@@ -229,42 +277,62 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
                 norms[name].running_var.copy_(var)  # type: ignore[union-attr]
     else:
         calibrate_batchnorm(model, lambda: model.features(xs, modality))
+    model.eval()
+    with torch.no_grad():  # a tuned text encoder reads the texts again; otherwise what the inner loop read
+        feats = model.features(model_inputs(support.inputs, model, modality, device) if encoder_layers else xs,
+                               modality)
+    calibration, rejection, protos = calibrate(learner, feats, support, xs, ys, selection, stored, reject_by,
+                                               reject_rate, none)
     return AdaptedModel(model, {
         "model_config": model.config.model_dump(mode="json"), "modality": modality, "classes": support.classes,
         "task": support.task, "image": support.image.model_dump(mode="json"), "shots": support.shots,
         "steps": steps, "lr": lr, "selection": selection, "head": learner.head_kind, "algorithm": learner.name,
-        "checkpoint": checkpoint})
+        "checkpoint": checkpoint, "calibration": calibration, "rejection": rejection.as_dict()}, protos)
 
 
-def score_on_task(model: AdaptedModel, task: Task) -> tuple[float | None, float | None, int]:
-    """Accuracy (and its 95% CI) on the examples of ``task``'s test split whose class the model knows."""
+def score_on_task(model: AdaptedModel, task: Task) -> dict[str, Any]:
+    """Accuracy (and its 95% CI) and expected calibration error, before and after the temperature, on
+    the examples of ``task``'s test split whose class the model knows."""
     name_to_id = {c: i for i, c in enumerate(model.classes)}
     test = task.test
     keep = np.asarray([task.classes[c] in name_to_id for c in test.labels.tolist()], bool)
     if not keep.any():
-        return None, None, 0
+        return {"test_accuracy": None, "test_ci95": None, "test_examples": 0}
     yq = np.asarray([name_to_id[task.classes[c]] for c in test.labels[keep].tolist()])
-    correct = (model.predict_ids(test.inputs[keep], cached=True) == yq).astype(np.float64)
-    acc = float(correct.mean())
-    return acc, float(1.96 * np.sqrt(acc * (1 - acc) / len(yq))), len(yq)
+    logits, _ = model.outputs(test.inputs[keep], cached=True)
+    acc = float((logits.argmax(1) == yq).mean())
+    return {"test_accuracy": acc, "test_ci95": float(1.96 * np.sqrt(acc * (1 - acc) / len(yq))),
+            "test_examples": len(yq), "test_ece": expected_calibration_error(softmax(logits, model.temperature), yq),
+            "test_ece_uncalibrated": expected_calibration_error(softmax(logits), yq)}
 
 
 def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any] | None = None, *,
           shots: int = 5, examples: Path | None = None, steps: int | None = None, lr: float | None = None,
           head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int = 30,
           encoder_lr: float = 1e-4, seed: int = 0, device: str | torch.device = "auto",
-          out: Path | str | None = None, registry: Registry | None = None) -> AdaptedModel:
+          out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "similarity",
+          reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
+          unknown: str | Task | None = None) -> AdaptedModel:
     """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
 
     ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
     examples per class (or ``examples``: a CSV/JSONL of text,label or a folder label/image) and whose
-    test split scores the result (``meta["test_accuracy"]``); or ``(inputs, labels)`` of your own.
+    test split scores the result (``meta["test_accuracy"]``, ``meta["test_ece"]``); or ``(inputs, labels)``
+    of your own. ``predict`` answers ``none`` for inputs whose ``reject_by`` score (``probability``: the
+    calibrated top probability; ``similarity``: to the nearest class prototype) is below the threshold
+    chosen on the support set to refuse ``reject_rate`` of known inputs, or below ``reject_below``.
+    ``unknown``: a task whose test examples fit none of the classes (``clinc150-oos``); the open-set
+    report on them and the known test examples goes to ``meta["open_set"]``.
     """
     t0 = time.perf_counter()
     if shots < 1:
         raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
     if head_init not in (None, "zero", "proto"):
         raise MtlError(f"--head-init {head_init} is unknown", "use zero or proto")
+    if reject_by not in ("probability", "similarity"):
+        raise MtlError(f"--reject-by {reject_by} is unknown", "use probability or similarity")
+    if not 0 <= reject_rate < 1:
+        raise MtlError(f"--reject-rate {reject_rate} is not a fraction", "use e.g. 0.05 (0: refuse nothing)")
     if encoder_layers < 0 or encoder_epochs < 1:
         raise MtlError("--encoder-layers must be 0 or more and --encoder-epochs 1 or more", "e.g. --encoder-layers 2")
     stored = None
@@ -292,12 +360,18 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         else:
             support = support_from_task(loaded, shots, seed)
     model = fit(learner, support, steps, lr, head_init, encoder_layers, encoder_epochs, encoder_lr, seed, source,
-                stored)
-    acc = ci = None
-    n_test = 0
-    if loaded is not None:
-        acc, ci, n_test = score_on_task(model, loaded)
-    model.meta.update(test_accuracy=acc, test_ci95=ci, test_examples=n_test)
+                stored, reject_by, reject_rate, none)
+    model.meta.update(score_on_task(model, loaded) if loaded is not None else
+                      {"test_accuracy": None, "test_ci95": None, "test_examples": 0})
+    if reject_below is not None:
+        model.reject_below(reject_below)
+    if unknown is not None:
+        from mtl.run.openset import open_set_on_tasks
+
+        if loaded is None:
+            raise MtlError("--unknown needs a registry task to adapt to", "give --task NAME")
+        other = unknown if isinstance(unknown, Task) else (registry or Registry()).load(unknown)
+        model.meta["open_set"] = open_set_on_tasks(model, loaded, other)
     if out is not None:
         model.save(out)
     model.meta["seconds"] = round(time.perf_counter() - t0, 3)

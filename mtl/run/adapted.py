@@ -1,5 +1,7 @@
-"""A model adapted to one task, with a scikit-learn-style interface: ``predict`` (label names),
-``predict_proba``, ``score``, ``save`` and ``load``. Saved as ``model.safetensors`` + ``model.json``."""
+"""A model adapted to one task, with a scikit-learn-style interface: ``predict`` (label names, or
+"none of these"), ``predict_proba`` (calibrated), ``score``, ``save`` and ``load``. Saved as
+``model.safetensors`` + ``model.json``; the class prototypes that out-of-scope scores compare with
+travel in the same file."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
 from mtl.errors import MtlError
 from mtl.models import ModelConfig, MultiTaskModel
+from mtl.run.calibration import Rejection, prototype_similarity
 from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
 
 HEAD = "adapted"
+PROTOTYPES = "rejection.prototypes"
 
 
 def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device
@@ -31,12 +35,29 @@ def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: to
 
 class AdaptedModel:
     """A model adapted to one task: predicts its label names. ``meta`` says how it was made (task,
-    classes, shots, steps, the checkpoint it came from, its measured accuracy)."""
+    classes, shots, steps, the checkpoint it came from, its measured accuracy, its temperature and how
+    it refuses inputs that fit no class)."""
 
-    def __init__(self, model: MultiTaskModel, meta: dict[str, Any]) -> None:
+    def __init__(self, model: MultiTaskModel, meta: dict[str, Any], prototypes: torch.Tensor | None = None) -> None:
         self.model = model.eval()
         self.meta = meta
         self.device = next(model.parameters()).device
+        self.prototypes = prototypes  # unit-norm class means of the support set's features
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def rejection(self) -> Rejection:
+        r = self.meta.get("rejection") or {}
+        return Rejection(**{k: r[k] for k in ("score", "threshold", "none", "by") if k in r})
+
+    def reject_below(self, threshold: float, score: str | None = None) -> None:
+        """Refuse inputs whose score is below ``threshold`` (0: refuse nothing)."""
+        r = self.rejection
+        self.meta["rejection"] = {**r.as_dict(), "score": score or r.score, "threshold": float(threshold),
+                                  "by": "given"}
 
     @property
     def classes(self) -> list[str]:
@@ -52,6 +73,8 @@ class AdaptedModel:
         state = {k: v for k, v in self.model.state_dict().items()
                  if (k.startswith(("encoders.", "projections.")) and k.split(".")[1] == modality)
                  or k.startswith(("trunk.", f"heads.{HEAD}."))}
+        if self.prototypes is not None:
+            state[PROTOTYPES] = self.prototypes
         save_checkpoint(out / "model.safetensors", state, {**self.meta, "kind": "adapted"})
         return out
 
@@ -65,15 +88,16 @@ class AdaptedModel:
                            "run `cli.py adapt` first and pass its --out folder to --model")
         model = MultiTaskModel(ModelConfig.model_validate(meta["model_config"]), [meta["modality"]])
         model.add_head(HEAD, len(meta["classes"]), meta.get("head", "linear"))
+        prototypes = tensors.pop(PROTOTYPES, None)
         load_into(model, tensors)
-        return cls(model.to(device or "cpu"), meta)
+        return cls(model.to(device or "cpu"), meta, prototypes)
 
     @torch.no_grad()
-    def predict_proba(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
-                      ) -> np.ndarray:
-        """Class probabilities, columns in the order of :attr:`classes`. ``cached``: for a model with
-        trainable text layers, read the frozen layers' outputs from the disk cache (a task's test
-        split: the same texts every time), not for one-off inputs."""
+    def outputs(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (before the temperature) and each input's similarity to the nearest class prototype
+        (NaN without prototypes). ``cached``: for a model with trainable text layers, read the frozen
+        layers' outputs from the disk cache (a task's test split: the same texts every time)."""
         inputs = self._array(inputs)
         cfg = self.model.config
         states = None
@@ -81,24 +105,52 @@ class AdaptedModel:
             from mtl.data.embeddings import token_states
 
             states = token_states(inputs.tolist(), cfg.text_encoder, cfg.text_trainable_layers).to(self.device)
-        out = []
+        logits, sims = [], []
         for i in range(0, len(inputs), batch_size):
             if states is not None:
                 x: Any = states[torch.arange(i, min(i + batch_size, len(inputs)), device=self.device)]
             else:
                 x = model_inputs(inputs[i:i + batch_size], self.model, self.modality, self.device)
-            out.append(torch.softmax(self.model(x, self.modality, HEAD).float(), dim=1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+            feats = self.model.features(x, self.modality)
+            logits.append(self.model.heads[HEAD](feats).float().cpu().numpy())
+            sims.append(prototype_similarity(feats, self.prototypes.to(feats.device)).cpu().numpy()
+                        if self.prototypes is not None else np.full(len(feats), np.nan, np.float32))
+        if not logits:
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
+        return np.concatenate(logits), np.concatenate(sims)
+
+    def predict_proba(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
+                      ) -> np.ndarray:
+        """Calibrated class probabilities (the logits over the fitted temperature), columns in the
+        order of :attr:`classes`."""
+        from mtl.run.calibration import softmax
+
+        return softmax(self.outputs(inputs, batch_size, cached)[0], self.temperature)
+
+    def decide(self, inputs: np.ndarray | list[Any], cached: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(calibrated probabilities, rejection scores, refused?) for each input."""
+        from mtl.run.calibration import softmax
+
+        logits, sims = self.outputs(inputs, cached=cached)
+        probs = softmax(logits, self.temperature)
+        r = self.rejection
+        scores = sims if r.score == "similarity" else probs.max(1) if len(probs) else np.zeros(0)
+        refused = np.nan_to_num(scores, nan=np.inf) < r.threshold
+        return probs, scores, refused
 
     def predict_ids(self, inputs: np.ndarray | list[Any], cached: bool = False) -> np.ndarray:
+        """Class indices, never refused (accuracy over the known classes)."""
         return self.predict_proba(inputs, cached=cached).argmax(1)
 
     def predict(self, inputs: np.ndarray | list[Any]) -> np.ndarray:
-        """Label names."""
-        return np.asarray(self.classes, dtype=object)[self.predict_ids(inputs)]
+        """Label names; the ``none`` label where the input fits no class (see :attr:`rejection`)."""
+        probs, _, refused = self.decide(inputs)
+        names = np.asarray(self.classes, dtype=object)[probs.argmax(1)] if len(probs) else np.zeros(0, object)
+        names[refused] = self.rejection.none
+        return names
 
     def score(self, inputs: np.ndarray | list[Any], labels: np.ndarray | list[Any]) -> float:
-        """Accuracy on labelled examples (label names)."""
+        """Accuracy on labelled examples (label names; an out-of-scope example is labelled ``none``)."""
         return float(np.mean(self.predict(inputs) == np.asarray(labels, dtype=object)))
 
     def _array(self, inputs: np.ndarray | list[Any]) -> np.ndarray:
@@ -133,11 +185,19 @@ class AdaptedModel:
         return images, expanded
 
     def predictions(self, items: list[str], top: int = 1) -> list[dict[str, Any]]:
-        """``predict``'s rows: for each input its label, probability and the ``top`` best labels."""
+        """``predict``'s rows: for each input its label (or ``none``), calibrated probability, the
+        ``top`` best labels, and the score rejection compares with its threshold."""
         x, shown = self.load_inputs(items)
+        return self.rows(x, shown, top)
+
+    def rows(self, x: np.ndarray, shown: list[str], top: int = 1) -> list[dict[str, Any]]:
+        probs, scores, refused = self.decide(x)
+        none = self.rejection.none
         rows = []
-        for item, p in zip(shown, self.predict_proba(x), strict=True):
+        for item, p, s, no in zip(shown, probs, scores, refused, strict=True):
             order = np.argsort(-p)[: max(1, top)]
-            rows.append({"input": item, "label": self.classes[order[0]], "probability": round(float(p[order[0]]), 5),
+            rows.append({"input": item, "label": none if no else self.classes[order[0]],
+                         "probability": round(float(p[order[0]]), 5), "rejected": bool(no),
+                         "score": None if np.isnan(s) else round(float(s), 5),
                          "top": [{"label": self.classes[i], "probability": round(float(p[i]), 5)} for i in order]})
         return rows

@@ -26,10 +26,13 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
              episodes: int = 600, split: str | None = None, steps: int | None = None, lr: float | None = None,
              seed: int = 0, device: str = "auto", registry: Registry | None = None) -> dict[str, Any]:
     """Mean query accuracy and its 95% CI over ``episodes`` seeded N-way K-shot episodes of ``task``,
-    each adapted with the checkpoint's own inner loop (``steps``, ``lr``: replace its settings)."""
+    each adapted with the checkpoint's own inner loop (``steps``, ``lr``: replace its settings); and the
+    expected calibration error of the pooled query predictions, as they come and under the temperature
+    the checkpoint stored at the end of training (fitted on meta-validation episodes)."""
     from mtl.data.stream import EpisodeStream
     from mtl.device import autocast, resolve_device
     from mtl.errors import MtlError
+    from mtl.run.calibration import expected_calibration_error, softmax
     from mtl.run.learner import load_learner
 
     dev = resolve_device(device)
@@ -41,9 +44,16 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     config = learner.model.config
     stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, config.text_encoder,
                            config.text_trainable_layers, cap_ways=False)
+    logits, labels = [], []
     with autocast(dev, meta["recipe"].get("precision", "fp32")):
-        accs = [learner.evaluate(b, steps, lr=lr) for b in stream.fixed(episodes)]
-    mean, ci = mean_ci(accs)
+        for b in stream.fixed(episodes):
+            logits.append(learner.query_logits_after(b, steps, lr=lr).cpu().numpy())
+            labels.append(b.yq.cpu().numpy())
+    mean, ci = mean_ci([float((z.argmax(1) == y).mean()) for z, y in zip(logits, labels, strict=True)])
+    temperature = float((meta.get("adaptation") or {}).get("temperature", 1.0))
+    ece = [expected_calibration_error(softmax(np.concatenate(logits), t), np.concatenate(labels))
+           for t in (1.0, temperature)]
     return {"task": t.name, "split": name, "ways": stream.samplers[0].ways, "shots": shots, "queries": queries,
-            "episodes": episodes, "accuracy": round(mean, 5), "ci95": round(ci, 5), "checkpoint": meta["path"],
-            "algorithm": learner.name}
+            "episodes": episodes, "accuracy": round(mean, 5), "ci95": round(ci, 5),
+            "ece_uncalibrated": round(ece[0], 5), "ece": round(ece[1], 5), "temperature": temperature,
+            "checkpoint": meta["path"], "algorithm": learner.name}

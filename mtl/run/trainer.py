@@ -26,6 +26,7 @@ from mtl.data.registry import Registry
 from mtl.data.stream import ClassBatches, EpisodeStream
 from mtl.device import all_reduce_sum, autocast, barrier, close_distributed, init_distributed, set_threads
 from mtl.errors import MtlError
+from mtl.run.calibration import fit_temperature
 from mtl.run.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
@@ -211,9 +212,14 @@ class Trainer:
         episodes = self.val.fixed(min(self.recipe.val_episodes, 20)) if self.val else []
         with autocast(self.device, self.recipe.precision):
             setting, scores = choose(learner, episodes, candidates(learner))
+            logits = [learner.query_logits_after(b, setting.steps, setting.lr, setting.head_init) for b in episodes]
+        # the temperature for 1-shot adaptation, where the support set cannot hold any example out
+        temperature = fit_temperature(torch.cat(logits).cpu(), torch.cat([b.yq for b in episodes]).cpu()) \
+            if episodes else 1.0
         tensors, _ = load_checkpoint(path, self.device)
         meta = {k: v for k, v in meta.items() if k not in ("path", "format_version", "versions")}
-        save_checkpoint(path, tensors, {**meta, "adaptation": as_dict(setting, "meta-validation", scores)})
+        chosen = {**as_dict(setting, "meta-validation", scores), "temperature": round(temperature, 4)}
+        save_checkpoint(path, tensors, {**meta, "adaptation": chosen})
 
     def run(self, resume: bool = False, on_step: Callback | None = None) -> dict[str, Any]:
         """Train; under torchrun every rank trains, rank 0 alone writes and validates."""

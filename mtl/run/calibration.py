@@ -1,0 +1,112 @@
+"""Probabilities a user can act on: a temperature fitted without test data, the expected calibration
+error, and the threshold below which an input is answered "none of these".
+
+A model adapted from a handful of examples is overconfident: its top probability is near 1 for
+right and wrong answers alike. Temperature scaling (Guo et al., 2017) divides the logits by one
+number fitted to minimise the log loss on held-out predictions; here those are the out-of-fold
+predictions of cross-validation on the support set itself, so no test data is touched. The same
+out-of-fold predictions give the rejection threshold: the score below which only ``reject_rate`` of
+in-scope examples fall (a split-conformal bound on how many known inputs are refused), with no
+out-of-scope examples needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ECE_BINS = 15
+REJECT_RATE = 0.05  # the share of in-scope inputs the chosen threshold may refuse
+CALIBRATION_FOLDS = 10  # out-of-fold predictions leave one example per class out: K-1 shots, close to K
+T_GRID = np.geomspace(0.05, 20.0, 161)
+PRIOR = 5.0  # strength of the pull of log T towards 0 (T = 1), in units of summed log loss
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE with equal-width confidence bins (Naeini et al., 2015; Guo et al., 2017): the mean gap
+    between confidence and accuracy, weighted by how many predictions fall in each bin."""
+    if len(labels) == 0:
+        return float("nan")
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            total += m.mean() * abs(conf[m].mean() - correct[m].mean())
+    return float(total)
+
+
+def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                    prior: float = PRIOR) -> float:
+    """The temperature that minimises the summed log loss of ``softmax(logits / T)`` plus
+    ``prior * log(T)**2``: a few dozen held-out predictions with no error would otherwise drive T to
+    zero (certainty), so T moves from 1 only as far as the evidence carries it. A grid in log space,
+    then the best point refined between its neighbours."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    if len(y) == 0:
+        return 1.0
+
+    def loss(t: float) -> float:
+        return float(F.cross_entropy(z / t, y, reduction="sum")) + prior * float(np.log(t)) ** 2
+
+    losses = [loss(t) for t in T_GRID]
+    i = int(np.argmin(losses))
+    lo, hi = T_GRID[max(i - 1, 0)], T_GRID[min(i + 1, len(T_GRID) - 1)]
+    fine = np.geomspace(lo, hi, 41)
+    return float(fine[int(np.argmin([loss(t) for t in fine]))])
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """How ``predict`` refuses: inputs whose ``score`` (the calibrated top probability, or the cosine
+    similarity to the nearest class prototype) is below ``threshold`` get the label ``none``."""
+
+    score: str = "probability"
+    threshold: float = 0.0
+    none: str = "none"
+    by: str = "off"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"score": self.score, "threshold": self.threshold, "none": self.none, "by": self.by}
+
+
+def threshold_for(in_scope_scores: np.ndarray, reject_rate: float = REJECT_RATE) -> float:
+    """The score below which ``reject_rate`` of in-scope examples fall: with n held-out in-scope
+    scores, the floor(rate * (n + 1))-th smallest (split conformal), or 0 (refuse nothing) when the
+    support set is too small for that bound."""
+    s = np.sort(np.asarray(in_scope_scores, dtype=np.float64))
+    k = int(np.floor(reject_rate * (len(s) + 1)))
+    return float(s[k - 1]) if k >= 1 else 0.0
+
+
+def prototype_similarity(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Each input's cosine similarity to its nearest class prototype."""
+    return (F.normalize(features.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).T).max(1).values
+
+
+def leave_one_out_similarity(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each support example's similarity to the nearest prototype when its own class prototype is the
+    mean of the class's *other* examples: the in-scope score of an input the model has not seen."""
+    f = F.normalize(features.float(), dim=1)
+    classes = int(labels.max()) + 1
+    sums = torch.zeros(classes, f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, labels, f)
+    counts = torch.bincount(labels, minlength=classes).to(f.dtype)
+    own = (sums[labels] - f) / (counts[labels] - 1).clamp(min=1).unsqueeze(1)
+    protos = sums / counts.clamp(min=1).unsqueeze(1)
+    sims = f @ F.normalize(protos, dim=1).T
+    sims[torch.arange(len(f)), labels] = (f * F.normalize(own, dim=1)).sum(1)
+    return sims.max(1).values

@@ -1,0 +1,62 @@
+"""Calibration and "none of these": the temperature, ECE, the conformal threshold and the
+leave-one-out similarities, checked against values worked out by hand or by brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtl.run.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    leave_one_out_similarity,
+    prototype_similarity,
+    softmax,
+    threshold_for,
+)
+
+
+def test_ece_is_the_weighted_gap_between_confidence_and_accuracy():
+    probs = np.array([[0.9, 0.1]] * 10)  # one bin, confidence 0.9
+    labels = np.array([0] * 6 + [1] * 4)  # accuracy 0.6
+    assert abs(expected_calibration_error(probs, labels) - 0.3) < 1e-12
+    perfect = np.array([[0.75, 0.25]] * 4)
+    assert expected_calibration_error(perfect, np.array([0, 0, 0, 1])) < 1e-12
+
+
+def test_temperature_recovers_overconfidence_and_undoes_it():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, (4000, 5))
+    labels = np.array([rng.choice(5, p=p) for p in softmax(true_logits)])
+    overconfident = 3.0 * true_logits  # the model's logits: three times too sharp
+    t = fit_temperature(overconfident, labels)
+    assert 2.7 < t < 3.3
+    before = expected_calibration_error(softmax(overconfident), labels)
+    after = expected_calibration_error(softmax(overconfident, t), labels)
+    assert before > 0.1 and after < 0.03
+
+
+def test_temperature_stays_near_one_without_evidence():
+    logits = np.eye(3)[[0, 1, 2] * 5] * 8.0  # fifteen confident, correct predictions
+    assert 0.5 < fit_temperature(logits, np.array([0, 1, 2] * 5)) <= 1.0  # not driven to zero
+
+
+def test_threshold_is_the_conformal_quantile():
+    scores = np.arange(1, 40) / 40.0  # 39 held-out in-scope scores
+    # a new in-scope score falls below the k-th smallest of n with probability k / (n + 1): k = floor(rate * 40)
+    assert threshold_for(scores, 0.05) == scores[1] and threshold_for(scores, 0.10) == scores[3]
+    assert threshold_for(scores[:10], 0.05) == 0.0  # too few to bound: refuse nothing
+
+
+def test_leave_one_out_similarity_matches_brute_force():
+    torch.manual_seed(0)
+    feats = torch.randn(12, 6)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    got = leave_one_out_similarity(feats, labels)
+    f = F.normalize(feats, dim=1)
+    for i in range(len(f)):
+        keep = torch.ones(len(f), dtype=torch.bool)
+        keep[i] = False
+        protos = torch.stack([f[keep & (labels == c)].mean(0) for c in range(3)])
+        assert torch.allclose(got[i], prototype_similarity(feats[i:i + 1], protos)[0], atol=1e-6)
