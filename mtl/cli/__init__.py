@@ -1,5 +1,5 @@
 """The ``mtl`` command line (also ``python cli.py``): Typer commands over the library, one module per
-group of commands (``tasks``, ``data``, ``run``, ``listing``); each parses its arguments, calls one
+group of commands (``tasks``, ``data``, ``run``, ``listing``, ``serve``); each parses its arguments, calls one
 library function and prints.
 
 Every command turns :class:`~mtl.errors.MtlError` into one line on stderr and exit code 2;
@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from mtl.cli import data, listing, run, tasks  # noqa: F401  (each module adds its commands to the app)
+from mtl.cli import data, listing, run, serve, tasks  # noqa: F401  (each module adds its commands to the app)
 from mtl.cli.common import app, err
 from mtl.errors import MtlError
 

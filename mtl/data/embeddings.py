@@ -140,9 +140,14 @@ def _digest(texts: list[str]) -> str:
     return hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def embed_texts(texts: list[str], name: str = "minilm", weights: EncoderWeights | None = None) -> Tensor:
+def embed_texts(texts: list[str], name: str = "minilm", weights: EncoderWeights | None = None,
+                cache: bool = True) -> Tensor:
     """Embeddings of ``texts`` (rows in order), computed once per encoder (``weights``, if given,
-    replace the pretrained ones) and list of texts."""
+    replace the pretrained ones) and list of texts; ``cache=False`` for one-off inputs (a served
+    request), which would otherwise fill the disk cache. Both round through float16, so a text gets
+    the same embedding either way."""
+    if not cache:
+        return torch.from_numpy(_encode(texts, name, weights).astype(np.float16).astype(np.float32))
     key: list[object] = [encoder_key(name), _digest(texts), len(texts)] + ([weights.digest] if weights else [])
     arrays = cached_arrays("embeddings", key, lambda: {"x": _encode(texts, name, weights).astype(np.float16)})
     return torch.from_numpy(arrays["x"].astype(np.float32))

@@ -22,14 +22,15 @@ HEAD = "adapted"
 PROTOTYPES = "rejection.prototypes"
 
 
-def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device
+def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device, cache: bool = True
                  ) -> torch.Tensor | list[str]:
-    """What the model's encoder takes: image tensors, cached sentence embeddings, or strings."""
+    """What the model's encoder takes: image tensors, sentence embeddings (kept in the disk cache
+    unless ``cache=False``), or strings."""
     if modality == "image":
         return torch.from_numpy(np.ascontiguousarray(x)).to(device)
     encoder = model.encoders["text"]
     if encoder.reads_embeddings:
-        return encoder.embed(x.tolist()).to(device)  # type: ignore[operator]
+        return encoder.embed(x.tolist(), cache).to(device)  # type: ignore[operator]
     return x.tolist()
 
 
@@ -110,7 +111,7 @@ class AdaptedModel:
             if states is not None:
                 x: Any = states[torch.arange(i, min(i + batch_size, len(inputs)), device=self.device)]
             else:
-                x = model_inputs(inputs[i:i + batch_size], self.model, self.modality, self.device)
+                x = model_inputs(inputs[i:i + batch_size], self.model, self.modality, self.device, cached)
             feats = self.model.features(x, self.modality)
             logits.append(self.model.heads[HEAD](feats).float().cpu().numpy())
             sims.append(prototype_similarity(feats, self.prototypes.to(feats.device)).cpu().numpy()

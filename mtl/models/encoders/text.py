@@ -82,8 +82,8 @@ class TextEncoder(nn.Module):
         """``forward`` maps texts to cached sentence embeddings (frozen or held encoder)."""
         return self.transformer is None or isinstance(self.transformer, HeldState)
 
-    def embed(self, texts: Sequence[str]) -> Tensor:
-        return embed_texts(list(texts), self.name, self.weights)
+    def embed(self, texts: Sequence[str], cache: bool = True) -> Tensor:
+        return embed_texts(list(texts), self.name, self.weights, cache)
 
     def set_trainable(self, layers: int) -> None:
         """Train the top ``layers`` transformer layers; ``forward`` then takes strings."""
