@@ -88,6 +88,8 @@ def test_compare_outputs_are_written_and_consistent(runs, run_cli, tmp_path):
     assert steps["maml"] == "learned" or float(steps["maml"]) > 0
     assert float(steps["multitask"]) > 0 and float(steps["scratch"]) > 0
     assert table[0]["step_size"] == results[0]["step_size"]
+    assert all(0 <= r["ece"] <= 1 for r in results)  # calibration beside accuracy, for every method
+    assert all(math.isclose(float(row["ece"]), r["ece"]) for row, r in zip(table, results, strict=True))
 
 
 @needs_data
@@ -158,7 +160,7 @@ def test_compare_checks_every_setting_before_the_first_episode(runs, registry):
 def test_a_late_failure_keeps_the_finished_settings(runs, run_cli, tmp_path, monkeypatch):
     import mtl.run.compare as cmp
 
-    real, calls = cmp.centroid_accuracy, []
+    real, calls = cmp.centroid_scores, []
 
     def fail_on_second_setting(learner, b):
         calls.append(1)
@@ -166,7 +168,7 @@ def test_a_late_failure_keeps_the_finished_settings(runs, run_cli, tmp_path, mon
             raise RuntimeError("disk full")
         return real(learner, b)
 
-    monkeypatch.setattr(cmp, "centroid_accuracy", fail_on_second_setting)
+    monkeypatch.setattr(cmp, "centroid_scores", fail_on_second_setting)
     code, _, err = run_cli("compare", "--tasks", "omniglot-angelic", "--shots", "1,2", "--episodes", 3,
                            "--checkpoints", f"maml={runs / 'maml'}", "--methods", "maml,centroid", "--steps", 1,
                            "--queries", 3, "--out", tmp_path / "cmp")

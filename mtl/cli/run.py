@@ -178,7 +178,8 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
         _print_json(info)
     else:
         out.print(f"{task} ({info['split']}) {info['ways']}-way {shots}-shot over {episodes} episodes: "
-                  f"{100 * info['accuracy']:.2f}% +/- {100 * info['ci95']:.2f}% (95% CI)", highlight=False)
+                  f"{100 * info['accuracy']:.2f}% +/- {100 * info['ci95']:.2f}% (95% CI); ECE {info['ece']:.3f} at "
+                  f"temperature {info['temperature']:.2f} ({info['ece_uncalibrated']:.3f} at 1)", highlight=False)
 
 
 @app.command("compare")
@@ -218,11 +219,12 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
     if as_json:
         _print_json(doc)
         return
-    table = Table("task", "shots", "method", "accuracy", "95% CI", "p vs reference", "step size",
+    table = Table("task", "shots", "method", "accuracy", "95% CI", "p vs reference", "step size", "ECE",
                   title="same episodes for every method")
     for r in rows:
         table.add_row(r.task, str(r.shots), r.method, f"{100 * r.accuracy:.2f}%", f"±{100 * r.ci95:.2f}",
-                      "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}", r.step_size)
+                      "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}", r.step_size,
+                      "-" if r.ece is None else f"{r.ece:.3f}")
     out.print(table)
     for task, shot, left in sorted({(r.task, r.shots, tuple(r.left_out)) for r in rows if r.left_out}):
         out.print(f"{task} {shot}-shot: {len(left)} classes with too few test examples left out "

@@ -37,6 +37,7 @@ from mtl.data.stream import EpisodeStream, TaskBatch
 from mtl.data.task import Task
 from mtl.device import resolve_device
 from mtl.errors import MtlError
+from mtl.run.calibration import expected_calibration_error, softmax
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe
@@ -56,6 +57,7 @@ class Row:
     p_vs_maml: float | None  # paired t-test against the reference checkpoint (maml when given)
     step_size: str = "-"  # the fine-tuning step size chosen on validation episodes ("learned": its own)
     left_out: list[str] = field(default_factory=list)  # classes too small for an episode of this setting
+    ece: float | None = None  # expected calibration error of the pooled query predictions (15 bins)
 
 
 def frozen_features(learner: Algorithm, b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -64,26 +66,34 @@ def frozen_features(learner: Algorithm, b: TaskBatch) -> tuple[np.ndarray, np.nd
     return f[: len(b.ys)], f[len(b.ys):]
 
 
-def probe_accuracy(learner: Algorithm, b: TaskBatch) -> float:
+Scored = tuple[float, np.ndarray, np.ndarray]  # an episode's accuracy, query probabilities, query labels
+
+
+def scored(probs: np.ndarray, b: TaskBatch) -> Scored:
+    y = b.yq.cpu().numpy()
+    return float((probs.argmax(1) == y).mean()), probs, y
+
+
+def probe_scores(learner: Algorithm, b: TaskBatch) -> Scored:
     from sklearn.linear_model import LogisticRegression
 
     fs, fq = frozen_features(learner, b)
     with warnings.catch_warnings():  # 1 shot: as many classes as examples, which scikit-learn warns about
         warnings.simplefilter("ignore", UserWarning)
         clf = LogisticRegression(max_iter=1000, C=1.0).fit(fs, b.ys.cpu().numpy())
-    return float((clf.predict(fq) == b.yq.cpu().numpy()).mean())
+    return scored(clf.predict_proba(fq), b)
 
 
-def centroid_accuracy(learner: Algorithm, b: TaskBatch) -> float:
+def centroid_scores(learner: Algorithm, b: TaskBatch) -> Scored:
     fs, fq = frozen_features(learner, b)
     ys = b.ys.cpu().numpy()
     protos = np.stack([fs[ys == c].mean(0) for c in range(int(ys.max()) + 1)])
-    pred = ((fq[:, None, :] - protos[None]) ** 2).sum(-1).argmin(1)
-    return float((pred == b.yq.cpu().numpy()).mean())
+    return scored(softmax(-((fq[:, None, :] - protos[None]) ** 2).sum(-1)), b)  # ProtoNet's probabilities
 
 
-def accuracies(learner: Algorithm, episodes: list[TaskBatch], s: Setting) -> list[float]:
-    return [learner.evaluate(b, s.steps, lr=s.lr, head_init=s.head_init) for b in episodes]
+def adapted_scores(learner: Algorithm, episodes: list[TaskBatch], s: Setting) -> list[Scored]:
+    return [scored(softmax(learner.query_logits_after(b, s.steps, s.lr, s.head_init).cpu().numpy()), b)
+            for b in episodes]
 
 
 def choose_setting(learner: Algorithm, val: list[TaskBatch], steps: int, own: bool) -> Setting:
@@ -172,7 +182,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     rows: list[Row] = []
     for p in plans:
         test, val = p.test.fixed(episodes), p.val.fixed(min(20, episodes))
-        accs: dict[str, list[float]] = {}
+        results: dict[str, list[Scored]] = {}
         chosen: dict[str, str] = {}
         for m in methods:
             if m in learners or m == "scratch":
@@ -184,18 +194,22 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
                     learner = learners[m][0]
                 setting = choose_setting(learner, val, steps, own=m != "scratch")
                 chosen[m] = setting.label()
-                accs[m] = accuracies(learner, test, setting)
+                results[m] = adapted_scores(learner, test, setting)
             elif m == "linear_probe":
-                accs[m] = [probe_accuracy(feature_source, b) for b in test]
+                results[m] = [probe_scores(feature_source, b) for b in test]
             elif m == "centroid":
-                accs[m] = [centroid_accuracy(feature_source, b) for b in test]
+                results[m] = [centroid_scores(feature_source, b) for b in test]
+        accs = {m: [r[0] for r in rs] for m, rs in results.items()}
         for m, values in accs.items():
             mean, ci = mean_ci(values)
             pv = None
             if m != reference and reference in accs:
                 diff = np.asarray(accs[reference]) - np.asarray(values)
                 pv = 1.0 if np.allclose(diff, 0) else float(stats.ttest_rel(accs[reference], values).pvalue)
-            rows.append(Row(p.task.name, p.shots, m, mean, ci, len(values), pv, chosen.get(m, "-"), p.left_out))
+            ece = expected_calibration_error(np.concatenate([r[1] for r in results[m]]),
+                                             np.concatenate([r[2] for r in results[m]]))
+            rows.append(Row(p.task.name, p.shots, m, mean, ci, len(values), pv, chosen.get(m, "-"), p.left_out,
+                            round(ece, 5)))
         if on_rows:
             on_rows(rows)
     return rows
@@ -203,19 +217,20 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
 
 def write_reports(rows: list[Row], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["task", "shots", "method", "accuracy", "ci95", "episodes", "p_vs_maml", "step_size"]
+    fields = ["task", "shots", "method", "accuracy", "ci95", "episodes", "p_vs_maml", "step_size", "ece"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     for r in rows:
         w.writerow({k: getattr(r, k) for k in fields})
     atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
-    md = ["| task | shots | method | accuracy (%) | 95% CI | episodes | p (paired t, vs MAML) | step size |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = ["| task | shots | method | accuracy (%) | 95% CI | episodes | p (paired t, vs MAML) | step size | ECE |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}"
+        ece = "-" if r.ece is None else f"{r.ece:.3f}"
         md.append(f"| {r.task} | {r.shots} | {r.method} | {100 * r.accuracy:.2f} | ±{100 * r.ci95:.2f} | "
-                  f"{r.episodes} | {p} | {r.step_size} |")
+                  f"{r.episodes} | {p} | {r.step_size} | {ece} |")
     atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode())
     _plot(rows, out / "results.png")
     doc = {"results": [r.__dict__ for r in rows], "files": {k: str(out / f"results.{k}") for k in ("csv", "md", "png")}}
