@@ -1,17 +1,16 @@
 """``cli.py serve``: an adapted model loaded once behind ``POST /predict``, ``GET /health`` and
 ``GET /info``.
 
-Requests are validated by pydantic (a bad one is a 4xx with a one-line reason); inference runs in
-FastAPI's thread pool under one lock, so concurrent requests queue instead of oversubscribing the
-cores, and one request's batch is one forward pass. Any failure inside a request is a 4xx/5xx
-answer, never a dead server.
+Requests are validated by pydantic (a bad one is a 4xx with a one-line reason); inference runs on
+one worker thread that batches whatever requests are waiting into one forward pass
+(:mod:`mtl.serve.batcher`), so concurrent clients neither oversubscribe the cores nor queue for a
+pass each. Any failure inside a request is a 4xx/5xx answer, never a dead server.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,8 +57,10 @@ def create_app(model: AdaptedModel, folder: str = "", max_batch: int = MAX_BATCH
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
+    from mtl.serve.batcher import Batcher
+
     app = fastapi.FastAPI(title="mtl", description=f"An adapted model for task '{model.meta.get('task')}'.")
-    lock = threading.Lock()
+    batcher = Batcher(model, max_batch)
     card = model_card(model, folder)
     started = time.time()
 
@@ -81,8 +82,7 @@ def create_app(model: AdaptedModel, folder: str = "", max_batch: int = MAX_BATCH
     def predict(req: PredictRequest) -> dict[str, Any]:
         x, shown = _inputs(model, req.texts, req.images, max_batch, HTTPException)
         try:
-            with lock:
-                rows = model.rows(x, shown, req.top)
+            rows = batcher.rows(x, shown, req.top)
         except MtlError as e:
             raise HTTPException(422, str(e).splitlines()[0]) from None
         for r in rows:
