@@ -208,7 +208,8 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
     if support.shots < 2:
         t = float((stored or {}).get("temperature", 1.0))
         by = "meta-validation at the end of training" if stored and "temperature" in stored else "none (1-shot)"
-        return {"temperature": t, "by": by}, Rejection(reject_by, 0.0, none, "off (1-shot: set --reject-below)"), protos
+        return {"temperature": t, "by": by}, Rejection(reject_by, 0.0, none, "1 shot per class: none held out to set a threshold; "
+                                                             "use --reject-below"), protos
     folds = support_folds(support.task, support.modality, xs, ys, folds=min(support.shots, CALIBRATION_FOLDS))
     steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
     logits = torch.cat([learner.query_logits_after(b, steps, lr, head_init) for b in folds]).cpu().numpy()
@@ -223,7 +224,7 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
         scores = softmax(logits, t).max(1)
     threshold = threshold_for(scores, reject_rate)
     by = f"refuses {reject_rate:.0%} of held-out support examples" if threshold > 0 else \
-        "off (too few examples to bound in-scope refusals; set --reject-below)"
+        "too few examples to bound in-scope refusals; use --reject-below"
     return calibration, Rejection(reject_by, round(threshold, 5), none, by), protos
 
 
@@ -352,9 +353,9 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         loaded = task if isinstance(task, Task) else (registry or Registry()).load(task)
         if examples is not None:
             xs, ys, classes = read_examples(examples, loaded.modality, loaded.spec.image_options)
-            unknown = [c for c in classes if c not in loaded.classes]
-            if unknown:
-                raise MtlError(f"label '{unknown[0]}' in {examples} is not a class of task '{loaded.name}'",
+            foreign = [c for c in classes if c not in loaded.classes]
+            if foreign:
+                raise MtlError(f"label '{foreign[0]}' in {examples} is not a class of task '{loaded.name}'",
                                f"use the task's labels ({', '.join(loaded.classes[:8])}...), or register your own task")
             support = Support(xs, ys, classes, loaded.modality, loaded.name, loaded.spec.image_options)
         else:
