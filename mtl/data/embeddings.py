@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,38 @@ def model_path(name: str) -> Path:
         return Path(pkg.__file__).parent / "model"
     if Path(name).is_dir():
         return Path(name)
-    raise MtlError(f"unknown text encoder '{name}'", f"use one of {', '.join(TEXT_MODELS)} or a local model folder")
+    if HUB_ID.fullmatch(name):
+        return hub_model(name)
+    raise MtlError(f"unknown text encoder '{name}'", f"use one of {', '.join(TEXT_MODELS)}, a local model folder "
+                   "or a Hugging Face hub id (owner/name)")
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w.-]+)?")
+HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]  # config, tokenizer, weights: never pickled *.bin
+
+
+@functools.cache
+def hub_model(name: str) -> Path:
+    """A sentence encoder named by its hub id (``sentence-transformers/all-mpnet-base-v2``, optionally
+    ``@revision``): fetched once by huggingface_hub into its cache (safetensors weights only), read
+    from that cache when offline (``MTL_OFFLINE`` or ``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = name.partition("@")
+    offline = os.environ.get("MTL_OFFLINE", "") not in ("", "0", "false") or \
+        os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES,
+                                        local_files_only=offline))
+    except Exception as e:  # the hub raises many types; each means "not here and not fetchable"
+        why = "offline and not in the Hugging Face cache" if offline else f"{type(e).__name__}: {str(e)[:120]}"
+        raise MtlError(f"text encoder '{name}' cannot be had ({why})",
+                       "run once where huggingface.co is reachable, or download the model folder and give its "
+                       "path as model.text_encoder") from None
+    if not any(folder.glob("*.safetensors")):
+        raise MtlError(f"text encoder '{name}' has no safetensors weights (only pickled ones, which mtl never "
+                       "loads)", "use a model that publishes model.safetensors, or convert it")
+    return folder
 
 
 def encoder_dim(name: str) -> int:
@@ -65,13 +97,14 @@ def encoder_key(name: str) -> str:
 
 @functools.cache
 def load_transformer(name: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """The encoder and tokenizer, always from a local folder (a hub id is fetched to one first), so
+    transformers itself never reaches the network."""
+    path = model_path(name)
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    path = model_path(name)
     model = AutoModel.from_pretrained(str(path))
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(path))

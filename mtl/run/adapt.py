@@ -208,8 +208,8 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
     if support.shots < 2:
         t = float((stored or {}).get("temperature", 1.0))
         by = "meta-validation at the end of training" if stored and "temperature" in stored else "none (1-shot)"
-        return {"temperature": t, "by": by}, Rejection(reject_by, 0.0, none, "1 shot per class: none held out to set a threshold; "
-                                                             "use --reject-below"), protos
+        off = Rejection(reject_by, 0.0, none, "1 shot per class: none held out to set a threshold; use --reject-below")
+        return {"temperature": t, "by": by}, off, protos
     folds = support_folds(support.task, support.modality, xs, ys, folds=min(support.shots, CALIBRATION_FOLDS))
     steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
     logits = torch.cat([learner.query_logits_after(b, steps, lr, head_init) for b in folds]).cpu().numpy()
