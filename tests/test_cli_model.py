@@ -58,10 +58,13 @@ def image_run(tmp_path_factory) -> Path:
 
 def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 5,
-                             "--out", tmp_path / "m", "--json")
+                             "--unknown", "clinc150-oos", "--out", tmp_path / "m", "--json")
     assert code == 0, err
     res = json.loads(out)
     assert res["classes"] == 15 and res["shots"] == 5 and res["test_examples"] == 450
+    o = res["open_set"]  # CLINC150's 1,000 out-of-scope queries against the 450 known test queries
+    assert o["unknown_examples"] == 1000 and o["known_examples"] == 450 and o["auroc"] > 0.8
+    assert o["oos_recall"] > 0.3 and o["in_scope_accuracy_with_rejection"] <= o["in_scope_accuracy"]
     assert res["test_accuracy"] > 0.5  # 15-way: chance is 0.067
     # calibrated on the support set alone; a threshold that refuses about 5% of held-out support examples
     assert res["calibration"]["by"].startswith("5-fold cross-validation") and res["calibration"]["temperature"] > 0
@@ -102,6 +105,10 @@ def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_ru
     code, _, err = run_cli("adapt", "--task", "olivetti", "--checkpoint", text_run, "--encoder-layers", 1,
                            "--out", tmp_path / "x")
     assert code == 2 and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 2,
+                             "--encoder-layers", "all", "--encoder-epochs", 1, "--out", tmp_path / "all", "--json")
+    assert code == 0, err  # every one of MiniLM's six layers fine-tuned
+    assert AdaptedModel.load(tmp_path / "all").model.config.text_trainable_layers == 6
 
 
 def test_lower_states_then_upper_layers_equal_the_full_encoder():

@@ -88,8 +88,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               examples: Annotated[Path | None, typer.Option(
                   help="Your labelled examples: CSV/JSONL with text,label, or a folder label/image.")] = None,
               head_init: Annotated[str | None, typer.Option(help="zero or proto.")] = None,
-              encoder_layers: Annotated[int, typer.Option(
-                  help="Text tasks: then also fine-tune this many top layers of the text encoder.")] = 0,
+              encoder_layers: Annotated[str, typer.Option(
+                  help="Text tasks: then also fine-tune this many top layers of the text encoder (or all).")] = "0",
               encoder_epochs: Annotated[int, typer.Option(help="Epochs of that fine-tuning.")] = 30,
               reject_by: Annotated[str, typer.Option(
                   help="Out-of-scope score: similarity (to the nearest class prototype) or probability "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mtl.algorithms import Algorithm
+from mtl.data.embeddings import load_transformer, transformer_layers
 from mtl.data.images import prepare_images
 from mtl.data.inputs import Inputs
 from mtl.data.registry import Registry
@@ -139,6 +140,21 @@ def read_examples(path: Path, modality: str, image: ImageOptions) -> tuple[np.nd
     return inputs, ids, classes
 
 
+ALL_LAYERS = 10_000  # `--encoder-layers all`: every transformer layer (capped at the encoder's depth)
+
+
+def layer_count(layers: int | str) -> int:
+    """``--encoder-layers``: a number, or ``all`` (every layer of the sentence encoder)."""
+    if isinstance(layers, str):
+        if layers.strip().lower() == "all":
+            return ALL_LAYERS
+        try:
+            return int(layers)
+        except ValueError:
+            raise MtlError(f"--encoder-layers {layers} is not a number of layers", "use a number or all") from None
+    return layers
+
+
 def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor, layers: int, epochs: int,
                       lr: float, seed: int) -> None:
     """Fine-tune the top ``layers`` of the text encoder with the trunk and the adapted head on the
@@ -149,6 +165,8 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
     below ``text_trainable_layers`` must stay pretrained, as cached token states stand in for it.
     """
     encoder = model.encoders["text"]
+    if layers >= ALL_LAYERS:
+        layers = len(transformer_layers(load_transformer(model.config.text_encoder)[0]))
     layers = max(layers, encoder.trainable_layers)
     encoder.set_trainable(layers)
     model.config = model.config.model_copy(update={"text_trainable_layers": layers})
@@ -309,7 +327,7 @@ def score_on_task(model: AdaptedModel, task: Task) -> dict[str, Any]:
 
 def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any] | None = None, *,
           shots: int = 5, examples: Path | None = None, steps: int | None = None, lr: float | None = None,
-          head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int = 30,
+          head_init: str | None = None, encoder_layers: int | str = 0, encoder_epochs: int = 30,
           encoder_lr: float = 1e-4, seed: int = 0, device: str | torch.device = "auto",
           out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "similarity",
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
@@ -334,8 +352,10 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         raise MtlError(f"--reject-by {reject_by} is unknown", "use probability or similarity")
     if not 0 <= reject_rate < 1:
         raise MtlError(f"--reject-rate {reject_rate} is not a fraction", "use e.g. 0.05 (0: refuse nothing)")
+    encoder_layers = layer_count(encoder_layers)
     if encoder_layers < 0 or encoder_epochs < 1:
-        raise MtlError("--encoder-layers must be 0 or more and --encoder-epochs 1 or more", "e.g. --encoder-layers 2")
+        raise MtlError("--encoder-layers must be 0 or more (or all) and --encoder-epochs 1 or more",
+                       "e.g. --encoder-layers 2")
     stored = None
     if isinstance(checkpoint, Algorithm):
         learner, source = checkpoint, None
