@@ -316,3 +316,16 @@ def test_train_resume_through_the_cli_process(tmp_path):
     resumed = subprocess.run([*run, "--resume", "--iterations", "4"], capture_output=True, text=True, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["iterations"] == 4
+
+
+def test_compare_fine_tunes_the_whole_pretrained_encoder_on_the_same_episodes(text_run, tmp_path, run_cli):
+    code, out, err = run_cli("compare", "--tasks", "clinc150-work", "--shots", 2, "--episodes", 2, "--ways", 5,
+                             "--queries", 3, "--checkpoints", f"maml={text_run}", "--methods", "maml,finetune",
+                             "--finetune-epochs", 2, "--steps", 1, "--out", tmp_path / "cmp", "--json")
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads(out)["results"]}
+    assert set(rows) == {"maml", "finetune"} and rows["finetune"]["episodes"] == 2
+    assert rows["finetune"]["accuracy"] > 0.5 and 0 <= rows["finetune"]["ece"] <= 1  # 5-way: chance is 0.2
+    code, _, err = run_cli("compare", "--tasks", "olivetti", "--checkpoints", f"maml={text_run}", "--methods",
+                           "finetune", "--out", tmp_path / "x")
+    assert code == 2 and "finetune" in err and len(err.strip().splitlines()) == 1

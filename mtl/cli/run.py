@@ -189,10 +189,11 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
                 shots: Annotated[str, typer.Option(help="Shots per class, comma-separated.")] = "1,5",
                 episodes: int = 100, ways: Annotated[int | None, typer.Option(help="Default: the recipe's.")] = None,
                 methods: Annotated[str | None, typer.Option(
-                    help="Comma-separated checkpoint labels and baselines (scratch, linear_probe, centroid); "
-                    "default: all.")] = None,
+                    help="Comma-separated checkpoint labels and baselines (scratch, linear_probe, centroid; "
+                    "finetune for text: the whole pretrained encoder fine-tuned); default: all but finetune.")] = None,
                 steps: Annotated[int, typer.Option(help="Fine-tuning steps, the same for every method.")] = 10,
                 queries: int = 15, seed: int = 0,
+                finetune_epochs: Annotated[int, typer.Option(help="Epochs of the finetune baseline.")] = 10,
                 out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.*")] = Path("runs/compare"),
                 device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Checkpoints (MAML, ProtoNet, multi-task...) and baselines on the same episodes, with CIs and tests.
@@ -214,7 +215,8 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
         raise MtlError(f"--shots {shots!r} is not a list of numbers", "write e.g. --shots 1,5,10") from None
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     rows = compare([reg.load(t.strip()) for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways, steps,
-                   queries, seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir))
+                   queries, seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir),
+                   finetune_epochs=finetune_epochs)
     doc = write_reports(rows, out_dir)
     if as_json:
         _print_json(doc)

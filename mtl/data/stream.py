@@ -29,6 +29,7 @@ class TaskBatch:
     ys: Tensor
     xq: Inputs
     yq: Tensor
+    raw: tuple[list[str], list[str]] | None = None  # text episodes: the support and query texts themselves
 
     @property
     def ways(self) -> int:
@@ -63,7 +64,8 @@ class EpisodeStream:
         t = self.tasks[pos]
         ys = torch.as_tensor(ep.support_y, device=self.device)
         yq = torch.as_tensor(ep.query_y, device=self.device)
-        return TaskBatch(t.name, t.modality, inp[ep.support_src[:, 1]], ys, inp[ep.query_src[:, 1]], yq)
+        raw = (ep.support_x.tolist(), ep.query_x.tolist()) if t.modality == "text" else None
+        return TaskBatch(t.name, t.modality, inp[ep.support_src[:, 1]], ys, inp[ep.query_src[:, 1]], yq, raw)
 
     def slot(self, iteration: int, slot: int) -> TaskBatch:
         """Slot ``slot`` of meta-batch ``iteration``: a task chosen uniformly, then its next episode."""

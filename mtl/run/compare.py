@@ -44,6 +44,7 @@ from mtl.run.recipe import Recipe
 from mtl.run.select import LR_GRID, Setting, choose
 
 BASELINES = ("scratch", "linear_probe", "centroid")
+ON_REQUEST = ("finetune",)  # text only and costly (the whole encoder per episode): run when named in `methods`
 
 
 @dataclass
@@ -149,10 +150,12 @@ def plan(tasks: Sequence[Task], shots_list: Sequence[int], ways: int | None, que
 def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: int,
             checkpoints: dict[str, Path | str], methods: Sequence[str] | None = None, ways: int | None = None,
             steps: int = 10, queries: int = 15, seed: int = 0, device: torch.device | str = "cpu",
-            on_rows: Callable[[list[Row]], None] | None = None, registry: Registry | None = None) -> list[Row]:
+            on_rows: Callable[[list[Row]], None] | None = None, registry: Registry | None = None,
+            finetune_epochs: int = 10) -> list[Row]:
     """``checkpoints``: label -> run folder (``maml=runs/a,protonet=runs/b``); ``methods``: which of
-    those labels and of ``BASELINES`` to run (default all). ``on_rows`` gets every row so far after
-    each finished (task, shots) setting."""
+    those labels, of ``BASELINES`` (default: all of those) and of ``ON_REQUEST`` (``finetune``: the
+    pretrained encoder fine-tuned whole for ``finetune_epochs``) to run. ``on_rows`` gets every row so
+    far after each finished (task, shots) setting."""
     device = resolve_device(device) if isinstance(device, str) else device
     if any(isinstance(t, str) for t in tasks):
         registry = registry or Registry()
@@ -161,10 +164,10 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     if not checkpoints:
         raise MtlError("compare needs at least one checkpoint", "pass --checkpoints maml=RUN_DIR[,multitask=RUN_DIR]")
     methods = list(methods or [*checkpoints, *BASELINES])
-    unknown = [m for m in methods if m not in checkpoints and m not in BASELINES]
+    unknown = [m for m in methods if m not in checkpoints and m not in BASELINES + ON_REQUEST]
     if unknown:
         raise MtlError(f"unknown method '{unknown[0]}'", f"use checkpoint labels ({', '.join(checkpoints)}) "
-                       f"or baselines ({', '.join(BASELINES)})")
+                       f"or baselines ({', '.join(BASELINES + ON_REQUEST)})")
     learners = {k: load_learner(p, device) for k, p in checkpoints.items()}
     depth = {k: lm[0].model.config.text_trainable_layers for k, lm in learners.items()}
     if len(set(depth.values())) > 1:  # one set of episode inputs serves every checkpoint
@@ -174,6 +177,9 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     ref_learner, ref_meta = learners[reference]
     recipe = Recipe.model_validate(ref_meta["recipe"])
     for t in tasks:
+        if "finetune" in methods and t.modality != "text":
+            raise MtlError(f"`finetune` fine-tunes a sentence encoder; task '{t.name}' has images",
+                           "leave finetune out of --methods for image tasks")
         if t.modality not in ref_learner.model.encoders:
             raise MtlError(f"the checkpoints have no {t.modality} encoder for task '{t.name}'",
                            f"compare on tasks of the checkpoints' modalities ({', '.join(ref_learner.model.encoders)})")
@@ -199,13 +205,22 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
                 results[m] = [probe_scores(feature_source, b) for b in test]
             elif m == "centroid":
                 results[m] = [centroid_scores(feature_source, b) for b in test]
+            elif m == "finetune":
+                from mtl.run.finetune import finetune_probs
+
+                assert all(b.raw is not None for b in test)
+                results[m] = [scored(finetune_probs(b.raw[0], b.ys.cpu().numpy(), b.raw[1],  # type: ignore[index]
+                                                    recipe.model.text_encoder, finetune_epochs, seed=seed,
+                                                    device=device), b) for b in test]
         accs = {m: [r[0] for r in rs] for m, rs in results.items()}
         for m, values in accs.items():
             mean, ci = mean_ci(values)
             pv = None
             if m != reference and reference in accs:
                 diff = np.asarray(accs[reference]) - np.asarray(values)
-                pv = 1.0 if np.allclose(diff, 0) else float(stats.ttest_rel(accs[reference], values).pvalue)
+                with warnings.catch_warnings():  # near-constant differences over few episodes: scipy warns
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    pv = 1.0 if np.allclose(diff, 0) else float(stats.ttest_rel(accs[reference], values).pvalue)
             ece = expected_calibration_error(np.concatenate([r[1] for r in results[m]]),
                                              np.concatenate([r[2] for r in results[m]]))
             rows.append(Row(p.task.name, p.shots, m, mean, ci, len(values), pv, chosen.get(m, "-"), p.left_out,
