@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -329,3 +330,36 @@ def test_compare_fine_tunes_the_whole_pretrained_encoder_on_the_same_episodes(te
     code, _, err = run_cli("compare", "--tasks", "olivetti", "--checkpoints", f"maml={text_run}", "--methods",
                            "finetune", "--out", tmp_path / "x")
     assert code == 2 and "finetune" in err and len(err.strip().splitlines()) == 1
+
+
+def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(text_run, tmp_path, run_cli):
+    from mtl.data.registry import Registry
+    from mtl.run.adapted import AdaptedModel
+
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3, "--select",
+                             "--encoder-epochs", 1, "--out", tmp_path / "m", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    choice = res["choice"]
+    assert set(choice["accuracy"]) == {"meta-learned", "linear_probe", "finetune"}
+    assert choice["accuracy"][choice["method"]] == max(choice["accuracy"].values())  # the best one, ties: meta
+    model = AdaptedModel.load(tmp_path / "m")  # whichever won, the saved model reproduces its accuracy
+    test = Registry().load("clinc150-work").test
+    assert abs(float((model.predict_ids(test.inputs) == test.labels).mean()) - res["test_accuracy"]) < 1e-9
+    code, _, err = run_cli("adapt", "--task", "olivetti", "--checkpoint", text_run, "--select", "--out", tmp_path / "x")
+    assert code == 2 and "--select" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_linear_probe_head_predicts_as_scikit_learn_does():
+    from sklearn.linear_model import LogisticRegression
+
+    from mtl.run.adapted import HEAD
+    from mtl.run.alternatives import model_features, probe
+
+    texts = ["book a flight", "flight to paris", "cancel my flight", "what's my balance", "money left", "balance"]
+    for ys in (np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 2, 2])):  # two classes: one row in sklearn
+        model = probe(texts, ys, int(ys.max()) + 1, "minilm", torch.device("cpu"))
+        x = model_features(model, texts)
+        ours = torch.softmax(model.heads[HEAD](x), 1).detach().numpy()
+        theirs = LogisticRegression(max_iter=2000).fit(x.numpy(), ys).predict_proba(x.numpy())
+        assert np.allclose(ours, theirs, atol=1e-4)

@@ -99,6 +99,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               reject_below: Annotated[float | None, typer.Option(
                   help="Refuse inputs scoring below this instead (0: refuse nothing).")] = None,
               none_label: Annotated[str, typer.Option(help="The answer for refused inputs.")] = "none",
+              select: Annotated[bool, typer.Option(
+                  "--select", help="Text: keep the meta-learned initialization only if cross-validation on the "
+                  "support set rates it at least as high as a linear probe and plain fine-tuning.")] = False,
               unknown: Annotated[str | None, typer.Option(
                   help="A task of inputs that fit no class (clinc150-oos): report out-of-scope recall, "
                        "precision and AUROC on its test split.")] = None,
@@ -110,11 +113,11 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     m = adapt(checkpoint, task, shots=shots, examples=examples, steps=steps, lr=lr, head_init=head_init,
               encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, seed=seed, device=device, out=out_dir,
               registry=_registry(tasks_dir), reject_by=reject_by, reject_rate=reject_rate, reject_below=reject_below,
-              none=none_label, unknown=unknown)
+              none=none_label, unknown=unknown, select=select)
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
                                             "test_examples", "test_ece", "test_ece_uncalibrated", "calibration",
-                                            "rejection", "open_set", "seconds")}}
+                                            "rejection", "open_set", "choice", "seconds")}}
     if as_json:
         _print_json(result)
         return
@@ -124,6 +127,12 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     size = "the learned step size" if sel.get("lr") is None else f"step size {sel['lr']:g}"
     how = f"{sel['steps']} steps at {size}" if sel["steps"] else "no gradient steps, the initial head as it is"
     why = "as given" if sel["by"] == "given" else f"chosen by {sel['by']}"
+    choice = m.meta.get("choice")
+    if choice and choice["method"] != "meta-learned":
+        how = {"linear_probe": "a linear probe on the pretrained encoder",
+               "finetune": "every layer of the pretrained encoder fine-tuned"}[choice["method"]]
+    if choice and "accuracy" in choice:
+        why = f"chosen by {choice['by']}: " + ", ".join(f"{k} {v:.3f}" for k, v in choice["accuracy"].items())
     cal, rej = m.meta["calibration"], m.meta["rejection"]
     ece = (f"; ECE {m.meta['test_ece']:.3f} (uncalibrated {m.meta['test_ece_uncalibrated']:.3f})"
            if m.meta.get("test_ece") is not None else "")

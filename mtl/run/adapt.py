@@ -11,9 +11,7 @@ set, fit, score on the task's test split, save.
 from __future__ import annotations
 
 import copy
-import csv
 import itertools
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,6 @@ import torch
 
 from mtl.algorithms import Algorithm
 from mtl.data.embeddings import load_transformer, transformer_layers
-from mtl.data.images import prepare_images
 from mtl.data.inputs import Inputs
 from mtl.data.registry import Registry
 from mtl.data.schema import ImageOptions
@@ -44,6 +41,7 @@ from mtl.run.calibration import (
     softmax,
     threshold_for,
 )
+from mtl.run.examples import read_examples
 from mtl.run.learner import load_learner
 from mtl.run.select import Setting, as_dict, candidates, choose, support_folds
 
@@ -99,45 +97,6 @@ def support_from_arrays(inputs: Any, labels: Any, modality: str, image: ImageOpt
         x = np.stack([np.asarray(i) for i in inputs])
     index = {c: i for i, c in enumerate(classes)}
     return Support(x, np.asarray([index[c] for c in labels]), classes, modality, task, image or ImageOptions())
-
-
-def read_examples(path: Path, modality: str, image: ImageOptions) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Labelled examples from a CSV/JSONL (``text``, ``label``) or a folder ``label/image``."""
-    if not path.exists():
-        raise MtlError(f"examples file {path} not found", "check the path")
-    texts: list[Any] = []
-    labels: list[str] = []
-    if path.is_dir():
-        if modality != "image":
-            raise MtlError(f"{path} is a folder of images but the task is text", "give a CSV or JSONL of texts")
-        files = sorted(p for p in path.glob("*/*") if p.is_file())
-        texts = [p.read_bytes() for p in files]
-        labels = [p.parent.name for p in files]
-        names = [str(p) for p in files]
-        inputs = prepare_images(texts, image, names)
-    else:
-        try:
-            if path.suffix == ".jsonl":
-                rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            else:
-                rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
-        except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-            raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header or JSON lines") from None
-        for n, row in enumerate(rows, 1):
-            if not isinstance(row, dict) or "text" not in row or "label" not in row:
-                raise MtlError(f"{path} row {n} has no `text` and `label` fields", "name the columns text,label")
-            texts.append(str(row["text"]))
-            labels.append(str(row["label"]))
-        if modality != "text":
-            raise MtlError(f"{path} holds texts but the task is images", "give a folder of label/image files")
-        inputs = np.asarray(texts, dtype=np.str_)
-    if not labels:
-        raise MtlError(f"{path} holds no examples", "add at least one example per class")
-    classes = sorted(set(labels))
-    if len(classes) < 2:
-        raise MtlError(f"{path} has only one label ({classes[0]})", "give examples of at least two classes")
-    ids = np.asarray([classes.index(x) for x in labels])
-    return inputs, ids, classes
 
 
 ALL_LAYERS = 10_000  # `--encoder-layers all`: every transformer layer (capped at the encoder's depth)
@@ -214,36 +173,46 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
               none: str) -> tuple[dict[str, Any], Rejection, torch.Tensor]:
     """The temperature, the rejection threshold and the class prototypes, from the support set alone.
 
-    With two or more examples per class, cross-validation's out-of-fold predictions (the same folds
-    that chose the settings) fit the temperature and give the in-scope scores whose low quantile is
+    With two or more examples per class, out-of-fold predictions (leaving one example per class out
+    at a time, up to 5 folds) fit the temperature and give the in-scope scores whose low quantile is
     the threshold; with one, the temperature fitted on meta-validation episodes at the end of training
     is used and nothing is refused unless the user sets a threshold."""
-    feats, labels = feats.float(), ys.long()
-    with torch.no_grad():
-        f = torch.nn.functional.normalize(feats, dim=1)
-        protos = torch.zeros(len(support.classes), f.shape[1], device=f.device).index_add_(0, labels, f)
-        protos = torch.nn.functional.normalize(protos, dim=1).cpu()
     if support.shots < 2:
         t = float((stored or {}).get("temperature", 1.0))
         by = "meta-validation at the end of training" if stored and "temperature" in stored else "none (1-shot)"
         off = Rejection(reject_by, 0.0, none, "1 shot per class: none held out to set a threshold; use --reject-below")
-        return {"temperature": t, "by": by}, off, protos
+        return {"temperature": t, "by": by}, off, prototypes(feats, ys, len(support.classes))
     folds = support_folds(support.task, support.modality, xs, ys, folds=min(support.shots, CALIBRATION_FOLDS))
     steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
     logits = torch.cat([learner.query_logits_after(b, steps, lr, head_init) for b in folds]).cpu().numpy()
     held = torch.cat([b.yq for b in folds]).cpu().numpy()
+    return calibrate_from(logits, held, f"{len(folds)}-fold cross-validation on the support set", feats, ys,
+                          len(support.classes), reject_by, reject_rate, none)
+
+
+def prototypes(feats: torch.Tensor, ys: torch.Tensor, classes: int) -> torch.Tensor:
+    with torch.no_grad():
+        f = torch.nn.functional.normalize(feats.float(), dim=1)
+        protos = torch.zeros(classes, f.shape[1], device=f.device).index_add_(0, ys.long(), f)
+        return torch.nn.functional.normalize(protos, dim=1).cpu()
+
+
+def calibrate_from(logits: np.ndarray, held: np.ndarray, by: str, feats: torch.Tensor, ys: torch.Tensor, classes: int,
+                   reject_by: str, reject_rate: float, none: str) -> tuple[dict[str, Any], Rejection, torch.Tensor]:
+    """:func:`calibrate` from out-of-fold ``logits`` of the examples labelled ``held`` and the final
+    model's support ``feats``: any way of adapting that yields held-out predictions can use it."""
     t = fit_temperature(logits, held)
-    calibration = {"temperature": round(t, 4), "by": f"{len(folds)}-fold cross-validation on the support set",
+    calibration = {"temperature": round(t, 4), "by": by,
                    "ece_before": round(expected_calibration_error(softmax(logits), held), 4),
                    "ece_after": round(expected_calibration_error(softmax(logits, t), held), 4)}
     if reject_by == "similarity":
-        scores = leave_one_out_similarity(feats, labels).cpu().numpy()
+        scores = leave_one_out_similarity(feats.float(), ys.long()).cpu().numpy()
     else:
         scores = softmax(logits, t).max(1)
     threshold = threshold_for(scores, reject_rate)
-    by = f"refuses {reject_rate:.0%} of held-out support examples" if threshold > 0 else \
+    why = f"refuses {reject_rate:.0%} of held-out support examples" if threshold > 0 else \
         "too few examples to bound in-scope refusals; use --reject-below"
-    return calibration, Rejection(reject_by, round(threshold, 5), none, by), protos
+    return calibration, Rejection(reject_by, round(threshold, 5), none, why), prototypes(feats, ys, classes)
 
 
 def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: float | None = None,
@@ -331,7 +300,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
           encoder_lr: float = 1e-4, seed: int = 0, device: str | torch.device = "auto",
           out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "similarity",
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
-          unknown: str | Task | None = None) -> AdaptedModel:
+          unknown: str | Task | None = None, select: bool = False) -> AdaptedModel:
     """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
 
     ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
@@ -341,7 +310,10 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     calibrated top probability; ``similarity``: to the nearest class prototype) is below the threshold
     chosen on the support set to refuse ``reject_rate`` of known inputs, or below ``reject_below``.
     ``unknown``: a task whose test examples fit none of the classes (``clinc150-oos``); the open-set
-    report on them and the known test examples goes to ``meta["open_set"]``.
+    report on them and the known test examples goes to ``meta["open_set"]``. ``select`` (text): keep the
+    meta-learned initialization only if cross-validation on the support set rates it at least as high
+    as a linear probe and plain fine-tuning of the pretrained encoder (``encoder_epochs``, ``encoder_lr``);
+    what was chosen goes to ``meta["choice"]``.
     """
     t0 = time.perf_counter()
     if shots < 1:
@@ -380,8 +352,15 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
             support = Support(xs, ys, classes, loaded.modality, loaded.name, loaded.spec.image_options)
         else:
             support = support_from_task(loaded, shots, seed)
+    if select and support.modality != "text":
+        raise MtlError("--select chooses among a linear probe and fine-tuning of a sentence encoder; this task has "
+                       "images", "leave --select out for image tasks")
     model = fit(learner, support, steps, lr, head_init, encoder_layers, encoder_epochs, encoder_lr, seed, source,
                 stored, reject_by, reject_rate, none)
+    if select:
+        from mtl.run.alternatives import select as choose_method
+
+        model = choose_method(model, learner, support, encoder_epochs, encoder_lr, seed, reject_by, reject_rate, none)
     model.meta.update(score_on_task(model, loaded) if loaded is not None else
                       {"test_accuracy": None, "test_ci95": None, "test_examples": 0})
     if reject_below is not None:

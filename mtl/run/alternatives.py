@@ -1,0 +1,164 @@
+"""``adapt --select``: the meta-learned initialization against what a text user would otherwise pick,
+chosen by cross-validation on the support set itself.
+
+The alternatives are built from the pretrained sentence encoder alone, with no meta-learning: a
+linear probe (logistic regression on its frozen embeddings) and plain fine-tuning (every layer, with
+a prototype-initialised head). Each is scored by the same stratified folds as the meta-learned path
+(:func:`mtl.run.select.support_folds`); the best cross-validated accuracy wins, the meta-learned
+initialization on ties. A task unlike anything met in meta-training is thus never left worse off
+than the plain encoder by more than the cross-validation noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from mtl.algorithms import Algorithm
+from mtl.errors import MtlError
+from mtl.models import ModelConfig, MultiTaskModel
+from mtl.run.adapted import HEAD, AdaptedModel
+
+if TYPE_CHECKING:
+    from mtl.run.adapt import Support
+
+ALTERNATIVES = ("linear_probe", "finetune")
+
+
+@dataclass
+class Candidate:
+    """A way of adapting, its cross-validated accuracy and out-of-fold logits (for calibration)."""
+
+    name: str
+    accuracy: float
+    logits: np.ndarray
+    held: np.ndarray
+
+
+def plain_model(encoder: str, device: torch.device) -> MultiTaskModel:
+    """The pretrained encoder and nothing else (no trunk): what the alternatives start from."""
+    return MultiTaskModel(ModelConfig(text_encoder=encoder), ["text"]).to(device)
+
+
+def probe(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: torch.device) -> MultiTaskModel:
+    """Logistic regression on the frozen encoder's (normalised) embeddings, as the model's linear head."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = plain_model(encoder, device)
+    x = model_features(model, texts).cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        clf = LogisticRegression(max_iter=2000, C=1.0).fit(x, ys)
+    layer = model.add_head(HEAD, classes)
+    with torch.no_grad():
+        w, b = torch.as_tensor(clf.coef_, dtype=torch.float32), torch.as_tensor(clf.intercept_, dtype=torch.float32)
+        if classes == 2:  # scikit-learn keeps one row for two classes: logit(1) - logit(0)
+            w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    return model.eval()
+
+
+def finetune(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: torch.device, epochs: int,
+             lr: float, seed: int) -> MultiTaskModel:
+    """Every layer of the pretrained encoder and a prototype-initialised head, fine-tuned together."""
+    from mtl.run.adapt import ALL_LAYERS, tune_text_encoder
+
+    model = plain_model(encoder, device)
+    x = model_features(model, texts)
+    y = torch.as_tensor(ys, device=device)
+    protos = torch.zeros(classes, x.shape[1], device=device).index_add_(0, y, x)
+    layer = model.add_head(HEAD, classes)
+    with torch.no_grad():  # cosine to the class prototypes (features have norm 10): logits in [-10, 10]
+        layer.weight.copy_(torch.nn.functional.normalize(protos, dim=1))
+        layer.bias.zero_()
+    tune_text_encoder(model, texts, y, ALL_LAYERS, epochs, lr, seed)
+    return model.eval()
+
+
+def model_features(model: MultiTaskModel, texts: list[str]) -> torch.Tensor:
+    from mtl.run.adapted import model_inputs
+
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device  # a frozen
+    with torch.no_grad():  # encoder without trunk or head has no parameters
+        return model.features(model_inputs(np.asarray(texts, dtype=np.str_), model, "text", device), "text").float()
+
+
+def cross_validate(name: str, build: Callable[[list[str], np.ndarray], MultiTaskModel], texts: list[str],
+                   ys: np.ndarray, folds: list[np.ndarray]) -> Candidate:
+    """Accuracy and out-of-fold logits of ``build`` (texts, labels -> model) over ``folds`` (held-out
+    indices)."""
+    logits, held = [], []
+    for idx in folds:
+        keep = np.setdiff1d(np.arange(len(ys)), idx)
+        model = build([texts[i] for i in keep], ys[keep])
+        with torch.no_grad():
+            feats = model_features(model, [texts[i] for i in idx])
+            logits.append(model.heads[HEAD](feats).float().cpu().numpy())
+        held.append(ys[idx])
+    z, y = np.concatenate(logits), np.concatenate(held)
+    return Candidate(name, float((z.argmax(1) == y).mean()), z, y)
+
+
+def fold_indices(ys: np.ndarray, folds: int = 3) -> list[np.ndarray]:
+    """The folds of :func:`mtl.run.select.support_folds`: fold f holds out the f-th example of each class."""
+    rank = np.zeros(len(ys), int)
+    for c in np.unique(ys):
+        members = np.flatnonzero(ys == c)
+        rank[members] = np.arange(len(members))
+    k = min(folds, int(np.bincount(ys).min()))
+    return [np.flatnonzero(rank % k == f) for f in range(k)]
+
+
+def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: int, lr: float, seed: int,
+           reject_by: str, reject_rate: float, none: str) -> AdaptedModel:
+    """The best of ``adapted`` (the meta-learned initialization, as :func:`mtl.run.adapt.fit` made it),
+    a linear probe and plain fine-tuning, by cross-validated accuracy on the support set; what was
+    chosen and every candidate's accuracy go to ``meta["choice"]``."""
+    from mtl.run.adapt import calibrate_from
+    from mtl.run.adapted import model_inputs
+    from mtl.run.select import support_folds
+
+    if support.modality != "text":
+        raise MtlError("--select chooses among a linear probe and fine-tuning of a sentence encoder; this task "
+                       "has images", "leave --select out for image tasks")
+    if support.shots < 2:
+        adapted.meta["choice"] = {"method": "meta-learned", "by": "1 shot per class: nothing to cross-validate"}
+        return adapted
+    device = adapted.device
+    encoder = adapted.model.config.text_encoder
+    texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
+    folds = fold_indices(ys)
+    sel = adapted.meta["selection"]
+    xs = model_inputs(support.inputs, learner.model, "text", device)
+    batches = support_folds(support.task, "text", xs, torch.as_tensor(ys, device=device), len(folds))
+    z = torch.cat([learner.query_logits_after(b, int(sel["steps"]), sel.get("lr"), sel.get("head_init"))
+                   for b in batches]).cpu().numpy()
+    held = torch.cat([b.yq for b in batches]).cpu().numpy()
+    cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held),
+             cross_validate("linear_probe", lambda t, y: probe(t, y, k, encoder, device), texts, ys, folds),
+             cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed), texts, ys,
+                            folds)]
+    best = cands[0]
+    for c in cands[1:]:
+        if c.accuracy > best.accuracy:  # ties: the meta-learned initialization
+            best = c
+    by = f"{len(folds)}-fold cross-validation on the support set"
+    choice = {"method": best.name, "by": by, "accuracy": {c.name: round(c.accuracy, 4) for c in cands}}
+    if best.name == "meta-learned":
+        adapted.meta["choice"] = choice
+        return adapted
+    model = probe(texts, ys, k, encoder, device) if best.name == "linear_probe" else \
+        finetune(texts, ys, k, encoder, device, epochs, lr, seed)
+    calibration, rejection, protos = calibrate_from(best.logits, best.held, by, model_features(model, texts),
+                                                    torch.as_tensor(ys), k, reject_by, reject_rate, none)
+    meta = {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
+            "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": best.name,
+            "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
+    return AdaptedModel(model, meta, protos)

@@ -1,0 +1,54 @@
+"""A user's own labelled examples, read from a file: a CSV or JSON lines of ``text``, ``label``, or a
+folder of ``label/image`` files (``cli.py adapt --examples``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtl.data.images import prepare_images
+from mtl.data.schema import ImageOptions
+from mtl.errors import MtlError
+
+
+def read_examples(path: Path, modality: str, image: ImageOptions) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labelled examples from a CSV/JSONL (``text``, ``label``) or a folder ``label/image``."""
+    if not path.exists():
+        raise MtlError(f"examples file {path} not found", "check the path")
+    texts: list[Any] = []
+    labels: list[str] = []
+    if path.is_dir():
+        if modality != "image":
+            raise MtlError(f"{path} is a folder of images but the task is text", "give a CSV or JSONL of texts")
+        files = sorted(p for p in path.glob("*/*") if p.is_file())
+        texts = [p.read_bytes() for p in files]
+        labels = [p.parent.name for p in files]
+        names = [str(p) for p in files]
+        inputs = prepare_images(texts, image, names)
+    else:
+        try:
+            if path.suffix == ".jsonl":
+                rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            else:
+                rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
+        except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+            raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header or JSON lines") from None
+        for n, row in enumerate(rows, 1):
+            if not isinstance(row, dict) or "text" not in row or "label" not in row:
+                raise MtlError(f"{path} row {n} has no `text` and `label` fields", "name the columns text,label")
+            texts.append(str(row["text"]))
+            labels.append(str(row["label"]))
+        if modality != "text":
+            raise MtlError(f"{path} holds texts but the task is images", "give a folder of label/image files")
+        inputs = np.asarray(texts, dtype=np.str_)
+    if not labels:
+        raise MtlError(f"{path} holds no examples", "add at least one example per class")
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise MtlError(f"{path} has only one label ({classes[0]})", "give examples of at least two classes")
+    ids = np.asarray([classes.index(x) for x in labels])
+    return inputs, ids, classes
