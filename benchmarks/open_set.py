@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from mtl.data.registry import Registry
+from mtl.device import cpu_name
 from mtl.run.adapt import adapt, fit, support_from_arrays
 from mtl.run.evaluate import evaluate, mean_ci
 from mtl.run.learner import load_learner
@@ -33,15 +33,6 @@ from mtl.run.openset import open_set_on_tasks, open_set_report
 KEYS = ("in_scope_accuracy", "in_scope_accuracy_with_rejection", "in_scope_refused", "oos_recall", "oos_precision",
         "auroc")
 
-
-def cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def summary(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, str]:
@@ -124,7 +115,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     registry = Registry()
-    result: dict[str, Any] = {"cpu": cpu(), "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {"cpu": cpu_name(), "threads": torch.get_num_threads()}
     if a.text_checkpoint:
         result["text"] = text(a.text_checkpoint, a.seeds, registry)
     if a.image_checkpoint:

@@ -15,7 +15,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -25,17 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl.device import cpu_name
+
 ROOT = Path(__file__).parents[1]
 
-
-def cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def free_port() -> int:
@@ -113,7 +105,7 @@ def main() -> None:
         lat = np.asarray([s for _, s in results])
         failed = sum(code != 200 for code, _ in results)
         report = {
-            "cpu": cpu(), "cores": os.cpu_count(),
+            "cpu": cpu_name(), "cores": os.cpu_count(),
             "single_text_p50_ms": round(1000 * float(np.percentile(single, 50)), 2),
             "single_text_p99_ms": round(1000 * float(np.percentile(single, 99)), 2),
             "batch64_texts_per_s": round(texts_per_s, 1),

@@ -30,6 +30,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def cpu_name() -> str:
+    """The processor's model name, printed beside every benchmark figure (speeds compare only within one)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def set_threads(threads: int | None) -> None:
     keep_freed_memory()
     if threads:

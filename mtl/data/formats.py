@@ -11,7 +11,7 @@ import csv
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 from mtl import settings
 from mtl.data.fetch import locate, offline
@@ -19,6 +19,7 @@ from mtl.data.schema import Source
 from mtl.errors import TaskFileError
 
 Columns = dict[str, Any]
+T = TypeVar("T")
 Raw = dict[str, Columns]
 Reader = Callable[[Source, Path], Raw]
 READERS: dict[str, Reader] = {}
@@ -135,8 +136,7 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
         for name in part.column_names:
             feature = part.features[name]
             if isinstance(feature, datasets.Image):  # decoded by us, so that a corrupt file gets a clear error
-                column = _ImageColumn(part.cast_column(name, datasets.Image(decode=False)).select_columns([name]))
-                cols[name], cols["_names"] = column, column.names
+                cols[name], cols["_names"] = _image_column(part.cast_column(name, datasets.Image(decode=False)), name)
                 continue
             values = part[name]
             if isinstance(feature, datasets.ClassLabel):
@@ -162,47 +162,38 @@ def _unreachable(e: BaseException) -> bool:
     return any(w in text for w in ("connection", "not cached", "offline", "resolve", "timed out", "timeout"))
 
 
-class _ImageColumn(Sequence[bytes]):
-    """One split's encoded images, read row by row from the memory-mapped Arrow table: a hub data set
-    of full-size photographs (mini-ImageNet's is 7 GB) is decoded and resized one image at a time
+class _Lazy(Sequence[T]):
+    """A column computed row by row on access: a hub data set of full-size photographs (mini-ImageNet's
+    is 7 GB) is read from its memory-mapped Arrow table, decoded and resized one image at a time
     instead of being held in memory whole."""
 
-    def __init__(self, part: Any) -> None:
-        self._part, self._name = part, part.column_names[0]
-        self.names = _ImageNames(self)
+    def __init__(self, n: int, get: Callable[[int], T]) -> None:
+        self._n, self._get = n, get
 
     def __len__(self) -> int:
-        return len(self._part)
-
-    def row(self, i: int) -> dict[str, Any]:
-        return self._part[i][self._name]
+        return self._n
 
     @overload
-    def __getitem__(self, i: int) -> bytes: ...
+    def __getitem__(self, i: int) -> T: ...
     @overload
-    def __getitem__(self, i: slice) -> list[bytes]: ...
-    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+    def __getitem__(self, i: slice) -> list[T]: ...
+    def __getitem__(self, i: int | slice) -> T | list[T]:
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return _image_bytes(self.row(i))
+            return [self._get(j) for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._get(i % self._n)
 
 
-class _ImageNames(Sequence[str]):
-    def __init__(self, column: _ImageColumn) -> None:
-        self._column = column
+def _image_column(part: Any, name: str) -> tuple[_Lazy[bytes], _Lazy[str]]:
+    """One split's encoded images and their file names (``#i`` without one), read lazily."""
+    part = part.select_columns([name])
 
-    def __len__(self) -> int:
-        return len(self._column)
-
-    @overload
-    def __getitem__(self, i: int) -> str: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[str]: ...
-    def __getitem__(self, i: int | slice) -> str | list[str]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        path = self._column.row(i).get("path")
+    def path_of(i: int) -> str:
+        path = part[i][name].get("path")
         return Path(path).name if path else f"#{i}"
+
+    return _Lazy(len(part), lambda i: _image_bytes(part[i][name])), _Lazy(len(part), path_of)
 
 
 def _image_bytes(value: dict[str, Any]) -> bytes:

@@ -1,0 +1,76 @@
+"""How often ``adapt --select`` keeps the best of the meta-learned initialization, a linear probe on the
+pretrained encoder and plain fine-tuning of every layer, judged on each task's whole test split.
+
+    python benchmarks/select_text.py --checkpoint runs/methods/clinc150-protonet \
+        [--tasks clinc150-kitchen-and-dining,clinc150-travel,clinc150-work,sst2,trec] [--shots 5,10] [--seeds 2]
+
+For each (task, shots, seed) it fits all three on the same support set, scores each on the test split,
+and records what cross-validation on the support set chose: the rate at which the choice is the best
+(or within one test-set standard error of it), and the mean accuracy lost against the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtl.data.registry import Registry
+from mtl.device import cpu_name
+from mtl.run.adapt import adapt, score_on_task, support_from_task
+from mtl.run.adapted import AdaptedModel
+from mtl.run.alternatives import finetune, probe
+from mtl.run.learner import load_learner
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tasks", default="clinc150-kitchen-and-dining,clinc150-travel,clinc150-work,sst2,trec")
+    p.add_argument("--shots", default="5,10")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (adapt's --encoder-epochs)")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    registry = Registry()
+    learner, _ = load_learner(Path(a.checkpoint), torch.device("cpu"), hold_text=True)
+    rows = []
+    for name in a.tasks.split(","):
+        task = registry.load(name)
+        for shots in (int(s) for s in a.shots.split(",")):
+            for seed in range(a.seeds):
+                t0 = time.perf_counter()
+                chosen = adapt(learner, task, shots=shots, seed=seed, select=True, encoder_epochs=a.epochs)
+                support = support_from_task(task, shots, seed)
+                texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
+                acc = {"meta-learned": adapt(learner, task, shots=shots, seed=seed).meta["test_accuracy"]}
+                for m, model in (("linear_probe", probe(texts, ys, k, "minilm", torch.device("cpu"))),
+                                 ("finetune", finetune(texts, ys, k, "minilm", torch.device("cpu"), a.epochs, 1e-4,
+                                                       seed))):
+                    acc[m] = score_on_task(AdaptedModel(model, {**chosen.meta}), task)["test_accuracy"]
+                pick = chosen.meta["choice"]["method"]
+                best = max(acc.values())
+                n = chosen.meta["test_examples"]
+                se = float(np.sqrt(best * (1 - best) / n))
+                row = {"task": name, "shots": shots, "seed": seed, "test": acc, "chosen": pick,
+                       "cv": chosen.meta["choice"].get("accuracy"), "best": pick == max(acc, key=acc.get),
+                       "within_se": best - acc[pick] <= se, "lost": best - acc[pick],
+                       "seconds": round(time.perf_counter() - t0, 1)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    summary = {"cpu": cpu_name(), "runs": len(rows), "picked_best": float(np.mean([r["best"] for r in rows])),
+               "within_one_se_of_best": float(np.mean([r["within_se"] for r in rows])),
+               "mean_points_lost": round(100 * float(np.mean([r["lost"] for r in rows])), 2),
+               "never_behind_linear_probe": all(r["test"][r["chosen"]] >= r["test"]["linear_probe"] - 0.01
+                                                for r in rows)}
+    print(json.dumps(summary, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
