@@ -363,3 +363,13 @@ def test_a_linear_probe_head_predicts_as_scikit_learn_does():
         ours = torch.softmax(model.heads[HEAD](x), 1).detach().numpy()
         theirs = LogisticRegression(max_iter=2000).fit(x.numpy(), ys).predict_proba(x.numpy())
         assert np.allclose(ours, theirs, atol=1e-4)
+
+
+def test_setfit_baseline_learns_from_the_support_set():
+    pytest.importorskip("setfit")
+    from mtl.run.setfit_baseline import setfit_probs
+
+    texts = ["book a flight", "flight to paris", "cancel my flight", "what's my balance", "money left", "balance"]
+    probs = setfit_probs(texts, np.array([0, 0, 0, 1, 1, 1]), ["fly me to rome", "how much money do i have"],
+                         iterations=2)
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1) and probs[0, 0] > 0.5 and probs[1, 1] > 0.5

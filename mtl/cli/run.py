@@ -199,7 +199,8 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
                 episodes: int = 100, ways: Annotated[int | None, typer.Option(help="Default: the recipe's.")] = None,
                 methods: Annotated[str | None, typer.Option(
                     help="Comma-separated checkpoint labels and baselines (scratch, linear_probe, centroid; "
-                    "finetune for text: the whole pretrained encoder fine-tuned); default: all but finetune.")] = None,
+                    "finetune and setfit for text: the pretrained encoder fine-tuned whole, or by SetFit); default: "
+                    "all but those two.")] = None,
                 steps: Annotated[int, typer.Option(help="Fine-tuning steps, the same for every method.")] = 10,
                 queries: int = 15, seed: int = 0,
                 finetune_epochs: Annotated[int, typer.Option(help="Epochs of the finetune baseline.")] = 10,

@@ -44,7 +44,7 @@ from mtl.run.recipe import Recipe
 from mtl.run.select import LR_GRID, Setting, choose
 
 BASELINES = ("scratch", "linear_probe", "centroid")
-ON_REQUEST = ("finetune",)  # text only and costly (the whole encoder per episode): run when named in `methods`
+ON_REQUEST = ("finetune", "setfit")  # text only and costly (the encoder per episode): run when named in `methods`
 
 
 @dataclass
@@ -154,7 +154,8 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
             finetune_epochs: int = 10) -> list[Row]:
     """``checkpoints``: label -> run folder (``maml=runs/a,protonet=runs/b``); ``methods``: which of
     those labels, of ``BASELINES`` (default: all of those) and of ``ON_REQUEST`` (``finetune``: the
-    pretrained encoder fine-tuned whole for ``finetune_epochs``) to run. ``on_rows`` gets every row so
+    pretrained encoder fine-tuned whole for ``finetune_epochs``; ``setfit``: SetFit on the same encoder)
+    to run. ``on_rows`` gets every row so
     far after each finished (task, shots) setting."""
     device = resolve_device(device) if isinstance(device, str) else device
     if any(isinstance(t, str) for t in tasks):
@@ -177,9 +178,10 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     ref_learner, ref_meta = learners[reference]
     recipe = Recipe.model_validate(ref_meta["recipe"])
     for t in tasks:
-        if "finetune" in methods and t.modality != "text":
-            raise MtlError(f"`finetune` fine-tunes a sentence encoder; task '{t.name}' has images",
-                           "leave finetune out of --methods for image tasks")
+        for m in set(methods) & set(ON_REQUEST):
+            if t.modality != "text":
+                raise MtlError(f"`{m}` fine-tunes a sentence encoder; task '{t.name}' has images",
+                               f"leave {m} out of --methods for image tasks")
         if t.modality not in ref_learner.model.encoders:
             raise MtlError(f"the checkpoints have no {t.modality} encoder for task '{t.name}'",
                            f"compare on tasks of the checkpoints' modalities ({', '.join(ref_learner.model.encoders)})")
@@ -212,6 +214,12 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
                 results[m] = [scored(finetune_probs(b.raw[0], b.ys.cpu().numpy(), b.raw[1],  # type: ignore[index]
                                                     recipe.model.text_encoder, finetune_epochs, seed=seed,
                                                     device=device), b) for b in test]
+            elif m == "setfit":
+                from mtl.run.setfit_baseline import setfit_probs
+
+                results[m] = [scored(setfit_probs(b.raw[0], b.ys.cpu().numpy(), b.raw[1],  # type: ignore[index]
+                                                  recipe.model.text_encoder, seed=seed, device=device), b)
+                              for b in test]
         accs = {m: [r[0] for r in rs] for m, rs in results.items()}
         for m, values in accs.items():
             mean, ci = mean_ci(values)
