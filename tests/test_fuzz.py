@@ -54,7 +54,7 @@ def task_docs(draw) -> bytes:
     return text.encode()
 
 
-@settings(max_examples=1000, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=500, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(blob=task_docs())
 def test_hostile_task_files_end_in_a_clear_error(blob, tmp_path_factory, capsys, monkeypatch):
