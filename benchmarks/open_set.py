@@ -7,7 +7,9 @@ the test data: the temperature and the threshold come from each support set alon
         --image-checkpoint runs/quickstart [--seeds 3] [--json out.json]
 
 Text: CLINC150, all 150 intents at 5 and 10 shots (support drawn from the train split with each seed),
-the whole test split plus its 1,000 out-of-scope queries; and the three held-out CLINC150 domains.
+the whole test split plus its 1,000 out-of-scope queries, for each rejection score (distance,
+similarity, probability) and in-scope refusal budget (--reject-rate 0.03, 0.05); and the three
+held-out CLINC150 domains.
 Images: Omniglot's 423 test characters (never seen in meta-training), episodes of 20 known characters
 at 5 shots with 20 other characters' drawings as the unknowns; calibration on 5-way episodes.
 """
@@ -43,21 +45,27 @@ def summary(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, str]
     return out
 
 
+SETTINGS = (("distance", 0.03), ("distance", 0.05), ("similarity", 0.05), ("probability", 0.05))
+
+
 def text(checkpoint: str, seeds: int, registry: Registry) -> dict[str, Any]:
     learner, _ = load_learner(Path(checkpoint), torch.device("cpu"), hold_text=True)
     known, unknown = registry.load("clinc150"), registry.load("clinc150-oos")
     result: dict[str, Any] = {}
     for shots in (5, 10):
-        rows = []
-        for seed in range(seeds):
-            t0 = time.perf_counter()
-            m = adapt(learner, known, shots=shots, seed=seed)
-            r = {**open_set_on_tasks(m, known, unknown), "ece_uncalibrated": m.meta["test_ece_uncalibrated"],
-                 "ece_calibrated": m.meta["test_ece"], "temperature": m.meta["calibration"]["temperature"],
-                 "seconds": time.perf_counter() - t0}
-            rows.append(r)
-            print(f"clinc150 {shots}-shot seed {seed}: " + ", ".join(f"{k} {r[k]:.4f}" for k in KEYS), flush=True)
-        result[f"clinc150 {shots}-shot"] = summary(rows, (*KEYS, "ece_uncalibrated", "ece_calibrated", "seconds"))
+        for score, rate in SETTINGS:
+            rows = []
+            for seed in range(seeds):
+                t0 = time.perf_counter()
+                m = adapt(learner, known, shots=shots, seed=seed, reject_by=score, reject_rate=rate)
+                r = {**open_set_on_tasks(m, known, unknown), "ece_uncalibrated": m.meta["test_ece_uncalibrated"],
+                     "ece_calibrated": m.meta["test_ece"], "temperature": m.meta["calibration"]["temperature"],
+                     "seconds": time.perf_counter() - t0}
+                rows.append(r)
+                print(f"clinc150 {shots}-shot, --reject-by {score} --reject-rate {rate}, seed {seed}: "
+                      + ", ".join(f"{k} {r[k]:.4f}" for k in KEYS), flush=True)
+            keys = (*KEYS, "ece_uncalibrated", "ece_calibrated", "seconds")
+            result[f"clinc150 {shots}-shot, --reject-by {score} --reject-rate {rate}"] = summary(rows, keys)
     for domain in ("kitchen-and-dining", "travel", "work"):
         task = registry.load(f"clinc150-{domain}")
         for shots in (5, 10):

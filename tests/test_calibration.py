@@ -1,5 +1,5 @@
 """Calibration and "none of these": the temperature, ECE, the conformal threshold and the
-leave-one-out similarities, checked against values worked out by hand or by brute force."""
+leave-one-out out-of-scope scores, checked against values worked out by hand or by brute force."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtl.run.calibration import (
-    expected_calibration_error,
-    fit_temperature,
-    leave_one_out_similarity,
-    prototype_similarity,
-    softmax,
-    threshold_for,
-)
+from mtl.run import outliers
+from mtl.run.calibration import expected_calibration_error, fit_temperature, softmax, threshold_for
 
 
 def test_ece_is_the_weighted_gap_between_confidence_and_accuracy():
@@ -46,17 +40,50 @@ def test_threshold_is_the_conformal_quantile():
     scores = np.arange(1, 40) / 40.0  # 39 held-out in-scope scores
     # a new in-scope score falls below the k-th smallest of n with probability k / (n + 1): k = floor(rate * 40)
     assert threshold_for(scores, 0.05) == scores[1] and threshold_for(scores, 0.10) == scores[3]
-    assert threshold_for(scores[:10], 0.05) == 0.0  # too few to bound: refuse nothing
+    assert threshold_for(scores[:10], 0.05) is None  # too few to bound: refuse nothing
 
 
 def test_leave_one_out_similarity_matches_brute_force():
     torch.manual_seed(0)
     feats = torch.randn(12, 6)
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
-    got = leave_one_out_similarity(feats, labels)
+    got = outliers.leave_one_out_similarity(feats, labels)
     f = F.normalize(feats, dim=1)
     for i in range(len(f)):
         keep = torch.ones(len(f), dtype=torch.bool)
         keep[i] = False
-        protos = torch.stack([f[keep & (labels == c)].mean(0) for c in range(3)])
-        assert torch.allclose(got[i], prototype_similarity(feats[i:i + 1], protos)[0], atol=1e-6)
+        protos = F.normalize(torch.stack([f[keep & (labels == c)].mean(0) for c in range(3)]), dim=1)
+        assert torch.allclose(got[i], outliers.score("similarity", {"prototypes": protos}, feats[i:i + 1])[0],
+                              atol=1e-6)
+
+
+def gaussian_classes(per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(20, 32, generator=g) * 2
+    y = torch.arange(20).repeat_interleave(per_class)
+    return centers[y] + torch.randn(len(y), 32, generator=torch.Generator().manual_seed(seed)), y, centers
+
+
+def test_leave_one_out_distance_matches_refitting_without_each_example():
+    feats, labels, _ = gaussian_classes(6)
+    got = outliers.leave_one_out_distance(feats.double(), labels)
+    for i in range(0, len(feats), 7):
+        keep = torch.ones(len(feats), dtype=torch.bool)
+        keep[i] = False
+        state = outliers.fit("distance", feats[keep], labels[keep], 20)
+        want = outliers.score("distance", state, feats[i:i + 1])[0]
+        assert abs(float(got[i]) - float(want)) < 0.02 * max(1.0, abs(float(want)))  # up to the trace's change
+
+
+def test_distance_threshold_from_held_out_scores_refuses_about_the_rate_asked():
+    feats, labels, centers = gaussian_classes(10)
+    state = outliers.fit("distance", feats, labels, 20)
+    noise = torch.randn(4000, 32, generator=torch.Generator().manual_seed(1))
+    new = centers[torch.arange(20).repeat_interleave(200)] + noise
+    scores = outliers.score("distance", state, new).numpy()
+    held = threshold_for(outliers.held_out("distance", feats, labels).numpy(), 0.05)
+    in_sample = threshold_for(outliers.score("distance", state, feats).numpy(), 0.05)
+    assert 0.02 < (scores < held).mean() < 0.09  # a new in-scope input is refused about 5% of the time
+    assert (scores < in_sample).mean() > 0.2  # measured on the examples that shaped it, far more
+    far = centers[:5] * 3  # inputs that fit no class score below every in-scope one
+    assert (outliers.score("distance", state, far).numpy() < held).all()

@@ -67,11 +67,11 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     assert o["unknown_examples"] == 1000 and o["known_examples"] == 450 and o["auroc"] > 0.8
     assert o["oos_recall"] > 0.3 and o["in_scope_accuracy_with_rejection"] <= o["in_scope_accuracy"]
     assert res["test_accuracy"] > 0.5  # 15-way: chance is 0.067
-    # calibrated on the support set alone; a threshold that refuses about 5% of held-out support examples
+    # calibrated on the support set alone; a threshold that refuses about 3% of held-out support examples
     assert res["calibration"]["by"].startswith("5-fold cross-validation") and res["calibration"]["temperature"] > 0
     assert 0 <= res["test_ece"] <= 1 and 0 <= res["test_ece_uncalibrated"] <= 1
     rej = res["rejection"]
-    assert rej["score"] == "similarity" and 0 < rej["threshold"] < 1 and rej["none"] == "none"
+    assert rej["score"] == "distance" and isinstance(rej["threshold"], float) and rej["none"] == "none"
     texts = ["how many vacation days do i have left", "when is my next paycheck"]
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "--top", 2, *texts)
     assert code == 0, err
@@ -79,7 +79,7 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     assert [p["label"] for p in preds] == ["pto_balance", "payday"]
     assert set(preds[0]) == {"input", "label", "probability", "rejected", "score", "top"}
     assert len(preds[0]["top"]) == 2 and preds[0]["score"] > rej["threshold"] and not preds[0]["rejected"]
-    for below, label in ((1.01, "none"), (0, "payday")):  # the user's threshold replaces the chosen one
+    for below, label in ((1e6, "none"), (-1e6, "payday")):  # the user's threshold replaces the chosen one
         code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "--reject-below", below, texts[1])
         assert code == 0 and json.loads(out)["predictions"][0]["label"] == label, err
 

@@ -85,7 +85,7 @@ def test_health_info_and_predict_answer_as_the_model_does(text_server):
     assert server.call("/health") == (200, server.call("/health")[1]) and server.call("/health")[1]["status"] == "ok"
     code, info = server.call("/info")
     assert code == 200 and info["labels"] == model.classes and info["task"] == "clinc150-work"
-    assert info["calibration"]["temperature"] > 0 and info["rejection"]["score"] == "similarity"
+    assert info["calibration"]["temperature"] > 0 and info["rejection"]["score"] == "distance"
     assert info["test_accuracy"] is None or 0 <= info["test_accuracy"] <= 1
     texts = [*task.test.inputs[:40].tolist(), "what's the weather like in paris", "play some jazz"]
     code, body = server.call("/predict", {"texts": texts, "top": 3})

@@ -92,12 +92,13 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   help="Text tasks: then also fine-tune this many top layers of the text encoder (or all).")] = "0",
               encoder_epochs: Annotated[int, typer.Option(help="Epochs of that fine-tuning.")] = 30,
               reject_by: Annotated[str, typer.Option(
-                  help="Out-of-scope score: similarity (to the nearest class prototype) or probability "
-                       "(calibrated).")] = "similarity",
-              reject_rate: Annotated[float, typer.Option(
-                  help="Share of known inputs the threshold chosen on the support set may refuse.")] = 0.05,
+                  help="Out-of-scope score: distance (relative Mahalanobis, to the classes), similarity (cosine, "
+                       "to the nearest class prototype) or probability (calibrated).")] = "distance",
+              reject_rate: Annotated[float | None, typer.Option(
+                  help="Share of known inputs the threshold chosen on the support set may refuse "
+                       "(default 0.03).")] = None,
               reject_below: Annotated[float | None, typer.Option(
-                  help="Refuse inputs scoring below this instead (0: refuse nothing).")] = None,
+                  help="Refuse inputs scoring below this instead.")] = None,
               none_label: Annotated[str, typer.Option(help="The answer for refused inputs.")] = "none",
               select: Annotated[bool, typer.Option(
                   "--select", help="Text: keep the meta-learned initialization only if cross-validation on the "
@@ -112,8 +113,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
 
     m = adapt(checkpoint, task, shots=shots, examples=examples, steps=steps, lr=lr, head_init=head_init,
               encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, seed=seed, device=device, out=out_dir,
-              registry=_registry(tasks_dir), reject_by=reject_by, reject_rate=reject_rate, reject_below=reject_below,
-              none=none_label, unknown=unknown, select=select)
+              registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
+              none=none_label, unknown=unknown, select=select,
+              **({} if reject_rate is None else {"reject_rate": reject_rate}))
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
                                             "test_examples", "test_ece", "test_ece_uncalibrated", "calibration",
@@ -137,7 +139,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     ece = (f"; ECE {m.meta['test_ece']:.3f} (uncalibrated {m.meta['test_ece_uncalibrated']:.3f})"
            if m.meta.get("test_ece") is not None else "")
     refuse = (f"answers '{rej['none']}' below {rej['score']} {rej['threshold']:.3f} ({rej['by']})"
-              if rej["threshold"] > 0 else f"never answers '{rej['none']}' ({rej['by']})")
+              if rej["threshold"] is not None else f"never answers '{rej['none']}' ({rej['by']})")
     out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}); "
               f"{acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; saved {out_dir} "
               f"({m.meta['seconds']:.2f} s)", highlight=False)
@@ -154,7 +156,7 @@ def predict(model: Annotated[Path, typer.Option("--model", help="Folder written 
             inputs: Annotated[list[str], typer.Argument(help="Texts, image paths, or .txt files of them.")],
             top: Annotated[int, typer.Option(help="How many labels to list per input.")] = 1,
             reject_below: Annotated[float | None, typer.Option(
-                help="Answer 'none' below this score instead of the model's threshold (0: never).")] = None,
+                help="Answer 'none' below this score instead of the model's threshold.")] = None,
             device: Device = "auto", as_json: Json = False) -> None:
     """Predict label names (or 'none' for inputs that fit no class) and calibrated probabilities."""
     from mtl.device import resolve_device

@@ -30,6 +30,7 @@ from mtl.data.task import Task
 from mtl.device import resolve_device
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel, calibrate_batchnorm
+from mtl.run import outliers
 from mtl.run.adapted import HEAD, AdaptedModel, model_inputs
 from mtl.run.calibration import (
     CALIBRATION_FOLDS,
@@ -37,7 +38,6 @@ from mtl.run.calibration import (
     Rejection,
     expected_calibration_error,
     fit_temperature,
-    leave_one_out_similarity,
     softmax,
     threshold_for,
 )
@@ -170,8 +170,9 @@ def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.T
 
 def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inputs, ys: torch.Tensor,
               selection: dict[str, Any], stored: dict[str, Any] | None, reject_by: str, reject_rate: float,
-              none: str) -> tuple[dict[str, Any], Rejection, torch.Tensor]:
-    """The temperature, the rejection threshold and the class prototypes, from the support set alone.
+              none: str) -> tuple[dict[str, Any], Rejection, dict[str, torch.Tensor]]:
+    """The temperature, the rejection threshold and the out-of-scope score's statistics, from the
+    support set alone.
 
     With two or more examples per class, out-of-fold predictions (leaving one example per class out
     at a time, up to 5 folds) fit the temperature and give the in-scope scores whose low quantile is
@@ -180,8 +181,8 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
     if support.shots < 2:
         t = float((stored or {}).get("temperature", 1.0))
         by = "meta-validation at the end of training" if stored and "temperature" in stored else "none (1-shot)"
-        off = Rejection(reject_by, 0.0, none, "1 shot per class: none held out to set a threshold; use --reject-below")
-        return {"temperature": t, "by": by}, off, prototypes(feats, ys, len(support.classes))
+        off = Rejection(reject_by, None, none, "1 shot per class: none held out to set a threshold; use --reject-below")
+        return {"temperature": t, "by": by}, off, outliers.fit(reject_by, feats, ys, len(support.classes))
     folds = support_folds(support.task, support.modality, xs, ys, folds=min(support.shots, CALIBRATION_FOLDS))
     steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
     logits = torch.cat([learner.query_logits_after(b, steps, lr, head_init) for b in folds]).cpu().numpy()
@@ -190,35 +191,30 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
                           len(support.classes), reject_by, reject_rate, none)
 
 
-def prototypes(feats: torch.Tensor, ys: torch.Tensor, classes: int) -> torch.Tensor:
-    with torch.no_grad():
-        f = torch.nn.functional.normalize(feats.float(), dim=1)
-        protos = torch.zeros(classes, f.shape[1], device=f.device).index_add_(0, ys.long(), f)
-        return torch.nn.functional.normalize(protos, dim=1).cpu()
-
-
 def calibrate_from(logits: np.ndarray, held: np.ndarray, by: str, feats: torch.Tensor, ys: torch.Tensor, classes: int,
-                   reject_by: str, reject_rate: float, none: str) -> tuple[dict[str, Any], Rejection, torch.Tensor]:
+                   reject_by: str, reject_rate: float, none: str
+                   ) -> tuple[dict[str, Any], Rejection, dict[str, torch.Tensor]]:
     """:func:`calibrate` from out-of-fold ``logits`` of the examples labelled ``held`` and the final
     model's support ``feats``: any way of adapting that yields held-out predictions can use it."""
     t = fit_temperature(logits, held)
     calibration = {"temperature": round(t, 4), "by": by,
                    "ece_before": round(expected_calibration_error(softmax(logits), held), 4),
                    "ece_after": round(expected_calibration_error(softmax(logits, t), held), 4)}
-    if reject_by == "similarity":
-        scores = leave_one_out_similarity(feats.float(), ys.long()).cpu().numpy()
-    else:
+    if reject_by == "probability":
         scores = softmax(logits, t).max(1)
+    else:
+        scores = outliers.held_out(reject_by, feats, ys).numpy()
     threshold = threshold_for(scores, reject_rate)
-    why = f"refuses {reject_rate:.0%} of held-out support examples" if threshold > 0 else \
-        "too few examples to bound in-scope refusals; use --reject-below"
-    return calibration, Rejection(reject_by, round(threshold, 5), none, why), prototypes(feats, ys, classes)
+    why = f"refuses {reject_rate:.0%} of held-out support examples" if threshold is not None else \
+        "--reject-rate 0" if reject_rate == 0 else "too few examples to bound in-scope refusals; use --reject-below"
+    rejection = Rejection(reject_by, None if threshold is None else round(threshold, 5), none, why)
+    return calibration, rejection, outliers.fit(reject_by, feats, ys, classes)
 
 
 def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: float | None = None,
         head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int = 30, encoder_lr: float = 1e-4,
         seed: int = 0, checkpoint: str | None = None, stored: dict[str, Any] | None = None,
-        reject_by: str = "similarity", reject_rate: float = REJECT_RATE, none: str = "none") -> AdaptedModel:
+        reject_by: str = "distance", reject_rate: float = REJECT_RATE, none: str = "none") -> AdaptedModel:
     """Adapt a copy of ``learner``'s initialization to ``support``; ``learner`` is left unchanged.
 
     The algorithm's inner loop adapts first: ``steps`` and ``lr`` (replacing the learned step sizes)
@@ -269,13 +265,13 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     with torch.no_grad():  # a tuned text encoder reads the texts again; otherwise what the inner loop read
         feats = model.features(model_inputs(support.inputs, model, modality, device) if encoder_layers else xs,
                                modality)
-    calibration, rejection, protos = calibrate(learner, feats, support, xs, ys, selection, stored, reject_by,
-                                               reject_rate, none)
+    calibration, rejection, state = calibrate(learner, feats, support, xs, ys, selection, stored, reject_by,
+                                              reject_rate, none)
     return AdaptedModel(model, {
         "model_config": model.config.model_dump(mode="json"), "modality": modality, "classes": support.classes,
         "task": support.task, "image": support.image.model_dump(mode="json"), "shots": support.shots,
         "steps": steps, "lr": lr, "selection": selection, "head": learner.head_kind, "algorithm": learner.name,
-        "checkpoint": checkpoint, "calibration": calibration, "rejection": rejection.as_dict()}, protos)
+        "checkpoint": checkpoint, "calibration": calibration, "rejection": rejection.as_dict()}, state)
 
 
 def score_on_task(model: AdaptedModel, task: Task) -> dict[str, Any]:
@@ -298,7 +294,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
           shots: int = 5, examples: Path | None = None, steps: int | None = None, lr: float | None = None,
           head_init: str | None = None, encoder_layers: int | str = 0, encoder_epochs: int = 30,
           encoder_lr: float = 1e-4, seed: int = 0, device: str | torch.device = "auto",
-          out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "similarity",
+          out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "distance",
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
           unknown: str | Task | None = None, select: bool = False) -> AdaptedModel:
     """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
@@ -306,8 +302,9 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
     examples per class (or ``examples``: a CSV/JSONL of text,label or a folder label/image) and whose
     test split scores the result (``meta["test_accuracy"]``, ``meta["test_ece"]``); or ``(inputs, labels)``
-    of your own. ``predict`` answers ``none`` for inputs whose ``reject_by`` score (``probability``: the
-    calibrated top probability; ``similarity``: to the nearest class prototype) is below the threshold
+    of your own. ``predict`` answers ``none`` for inputs whose ``reject_by`` score (``distance``: relative
+    Mahalanobis distance to the classes; ``similarity``: cosine to the nearest class prototype;
+    ``probability``: the calibrated top probability; :mod:`mtl.run.outliers`) is below the threshold
     chosen on the support set to refuse ``reject_rate`` of known inputs, or below ``reject_below``.
     ``unknown``: a task whose test examples fit none of the classes (``clinc150-oos``); the open-set
     report on them and the known test examples goes to ``meta["open_set"]``. ``select`` (text): keep the
@@ -320,10 +317,10 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
     if head_init not in (None, "zero", "proto"):
         raise MtlError(f"--head-init {head_init} is unknown", "use zero or proto")
-    if reject_by not in ("probability", "similarity"):
-        raise MtlError(f"--reject-by {reject_by} is unknown", "use probability or similarity")
+    if reject_by not in outliers.SCORES:
+        raise MtlError(f"--reject-by {reject_by} is unknown", f"use one of {', '.join(outliers.SCORES)}")
     if not 0 <= reject_rate < 1:
-        raise MtlError(f"--reject-rate {reject_rate} is not a fraction", "use e.g. 0.05 (0: refuse nothing)")
+        raise MtlError(f"--reject-rate {reject_rate} is not a fraction", "use e.g. 0.03 (0: refuse nothing)")
     encoder_layers = layer_count(encoder_layers)
     if encoder_layers < 0 or encoder_epochs < 1:
         raise MtlError("--encoder-layers must be 0 or more (or all) and --encoder-epochs 1 or more",

@@ -1,7 +1,7 @@
 """A model adapted to one task, with a scikit-learn-style interface: ``predict`` (label names, or
 "none of these"), ``predict_proba`` (calibrated), ``score``, ``save`` and ``load``. Saved as
-``model.safetensors`` + ``model.json``; the class prototypes that out-of-scope scores compare with
-travel in the same file."""
+``model.safetensors`` + ``model.json``; the support set's statistics that out-of-scope scores compare
+with (:mod:`mtl.run.outliers`) travel in the same file."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
 from mtl.errors import MtlError
 from mtl.models import ModelConfig, MultiTaskModel
-from mtl.run.calibration import Rejection, prototype_similarity
+from mtl.run import outliers
+from mtl.run.calibration import Rejection
 from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
 
 HEAD = "adapted"
-PROTOTYPES = "rejection.prototypes"
+OUTLIER_PREFIX = "rejection."  # saved tensors of the out-of-scope score: rejection.means, ...
 
 
 def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device, cache: bool = True
@@ -39,11 +40,12 @@ class AdaptedModel:
     classes, shots, steps, the checkpoint it came from, its measured accuracy, its temperature and how
     it refuses inputs that fit no class)."""
 
-    def __init__(self, model: MultiTaskModel, meta: dict[str, Any], prototypes: torch.Tensor | None = None) -> None:
+    def __init__(self, model: MultiTaskModel, meta: dict[str, Any],
+                 outlier_state: dict[str, torch.Tensor] | None = None) -> None:
         self.model = model.eval()
         self.meta = meta
         self.device = next(model.parameters()).device
-        self.prototypes = prototypes  # unit-norm class means of the support set's features
+        self.outlier_state = outlier_state or {}  # the support set's statistics (outliers.fit)
 
     @property
     def temperature(self) -> float:
@@ -54,10 +56,11 @@ class AdaptedModel:
         r = self.meta.get("rejection") or {}
         return Rejection(**{k: r[k] for k in ("score", "threshold", "none", "by") if k in r})
 
-    def reject_below(self, threshold: float, score: str | None = None) -> None:
-        """Refuse inputs whose score is below ``threshold`` (0: refuse nothing)."""
+    def reject_below(self, threshold: float | None, score: str | None = None) -> None:
+        """Refuse inputs whose score is below ``threshold`` (None: refuse nothing)."""
         r = self.rejection
-        self.meta["rejection"] = {**r.as_dict(), "score": score or r.score, "threshold": float(threshold),
+        self.meta["rejection"] = {**r.as_dict(), "score": score or r.score,
+                                  "threshold": None if threshold is None else float(threshold),
                                   "by": "given"}
 
     @property
@@ -74,8 +77,7 @@ class AdaptedModel:
         state = {k: v for k, v in self.model.state_dict().items()
                  if (k.startswith(("encoders.", "projections.")) and k.split(".")[1] == modality)
                  or k.startswith(("trunk.", f"heads.{HEAD}."))}
-        if self.prototypes is not None:
-            state[PROTOTYPES] = self.prototypes
+        state.update({OUTLIER_PREFIX + k: v for k, v in self.outlier_state.items()})
         save_checkpoint(out / "model.safetensors", state, {**self.meta, "kind": "adapted"})
         return out
 
@@ -89,16 +91,17 @@ class AdaptedModel:
                            "run `cli.py adapt` first and pass its --out folder to --model")
         model = MultiTaskModel(ModelConfig.model_validate(meta["model_config"]), [meta["modality"]])
         model.add_head(HEAD, len(meta["classes"]), meta.get("head", "linear"))
-        prototypes = tensors.pop(PROTOTYPES, None)
+        state = {k[len(OUTLIER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(OUTLIER_PREFIX)}
         load_into(model, tensors)
-        return cls(model.to(device or "cpu"), meta, prototypes)
+        return cls(model.to(device or "cpu"), meta, state)
 
     @torch.no_grad()
     def outputs(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (before the temperature) and each input's similarity to the nearest class prototype
-        (NaN without prototypes). ``cached``: for a model with trainable text layers, read the frozen
-        layers' outputs from the disk cache (a task's test split: the same texts every time)."""
+        """Logits (before the temperature) and each input's out-of-scope score (:mod:`mtl.run.outliers`;
+        NaN for ``probability``, which comes from the logits). ``cached``: for a model with trainable
+        text layers, read the frozen layers' outputs from the disk cache (a task's test split: the same
+        texts every time)."""
         inputs = self._array(inputs)
         cfg = self.model.config
         states = None
@@ -114,8 +117,7 @@ class AdaptedModel:
                 x = model_inputs(inputs[i:i + batch_size], self.model, self.modality, self.device, cached)
             feats = self.model.features(x, self.modality)
             logits.append(self.model.heads[HEAD](feats).float().cpu().numpy())
-            sims.append(prototype_similarity(feats, self.prototypes.to(feats.device)).cpu().numpy()
-                        if self.prototypes is not None else np.full(len(feats), np.nan, np.float32))
+            sims.append(outliers.score(self.rejection.score, self.outlier_state, feats).cpu().numpy())
         if not logits:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
         return np.concatenate(logits), np.concatenate(sims)
@@ -135,9 +137,8 @@ class AdaptedModel:
         logits, sims = self.outputs(inputs, cached=cached)
         probs = softmax(logits, self.temperature)
         r = self.rejection
-        scores = sims if r.score == "similarity" else probs.max(1) if len(probs) else np.zeros(0)
-        refused = np.nan_to_num(scores, nan=np.inf) < r.threshold
-        return probs, scores, refused
+        scores = probs.max(1) if r.score == "probability" and len(probs) else sims
+        return probs, scores, r.refuses(scores)
 
     def predict_ids(self, inputs: np.ndarray | list[Any], cached: bool = False) -> np.ndarray:
         """Class indices, never refused (accuracy over the known classes)."""

@@ -156,9 +156,9 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
         return adapted
     model = probe(texts, ys, k, encoder, device) if best.name == "linear_probe" else \
         finetune(texts, ys, k, encoder, device, epochs, lr, seed)
-    calibration, rejection, protos = calibrate_from(best.logits, best.held, by, model_features(model, texts),
+    calibration, rejection, state = calibrate_from(best.logits, best.held, by, model_features(model, texts),
                                                     torch.as_tensor(ys), k, reject_by, reject_rate, none)
     meta = {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
             "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": best.name,
             "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
-    return AdaptedModel(model, meta, protos)
+    return AdaptedModel(model, meta, state)
