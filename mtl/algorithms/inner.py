@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mtl.algorithms.recompute import recomputed_step
 from mtl.data.inputs import Inputs, concat
 from mtl.data.stream import TaskBatch
 from mtl.models import (
@@ -60,6 +61,9 @@ class InnerConfig(BaseModel):
     per_step_bn: bool = False  # per-step batch-norm weights and biases
     per_step_bn_stats: bool = False  # per-step batch-norm running statistics, used when evaluating
     second_order_from: int = 0  # derivative-order annealing: first order before this iteration
+    # second order: rebuild each inner step's graph in the outer backward instead of storing it, so
+    # memory does not grow with the steps (mtl/algorithms/recompute.py)
+    recompute: bool = False
 
 
 def _key(name: str) -> str:
@@ -104,6 +108,7 @@ class Algorithm(nn.Module):
             for name, p in self.bn_params().items():
                 self.bn_steps[_key(name)] = nn.Parameter(p.detach().clone().unsqueeze(0).repeat(inner.steps + 1, 1))
         self.evaluating = False  # per-step running statistics: collected in training, used when evaluating
+        self.replaying = False  # an inner step re-run for the outer backward (recompute): collects nothing
         if inner.per_step_bn_stats:
             for name, m in self.norms().items():
                 self.register_buffer(f"bn_mean__{_key(name)}", torch.zeros(inner.steps + 1, m.num_features))
@@ -204,7 +209,7 @@ class Algorithm(nn.Module):
             s = min(step, self.inner.steps)
             params = {**params, **{n: self.bn_steps[_key(n)][s] for n in self.bn_params()}}
         stats = contextlib.nullcontext()
-        if self.inner.per_step_bn_stats and not encoded:
+        if self.inner.per_step_bn_stats and not encoded and not self.replaying:
             mode = "collect" if self.training and not self.evaluating else "use"
             stats = step_statistics(self.model, self.step_stats(step), mode)  # type: ignore[assignment]
         with support_statistics(self.model, stats_rows), stats:
@@ -280,21 +285,13 @@ class Algorithm(nn.Module):
             fs = self.episode_features({}, encoded[0], b.modality, 0, None, encoded=True)
             fq = self.episode_features({}, encoded[1], b.modality, 0, None, encoded=True)
         for step in range(steps):
-            if encoded is None:
-                with nchw_for_double_backward(self.model) if create_graph else contextlib.nullcontext():
-                    feats = self.episode_features(fast, b.xs, b.modality, step, None)
+            # a prototype head is a function of the body's weights, which step 0 differentiates through
+            if create_graph and self.inner.recompute and (step or (head_init or self.inner.head_init) != "proto"):
+                fast = recomputed_step(lambda f, e, second, step=step: self.inner_step(  # type: ignore[misc]
+                    b, f, step, e[0], e[1], second, lr, replay=second), fast, [encoded[0] if encoded else None, fs])
             else:
-                feats = fs if fs is not None else self.episode_features(fast, encoded[0], b.modality, step, None,
-                                                                        encoded=True)
-            loss = F.cross_entropy(self.head_logits(feats, fast["head.weight"], fast["head.bias"]), b.ys)
-            keys = [k for k, v in fast.items() if v.requires_grad]
-            # retain: a first-order step must not free the graph that made the head (Proto-MAML init),
-            # through which the outer gradient still flows
-            grads = torch.autograd.grad(loss, [fast[k] for k in keys], create_graph=create_graph,
-                                        retain_graph=not detach, allow_unused=True)
-            for k, g in zip(keys, grads, strict=True):
-                if g is not None:
-                    fast[k] = fast[k] - self.inner_lr(k, step, lr) * (g if create_graph else g.detach())
+                fast = self.inner_step(b, fast, step, encoded[0] if encoded else None, fs, create_graph, lr,
+                                       retain=not detach)
             if track_query and (self.inner.msl or step == steps - 1):
                 logits = self.query_logits(b, fast, step + 1, fq, encoded[1] if encoded else None)
                 query_losses.append(F.cross_entropy(logits, b.yq))
@@ -302,6 +299,32 @@ class Algorithm(nn.Module):
             logits = self.query_logits(b, fast, 0, fq, encoded[1] if encoded else None)
             query_losses.append(F.cross_entropy(logits, b.yq))
         return query_losses, fast, logits
+
+    def inner_step(self, b: TaskBatch, fast: dict[str, Tensor], step: int, encoded: Tensor | None,
+                   fs: Tensor | None, create_graph: bool, lr: float | None, retain: bool = True, replay: bool = False
+                   ) -> dict[str, Tensor]:
+        """One step on the support loss. ``retain``: keep the graph that made the head (Proto-MAML), which
+        the outer gradient still needs; ``replay``: the step re-run by the outer backward (``recompute``)."""
+        self.replaying = replay
+        try:
+            if fs is not None:
+                feats = fs
+            elif encoded is not None:
+                feats = self.episode_features(fast, encoded, b.modality, step, None, encoded=True)
+            else:
+                with nchw_for_double_backward(self.model) if create_graph else contextlib.nullcontext():
+                    feats = self.episode_features(fast, b.xs, b.modality, step, None)
+        finally:
+            self.replaying = False
+        loss = F.cross_entropy(self.head_logits(feats, fast["head.weight"], fast["head.bias"]), b.ys)
+        keys = [k for k, v in fast.items() if v.requires_grad]
+        grads = torch.autograd.grad(loss, [fast[k] for k in keys], create_graph=create_graph,
+                                    retain_graph=retain or create_graph, allow_unused=True)
+        new = dict(fast)
+        for k, g in zip(keys, grads, strict=True):
+            if g is not None:
+                new[k] = fast[k] - self.inner_lr(k, step, lr) * (g if create_graph else g.detach())
+        return new
 
     def query_logits(self, b: TaskBatch, fast: dict[str, Tensor], step: int, fq: Tensor | None = None,
                      encoded_query: Tensor | None = None) -> Tensor:

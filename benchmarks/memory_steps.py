@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Peak memory and speed of second-order MAML against the number of inner steps, with each step's
+graph stored (the default) or rebuilt in the outer backward (``inner.recompute: true``).
+
+Conv-4 on Omniglot-shaped synthetic tensors (data loading excluded), as benchmarks/speed_maml.py.
+Every (steps, mode) runs in a fresh process; memory is that process's peak resident set minus its
+resident set just before the first meta-iteration (model, optimizer and data already built), so
+the import of torch (~300 MB) does not hide the difference. The meta-gradient is taken one task at
+a time, so the peak is one task's graph and does not depend on the meta-batch.
+
+    python benchmarks/memory_steps.py [--steps 1,5,10,20] [--ways 5] [--shots 1] [--query 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from mtl.device import cpu_name
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(a: argparse.Namespace) -> None:
+    import torch
+
+    from mtl.algorithms import InnerConfig, build_algorithm
+    from mtl.data.stream import TaskBatch
+    from mtl.device import set_threads
+    from mtl.models import ModelConfig, MultiTaskModel
+
+    set_threads(a.threads)
+    n, k, q = a.ways, a.shots, a.query
+    torch.manual_seed(0)
+    batches = []
+    for _ in range(a.meta_batch):
+        shift = torch.randn(n, 1, 28, 28)
+        batches.append(TaskBatch("omniglot", "image", torch.randn(n * k, 1, 28, 28) + shift.repeat_interleave(k, 0),
+                                 torch.arange(n).repeat_interleave(k),
+                                 torch.randn(n * q, 1, 28, 28) + shift.repeat_interleave(q, 0),
+                                 torch.arange(n).repeat_interleave(q)))
+    model = MultiTaskModel(ModelConfig(), ["image"])
+    inner = InnerConfig(steps=a.child_steps, lr=0.4, head_init="learned", recompute=a.child_mode == "recompute")
+    learner = build_algorithm("maml", model, inner, heads={"omniglot": n})
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    base = rss_mb()
+    times = []
+    for _ in range(a.iterations):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        learner.meta_backward(batches, 0)
+        opt.step()
+        times.append((time.perf_counter() - t0) / len(batches))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"steps": a.child_steps, "mode": a.child_mode, "peak_rss_mb": round(peak),
+                      "peak_above_start_mb": round(peak - base), "s_per_task": round(statistics.median(times[1:]), 4)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", default="1,5,10,20")
+    ap.add_argument("--ways", type=int, default=5)
+    ap.add_argument("--shots", type=int, default=1)
+    ap.add_argument("--query", type=int, default=15)
+    ap.add_argument("--meta-batch", type=int, default=4)
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-mode", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child_steps:
+        child(a)
+        return
+    rows = []
+    for steps in [int(s) for s in a.steps.split(",")]:
+        for mode in ("stored", "recompute"):
+            argv = [sys.executable, __file__, "--child-steps", str(steps), "--child-mode", mode,
+                    *[f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                      if k in ("ways", "shots", "query", "meta_batch", "iterations", "threads")]]
+            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{cpu_name()}, {a.threads} threads; Conv-4, {a.ways}-way {a.shots}-shot, {a.query} queries, second order")
+    print("| inner steps | stored: peak above start (MB) | recompute: peak above start (MB) | ratio "
+          "| stored s/task | recompute s/task | time ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for steps in sorted({r["steps"] for r in rows}):
+        s = next(r for r in rows if r["steps"] == steps and r["mode"] == "stored")
+        r = next(r for r in rows if r["steps"] == steps and r["mode"] == "recompute")
+        print(f"| {steps} | {s['peak_above_start_mb']} | {r['peak_above_start_mb']} | "
+              f"{r['peak_above_start_mb'] / max(s['peak_above_start_mb'], 1):.2f} | {s['s_per_task']} | "
+              f"{r['s_per_task']} | {r['s_per_task'] / s['s_per_task']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
