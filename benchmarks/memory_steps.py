@@ -9,6 +9,11 @@ the import of torch (~300 MB) does not hide the difference. The meta-gradient is
 a time, so the peak is one task's graph and does not depend on the meta-batch.
 
     python benchmarks/memory_steps.py [--steps 1,5,10,20] [--ways 5] [--shots 1] [--query 15]
+        [--peer ../shared/peer/l2l_bench.py]
+
+``--peer``: also learn2learn's MAML, run as ../shared/peer/l2l_bench.py runs it (its Conv-4, clone()
+and adapt() per task), measured the same way; learn2learn must be importable (../shared/peer/INSTALL.md;
+e.g. built into a folder on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ def child(a: argparse.Namespace) -> None:
                                  torch.arange(n).repeat_interleave(k),
                                  torch.randn(n * q, 1, 28, 28) + shift.repeat_interleave(q, 0),
                                  torch.arange(n).repeat_interleave(q)))
+    if a.child_mode == "learn2learn":
+        return peer(a, batches)
     model = MultiTaskModel(ModelConfig(), ["image"])
     inner = InnerConfig(steps=a.child_steps, lr=0.4, head_init="learned", recompute=a.child_mode == "recompute")
     learner = build_algorithm("maml", model, inner, heads={"omniglot": n})
@@ -62,9 +69,40 @@ def child(a: argparse.Namespace) -> None:
         learner.meta_backward(batches, 0)
         opt.step()
         times.append((time.perf_counter() - t0) / len(batches))
+    report(a, base, times)
+
+
+def report(a: argparse.Namespace, base: float, times: list[float]) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"steps": a.child_steps, "mode": a.child_mode, "peak_rss_mb": round(peak),
                       "peak_above_start_mb": round(peak - base), "s_per_task": round(statistics.median(times[1:]), 4)}))
+
+
+def peer(a: argparse.Namespace, batches: list) -> None:
+    """learn2learn's MAML as ``l2l_bench.py`` runs it, on the same tensors."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("l2l_bench", a.peer)
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    maml = bench.load_learn2learn().algorithms.MAML(bench.conv4(a.ways), lr=0.4)
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    base = rss_mb()
+    times = []
+    for _ in range(a.iterations):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for b in batches:
+            learner = maml.clone()
+            for _ in range(a.child_steps):
+                learner.adapt(F.cross_entropy(learner(b.xs), b.ys))
+            (F.cross_entropy(learner(b.xq), b.yq) / len(batches)).backward()
+        opt.step()
+        times.append((time.perf_counter() - t0) / len(batches))
+    report(a, base, times)
 
 
 def main() -> None:
@@ -76,6 +114,7 @@ def main() -> None:
     ap.add_argument("--meta-batch", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peer", help="../shared/peer/l2l_bench.py: also measure learn2learn")
     ap.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-mode", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -84,24 +123,22 @@ def main() -> None:
         return
     rows = []
     for steps in [int(s) for s in a.steps.split(",")]:
-        for mode in ("stored", "recompute"):
+        for mode in ("stored", "recompute", *(("learn2learn",) if a.peer else ())):
             argv = [sys.executable, __file__, "--child-steps", str(steps), "--child-mode", mode,
                     *[f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                      if k in ("ways", "shots", "query", "meta_batch", "iterations", "threads")]]
+                      if k in ("ways", "shots", "query", "meta_batch", "iterations", "threads", "peer") and v]]
             out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{cpu_name()}, {a.threads} threads; Conv-4, {a.ways}-way {a.shots}-shot, {a.query} queries, second order")
-    print("| inner steps | stored: peak above start (MB) | recompute: peak above start (MB) | ratio "
-          "| stored s/task | recompute s/task | time ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{cpu_name()}, {a.threads} threads; Conv-4, {a.ways}-way {a.shots}-shot, {a.query} queries, second order; "
+          "peak resident memory above the start of training (MB), seconds per task")
+    modes = [m for m in ("stored", "recompute", "learn2learn") if any(r["mode"] == m for r in rows)]
+    print("| inner steps | " + " | ".join(f"{m} MB | {m} s/task" for m in modes) + " |")
+    print("|---" * (1 + 2 * len(modes)) + "|")
     for steps in sorted({r["steps"] for r in rows}):
-        s = next(r for r in rows if r["steps"] == steps and r["mode"] == "stored")
-        r = next(r for r in rows if r["steps"] == steps and r["mode"] == "recompute")
-        print(f"| {steps} | {s['peak_above_start_mb']} | {r['peak_above_start_mb']} | "
-              f"{r['peak_above_start_mb'] / max(s['peak_above_start_mb'], 1):.2f} | {s['s_per_task']} | "
-              f"{r['s_per_task']} | {r['s_per_task'] / s['s_per_task']:.2f} |")
-
+        got = {r["mode"]: r for r in rows if r["steps"] == steps}
+        print(f"| {steps} | " + " | ".join(f"{got[m]['peak_above_start_mb']} | {got[m]['s_per_task']}" for m in modes)
+              + " |")
 
 if __name__ == "__main__":
     main()

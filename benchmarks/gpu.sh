@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU benchmark: one script, under 8 minutes, for a machine with CUDA GPUs and no network.
+#
+#   bash benchmarks/gpu_wheels.sh      # here, first: what that machine's Python lacks, into .gpu/
+#   bash benchmarks/gpu.sh             # there, from the repository root, with .gpu/ carried along
+#
+# 1. what the machine has; 2. the carried wheels and learn2learn, installed into a folder of their own
+# (the machine's Python is left as it is); 3. the CUDA tests (tests/test_cuda.py: CPU-vs-CUDA
+# meta-gradient agreement for every method, train -> adapt -> predict with --device cuda) and the
+# recompute tests; 4. benchmarks/gpu_checks.py: Conv-4 throughput against learn2learn on the same GPU
+# (Omniglot- and mini-ImageNet-shaped), fp32/bf16/fp16 autocast, ResNet-12 throughput and memory, memory
+# against inner steps; 5. two NCCL ranks (torchrun) when there are two GPUs. Figures go to stdout and,
+# as JSON lines, to $OUT (the device tool's output folder) when it is set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-$(mktemp -d)}
+SITE=/tmp/mtl-gpu-site
+started=$(date +%s)
+say() { echo "== [$(( $(date +%s) - started )) s] $*"; }
+
+say "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY - <<'PY'
+import importlib, sys
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| GPUs", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+for m in ("pydantic", "yaml", "safetensors", "typer", "rich", "transformers", "sklearn", "numpy", "PIL", "pytest",
+          "datasets", "pooch", "learn2learn"):
+    try:
+        importlib.import_module(m)
+        print(f"  {m}: here")
+    except Exception as e:
+        print(f"  {m}: missing ({type(e).__name__})")
+PY
+
+say "carried packages -> $SITE"
+mkdir -p "$SITE"
+if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --target "$SITE" .gpu/wheels/*.whl 2>&1 | tail -2
+fi
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [ -f .gpu/learn2learn-0.2.0.tar.gz ]; then
+  (set -e; src=$(mktemp -d); tar xzf .gpu/learn2learn-0.2.0.tar.gz -C "$src"; cd "$src/learn2learn-0.2.0"
+   "$SITE/bin/cython" -3 learn2learn/data/meta_dataset.pyx learn2learn/data/task_dataset.pyx \
+     learn2learn/data/transforms.pyx >/dev/null
+   timeout 240 $PY -m pip install -q --no-deps --no-build-isolation --target "$SITE" . 2>&1 | tail -2) \
+  || echo "learn2learn did not build: the throughput ratios will be missing"
+fi
+peer=.gpu/l2l_bench.py; [ -f "$peer" ] || peer=../shared/peer/l2l_bench.py
+
+say "CUDA tests"
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_recompute.py 2>&1 | tail -15
+
+say "figures (benchmarks/gpu_checks.py)"
+timeout 300 $PY benchmarks/gpu_checks.py --peer "$peer" | tee "$OUT/gpu_checks.jsonl"
+
+gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -ge 2 ]; then
+  say "two NCCL ranks: meta-training on synthetic tasks, 1 process against 2 (torchrun)"
+  work=$(mktemp -d)
+  $PY - "$work" <<'PY'
+import sys
+from pathlib import Path
+from tests.test_cuda import synthetic_tasks
+work = Path(sys.argv[1])
+(work / "tasks").mkdir()
+synthetic_tasks(work / "tasks")
+(work / "recipe.yaml").write_text("method: maml\ntasks: [synth-train]\nval_tasks: []\nways: 5\nshots: 1\nqueries: 5\n"
+                                  "meta_batch: 32\niterations: 40\nval_every: 1000\ninner: {steps: 1, lr: 0.4}\n"
+                                  "precision: bf16\ndevice: cuda\n")
+PY
+  common=(cli.py train --config "$work/recipe.yaml" --tasks-dir "$work/tasks" --json)
+  timeout 150 $PY "${common[@]}" --out "$work/p1" >/dev/null && \
+  timeout 150 $PY -m torch.distributed.run --nproc_per_node 2 "${common[@]}" --out "$work/p2" >/dev/null
+  for run in p1 p2; do
+    $PY - "$work/$run/metrics.jsonl" "$run" <<'PY' | tee -a "$OUT/gpu_checks.jsonl"
+import json, sys
+rows = [json.loads(x) for x in open(sys.argv[1])]
+rate = (len(rows) - 5) / (rows[-1]["seconds"] - rows[4]["seconds"])
+print(json.dumps({"setting": "synthetic 5-way 1-shot, 5 queries, meta-batch 32, bf16", "processes": 1 if sys.argv[2] == "p1" else 2,
+                  "backend": "nccl", "it_per_s": round(rate, 2), "last_loss": rows[-1].get("loss")}))
+PY
+  done
+else
+  say "one GPU: the two-rank NCCL check does not apply"
+fi
+say "done"
