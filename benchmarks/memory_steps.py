@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from mtl.device import cpu_name
 
@@ -40,10 +41,8 @@ def rss_mb() -> float:
 def child(a: argparse.Namespace) -> None:
     import torch
 
-    from mtl.algorithms import InnerConfig, build_algorithm
     from mtl.data.stream import TaskBatch
     from mtl.device import set_threads
-    from mtl.models import ModelConfig, MultiTaskModel
 
     set_threads(a.threads)
     n, k, q = a.ways, a.shots, a.query
@@ -55,31 +54,39 @@ def child(a: argparse.Namespace) -> None:
                                  torch.arange(n).repeat_interleave(k),
                                  torch.randn(n * q, 1, 28, 28) + shift.repeat_interleave(q, 0),
                                  torch.arange(n).repeat_interleave(q)))
-    if a.child_mode == "learn2learn":
-        return peer(a, batches)
-    model = MultiTaskModel(ModelConfig(), ["image"])
-    inner = InnerConfig(steps=a.child_steps, lr=0.4, head_init="learned", recompute=a.child_mode == "recompute")
-    learner = build_algorithm("maml", model, inner, heads={"omniglot": n})
-    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    step = peer(a, batches) if a.child_mode == "learn2learn" else ours(a, batches)
     base = rss_mb()
     times = []
     for _ in range(a.iterations):
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        learner.meta_backward(batches, 0)
-        opt.step()
+        step()
         times.append((time.perf_counter() - t0) / len(batches))
-    report(a, base, times)
-
-
-def report(a: argparse.Namespace, base: float, times: list[float]) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"steps": a.child_steps, "mode": a.child_mode, "peak_rss_mb": round(peak),
                       "peak_above_start_mb": round(peak - base), "s_per_task": round(statistics.median(times[1:]), 4)}))
 
 
-def peer(a: argparse.Namespace, batches: list) -> None:
-    """learn2learn's MAML as ``l2l_bench.py`` runs it, on the same tensors."""
+def ours(a: argparse.Namespace, batches: list) -> Callable[[], None]:
+    """One meta-iteration of mtl's second-order MAML, each step's graph stored or recomputed."""
+    import torch
+
+    from mtl.algorithms import InnerConfig, build_algorithm
+    from mtl.models import ModelConfig, MultiTaskModel
+
+    model = MultiTaskModel(ModelConfig(), ["image"])
+    inner = InnerConfig(steps=a.child_steps, lr=0.4, head_init="learned", recompute=a.child_mode == "recompute")
+    learner = build_algorithm("maml", model, inner, heads={"omniglot": a.ways})
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        learner.meta_backward(batches, 0)
+        opt.step()
+    return step
+
+
+def peer(a: argparse.Namespace, batches: list) -> Callable[[], None]:
+    """One meta-iteration of learn2learn's MAML as ``l2l_bench.py`` runs it, on the same tensors."""
     import importlib.util
 
     import torch
@@ -90,10 +97,8 @@ def peer(a: argparse.Namespace, batches: list) -> None:
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
     maml = bench.load_learn2learn().algorithms.MAML(bench.conv4(a.ways), lr=0.4)
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
-    base = rss_mb()
-    times = []
-    for _ in range(a.iterations):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         for b in batches:
             learner = maml.clone()
@@ -101,9 +106,7 @@ def peer(a: argparse.Namespace, batches: list) -> None:
                 learner.adapt(F.cross_entropy(learner(b.xs), b.ys))
             (F.cross_entropy(learner(b.xq), b.yq) / len(batches)).backward()
         opt.step()
-        times.append((time.perf_counter() - t0) / len(batches))
-    report(a, base, times)
-
+    return step
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
