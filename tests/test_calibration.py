@@ -87,3 +87,11 @@ def test_distance_threshold_from_held_out_scores_refuses_about_the_rate_asked():
     assert (scores < in_sample).mean() > 0.2  # measured on the examples that shaped it, far more
     far = centers[:5] * 3  # inputs that fit no class score below every in-scope one
     assert (outliers.score("distance", state, far).numpy() < held).all()
+
+
+def test_distance_with_one_example_per_class_is_on_a_sane_scale():
+    feats, labels, centers = gaussian_classes(1)
+    state = outliers.fit("distance", feats, labels, 20)
+    near = outliers.score("distance", state, feats + 0.01)
+    far = outliers.score("distance", state, centers[:5] * 3)
+    assert torch.isfinite(near).all() and near.abs().max() < 1e3 and near.min() > far.max()

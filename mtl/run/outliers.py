@@ -11,7 +11,9 @@ threshold. Higher always means "more like the known classes".
   under its own covariance, per feature dimension, negated. The background term cancels what makes
   any sentence look unusual to the encoder (length, style) and keeps what sets it apart from *these*
   classes. Leave-one-out scores are exact up to the covariances' trace (Sherman-Morrison), so the
-  threshold is not fooled by examples that shaped the covariance they are measured with.
+  threshold is not fooled by examples that shaped the covariance they are measured with. With one
+  example per class there is no spread within classes to measure: the score is then the plain
+  Mahalanobis distance to the nearest example under the whole set's covariance.
 - ``similarity``: cosine similarity to the nearest class prototype (the unit-norm class mean).
 
 On CLINC150 (150 intents, 10 shots, its 1,000 out-of-scope test queries) ``distance`` separates
@@ -33,9 +35,11 @@ def fit(score: str, feats: Tensor, labels: Tensor, classes: int) -> dict[str, Te
     f, y = feats.detach().double().cpu(), labels.long().cpu()
     if score == "distance":
         means = class_means(f, y, classes)
-        w = whitening(f - means[y])
         center = f.mean(0)
         wb = whitening(f - center)
+        w = whitening(f - means[y])
+        if int(torch.bincount(y).max()) < 2:  # no spread within classes to measure: plain Mahalanobis
+            w, wb = wb, torch.zeros_like(wb)  # distance under the whole set's covariance, no background term
         return {"means": (means @ w).float(), "whiten": w.float(), "center": center.float(),
                 "whiten_background": wb.float(), "prototypes": unit_prototypes(f, y, classes)}
     return {"prototypes": unit_prototypes(f, y, classes)}
