@@ -175,3 +175,16 @@ def test_adapt_chooses_its_steps_and_step_size_without_test_data(trained, regist
     assert max(sel["scores"].values()) == sel["scores"][chosen]
     given = adapt(out, "mnist", shots=5, steps=2, lr=0.1, registry=registry)
     assert given.meta["selection"]["by"] == "given" and (given.meta["steps"], given.meta["lr"]) == (2, 0.1)
+
+
+def test_cosine_anneals_over_the_time_budget_when_it_ends_first(tmp_path):
+    """A time-limited run must still end at the low learning rate, whatever its iteration count."""
+    trainer = Trainer(recipe(cosine=True, outer_lr=0.01, min_outer_lr=0.0, iterations=100_000, time_limit_minutes=1),
+                      tmp_path)
+    assert trainer.lr_at(0) == pytest.approx(0.01)
+    trainer.elapsed = 30.0  # half the budget, a tiny fraction of the iterations
+    assert trainer.lr_at(10) == pytest.approx(0.005)
+    trainer.elapsed = 75.0
+    assert trainer.lr_at(20) == pytest.approx(0.0)
+    trainer.elapsed = 0.0  # iterations still count when they run out first
+    assert trainer.lr_at(50_000) == pytest.approx(0.005)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtl.data.augment import augment
 from mtl.data.episodes import Episode, EpisodeSampler
 from mtl.data.inputs import Inputs, SplitInputs
 from mtl.data.task import Task
@@ -39,12 +40,15 @@ class TaskBatch:
 class EpisodeStream:
     def __init__(self, tasks: Sequence[Task], split: str | dict[str, str] | None, ways: int, shots: int,
                  queries: int, seed: int, device: torch.device, text_encoder: str = "minilm",
-                 text_layers: int = 0, cap_ways: bool = True, skip_small: bool = False) -> None:
+                 text_layers: int = 0, cap_ways: bool = True, skip_small: bool = False,
+                 augment: str | None = None) -> None:
         """``split``: one split name, or one per task; ``None`` uses each task's train split.
         ``cap_ways`` lowers ``ways`` for tasks with fewer classes (training on mixed registries);
-        ``skip_small`` leaves out classes too small for an episode (see :class:`EpisodeSampler`)."""
+        ``skip_small`` leaves out classes too small for an episode (see :class:`EpisodeSampler`);
+        ``augment``: distort the images of drawn episodes (:mod:`mtl.data.augment`; not ``fixed`` ones)."""
         self.tasks = list(tasks)
         self.seed = seed
+        self.augment = augment
         self.samplers: list[EpisodeSampler] = []
         self.inputs: list[SplitInputs] = []
         for i, t in enumerate(self.tasks):
@@ -72,7 +76,11 @@ class EpisodeStream:
         rng = np.random.default_rng([self.seed, iteration, slot])
         pos = int(rng.integers(len(self.tasks)))
         episode_index = int(rng.integers(2**62))
-        return self.to_batch(pos, self.samplers[pos].sample(episode_index))
+        b = self.to_batch(pos, self.samplers[pos].sample(episode_index))
+        if self.augment and b.modality == "image":
+            b.xs = augment(self.augment, b.xs, (self.seed, iteration, slot, 0))  # type: ignore[arg-type]
+            b.xq = augment(self.augment, b.xq, (self.seed, iteration, slot, 1))  # type: ignore[arg-type]
+        return b
 
     def meta_batch(self, iteration: int, size: int, slots: Sequence[int] | None = None) -> list[TaskBatch]:
         return [self.slot(iteration, b) for b in (slots if slots is not None else range(size))]

@@ -34,6 +34,7 @@ class Recipe(BaseModel):
     grad_clip: float | None = 10.0
     inner: InnerConfig = InnerConfig()
     model: ModelConfig = ModelConfig()
+    augment: str | None = None  # distort training images: a name in mtl.data.augment.AUGMENTATIONS ("affine")
     val_every: int = Field(default=100, ge=1)
     val_episodes: int = Field(default=100, ge=1)
     val_ways: int | None = None
@@ -51,6 +52,15 @@ class Recipe(BaseModel):
     def _registered(cls, name: str) -> str:
         if name not in ALGORITHMS:
             raise ValueError(f"unknown algorithm '{name}'; registered: {', '.join(ALGORITHMS)}")
+        return name
+
+    @field_validator("augment")
+    @classmethod
+    def _augmentation(cls, name: str | None) -> str | None:
+        from mtl.data.augment import AUGMENTATIONS
+
+        if name is not None and name not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation '{name}'; known: {', '.join(AUGMENTATIONS)}")
         return name
 
     @model_validator(mode="after")

