@@ -11,7 +11,7 @@ folder (or the hub id) as ``model.text_encoder``.
 
     python benchmarks/text_encoders.py --fetch-mpnet /tmp/mpnet
     python benchmarks/text_encoders.py --encoders minilm,/tmp/mpnet/all-mpnet-base-v2 --task banking77 \
-        --shots 10 --seeds 3 [--epochs 10] [--lr 1e-4,3e-5] [--no-finetune]
+        --shots 10 --seeds 3 [--epochs 10] [--lr 1e-4,3e-5] [--precision auto|fp32|bf16] [--no-finetune]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", default="1e-4", help="fine-tuning learning rates, comma-separated (one per encoder, "
                    "or one for all)")
+    p.add_argument("--precision", default="auto", help="fine-tuning: auto (bf16 where native), fp32 or bf16")
     p.add_argument("--no-finetune", action="store_true", help="the linear probe only")
     a = p.parse_args()
     if a.fetch_mpnet:
@@ -97,7 +98,7 @@ def main() -> None:
                 for name in ("linear_probe",) if a.no_finetune else ("linear_probe", "finetune"):
                     t0 = time.perf_counter()
                     model = probe(texts, ys, k, encoder, device) if name == "linear_probe" else \
-                        finetune(texts, ys, k, encoder, device, a.epochs, lr, seed)
+                        finetune(texts, ys, k, encoder, device, a.epochs, lr, seed, a.precision)
                     seconds[name].append(time.perf_counter() - t0)
                     acc[name].append(score_on_task(AdaptedModel(model, meta), task)["test_accuracy"])
                     print(json.dumps({"encoder": Path(encoder).name, "shots": shots, "seed": seed, "method": name,
@@ -108,6 +109,7 @@ def main() -> None:
                     mean, ci = mean_ci(acc[name])
                     summary.append({"encoder": Path(encoder).name, "task": a.task, "shots": shots, "method": name,
                                     "lr": lr if name == "finetune" else None, "epochs": a.epochs,
+                                    "precision": a.precision if name == "finetune" else None,
                                     "mean": round(100 * mean, 2), "ci95": round(100 * ci, 2),
                                     "runs": [round(100 * x, 2) for x in acc[name]],
                                     "fit_seconds": round(float(np.mean(seconds[name])), 1)})

@@ -30,6 +30,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively here (AVX-512-BF16 or AMX CPUs, Ampere+ GPUs): where
+    they do not, bf16 autocast is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        from pathlib import Path
+
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
 def cpu_name() -> str:
     """The processor's model name, printed beside every benchmark figure (speeds compare only within one)."""
     import platform

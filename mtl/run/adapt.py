@@ -27,7 +27,7 @@ from mtl.data.registry import Registry
 from mtl.data.schema import ImageOptions
 from mtl.data.stream import TaskBatch
 from mtl.data.task import Task
-from mtl.device import resolve_device
+from mtl.device import autocast, native_bf16, resolve_device
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel, calibrate_batchnorm
 from mtl.run import outliers
@@ -115,13 +115,15 @@ def layer_count(layers: int | str) -> int:
 
 
 def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor, layers: int, epochs: int,
-                      lr: float, seed: int) -> None:
+                      lr: float, seed: int, precision: str = "auto") -> None:
     """Fine-tune the top ``layers`` of the text encoder with the trunk and the adapted head on the
     support set (cross-entropy, AdamW): what lifts text tasks past a frozen encoder's ceiling.
 
     The lower layers' outputs are computed once, so an epoch costs the top layers only. Layers that
     meta-training already trained keep training (``layers`` is at least their number): everything
     below ``text_trainable_layers`` must stay pretrained, as cached token states stand in for it.
+    ``precision``: ``auto`` runs the layers under bf16 autocast where bf16 is native (weights and the
+    optimizer stay fp32), else ``fp32`` or ``bf16`` as given.
     """
     encoder = model.encoders["text"]
     if layers >= ALL_LAYERS:
@@ -138,11 +140,14 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
     torch.manual_seed(seed)  # dropout: same seed, same model
     encoder.dropout = True
     model.train()
+    if precision == "auto":
+        precision = "bf16" if native_bf16(ys.device) else "fp32"
     with torch.enable_grad():
         for _ in range(epochs):
             for j in rng.permutation(len(batches)):
                 idx, hidden, mask = batches[j]
-                logits = model.heads[HEAD](model.from_encoding(encoder.upper(hidden, mask), "text"))
+                with autocast(ys.device, precision):
+                    logits = model.heads[HEAD](model.from_encoding(encoder.upper(hidden, mask), "text"))
                 loss = torch.nn.functional.cross_entropy(logits.float(), ys[idx.to(ys.device)])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

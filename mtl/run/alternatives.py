@@ -66,7 +66,7 @@ def probe(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: 
 
 
 def finetune(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: torch.device, epochs: int,
-             lr: float, seed: int) -> MultiTaskModel:
+             lr: float, seed: int, precision: str = "auto") -> MultiTaskModel:
     """Every layer of the pretrained encoder and a prototype-initialised head, fine-tuned together."""
     from mtl.run.adapt import ALL_LAYERS, tune_text_encoder
 
@@ -78,7 +78,7 @@ def finetune(texts: list[str], ys: np.ndarray, classes: int, encoder: str, devic
     with torch.no_grad():  # cosine to the class prototypes (features have norm 10): logits in [-10, 10]
         layer.weight.copy_(torch.nn.functional.normalize(protos, dim=1))
         layer.bias.zero_()
-    tune_text_encoder(model, texts, y, ALL_LAYERS, epochs, lr, seed)
+    tune_text_encoder(model, texts, y, ALL_LAYERS, epochs, lr, seed, precision)
     return model.eval()
 
 
