@@ -112,6 +112,14 @@ def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_ru
     assert AdaptedModel.load(tmp_path / "all").model.config.text_trainable_layers == 6
 
 
+def test_encoder_fine_tuning_defaults_to_a_step_budget_not_a_fixed_epoch_count():
+    from mtl.run.adapt import auto_epochs
+
+    assert auto_epochs(3) == 30  # 15-way 5-shot: 3 batches of 32, as many epochs as before
+    assert auto_epochs(25) == 10  # 77-way 10-shot: 250 steps, not 750
+    assert auto_epochs(400) == 5
+
+
 def test_lower_states_then_upper_layers_equal_the_full_encoder():
     from mtl.models import TextEncoder
 

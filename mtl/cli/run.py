@@ -90,7 +90,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               head_init: Annotated[str | None, typer.Option(help="zero or proto.")] = None,
               encoder_layers: Annotated[str, typer.Option(
                   help="Text tasks: then also fine-tune this many top layers of the text encoder (or all).")] = "0",
-              encoder_epochs: Annotated[int, typer.Option(help="Epochs of that fine-tuning.")] = 30,
+              encoder_epochs: Annotated[int | None, typer.Option(
+                  help="Epochs of that fine-tuning (default: about 250 optimizer steps, 5 to 30 epochs).")] = None,
               reject_by: Annotated[str, typer.Option(
                   help="Out-of-scope score: distance (relative Mahalanobis, to the classes), similarity (cosine, "
                        "to the nearest class prototype) or probability (calibrated).")] = "distance",

@@ -114,7 +114,17 @@ def layer_count(layers: int | str) -> int:
     return layers
 
 
-def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor, layers: int, epochs: int,
+ENCODER_STEPS = 250  # optimizer steps of encoder fine-tuning by default: BANKING77 10-shot stops gaining by then
+
+
+def auto_epochs(batches: int) -> int:
+    """Epochs for about :data:`ENCODER_STEPS` optimizer steps, 5 to 30: a 15-way 5-shot support set
+    (3 batches) gets 30 epochs, a 77-way 10-shot one (25 batches) 10, so a large support set is not
+    fine-tuned for minutes past the point where it stops gaining."""
+    return min(30, max(5, -(-ENCODER_STEPS // max(batches, 1))))
+
+
+def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor, layers: int, epochs: int | None,
                       lr: float, seed: int, precision: str = "auto") -> None:
     """Fine-tune the top ``layers`` of the text encoder with the trunk and the adapted head on the
     support set (cross-entropy, AdamW): what lifts text tasks past a frozen encoder's ceiling.
@@ -123,7 +133,7 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
     meta-training already trained keep training (``layers`` is at least their number): everything
     below ``text_trainable_layers`` must stay pretrained, as cached token states stand in for it.
     ``precision``: ``auto`` runs the layers under bf16 autocast where bf16 is native (weights and the
-    optimizer stay fp32), else ``fp32`` or ``bf16`` as given.
+    optimizer stay fp32), else ``fp32`` or ``bf16`` as given. ``epochs``: None for :func:`auto_epochs`.
     """
     encoder = model.encoders["text"]
     if layers >= ALL_LAYERS:
@@ -132,6 +142,7 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
     encoder.set_trainable(layers)
     model.config = model.config.model_copy(update={"text_trainable_layers": layers})
     batches = encoder.lower_states(texts)
+    epochs = epochs or auto_epochs(len(batches))
     top = [p for p in encoder.parameters() if p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("encoders.") and
             (not n.startswith("heads.") or n.startswith(f"heads.{HEAD}."))]
@@ -217,8 +228,8 @@ def calibrate_from(logits: np.ndarray, held: np.ndarray, by: str, feats: torch.T
 
 
 def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: float | None = None,
-        head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int = 30, encoder_lr: float = 1e-4,
-        seed: int = 0, checkpoint: str | None = None, stored: dict[str, Any] | None = None,
+        head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int | None = None,
+        encoder_lr: float = 1e-4, seed: int = 0, checkpoint: str | None = None, stored: dict[str, Any] | None = None,
         reject_by: str = "distance", reject_rate: float = REJECT_RATE, none: str = "none") -> AdaptedModel:
     """Adapt a copy of ``learner``'s initialization to ``support``; ``learner`` is left unchanged.
 
@@ -297,7 +308,7 @@ def score_on_task(model: AdaptedModel, task: Task) -> dict[str, Any]:
 
 def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any] | None = None, *,
           shots: int = 5, examples: Path | None = None, steps: int | None = None, lr: float | None = None,
-          head_init: str | None = None, encoder_layers: int | str = 0, encoder_epochs: int = 30,
+          head_init: str | None = None, encoder_layers: int | str = 0, encoder_epochs: int | None = None,
           encoder_lr: float = 1e-4, seed: int = 0, device: str | torch.device = "auto",
           out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "distance",
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
@@ -327,7 +338,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     if not 0 <= reject_rate < 1:
         raise MtlError(f"--reject-rate {reject_rate} is not a fraction", "use e.g. 0.03 (0: refuse nothing)")
     encoder_layers = layer_count(encoder_layers)
-    if encoder_layers < 0 or encoder_epochs < 1:
+    if encoder_layers < 0 or (encoder_epochs is not None and encoder_epochs < 1):
         raise MtlError("--encoder-layers must be 0 or more (or all) and --encoder-epochs 1 or more",
                        "e.g. --encoder-layers 2")
     stored = None

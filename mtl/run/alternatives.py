@@ -65,7 +65,7 @@ def probe(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: 
     return model.eval()
 
 
-def finetune(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: torch.device, epochs: int,
+def finetune(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: torch.device, epochs: int | None,
              lr: float, seed: int, precision: str = "auto") -> MultiTaskModel:
     """Every layer of the pretrained encoder and a prototype-initialised head, fine-tuned together."""
     from mtl.run.adapt import ALL_LAYERS, tune_text_encoder
@@ -116,7 +116,7 @@ def fold_indices(ys: np.ndarray, folds: int = 3) -> list[np.ndarray]:
     return [np.flatnonzero(rank % k == f) for f in range(k)]
 
 
-def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: int, lr: float, seed: int,
+def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: int | None, lr: float, seed: int,
            reject_by: str, reject_rate: float, none: str) -> AdaptedModel:
     """The best of ``adapted`` (the meta-learned initialization, as :func:`mtl.run.adapt.fit` made it),
     a linear probe and plain fine-tuning, by cross-validated accuracy on the support set; what was
