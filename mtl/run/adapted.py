@@ -109,18 +109,24 @@ class AdaptedModel:
             from mtl.data.embeddings import token_states
 
             states = token_states(inputs.tolist(), cfg.text_encoder, cfg.text_trainable_layers).to(self.device)
-        logits, sims = [], []
+        order = np.arange(len(inputs))
+        if self.modality == "text" and not self.model.encoders["text"].reads_embeddings:
+            order = np.argsort([len(str(t)) for t in inputs], kind="stable")  # batches of like lengths: little
+        logits, sims = [], []  # padding for the transformer to run over (4x faster on BANKING77's test split)
         for i in range(0, len(inputs), batch_size):
+            idx = order[i:i + batch_size]
             if states is not None:
-                x: Any = states[torch.arange(i, min(i + batch_size, len(inputs)), device=self.device)]
+                x: Any = states[torch.as_tensor(idx, device=self.device)]
             else:
-                x = model_inputs(inputs[i:i + batch_size], self.model, self.modality, self.device, cached)
+                x = model_inputs(inputs[idx], self.model, self.modality, self.device, cached)
             feats = self.model.features(x, self.modality)
             logits.append(self.model.heads[HEAD](feats).float().cpu().numpy())
             sims.append(outliers.score(self.rejection.score, self.outlier_state, feats).cpu().numpy())
         if not logits:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
-        return np.concatenate(logits), np.concatenate(sims)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return np.concatenate(logits)[back], np.concatenate(sims)[back]
 
     def predict_proba(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
                       ) -> np.ndarray:
