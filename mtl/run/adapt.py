@@ -31,7 +31,7 @@ from mtl.device import autocast, native_bf16, resolve_device
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel, calibrate_batchnorm
 from mtl.run import outliers
-from mtl.run.adapted import HEAD, AdaptedModel, model_inputs
+from mtl.run.adapted import HEAD, AdaptedModel, model_inputs, text_features
 from mtl.run.calibration import (
     CALIBRATION_FOLDS,
     REJECT_RATE,
@@ -279,8 +279,7 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
         calibrate_batchnorm(model, lambda: model.features(xs, modality))
     model.eval()
     with torch.no_grad():  # a tuned text encoder reads the texts again; otherwise what the inner loop read
-        feats = model.features(model_inputs(support.inputs, model, modality, device) if encoder_layers else xs,
-                               modality)
+        feats = text_features(model, support.inputs, device) if encoder_layers else model.features(xs, modality)
     calibration, rejection, state = calibrate(learner, feats, support, xs, ys, selection, stored, reject_by,
                                               reject_rate, none)
     return AdaptedModel(model, {
