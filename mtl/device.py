@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -30,6 +31,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+@functools.cache
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matrix products run natively here (AVX-512-BF16 or AMX CPUs, Ampere+ GPUs): where
     they do not, bf16 autocast is emulated and slower than fp32."""
