@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mtl.algorithms.inner_config import InnerConfig
 from mtl.algorithms.recompute import recomputed_step
 from mtl.data.inputs import Inputs, concat
 from mtl.data.stream import TaskBatch
@@ -42,28 +42,6 @@ from mtl.models import (
 
 if TYPE_CHECKING:
     from mtl.data.stream import EpisodeStream
-
-
-class InnerConfig(BaseModel):
-    """How a task is adapted, during meta-training and when a user adapts to a new task."""
-
-    model_config = ConfigDict(extra="forbid")
-    steps: int = Field(default=1, ge=1, le=100)
-    lr: float = Field(default=0.4, gt=0)
-    eval_steps: int | None = Field(default=None, ge=0, le=1000)  # steps when adapting a new task; None: `steps`
-    adapt: Literal["all", "trunk+head", "head"] = "all"
-    head_init: Literal["learned", "zero", "proto"] = "zero"
-    bn: Literal["support", "transductive"] = "support"
-    # MAML++ (Antoniou et al., 2019)
-    msl: bool = False  # multi-step loss: query loss after every inner step, annealed to the last
-    msl_iterations: int = 1000
-    lslr: bool = False  # learned per-layer, per-step inner learning rates
-    per_step_bn: bool = False  # per-step batch-norm weights and biases
-    per_step_bn_stats: bool = False  # per-step batch-norm running statistics, used when evaluating
-    second_order_from: int = 0  # derivative-order annealing: first order before this iteration
-    # second order: rebuild each inner step's graph in the outer backward instead of storing it, so
-    # memory does not grow with the steps (mtl/algorithms/recompute.py)
-    recompute: bool = False
 
 
 def _key(name: str) -> str:
@@ -171,8 +149,9 @@ class Algorithm(nn.Module):
             if not p.requires_grad or n in skip or n.startswith("heads."):
                 continue
             if n.startswith("encoders."):
-                # a pretrained text encoder's trainable layers learn in the outer loop only
-                if self.inner.adapt != "all" or not n.startswith(f"encoders.{modality}.") or modality == "text":
+                # a text encoder's trainable layers adapt only given `inner.encoder_lr`
+                if self.inner.adapt != "all" or not n.startswith(f"encoders.{modality}.") or (
+                        modality == "text" and self.inner.encoder_lr is None):
                     continue
             elif n.startswith("projections.") and not n.startswith(f"projections.{modality}."):
                 continue
@@ -183,6 +162,8 @@ class Algorithm(nn.Module):
         shapes: dict[str, tuple[int, ...]] = {}
         for m in self.model.encoders:
             for n in self.adapted_names(m):
+                if n.startswith("encoders.text."):  # a transformer's weights take `encoder_lr`
+                    continue
                 shapes[n] = tuple(dict(self.model.named_parameters())[n].shape)
         shapes["head.weight"] = (1, self.model.feature_dim)  # shared by rows: heads differ in width
         shapes["head.bias"] = (1,)
@@ -192,6 +173,8 @@ class Algorithm(nn.Module):
         """The step size of parameter ``name`` at ``step``: ``lr`` if given (a user's choice replaces
         the learned ones), else the learned one, else the recipe's."""
         k = _key(name)
+        if self.inner.encoder_lr is not None and name.startswith("encoders.text."):
+            return self.inner.encoder_lr
         if lr is not None:
             return lr
         if k not in self.lrs:

@@ -38,6 +38,7 @@ class ModelConfig(BaseModel):
     image_channels: int = 1
     text_encoder: str = "minilm"  # a registered name or a transformers model folder (made absolute)
     text_trainable_layers: int = 0
+    text_checkpointing: bool = False  # recompute the trained layers' activations in backward: less memory
     projection: int | None = None  # per-modality linear map to a common width before the trunk
     trunk: list[int] = []  # hidden widths of the shared MLP trunk; [] = none
     normalize_text: bool = True

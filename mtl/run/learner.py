@@ -28,7 +28,8 @@ def load_learner(path: Path, device: torch.device, hold_text: bool = False) -> t
                        "pass the run folder of `cli.py train` to --checkpoint")
     recipe = Recipe.model_validate(meta["recipe"])
     config = recipe.model
-    hold = hold_text and config.text_trainable_layers > 0 and "text" in meta["modalities"]
+    hold = (hold_text and config.text_trainable_layers > 0 and "text" in meta["modalities"]
+            and recipe.inner.encoder_lr is None)  # else the inner loop itself adapts the layers
     if hold:  # build the text encoder without its transformer, then hand it the tensors
         recipe = recipe.model_copy(update={"model": config.model_copy(update={"text_trainable_layers": 0})})
     learner = build_learner(recipe, meta["modalities"], {k: int(v) for k, v in meta["heads"].items()})

@@ -22,7 +22,7 @@ def build_encoder(name: str, config: ModelConfig, modality: str) -> nn.Module:
     if name in ENCODERS and ENCODERS[name].modality == modality:
         return ENCODERS[name].build(config)
     if modality == "text" and Path(name).is_dir():
-        return TextEncoder(name, config.text_trainable_layers)
+        return TextEncoder(name, config.text_trainable_layers, config.text_checkpointing)
     other = " or the folder of a transformers model" if modality == "text" else ""
     raise MtlError(f"unknown {modality} encoder '{name}'", f"use one of {', '.join(encoder_names(modality))}{other}")
 

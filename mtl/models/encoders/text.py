@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from mtl.data.embeddings import (
     EncoderWeights,
@@ -56,9 +58,10 @@ class TextEncoder(nn.Module):
     encoder that adaptation leaves alone is ``hold``-ed: cached embeddings again, its weights kept.
     """
 
-    def __init__(self, name: str = "minilm", trainable_layers: int = 0) -> None:
+    def __init__(self, name: str = "minilm", trainable_layers: int = 0, checkpointing: bool = False) -> None:
         super().__init__()
         self.name = name
+        self.checkpointing = checkpointing  # recompute the trainable layers' activations in backward
         self.trainable_layers = trainable_layers
         self.out_dim = encoder_dim(name)
         self.transformer: nn.Module | None = None
@@ -93,6 +96,12 @@ class TextEncoder(nn.Module):
             shared, self.tokenizer = load_transformer(self.name)
             # a private copy: the shared instance stays frozen, so cached embeddings stay valid
             self.transformer = copy.deepcopy(shared).to(device)
+            # eager attention is twice differentiable (second-order MAML through the layers: the fused
+            # CPU attention kernel has no double backward), and no slower at sentence lengths
+            if hasattr(self.transformer, "set_attn_implementation"):
+                self.transformer.set_attn_implementation("eager")
+            else:
+                self.transformer.config._attn_implementation = "eager"
             if held is not None:
                 self.transformer.load_state_dict(held)
             self.weights = None
@@ -137,8 +146,11 @@ class TextEncoder(nn.Module):
         assert self.transformer is not None
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         for layer in transformer_layers(self.transformer)[-self.trainable_layers:]:
-            hidden = layer(hidden, attention_mask=additive)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older transformers return tuples
+            if self.checkpointing and torch.is_grad_enabled():
+                hidden = checkpointed(layer, hidden, additive)
+            else:
+                hidden = layer(hidden, attention_mask=additive)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older transformers return tuples
         return mean_pool(hidden, mask)
 
     def train(self, mode: bool = True) -> TextEncoder:
@@ -164,7 +176,21 @@ class TextEncoder(nn.Module):
         return mean_pool(out, batch["attention_mask"])
 
 
+def checkpointed(layer: nn.Module, hidden: Tensor, additive: Tensor) -> Tensor:
+    """``layer(hidden)``, its activations recomputed in the backward pass instead of stored (what lets
+    every layer be meta-learned in memory). The layer's weights enter the checkpoint as inputs, so the
+    recomputation uses the forward pass's weights even under ``functional_call`` (an inner loop's fast
+    weights); ``torch.utils.checkpoint`` alone re-reads the module, whose own weights are back by then."""
+    names, weights = zip(*layer.named_parameters(), strict=True)
+
+    def run(h: Tensor, *ws: Tensor) -> Tensor:
+        out = functional_call(layer, dict(zip(names, ws, strict=True)), (h,), {"attention_mask": additive})
+        return out[0] if isinstance(out, tuple) else out
+
+    return checkpoint(run, hidden, *weights, use_reentrant=False)
+
+
 @register_encoder("minilm", "text")
 def minilm(config: ModelConfig) -> TextEncoder:
     """all-MiniLM-L6-v2 (384 wide), shipped as a Python package; mean pooling."""
-    return TextEncoder("minilm", config.text_trainable_layers)
+    return TextEncoder("minilm", config.text_trainable_layers, config.text_checkpointing)
