@@ -102,3 +102,16 @@ def test_an_algorithm_registered_from_a_test_file_trains_and_adapts(tmp_path, re
     model = mtl.adapt(tmp_path / "run", task="omniglot-angelic", shots=1, registry=registry)
     assert model.meta["algorithm"] == "test-fixed-step" and model.meta["test_accuracy"] is not None
     assert np.isfinite(model.predict_proba(registry.load("omniglot-angelic").test.inputs[:3])).all()
+
+
+def test_choosing_the_adaptation_setting_stops_at_its_time_budget():
+    """After training, only the method's own setting is scored once the time for the choice is spent
+    (an inner loop through a whole transformer makes every candidate cost minutes)."""
+    from mtl.run.select import candidates, choose
+
+    learner = tiny("maml")
+    options = candidates(learner)
+    assert len(options) > 1
+    best, scores = choose(learner, [episode(0)], options, seconds=0.0)
+    assert best == options[0] and len(scores) == 1
+    assert len(choose(learner, [episode(0)], options)[1]) == len(options)

@@ -9,6 +9,7 @@ step size reach. The same candidates serve training (stored in the checkpoint as
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -57,10 +58,18 @@ def score(learner: Algorithm, episodes: Sequence[TaskBatch], s: Setting) -> floa
     return float(np.mean([learner.evaluate(b, s.steps, lr=s.lr, head_init=s.head_init) for b in episodes]))
 
 
-def choose(learner: Algorithm, episodes: Sequence[TaskBatch], options: Sequence[Setting]
-           ) -> tuple[Setting, dict[str, float]]:
-    """The best setting on ``episodes`` (the first on ties), and every candidate's accuracy."""
-    scores = {s: score(learner, episodes, s) for s in options}
+def choose(learner: Algorithm, episodes: Sequence[TaskBatch], options: Sequence[Setting],
+           seconds: float | None = None) -> tuple[Setting, dict[str, float]]:
+    """The best setting on ``episodes`` (the first on ties), and every candidate's accuracy. With
+    ``seconds``, candidates after the first are tried only while that much time is left (an inner loop
+    through a whole transformer makes each one cost minutes)."""
+    start = time.perf_counter()
+    scores: dict[Setting, float] = {}
+    for s in options:
+        if scores and seconds is not None and time.perf_counter() - start > seconds:
+            break
+        scores[s] = score(learner, episodes, s)
+    options = list(scores)
     best = max(options, key=lambda s: scores[s])
     return best, {f"{s.steps}@{s.label()}": round(v, 4) for s, v in scores.items()}
 

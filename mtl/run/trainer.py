@@ -227,7 +227,8 @@ class Trainer:
         learner, meta = load_learner(path, self.device)
         episodes = self.val.fixed(min(self.recipe.val_episodes, 20)) if self.val else []
         with autocast(self.device, self.recipe.precision):
-            setting, scores = choose(learner, episodes, candidates(learner))
+            # a tenth of the training time (at least a minute) for the choice
+            setting, scores = choose(learner, episodes, candidates(learner), max(60.0, self.elapsed / 10))
             logits = [learner.query_logits_after(b, setting.steps, setting.lr, setting.head_init) for b in episodes]
         # the temperature for 1-shot adaptation, where the support set cannot hold any example out
         temperature = fit_temperature(torch.cat(logits).cpu(), torch.cat([b.yq for b in episodes]).cpu()) \
