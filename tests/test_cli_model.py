@@ -116,7 +116,7 @@ def test_encoder_fine_tuning_defaults_to_a_step_budget_not_a_fixed_epoch_count()
     from mtl.run.adapt import auto_epochs
 
     assert auto_epochs(3) == 30  # 15-way 5-shot: 3 batches of 32, as many epochs as before
-    assert auto_epochs(25) == 10  # 77-way 10-shot: 250 steps, not 750
+    assert auto_epochs(25) == 5  # 77-way 10-shot: 125 steps, not 750
     assert auto_epochs(400) == 5
 
 

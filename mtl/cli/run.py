@@ -91,7 +91,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               encoder_layers: Annotated[str, typer.Option(
                   help="Text tasks: then also fine-tune this many top layers of the text encoder (or all).")] = "0",
               encoder_epochs: Annotated[int | None, typer.Option(
-                  help="Epochs of that fine-tuning (default: about 250 optimizer steps, 5 to 30 epochs).")] = None,
+                  help="Epochs of that fine-tuning (default: about 125 steps at lr 2e-4, 5 to 30 epochs).")] = None,
               reject_by: Annotated[str, typer.Option(
                   help="Out-of-scope score: distance (relative Mahalanobis, to the classes), similarity (cosine, "
                        "to the nearest class prototype) or probability (calibrated).")] = "distance",
