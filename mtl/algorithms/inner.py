@@ -170,8 +170,9 @@ class Algorithm(nn.Module):
         return shapes
 
     def inner_lr(self, name: str, step: int, lr: float | None = None) -> Tensor | float:
-        """The step size of parameter ``name`` at ``step``: ``lr`` if given (a user's choice replaces
-        the learned ones), else the learned one, else the recipe's."""
+        """The step size of parameter ``name`` at ``step``: ``inner.encoder_lr`` for a text encoder's
+        layers, else ``lr`` if given (a user's choice replaces the learned ones), else the learned
+        one, else the recipe's."""
         k = _key(name)
         if self.inner.encoder_lr is not None and name.startswith("encoders.text."):
             return self.inner.encoder_lr
