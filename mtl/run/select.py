@@ -54,21 +54,27 @@ def candidates(learner: Algorithm, stored: dict[str, Any] | None = None) -> list
     return list(dict.fromkeys(out))
 
 
-def score(learner: Algorithm, episodes: Sequence[TaskBatch], s: Setting) -> float:
-    return float(np.mean([learner.evaluate(b, s.steps, lr=s.lr, head_init=s.head_init) for b in episodes]))
+def episode_logits(learner: Algorithm, episodes: Sequence[TaskBatch], s: Setting) -> list[torch.Tensor]:
+    return [learner.query_logits_after(b, s.steps, s.lr, s.head_init) for b in episodes]
 
 
 def choose(learner: Algorithm, episodes: Sequence[TaskBatch], options: Sequence[Setting],
-           seconds: float | None = None) -> tuple[Setting, dict[str, float]]:
+           seconds: float | None = None, logits: dict[Setting, list[torch.Tensor]] | None = None
+           ) -> tuple[Setting, dict[str, float]]:
     """The best setting on ``episodes`` (the first on ties), and every candidate's accuracy. With
     ``seconds``, candidates after the first are tried only while that much time is left (an inner loop
-    through a whole transformer makes each one cost minutes)."""
+    through a whole transformer makes each one cost minutes). ``logits``, if given, receives each
+    tried setting's query logits (what a temperature is fitted on, without adapting again)."""
     start = time.perf_counter()
     scores: dict[Setting, float] = {}
     for s in options:
         if scores and seconds is not None and time.perf_counter() - start > seconds:
             break
-        scores[s] = score(learner, episodes, s)
+        z = episode_logits(learner, episodes, s)
+        scores[s] = float(np.mean([float((zi.argmax(1) == b.yq).float().mean()) for zi, b in zip(z, episodes,
+                                                                                                   strict=True)]))
+        if logits is not None:
+            logits[s] = z
     options = list(scores)
     best = max(options, key=lambda s: scores[s])
     return best, {f"{s.steps}@{s.label()}": round(v, 4) for s, v in scores.items()}

@@ -31,7 +31,7 @@ from mtl.run.checkpoint import load_checkpoint, load_into, optimizer_tensors, re
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe, load_recipe
-from mtl.run.select import as_dict, candidates, choose
+from mtl.run.select import Setting, as_dict, candidates, choose
 from mtl.run.tracking import open_trackers
 
 Callback = Callable[[dict[str, Any]], None]
@@ -228,8 +228,9 @@ class Trainer:
         episodes = self.val.fixed(min(self.recipe.val_episodes, 20)) if self.val else []
         with autocast(self.device, self.recipe.precision):
             # a tenth of the training time (at least a minute) for the choice
-            setting, scores = choose(learner, episodes, candidates(learner), max(60.0, self.elapsed / 10))
-            logits = [learner.query_logits_after(b, setting.steps, setting.lr, setting.head_init) for b in episodes]
+            tried: dict[Setting, list[torch.Tensor]] = {}  # each tried setting's query logits
+            setting, scores = choose(learner, episodes, candidates(learner), max(60.0, self.elapsed / 10), tried)
+            logits = tried[setting]
         # the temperature for 1-shot adaptation, where the support set cannot hold any example out
         temperature = fit_temperature(torch.cat(logits).cpu(), torch.cat([b.yq for b in episodes]).cpu()) \
             if episodes else 1.0
