@@ -21,7 +21,7 @@ import torch
 
 from mtl.data.registry import Registry
 from mtl.device import cpu_name
-from mtl.run.adapt import adapt, score_on_task, support_from_task
+from mtl.run.adapt import ENCODER_LR, adapt, score_on_task, support_from_task
 from mtl.run.adapted import AdaptedModel
 from mtl.run.alternatives import finetune, probe
 from mtl.run.learner import load_learner
@@ -33,7 +33,8 @@ def main() -> None:
     p.add_argument("--tasks", default="clinc150-kitchen-and-dining,clinc150-travel,clinc150-work,sst2,trec")
     p.add_argument("--shots", default="5,10")
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (adapt's --encoder-epochs)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fine-tuning epochs (adapt's --encoder-epochs; default: adapt's, about 125 steps)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     registry = Registry()
@@ -49,8 +50,8 @@ def main() -> None:
                 texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
                 acc = {"meta-learned": adapt(learner, task, shots=shots, seed=seed).meta["test_accuracy"]}
                 for m, model in (("linear_probe", probe(texts, ys, k, "minilm", torch.device("cpu"))),
-                                 ("finetune", finetune(texts, ys, k, "minilm", torch.device("cpu"), a.epochs, 1e-4,
-                                                       seed))):
+                                 ("finetune", finetune(texts, ys, k, "minilm", torch.device("cpu"), a.epochs,
+                                                       ENCODER_LR, seed))):
                     acc[m] = score_on_task(AdaptedModel(model, {**chosen.meta}), task)["test_accuracy"]
                 pick = chosen.meta["choice"]["method"]
                 best = max(acc.values())

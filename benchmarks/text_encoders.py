@@ -11,7 +11,8 @@ folder (or the hub id) as ``model.text_encoder``.
 
     python benchmarks/text_encoders.py --fetch-mpnet /tmp/mpnet
     python benchmarks/text_encoders.py --encoders minilm,/tmp/mpnet/all-mpnet-base-v2 --task banking77 \
-        --shots 10 --seeds 3 [--epochs 10] [--lr 1e-4,3e-5] [--precision auto|fp32|bf16] [--no-finetune]
+        --shots 10 --seeds 3 [--epochs 10] [--lr 1e-4,3e-5] [--precision auto|fp32|bf16] [--no-finetune] \\
+        [--label-names]
 
 An entry of ``--encoders`` may also be a run folder of ``cli.py train`` whose recipe meta-learned the
 text encoder's layers: its encoder is saved as a transformers folder first, so the meta-learned
@@ -100,6 +101,8 @@ def main() -> None:
                    "or one for all)")
     p.add_argument("--precision", default="auto", help="fine-tuning: auto (bf16 where native), fp32 or bf16")
     p.add_argument("--no-finetune", action="store_true", help="the linear probe only")
+    p.add_argument("--label-names", action="store_true", help="each class's name as one more example of it "
+                   "(mtl.run.label_text), as adapt --select does when cross-validation says they help")
     a = p.parse_args()
     if a.fetch_mpnet:
         print(fetch_mpnet(a.fetch_mpnet))
@@ -125,8 +128,9 @@ def main() -> None:
                 meta = {"classes": support.classes, "modality": "text"}
                 for name in ("linear_probe",) if a.no_finetune else ("linear_probe", "finetune"):
                     t0 = time.perf_counter()
-                    model = probe(texts, ys, k, encoder, device) if name == "linear_probe" else \
-                        finetune(texts, ys, k, encoder, device, a.epochs, lr, seed, a.precision)
+                    names = support.classes if a.label_names else None
+                    model = probe(texts, ys, k, encoder, device, names) if name == "linear_probe" else \
+                        finetune(texts, ys, k, encoder, device, a.epochs, lr, seed, a.precision, names)
                     seconds[name].append(time.perf_counter() - t0)
                     acc[name].append(score_on_task(AdaptedModel(model, meta), task)["test_accuracy"])
                     print(json.dumps({"encoder": Path(encoder).name, "shots": shots, "seed": seed, "method": name,
@@ -138,6 +142,7 @@ def main() -> None:
                     summary.append({"encoder": Path(encoder).name, "task": a.task, "shots": shots, "method": name,
                                     "lr": lr if name == "finetune" else None, "epochs": a.epochs,
                                     "precision": a.precision if name == "finetune" else None,
+                                    "label_names": a.label_names,
                                     "mean": round(100 * mean, 2), "ci95": round(100 * ci, 2),
                                     "runs": [round(100 * x, 2) for x in acc[name]],
                                     "fit_seconds": round(float(np.mean(seconds[name])), 1)})

@@ -351,6 +351,7 @@ def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(te
     choice = res["choice"]
     assert set(choice["accuracy"]) == {"meta-learned", "linear_probe", "finetune"}
     assert choice["accuracy"][choice["method"]] == max(choice["accuracy"].values())  # the best one, ties: meta
+    assert choice["label_names"] in (True, False)  # clinc150's intent names are words: tried as examples
     model = AdaptedModel.load(tmp_path / "m")  # whichever won, the saved model reproduces its accuracy
     test = Registry().load("clinc150-work").test
     assert abs(float((model.predict_ids(test.inputs) == test.labels).mean()) - res["test_accuracy"]) < 1e-9

@@ -24,6 +24,7 @@ from mtl.algorithms import Algorithm
 from mtl.errors import MtlError
 from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run.adapted import HEAD, AdaptedModel
+from mtl.run.label_text import descriptive, with_names
 
 if TYPE_CHECKING:
     from mtl.run.adapt import Support
@@ -46,10 +47,13 @@ def plain_model(encoder: str, device: torch.device) -> MultiTaskModel:
     return MultiTaskModel(ModelConfig(text_encoder=encoder), ["text"]).to(device)
 
 
-def probe(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: torch.device) -> MultiTaskModel:
-    """Logistic regression on the frozen encoder's (normalised) embeddings, as the model's linear head."""
+def probe(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: torch.device,
+          names: list[str] | None = None) -> MultiTaskModel:
+    """Logistic regression on the frozen encoder's (normalised) embeddings, as the model's linear head;
+    ``names`` (the classes' names), when given, are one more example of each class."""
     from sklearn.linear_model import LogisticRegression
 
+    texts, ys = with_names(texts, ys, names)
     model = plain_model(encoder, device)
     x = model_features(model, texts).cpu().numpy()
     with warnings.catch_warnings():
@@ -66,10 +70,12 @@ def probe(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: 
 
 
 def finetune(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: torch.device, epochs: int | None,
-             lr: float, seed: int, precision: str = "auto") -> MultiTaskModel:
-    """Every layer of the pretrained encoder and a prototype-initialised head, fine-tuned together."""
+             lr: float, seed: int, precision: str = "auto", names: list[str] | None = None) -> MultiTaskModel:
+    """Every layer of the pretrained encoder and a prototype-initialised head, fine-tuned together;
+    ``names`` as in :func:`probe`."""
     from mtl.run.adapt import ALL_LAYERS, tune_text_encoder
 
+    texts, ys = with_names(texts, ys, names)
     model = plain_model(encoder, device)
     x = model_features(model, texts)
     y = torch.as_tensor(ys, device=device)
@@ -141,21 +147,28 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     z = torch.cat([learner.query_logits_after(b, int(sel["steps"]), sel.get("lr"), sel.get("head_init"))
                    for b in batches]).cpu().numpy()
     held = torch.cat([b.yq for b in batches]).cpu().numpy()
-    cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held),
-             cross_validate("linear_probe", lambda t, y: probe(t, y, k, encoder, device), texts, ys, folds),
-             cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed), texts, ys,
-                            folds)]
+    linear = cross_validate("linear_probe", lambda t, y: probe(t, y, k, encoder, device), texts, ys, folds)
+    names = None
+    if descriptive(support.classes):  # the class names as examples, if the (cheap) probe says they help
+        named = cross_validate("linear_probe", lambda t, y: probe(t, y, k, encoder, device, support.classes),
+                               texts, ys, folds)
+        if named.accuracy >= linear.accuracy:
+            linear, names = named, support.classes
+    cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held), linear,
+             cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed,
+                                                              names=names), texts, ys, folds)]
     best = cands[0]
     for c in cands[1:]:
         if c.accuracy > best.accuracy:  # ties: the meta-learned initialization
             best = c
     by = f"{len(folds)}-fold cross-validation on the support set"
-    choice = {"method": best.name, "by": by, "accuracy": {c.name: round(c.accuracy, 4) for c in cands}}
+    choice = {"method": best.name, "by": by, "accuracy": {c.name: round(c.accuracy, 4) for c in cands},
+              "label_names": names is not None}
     if best.name == "meta-learned":
         adapted.meta["choice"] = choice
         return adapted
-    model = probe(texts, ys, k, encoder, device) if best.name == "linear_probe" else \
-        finetune(texts, ys, k, encoder, device, epochs, lr, seed)
+    model = probe(texts, ys, k, encoder, device, names) if best.name == "linear_probe" else \
+        finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
     calibration, rejection, state = calibrate_from(best.logits, best.held, by, model_features(model, texts),
                                                     torch.as_tensor(ys), k, reject_by, reject_rate, none)
     meta = {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
