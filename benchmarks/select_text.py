@@ -5,8 +5,10 @@ pretrained encoder and plain fine-tuning of every layer, judged on each task's w
         [--tasks clinc150-kitchen-and-dining,clinc150-travel,clinc150-work,sst2,trec] [--shots 5,10] [--seeds 2]
 
 For each (task, shots, seed) it fits all three on the same support set, scores each on the test split,
-and records what cross-validation on the support set chose: the rate at which the choice is the best
-(or within one test-set standard error of it), and the mean accuracy lost against the best.
+and records what cross-validation on the support set chose and how the chosen model scores: the rate
+at which it is at least as good as the best of the three (or within one test-set standard error of
+it), the mean accuracy lost against the best, and the runs where it falls behind the linear probe by
+more than one standard error.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main() -> None:
             for seed in range(a.seeds):
                 t0 = time.perf_counter()
                 chosen = adapt(learner, task, shots=shots, seed=seed, select=True, encoder_epochs=a.epochs)
+                seconds = time.perf_counter() - t0
                 support = support_from_task(task, shots, seed)
                 texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
                 acc = {"meta-learned": adapt(learner, task, shots=shots, seed=seed).meta["test_accuracy"]}
@@ -53,21 +56,29 @@ def main() -> None:
                                  ("finetune", finetune(texts, ys, k, "minilm", torch.device("cpu"), a.epochs,
                                                        ENCODER_LR, seed))):
                     acc[m] = score_on_task(AdaptedModel(model, {**chosen.meta}), task)["test_accuracy"]
-                pick = chosen.meta["choice"]["method"]
+                choice = chosen.meta["choice"]
+                selected = chosen.meta["test_accuracy"]  # with the class names as examples, if it chose them
                 best = max(acc.values())
-                n = chosen.meta["test_examples"]
-                se = float(np.sqrt(best * (1 - best) / n))
-                row = {"task": name, "shots": shots, "seed": seed, "test": acc, "chosen": pick,
-                       "cv": chosen.meta["choice"].get("accuracy"), "best": pick == max(acc, key=acc.get),
-                       "within_se": best - acc[pick] <= se, "lost": best - acc[pick],
-                       "seconds": round(time.perf_counter() - t0, 1)}
+                se = float(np.sqrt(best * (1 - best) / chosen.meta["test_examples"]))
+                row = {"task": name, "shots": shots, "seed": seed, "test": acc, "chosen": choice["method"],
+                       "label_names": choice.get("label_names", False), "selected": selected,
+                       "cv": choice.get("accuracy"), "best": selected >= best - 1e-9,
+                       "within_se": best - selected <= se, "lost": max(0.0, best - selected),
+                       "behind_probe_beyond_se": acc["linear_probe"] - selected > se,
+                       "select_seconds": round(seconds, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    per_task = {}
+    for name in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == name]
+        per_task[name] = {m: round(100 * float(np.mean([r["test"][m] for r in mine])), 2) for m in mine[0]["test"]}
+        per_task[name]["select"] = round(100 * float(np.mean([r["selected"] for r in mine])), 2)
     summary = {"cpu": cpu_name(), "runs": len(rows), "picked_best": float(np.mean([r["best"] for r in rows])),
                "within_one_se_of_best": float(np.mean([r["within_se"] for r in rows])),
                "mean_points_lost": round(100 * float(np.mean([r["lost"] for r in rows])), 2),
-               "never_behind_linear_probe": all(r["test"][r["chosen"]] >= r["test"]["linear_probe"] - 0.01
-                                                for r in rows)}
+               "runs_behind_linear_probe_beyond_one_se": sum(r["behind_probe_beyond_se"] for r in rows),
+               "mean_test_accuracy_by_task": per_task,
+               "mean_select_seconds": round(float(np.mean([r["select_seconds"] for r in rows])), 1)}
     print(json.dumps(summary, indent=1))
     if a.json:
         a.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
