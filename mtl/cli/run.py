@@ -102,8 +102,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   help="Refuse inputs scoring below this instead.")] = None,
               none_label: Annotated[str, typer.Option(help="The answer for refused inputs.")] = "none",
               select: Annotated[bool, typer.Option(
-                  "--select", help="Text: keep the meta-learned initialization only if cross-validation on the "
-                  "support set rates it at least as high as a linear probe and plain fine-tuning.")] = False,
+                  "--select", help="Text: cross-validate the meta-learned initialization, a linear probe and "
+                  "plain fine-tuning on the support set; keep fine-tuning unless beaten beyond the noise.")] = False,
               unknown: Annotated[str | None, typer.Option(
                   help="A task of inputs that fit no class (clinc150-oos): report out-of-scope recall, "
                        "precision and AUROC on its test split.")] = None,

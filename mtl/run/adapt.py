@@ -326,10 +326,10 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     ``probability``: the calibrated top probability; :mod:`mtl.run.outliers`) is below the threshold
     chosen on the support set to refuse ``reject_rate`` of known inputs, or below ``reject_below``.
     ``unknown``: a task whose test examples fit none of the classes (``clinc150-oos``); the open-set
-    report on them and the known test examples goes to ``meta["open_set"]``. ``select`` (text): keep the
-    meta-learned initialization only if cross-validation on the support set rates it at least as high
-    as a linear probe and plain fine-tuning of the pretrained encoder (``encoder_epochs``, ``encoder_lr``);
-    what was chosen goes to ``meta["choice"]``.
+    report on them and the known test examples goes to ``meta["open_set"]``. ``select`` (text): the
+    meta-learned initialization, a linear probe or plain fine-tuning of the pretrained encoder
+    (``encoder_epochs``, ``encoder_lr``), by cross-validation on the support set
+    (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``.
     """
     t0 = time.perf_counter()
     if shots < 1:
