@@ -65,3 +65,18 @@ def test_tensorboard_logging_and_closing_lines_without_validation(tmp_path, run_
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [0, 1, 2]
+
+
+def test_an_untrained_learner_with_nothing_to_train_adapts():
+    """The pretrained sentence encoder, frozen, and a prototype head: no parameter at all until adapted
+    (``compare``'s ``scratch`` for a recipe without a trunk)."""
+    from mtl import adapt
+    from mtl.models import ModelConfig
+    from mtl.run.learner import build_learner
+    from mtl.run.recipe import Recipe
+
+    recipe = Recipe(method="maml", tasks=["clinc150-work"], model=ModelConfig(text_encoder="minilm", trunk=[]))
+    learner = build_learner(recipe, ["text"], {})
+    assert not list(learner.parameters())
+    model = adapt(learner, "clinc150-work", shots=2)
+    assert model.meta["test_accuracy"] > 0.5  # 15 intents: chance is 0.07

@@ -242,7 +242,8 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     ``encoder_layers`` > 0 (text), the top layers of the text encoder are then fine-tuned with the
     trunk and head. The probabilities are then calibrated and a rejection threshold chosen on the support
     set (:func:`calibrate`)."""
-    device = next(itertools.chain(learner.parameters(), learner.buffers())).device  # a held encoder: buffers
+    # a held encoder has buffers only; a frozen encoder with no trunk, nothing at all
+    device = next(itertools.chain(learner.parameters(), learner.buffers()), torch.empty(0)).device
     modality = support.modality
     if modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {modality} encoder (trained on {', '.join(learner.model.encoders)} "
