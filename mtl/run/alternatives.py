@@ -179,7 +179,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     best = pick(cands)
     by = f"{len(folds)}-fold cross-validation on the support set, fine-tuning unless beaten beyond its noise"
     choice = {"method": best.name, "by": by, "accuracy": {c.name: round(c.accuracy, 4) for c in cands},
-              "label_names": names is not None}
+              "label_names": names is not None and best.name != "meta-learned"}
     if best.name == "meta-learned":
         adapted.meta["choice"] = choice
         return adapted
