@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,15 +29,13 @@ from mtl.device import cpu_name
 from mtl.run.adapt import ENCODER_LR, adapt, score_on_task, support_from_task
 from mtl.run.adapted import AdaptedModel
 from mtl.run.alternatives import finetune, probe
-from mtl.run.checkpoint import load_checkpoint
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe
 
 
-def scratch(checkpoint: Path, seed: int) -> Algorithm:
-    """``compare``'s ``scratch``: the checkpoint's architecture and inner loop, freshly initialised
-    (the pretrained sentence encoder, frozen, and a random trunk), with no meta-training."""
-    _, meta = load_checkpoint(checkpoint)
+def scratch(meta: dict[str, Any], seed: int) -> Algorithm:
+    """``compare``'s ``scratch``: the architecture and inner loop of the checkpoint whose ``meta`` this
+    is, freshly initialised (the pretrained sentence encoder, frozen, and a random trunk)."""
     recipe = Recipe.model_validate(meta["recipe"])
     recipe = recipe.model_copy(update={"method": "maml", "model": recipe.model.model_copy(
         update={"text_trainable_layers": 0})})
@@ -56,14 +55,14 @@ def main() -> None:
     p.add_argument("--scratch-only", action="store_true", help="only the scratch column (it was added later)")
     a = p.parse_args()
     registry = Registry()
-    learner, _ = load_learner(Path(a.checkpoint), torch.device("cpu"), hold_text=True)
+    learner, meta = load_learner(Path(a.checkpoint), torch.device("cpu"), hold_text=True)
     rows = []
     for name in a.tasks.split(","):
         task = registry.load(name)
         for shots in (int(s) for s in a.shots.split(",")):
             for seed in range(a.seeds):
                 if a.scratch_only:
-                    r = adapt(scratch(Path(a.checkpoint), seed), task, shots=shots, seed=seed)
+                    r = adapt(scratch(meta, seed), task, shots=shots, seed=seed)
                     print(json.dumps({"task": name, "shots": shots, "seed": seed, "scratch": r.meta["test_accuracy"]}),
                           flush=True)
                     continue
@@ -73,7 +72,7 @@ def main() -> None:
                 support = support_from_task(task, shots, seed)
                 texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
                 acc = {"meta-learned": adapt(learner, task, shots=shots, seed=seed).meta["test_accuracy"],
-                       "scratch": adapt(scratch(Path(a.checkpoint), seed), task, shots=shots, seed=seed
+                       "scratch": adapt(scratch(meta, seed), task, shots=shots, seed=seed
                                         ).meta["test_accuracy"]}
                 for m, model in (("linear_probe", probe(texts, ys, k, "minilm", torch.device("cpu"))),
                                  ("finetune", finetune(texts, ys, k, "minilm", torch.device("cpu"), a.epochs,
