@@ -27,27 +27,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtl.algorithms import Algorithm
 from mtl.data.registry import Registry
 from mtl.data.task import Task
 from mtl.device import cpu_name
 from mtl.run.evaluate import evaluate, mean_ci
+from mtl.run.learner import load_learner
 
 
-def with_copies(checkpoint: str, task: Task, episodes: int, copies: int) -> float:
+def with_copies(learner: Algorithm, precision: str, task: Task, episodes: int, copies: int) -> float:
     """Mean accuracy of 20-way 1-shot episodes (the same as ``evaluate``'s, on CPU) adapted to each
     support drawing and ``copies`` distorted copies of it."""
     from mtl.data.augment import augment
     from mtl.data.stream import EpisodeStream
     from mtl.device import autocast
-    from mtl.run.learner import load_learner
 
     dev = torch.device("cpu")
-    learner, meta = load_learner(Path(checkpoint), dev)
     stream = EpisodeStream([task], task.spec.test_split, 20, 1, 4, 0, dev, None, 0, cap_ways=False)
     acc = []
     for i, b in enumerate(stream.fixed(episodes)):
         xs = torch.cat([b.xs] + [augment("affine", b.xs, (i, j)) for j in range(copies)])
-        with autocast(dev, meta["recipe"].get("precision", "fp32")):
+        with autocast(dev, precision):
             z = learner.query_logits_after(dataclasses.replace(b, xs=xs, ys=b.ys.repeat(copies + 1)), None)
         acc.append(float((z.argmax(1) == b.yq).float().mean()))
     return float(np.mean(acc))
@@ -63,11 +63,14 @@ def main() -> None:
     registry = Registry()
     alphabets = [n for n in registry.names(role="held_out")
                  if n.startswith("omniglot-") and "images_evaluation" in registry.spec(n).description]
+    if a.support_copies:
+        learner, meta = load_learner(Path(a.checkpoint), torch.device("cpu"))
+        precision = meta["recipe"].get("precision", "fp32")
     t0 = time.perf_counter()
     errors = {}
     for name in alphabets:
         if a.support_copies:
-            errors[name] = 1.0 - with_copies(a.checkpoint, registry.load(name), a.episodes, a.support_copies)
+            errors[name] = 1.0 - with_copies(learner, precision, registry.load(name), a.episodes, a.support_copies)
         else:
             r = evaluate(a.checkpoint, name, ways=20, shots=1, queries=4, episodes=a.episodes, registry=registry,
                          device=a.device)
