@@ -44,6 +44,7 @@ class Server:
     def __init__(self, app) -> None:
         import uvicorn
 
+        self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -158,3 +159,5 @@ def test_an_image_model_takes_base64_images_and_refuses_a_corrupt_one(tmp_path):
         assert code == 422 and "not base64" in body["detail"]
     finally:
         server.stop()
+    # the inference thread ends with the server: left alive, its OpenMP team would halve later training's speed
+    assert not server.app.state.batcher.worker.is_alive()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,16 @@ def create_app(model: AdaptedModel, folder: str = "", max_batch: int = MAX_BATCH
 
     from mtl.serve.batcher import Batcher
 
-    app = fastapi.FastAPI(title="mtl", description=f"An adapted model for task '{model.meta.get('task')}'.")
     batcher = Batcher(model, max_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        yield
+        batcher.close()
+
+    app = fastapi.FastAPI(title="mtl", description=f"An adapted model for task '{model.meta.get('task')}'.",
+                          lifespan=lifespan)
+    app.state.batcher = batcher
     card = model_card(model, folder)
     started = time.time()
 
