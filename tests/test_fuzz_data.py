@@ -193,7 +193,7 @@ def rss_start() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-@settings(max_examples=80, deadline=10_000, phases=[Phase.explicit, Phase.reuse, Phase.generate],  # the
+@settings(max_examples=50, deadline=10_000, phases=[Phase.explicit, Phase.reuse, Phase.generate],  # the
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # kind says enough
 @given(kind=st.sampled_from(KINDS), data=st.data())
 def test_corrupt_data_ends_in_a_clear_error(kind, data, tmp_path_factory, capsys, monkeypatch, rss_start):
