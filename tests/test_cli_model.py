@@ -375,6 +375,22 @@ def test_a_linear_probe_head_predicts_as_scikit_learn_does():
         assert np.allclose(ours, theirs, atol=1e-4)
 
 
+def test_the_probe_cross_validated_on_features_computed_once_equals_refitting_per_fold():
+    from mtl.run import alternatives as alt
+    from mtl.run.label_text import with_names
+
+    texts = ["book a flight", "flight to paris", "cancel my flight", "what's my balance", "money left", "balance",
+             "play jazz", "some music please", "next song"]
+    ys, names, cpu = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2]), ["book_flight", "balance", "PlayMusic"], torch.device("cpu")
+    folds = alt.fold_indices(ys)
+    x = alt.model_features(alt.plain_model("minilm", cpu), with_names(texts, ys, names)[0]).numpy()
+    for given in (None, names):
+        slow = alt.cross_validate("linear_probe", lambda t, y, g=given: alt.probe(t, y, 3, "minilm", cpu, g),
+                                  texts, ys, folds)
+        fast = alt.cross_validate_probe(x[:9], ys, 3, folds, extra=None if given is None else x[9:])
+        assert np.array_equal(slow.held, fast.held) and np.allclose(slow.logits, fast.logits, atol=1e-4)
+
+
 def test_setfit_baseline_learns_from_the_support_set():
     pytest.importorskip("setfit")
     from mtl.run.setfit_baseline import setfit_probs

@@ -54,19 +54,29 @@ def probe(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: 
           names: list[str] | None = None) -> MultiTaskModel:
     """Logistic regression on the frozen encoder's (normalised) embeddings, as the model's linear head;
     ``names`` (the classes' names), when given, are one more example of each class."""
-    from sklearn.linear_model import LogisticRegression
-
     texts, ys = with_names(texts, ys, names)
     model = plain_model(encoder, device)
-    x = model_features(model, texts).cpu().numpy()
+    return with_linear_head(model, model_features(model, texts).cpu().numpy(), ys, classes)
+
+
+def linear_fit(x: np.ndarray, ys: np.ndarray, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of logistic regression of ``ys`` on features ``x``, one row per class."""
+    from sklearn.linear_model import LogisticRegression
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         clf = LogisticRegression(max_iter=2000, C=1.0).fit(x, ys)
+    w, b = torch.as_tensor(clf.coef_, dtype=torch.float32), torch.as_tensor(clf.intercept_, dtype=torch.float32)
+    if classes == 2:  # scikit-learn keeps one row for two classes: logit(1) - logit(0)
+        w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
+    return w, b
+
+
+def with_linear_head(model: MultiTaskModel, x: np.ndarray, ys: np.ndarray, classes: int) -> MultiTaskModel:
+    """``model`` with a linear head fitted to its own features ``x`` of the labelled examples."""
+    w, b = linear_fit(x, ys, classes)
     layer = model.add_head(HEAD, classes)
     with torch.no_grad():
-        w, b = torch.as_tensor(clf.coef_, dtype=torch.float32), torch.as_tensor(clf.intercept_, dtype=torch.float32)
-        if classes == 2:  # scikit-learn keeps one row for two classes: logit(1) - logit(0)
-            w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
         layer.weight.copy_(w)
         layer.bias.copy_(b)
     return model.eval()
@@ -113,6 +123,23 @@ def cross_validate(name: str, build: Callable[[list[str], np.ndarray], MultiTask
         held.append(ys[idx])
     z, y = np.concatenate(logits), np.concatenate(held)
     return Candidate(name, float((z.argmax(1) == y).mean()), z, y)
+
+
+def cross_validate_probe(x: np.ndarray, ys: np.ndarray, classes: int, folds: list[np.ndarray],
+                         extra: np.ndarray | None = None) -> Candidate:
+    """:func:`cross_validate` of the linear probe on features computed once (the encoder is frozen, so
+    a fold's features are the same as everyone's); ``extra`` (one row per class, e.g. the names'
+    features) joins every fold's training rows."""
+    logits = []
+    for idx in folds:
+        keep = np.setdiff1d(np.arange(len(ys)), idx)
+        xk, yk = x[keep], ys[keep]
+        if extra is not None:
+            xk, yk = np.concatenate([xk, extra]), np.concatenate([yk, np.arange(classes)])
+        w, b = linear_fit(xk, yk, classes)
+        logits.append((torch.as_tensor(x[idx]) @ w.T + b).numpy())
+    z, y = np.concatenate(logits), np.concatenate([ys[idx] for idx in folds])
+    return Candidate("linear_probe", float((z.argmax(1) == y).mean()), z, y)
 
 
 def pick(cands: list[Candidate], default: str = "finetune", z: float = 1.0) -> Candidate:
@@ -166,11 +193,14 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     z = torch.cat([learner.query_logits_after(b, int(sel["steps"]), sel.get("lr"), sel.get("head_init"))
                    for b in batches]).cpu().numpy()
     held = torch.cat([b.yq for b in batches]).cpu().numpy()
-    linear = cross_validate("linear_probe", lambda t, y: probe(t, y, k, encoder, device), texts, ys, folds)
+    plain = plain_model(encoder, device)  # frozen: its features are computed once, for every fold
+    readable_names = descriptive(support.classes)
+    x = model_features(plain, with_names(texts, ys, support.classes if readable_names else None)[0]).cpu().numpy()
+    x, x_names = x[:len(texts)], x[len(texts):]
+    linear = cross_validate_probe(x, ys, k, folds)
     names = None
-    if descriptive(support.classes):  # the class names as examples, if the (cheap) probe says they help
-        named = cross_validate("linear_probe", lambda t, y: probe(t, y, k, encoder, device, support.classes),
-                               texts, ys, folds)
+    if readable_names:  # the class names as examples, if the (cheap) probe says they help
+        named = cross_validate_probe(x, ys, k, folds, extra=x_names)
         if named.accuracy >= linear.accuracy:
             linear, names = named, support.classes
     cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held), linear,
@@ -183,9 +213,13 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     if best.name == "meta-learned":
         adapted.meta["choice"] = choice
         return adapted
-    model = probe(texts, ys, k, encoder, device, names) if best.name == "linear_probe" else \
-        finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
-    calibration, rejection, state = calibrate_from(best.logits, best.held, by, model_features(model, texts),
+    if best.name == "linear_probe":
+        ny = np.concatenate([ys, np.arange(k)]) if names else ys
+        model = with_linear_head(plain, np.concatenate([x, x_names]) if names else x, ny, k)
+    else:
+        model = finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
+    feats = torch.as_tensor(x, device=device) if best.name == "linear_probe" else model_features(model, texts)
+    calibration, rejection, state = calibrate_from(best.logits, best.held, by, feats,
                                                     torch.as_tensor(ys), k, reject_by, reject_rate, none)
     meta = {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
             "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": best.name,
