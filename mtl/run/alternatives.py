@@ -214,8 +214,8 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
         adapted.meta["choice"] = choice
         return adapted
     if best.name == "linear_probe":
-        ny = np.concatenate([ys, np.arange(k)]) if names else ys
-        model = with_linear_head(plain, np.concatenate([x, x_names]) if names else x, ny, k)
+        model = with_linear_head(plain, np.concatenate([x, x_names]) if names else x,
+                                 with_names(texts, ys, names)[1], k)
     else:
         model = finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
     feats = torch.as_tensor(x, device=device) if best.name == "linear_probe" else model_features(model, texts)
