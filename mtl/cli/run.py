@@ -102,8 +102,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   help="Refuse inputs scoring below this instead.")] = None,
               none_label: Annotated[str, typer.Option(help="The answer for refused inputs.")] = "none",
               select: Annotated[bool, typer.Option(
-                  "--select", help="Text: cross-validate the meta-learned initialization, a linear probe and "
-                  "plain fine-tuning on the support set; keep fine-tuning unless beaten beyond the noise.")] = False,
+                  "--select", help="Text: cross-validate the meta-learned initialization, a linear probe, "
+                  "plain fine-tuning and the last two together on the support set; keep the two together "
+                  "unless beaten beyond the noise.")] = False,
               unknown: Annotated[str | None, typer.Option(
                   help="A task of inputs that fit no class (clinc150-oos): report out-of-scope recall, "
                        "precision and AUROC on its test split.")] = None,
@@ -133,7 +134,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     choice = m.meta.get("choice")
     if choice and choice["method"] != "meta-learned":
         how = {"linear_probe": "a linear probe on the pretrained encoder",
-               "finetune": "every layer of the pretrained encoder fine-tuned"}[choice["method"]]
+               "finetune": "every layer of the pretrained encoder fine-tuned",
+               "probe+finetune": "a linear probe on the pretrained encoder and every layer of it fine-tuned, "
+                                 "answering together"}[choice["method"]]
         how += ", the class names as one more example each" if choice.get("label_names") else ""
     if choice and "accuracy" in choice:
         why = f"chosen by {choice['by']}: " + ", ".join(f"{k} {v:.3f}" for k, v in choice["accuracy"].items())

@@ -2,14 +2,16 @@
 chosen by cross-validation on the support set itself.
 
 The alternatives are built from the pretrained sentence encoder alone, with no meta-learning: a
-linear probe (logistic regression on its frozen embeddings) and plain fine-tuning (every layer, with
-a prototype-initialised head). Each is scored by the same stratified folds as the meta-learned path
-(:func:`mtl.run.select.support_folds`). Plain fine-tuning, the strongest single way on text tasks
-never met in meta-training, is kept unless another way answers more held-out support examples right
-by more than the noise of that count (:func:`pick`): three folds of a 5-shot support set are too few
-to tell a 2-point difference from chance, and following them cost up to 16 points on TREC. A task
-unlike anything met in meta-training is thus never left worse off than the plain encoder by more
-than the cross-validation noise.
+linear probe (logistic regression on its frozen embeddings), plain fine-tuning (every layer, with a
+prototype-initialised head), and the two answering together (``probe+finetune``: their
+log-probabilities mixed, :func:`mtl.run.adapted.mixed_logits`). Each is scored by the same stratified
+folds as the meta-learned path (:func:`mtl.run.select.support_folds`). The probe and fine-tuning
+together, the strongest way on text tasks never met in meta-training (docs/BENCHMARKS.md), are kept
+unless another way answers more held-out support examples right by more than the noise of that count
+(:func:`pick`): three folds of a 5-shot support set are too few to tell a 2-point difference from
+chance, and following them cost up to 16 points on TREC. A task unlike anything met in
+meta-training is thus never left worse off than the plain encoder by more than the cross-validation
+noise.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.errors import MtlError
 from mtl.models import ModelConfig, MultiTaskModel
-from mtl.run.adapted import HEAD, AdaptedModel
+from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits
 from mtl.run.label_text import descriptive, with_names
 
 if TYPE_CHECKING:
     from mtl.run.adapt import Support
 
-ALTERNATIVES = ("linear_probe", "finetune")
+BOTH = "probe+finetune"  # the two answering together: --select's default
+PROBE_WEIGHT = 0.3  # the probe's share of the log-probabilities (BANKING77 10-shot: 0.3 > 0.5 > 0.7)
 
 
 @dataclass
@@ -171,8 +174,8 @@ def fold_indices(ys: np.ndarray, folds: int = 3) -> list[np.ndarray]:
 def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: int | None, lr: float, seed: int,
            reject_by: str, reject_rate: float, none: str) -> AdaptedModel:
     """The best of ``adapted`` (the meta-learned initialization, as :func:`mtl.run.adapt.fit` made it),
-    a linear probe and plain fine-tuning, by cross-validated accuracy on the support set; what was
-    chosen and every candidate's accuracy go to ``meta["choice"]``."""
+    a linear probe, plain fine-tuning and the last two together, by cross-validated accuracy on the
+    support set (:func:`pick`); what was chosen and every candidate's accuracy go to ``meta["choice"]``."""
     from mtl.run.adapt import calibrate_from
     from mtl.run.adapted import model_inputs
     from mtl.run.select import support_folds
@@ -203,25 +206,31 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
         named = cross_validate_probe(x, ys, k, folds, extra=x_names)
         if named.accuracy >= linear.accuracy:
             linear, names = named, support.classes
-    cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held), linear,
-             cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed,
-                                                              names=names), texts, ys, folds)]
-    best = pick(cands)
-    by = f"{len(folds)}-fold cross-validation on the support set, fine-tuning unless beaten beyond its noise"
+    ft = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed, names=names),
+                        texts, ys, folds)
+    mixed = mixed_logits(linear.logits, ft.logits, PROBE_WEIGHT)
+    both = Candidate(BOTH, float((mixed.argmax(1) == ft.held).mean()), mixed, ft.held)
+    cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held), linear, ft, both]
+    best = pick(cands, default=BOTH)
+    by = f"{len(folds)}-fold cross-validation on the support set, {BOTH} unless beaten beyond its noise"
     choice = {"method": best.name, "by": by, "accuracy": {c.name: round(c.accuracy, 4) for c in cands},
               "label_names": names is not None and best.name != "meta-learned"}
     if best.name == "meta-learned":
         adapted.meta["choice"] = choice
         return adapted
-    if best.name == "linear_probe":
-        model = with_linear_head(plain, np.concatenate([x, x_names]) if names else x,
-                                 with_names(texts, ys, names)[1], k)
-    else:
-        model = finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
+    probe_model = None
+    if best.name in ("linear_probe", BOTH):
+        probe_model = with_linear_head(plain, np.concatenate([x, x_names]) if names else x,
+                                       with_names(texts, ys, names)[1], k)
+    model = probe_model if best.name == "linear_probe" else \
+        finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
     feats = torch.as_tensor(x, device=device) if best.name == "linear_probe" else model_features(model, texts)
     calibration, rejection, state = calibrate_from(best.logits, best.held, by, feats,
                                                     torch.as_tensor(ys), k, reject_by, reject_rate, none)
     meta = {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
             "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": best.name,
             "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
+    if best.name == BOTH:  # the probe answers with the fine-tuned model (mtl.run.adapted.mixed_logits)
+        meta["probe"] = {"weight": PROBE_WEIGHT, "text_encoder": encoder}
+        return AdaptedModel(model, meta, state, probe_model)
     return AdaptedModel(model, meta, state)
