@@ -53,6 +53,8 @@ def main() -> None:
                    help="fine-tuning epochs (adapt's --encoder-epochs; default: adapt's, about 125 steps)")
     p.add_argument("--json", type=Path)
     p.add_argument("--scratch-only", action="store_true", help="only the scratch column (it was added later)")
+    p.add_argument("--select-only", action="store_true", help="only --select's own model (after a change to it; "
+                   "the other columns do not change)")
     a = p.parse_args()
     registry = Registry()
     learner, meta = load_learner(Path(a.checkpoint), torch.device("cpu"), hold_text=True)
@@ -69,6 +71,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 chosen = adapt(learner, task, shots=shots, seed=seed, select=True, encoder_epochs=a.epochs)
                 seconds = time.perf_counter() - t0
+                if a.select_only:
+                    print(json.dumps({"task": name, "shots": shots, "seed": seed, "chosen": chosen.meta["choice"],
+                                      "selected": chosen.meta["test_accuracy"], "select_seconds": round(seconds, 1),
+                                      "cpu": cpu_name()}), flush=True)
+                    continue
                 support = support_from_task(task, shots, seed)
                 texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
                 acc = {"meta-learned": adapt(learner, task, shots=shots, seed=seed).meta["test_accuracy"],
@@ -91,7 +98,7 @@ def main() -> None:
                        "select_seconds": round(seconds, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    if a.scratch_only:
+    if a.scratch_only or a.select_only:
         return
     per_task = {}
     for name in dict.fromkeys(r["task"] for r in rows):
