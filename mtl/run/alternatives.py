@@ -128,6 +128,14 @@ def cross_validate(name: str, build: Callable[[list[str], np.ndarray], MultiTask
     return Candidate(name, float((z.argmax(1) == y).mean()), z, y)
 
 
+def with_name_rows(x: np.ndarray, ys: np.ndarray, names: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``x`` and labels ``ys`` with the class names' features (row c: class c) appended, as
+    :func:`mtl.run.label_text.with_names` appends the names themselves; unchanged when ``names`` is None."""
+    if names is None:
+        return x, ys
+    return np.concatenate([x, names]), np.concatenate([ys, np.arange(len(names))])
+
+
 def cross_validate_probe(x: np.ndarray, ys: np.ndarray, classes: int, folds: list[np.ndarray],
                          extra: np.ndarray | None = None) -> Candidate:
     """:func:`cross_validate` of the linear probe on features computed once (the encoder is frozen, so
@@ -136,10 +144,7 @@ def cross_validate_probe(x: np.ndarray, ys: np.ndarray, classes: int, folds: lis
     logits = []
     for idx in folds:
         keep = np.setdiff1d(np.arange(len(ys)), idx)
-        xk, yk = x[keep], ys[keep]
-        if extra is not None:
-            xk, yk = np.concatenate([xk, extra]), np.concatenate([yk, np.arange(classes)])
-        w, b = linear_fit(xk, yk, classes)
+        w, b = linear_fit(*with_name_rows(x[keep], ys[keep], extra), classes)
         logits.append((torch.as_tensor(x[idx]) @ w.T + b).numpy())
     z, y = np.concatenate(logits), np.concatenate([ys[idx] for idx in folds])
     return Candidate("linear_probe", float((z.argmax(1) == y).mean()), z, y)
@@ -220,8 +225,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
         return adapted
     probe_model = None
     if best.name in ("linear_probe", BOTH):
-        probe_model = with_linear_head(plain, np.concatenate([x, x_names]) if names else x,
-                                       with_names(texts, ys, names)[1], k)
+        probe_model = with_linear_head(plain, *with_name_rows(x, ys, x_names if names else None), k)
     model = probe_model if best.name == "linear_probe" else \
         finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
     feats = torch.as_tensor(x, device=device) if best.name == "linear_probe" else model_features(model, texts)
