@@ -9,7 +9,7 @@ the import of torch (~300 MB) does not hide the difference. The meta-gradient is
 a time, so the peak is one task's graph and does not depend on the meta-batch.
 
     python benchmarks/memory_steps.py [--steps 1,5,10,20] [--ways 5] [--shots 1] [--query 15]
-        [--peer ../shared/peer/l2l_bench.py]
+        [--precision fp32|bf16] [--peer ../shared/peer/l2l_bench.py]
 
 ``--peer``: also learn2learn's MAML, run as ../shared/peer/l2l_bench.py runs it (its Conv-4, clone()
 and adapt() per task), measured the same way; learn2learn must be importable (../shared/peer/INSTALL.md;
@@ -71,6 +71,7 @@ def ours(a: argparse.Namespace, batches: list) -> Callable[[], None]:
     import torch
 
     from mtl.algorithms import InnerConfig, build_algorithm
+    from mtl.device import autocast
     from mtl.models import ModelConfig, MultiTaskModel
 
     model = MultiTaskModel(ModelConfig(), ["image"])
@@ -80,7 +81,8 @@ def ours(a: argparse.Namespace, batches: list) -> Callable[[], None]:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        learner.meta_backward(batches, 0)
+        with autocast(torch.device("cpu"), a.precision):  # as the trainer runs a recipe's precision
+            learner.meta_backward(batches, 0)
         opt.step()
     return step
 
@@ -117,6 +119,8 @@ def main() -> None:
     ap.add_argument("--meta-batch", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", help="mtl's precision: fp32, or bf16 (a recipe's default; "
+                    "learn2learn stays fp32, as it runs)")
     ap.add_argument("--peer", help="../shared/peer/l2l_bench.py: also measure learn2learn")
     ap.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-mode", help=argparse.SUPPRESS)
@@ -129,11 +133,13 @@ def main() -> None:
         for mode in ("stored", "recompute", *(("learn2learn",) if a.peer else ())):
             argv = [sys.executable, __file__, "--child-steps", str(steps), "--child-mode", mode,
                     *[f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                      if k in ("ways", "shots", "query", "meta_batch", "iterations", "threads", "peer") and v]]
+                      if k in ("ways", "shots", "query", "meta_batch", "iterations", "threads", "peer", "precision")
+                      and v]]
             out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{cpu_name()}, {a.threads} threads; Conv-4, {a.ways}-way {a.shots}-shot, {a.query} queries, second order; "
+    print(f"\n{cpu_name()}, {a.threads} threads; Conv-4, {a.ways}-way {a.shots}-shot, {a.query} queries, second order, "
+          f"mtl in {a.precision}; "
           "peak resident memory above the start of training (MB), seconds per task")
     modes = [m for m in ("stored", "recompute", "learn2learn") if any(r["mode"] == m for r in rows)]
     print("| inner steps | " + " | ".join(f"{m} MB | {m} s/task" for m in modes) + " |")
