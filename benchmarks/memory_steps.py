@@ -119,8 +119,8 @@ def main() -> None:
     ap.add_argument("--meta-batch", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="fp32", help="mtl's precision: fp32, or bf16 (a recipe's default; "
-                    "learn2learn stays fp32, as it runs)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="mtl's precision (bf16 is a recipe's default); learn2learn stays fp32, as it runs")
     ap.add_argument("--peer", help="../shared/peer/l2l_bench.py: also measure learn2learn")
     ap.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-mode", help=argparse.SUPPRESS)
