@@ -38,13 +38,11 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def child(a: argparse.Namespace) -> None:
+def make_batches(a: argparse.Namespace) -> list:
     import torch
 
     from mtl.data.stream import TaskBatch
-    from mtl.device import set_threads
 
-    set_threads(a.threads)
     n, k, q = a.ways, a.shots, a.query
     torch.manual_seed(0)
     batches = []
@@ -54,6 +52,14 @@ def child(a: argparse.Namespace) -> None:
                                  torch.arange(n).repeat_interleave(k),
                                  torch.randn(n * q, 1, 28, 28) + shift.repeat_interleave(q, 0),
                                  torch.arange(n).repeat_interleave(q)))
+    return batches
+
+
+def child(a: argparse.Namespace) -> None:
+    from mtl.device import set_threads
+
+    set_threads(a.threads)
+    batches = make_batches(a)
     step = peer(a, batches) if a.child_mode == "learn2learn" else ours(a, batches)
     base = rss_mb()
     times = []
@@ -66,6 +72,41 @@ def child(a: argparse.Namespace) -> None:
                       "peak_above_start_mb": round(peak - base), "s_per_task": round(statistics.median(times[1:]), 4)}))
 
 
+def interleaved(a: argparse.Namespace, steps: int) -> None:
+    """Speed alone, in one process: one meta-iteration of each mode in turn, ``--iterations`` rounds,
+    so that the machine's drift (10-20% from minute to minute here) hits every mode alike. Prints each
+    mode's median seconds per task and its median per-round speed against learn2learn's."""
+    import statistics
+
+    from mtl.device import set_threads
+
+    set_threads(a.threads)
+    batches = make_batches(a)
+    c = max(a.query_chunks, 2)
+    modes = {"stored": ("stored", 1), f"stored, {c} query pieces": ("stored", c),
+             f"recompute, {c} query pieces": ("recompute", c)}
+    steps_of = {m: ours(argparse.Namespace(**{**vars(a), "child_steps": steps, "child_mode": mode,
+                                             "query_chunks": chunks}), batches)
+                for m, (mode, chunks) in modes.items()}
+    if a.peer:
+        steps_of["learn2learn"] = peer(argparse.Namespace(**{**vars(a), "child_steps": steps}), batches)
+    for step in steps_of.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {m: [] for m in steps_of}
+    for _ in range(a.iterations):
+        for m, step in steps_of.items():
+            t0 = time.perf_counter()
+            step()
+            times[m].append((time.perf_counter() - t0) / len(batches))
+    print(f"\n{cpu_name()}, {a.threads} threads; Conv-4, {a.ways}-way {a.shots}-shot, {a.query} queries, {steps} "
+          f"second-order steps, mtl in {a.precision}; {a.iterations} rounds, one meta-iteration of each mode per round")
+    print("| mode | s/task (median) | speed / learn2learn (median of rounds) |\n|---|---|---|")
+    for m, t in times.items():
+        ratio = (f"{statistics.median(p / q for p, q in zip(times['learn2learn'], t, strict=True)):.2f}x"
+                 if "learn2learn" in times else "")
+        print(f"| {m} | {statistics.median(t):.4f} | {ratio} |")
+
+
 def ours(a: argparse.Namespace, batches: list) -> Callable[[], None]:
     """One meta-iteration of mtl's second-order MAML, each step's graph stored or recomputed."""
     import torch
@@ -75,7 +116,8 @@ def ours(a: argparse.Namespace, batches: list) -> Callable[[], None]:
     from mtl.models import ModelConfig, MultiTaskModel
 
     model = MultiTaskModel(ModelConfig(), ["image"])
-    inner = InnerConfig(steps=a.child_steps, lr=0.4, head_init="learned", recompute=a.child_mode == "recompute")
+    inner = InnerConfig(steps=a.child_steps, lr=0.4, head_init="learned", recompute=a.child_mode == "recompute",
+                        query_chunks=a.query_chunks)
     learner = build_algorithm("maml", model, inner, heads={"omniglot": a.ways})
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
@@ -121,19 +163,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="mtl's precision (bf16 is a recipe's default); learn2learn stays fp32, as it runs")
+    ap.add_argument("--query-chunks", type=int, default=1,
+                    help="mtl differentiates the query loss this many pieces at a time (inner.query_chunks)")
     ap.add_argument("--peer", help="../shared/peer/l2l_bench.py: also measure learn2learn")
+    ap.add_argument("--interleave", action="store_true",
+                    help="speed alone: every mode in one process, iteration by iteration (see interleaved())")
     ap.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-mode", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child_steps:
         child(a)
         return
+    if a.interleave:
+        for steps in [int(s) for s in a.steps.split(",")]:
+            interleaved(a, steps)
+        return
     rows = []
     for steps in [int(s) for s in a.steps.split(",")]:
         for mode in ("stored", "recompute", *(("learn2learn",) if a.peer else ())):
             argv = [sys.executable, __file__, "--child-steps", str(steps), "--child-mode", mode,
                     *[f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                      if k in ("ways", "shots", "query", "meta_batch", "iterations", "threads", "peer", "precision")
+                      if k in ("ways", "shots", "query", "meta_batch", "iterations", "threads", "peer", "precision",
+                              "query_chunks")
                       and v]]
             out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))

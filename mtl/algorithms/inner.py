@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mtl.algorithms.inner_config import InnerConfig
+from mtl.algorithms.query_chunks import query_loss_in_pieces
 from mtl.algorithms.recompute import recomputed_step
 from mtl.data.inputs import Inputs, concat
 from mtl.data.stream import TaskBatch
@@ -277,11 +278,11 @@ class Algorithm(nn.Module):
                 fast = self.inner_step(b, fast, step, encoded[0] if encoded else None, fs, create_graph, lr,
                                        retain=not detach)
             if track_query and (self.inner.msl or step == steps - 1):
-                logits = self.query_logits(b, fast, step + 1, fq, encoded[1] if encoded else None)
-                query_losses.append(F.cross_entropy(logits, b.yq))
+                loss, logits = self.query_loss(b, fast, step + 1, fq, encoded[1] if encoded else None)
+                query_losses.append(loss)
         if steps == 0 and track_query:
-            logits = self.query_logits(b, fast, 0, fq, encoded[1] if encoded else None)
-            query_losses.append(F.cross_entropy(logits, b.yq))
+            loss, logits = self.query_loss(b, fast, 0, fq, encoded[1] if encoded else None)
+            query_losses.append(loss)
         return query_losses, fast, logits
 
     def inner_step(self, b: TaskBatch, fast: dict[str, Tensor], step: int, encoded: Tensor | None,
@@ -322,6 +323,15 @@ class Algorithm(nn.Module):
             else:
                 fq = self.episode_features(body, concat(b.xs, b.xq), b.modality, step, len(b.ys))[len(b.ys):]
         return self.head_logits(fq, fast["head.weight"], fast["head.bias"])
+
+    def query_loss(self, b: TaskBatch, fast: dict[str, Tensor], step: int, fq: Tensor | None,
+                   encoded_query: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The query loss under ``fast`` and its logits; in ``inner.query_chunks`` pieces when it is
+        to be differentiated, for memory (:mod:`mtl.algorithms.query_chunks`)."""
+        if self.inner.query_chunks > 1 and torch.is_grad_enabled():
+            return query_loss_in_pieces(self, b, fast, step, fq, encoded_query, self.inner.query_chunks)
+        logits = self.query_logits(b, fast, step, fq, encoded_query)
+        return F.cross_entropy(logits, b.yq), logits
 
     # --- the outer step ------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class InnerConfig(BaseModel):
@@ -27,6 +27,16 @@ class InnerConfig(BaseModel):
     # second order: rebuild each inner step's graph in the outer backward instead of storing it, so
     # memory does not grow with the steps (mtl/algorithms/recompute.py)
     recompute: bool = False
+    # differentiate the query loss this many pieces of the query set at a time: the query set's graph,
+    # most of the memory of few-shot image MAML, is alive a piece at a time (mtl/algorithms/query_chunks.py)
+    query_chunks: int = Field(default=1, ge=1, le=1000)
     # a text encoder's trainable layers: None, they learn in the outer loop only; a step size, they
     # adapt in the inner loop too (with ``adapt: all``): FOMAML, Reptile or MAML over the whole encoder
     encoder_lr: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _independent_queries(self) -> InnerConfig:
+        if self.query_chunks > 1 and self.bn == "transductive":
+            raise ValueError("query_chunks > 1 needs bn: support (transductive batch norm makes queries depend "
+                             "on each other); set inner.query_chunks: 1 or inner.bn: support")
+        return self

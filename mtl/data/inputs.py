@@ -42,3 +42,10 @@ def concat(a: Inputs, b: Inputs) -> Inputs:
     if isinstance(a, TokenStates):
         return TokenStates.cat(a, b)  # type: ignore[arg-type]
     return torch.cat([a, b]) if isinstance(a, Tensor) else list(a) + list(b)  # type: ignore[list-item]
+
+
+def take(x: Inputs, rows: slice) -> Inputs:
+    """Rows ``rows`` of a batch of inputs, whatever their kind."""
+    if isinstance(x, TokenStates):
+        return TokenStates(x.hidden[rows], x.mask[rows])
+    return x[rows]
