@@ -4,11 +4,11 @@ whole query set's meta-gradient, loss, accuracy and batch-norm statistics, for e
 from __future__ import annotations
 
 import pytest
-import torch
 from pydantic import ValidationError
 
 from mtl.algorithms import InnerConfig
-from tests.test_maml import batch, check_against_fd, float64, meta_grads, tiny_learner  # noqa: F401
+from tests.test_maml import batch, check_against_fd, float64, tiny_learner  # noqa: F401
+from tests.test_recompute import assert_same_meta_gradient
 
 VARIANTS = [
     ("maml", {"steps": 2}),
@@ -24,19 +24,7 @@ VARIANTS = [
 
 @pytest.mark.parametrize("method, inner", VARIANTS, ids=[f"{m}-{i}" for m, i in VARIANTS])
 def test_pieces_give_the_whole_query_sets_meta_gradient(method, inner):
-    batches = [batch(0, queries=5), batch(1, queries=5)]
-    whole = tiny_learner(method, **inner)
-    pieces = tiny_learner(method, **inner, query_chunks=4)
-    want = meta_grads(whole, batches, it=5)
-    got = meta_grads(pieces, batches, it=5)
-    assert want.keys() == got.keys() and want
-    for name in want:
-        assert torch.allclose(got[name], want[name], atol=1e-10, rtol=1e-8), name
-    for (name, a), b in zip(whole.named_buffers(), pieces.buffers(), strict=True):
-        assert torch.allclose(a, b, atol=1e-12), name  # per-step statistics collected once, as from the whole set
-    loss_w, acc_w = whole.meta_backward(batches, 5)
-    loss_p, acc_p = pieces.meta_backward(batches, 5)
-    assert loss_p == pytest.approx(loss_w, rel=1e-10) and acc_p == acc_w
+    assert_same_meta_gradient(method, inner, {"query_chunks": 4}, [batch(0, queries=5), batch(1, queries=5)])
 
 
 def test_pieces_match_finite_differences():
