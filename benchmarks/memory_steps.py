@@ -9,7 +9,11 @@ the import of torch (~300 MB) does not hide the difference. The meta-gradient is
 a time, so the peak is one task's graph and does not depend on the meta-batch.
 
     python benchmarks/memory_steps.py [--steps 1,5,10,20] [--ways 5] [--shots 1] [--query 15]
-        [--precision fp32|bf16] [--peer ../shared/peer/l2l_bench.py]
+        [--precision fp32|bf16] [--query-chunks 3] [--interleave] [--peer ../shared/peer/l2l_bench.py]
+
+``--query-chunks N``: mtl differentiates the query loss N pieces of the query set at a time
+(``inner.query_chunks``). ``--interleave``: speed alone, every mode in one process, one
+meta-iteration of each in turn (separate processes drift too much here to compare their speeds).
 
 ``--peer``: also learn2learn's MAML, run as ../shared/peer/l2l_bench.py runs it (its Conv-4, clone()
 and adapt() per task), measured the same way; learn2learn must be importable (../shared/peer/INSTALL.md;
