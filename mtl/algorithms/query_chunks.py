@@ -42,13 +42,15 @@ def query_loss_in_pieces(algo: Algorithm, b: TaskBatch, fast: dict[str, Tensor],
                          encoded_query: Tensor | None, pieces: int) -> tuple[Tensor, Tensor]:
     """The mean query cross-entropy after ``step`` inner steps, whose backward gives the same
     gradients as the whole query set's, and the query logits (detached)."""
-    boundary = [t for t in (*fast.values(), fq, encoded_query) if t is not None and t.requires_grad]
     cut_fast = {k: _cut(v) for k, v in fast.items()}
     cut_fq, cut_eq = _cut(fq), _cut(encoded_query)
-    cut = [t for t in (*cut_fast.values(), cut_fq, cut_eq) if t is not None and t.requires_grad]
+    # (tensor of the graph, its detached copy that the pieces read)
+    pairs = [(t, c) for t, c in zip((*fast.values(), fq, encoded_query), (*cut_fast.values(), cut_fq, cut_eq),
+                                    strict=True) if c is not None and c.requires_grad]
     leaves = [p for p in algo.parameters() if p.requires_grad]  # read directly (per-step batch norm...)
+    inputs = [c for _, c in pairs] + leaves
     n = len(b.yq)
-    grads: list[Tensor | None] = [None] * (len(cut) + len(leaves))
+    grads: list[Tensor | None] = [None] * len(inputs)
     total = torch.zeros((), device=b.yq.device)
     logits = []
     bounds = [round(i * n / min(pieces, n)) for i in range(min(pieces, n) + 1)]
@@ -61,12 +63,13 @@ def query_loss_in_pieces(algo: Algorithm, b: TaskBatch, fast: dict[str, Tensor],
         finally:
             algo.replaying = False
         loss = F.cross_entropy(z, piece.yq, reduction="sum") / n
-        for j, g in enumerate(torch.autograd.grad(loss, cut + leaves, allow_unused=True)):
+        for j, g in enumerate(torch.autograd.grad(loss, inputs, allow_unused=True)):
             if g is not None:
                 prev = grads[j]
                 grads[j] = g if prev is None else prev + g
         total = total + loss.detach()
         logits.append(z.detach())
-    surrogate = sum(((t * g.to(t.dtype)).sum() for t, g in zip(boundary + leaves, grads, strict=True) if g is not None),
+    targets = [t for t, _ in pairs] + leaves  # where each summed gradient belongs in the outer graph
+    surrogate = sum(((t * g.to(t.dtype)).sum() for t, g in zip(targets, grads, strict=True) if g is not None),
                     torch.zeros((), device=total.device))
     return total + surrogate - surrogate.detach(), torch.cat(logits)
