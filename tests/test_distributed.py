@@ -78,3 +78,33 @@ def test_two_process_resume_equals_one_uninterrupted_process(tmp_path):
     assert moved and float(a[moved[0]].abs().sum()) > 0
     rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3  # rank 0 alone logged, once per iteration
+
+
+@needs_data
+def test_workers_train_as_one_process(tmp_path):
+    """``workers: 2``: `train` starts the second process itself (no torchrun), with the same result."""
+    cfg = write(tmp_path / "r.yaml", RECIPE.format(method="maml"))
+    base = [sys.executable, "cli.py", "train", "--config", str(cfg), "--json"]
+    one = subprocess.run([*base, "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([*base, "--out", str(tmp_path / "two"), "--set", "workers=2", "--set", "threads=2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count('"iterations": 3') == 1  # rank 0 alone reports
+    a, _ = load_checkpoint(tmp_path / "one" / "last.safetensors")
+    b, _ = load_checkpoint(tmp_path / "two" / "last.safetensors")
+    params = [k for k in a if k.startswith("learner.")]
+    assert params and max(float((a[k] - b[k]).abs().max()) for k in params) < 1e-5
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
+    saved = (tmp_path / "two" / "recipe.yaml").read_text()
+    assert "workers: 2" in saved and "threads: 1" in saved  # each process got its share of the cores
+
+
+def test_workers_report_a_bad_recipe_in_one_line(tmp_path):
+    cfg = write(tmp_path / "r.yaml", RECIPE.format(method="maml").replace("[omniglot-latin, omniglot-greek]",
+                                                                          "[no-such-task]"))
+    run = subprocess.run([sys.executable, "cli.py", "train", "--config", str(cfg), "--out", str(tmp_path / "o"),
+                          "--set", "workers=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "no-such-task" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -43,6 +43,9 @@ class Recipe(BaseModel):
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: int | None = None
+    # processes sharing each meta-batch's tasks, started by `train` (torchrun's ranks, on this machine):
+    # on a CPU each gets threads // workers threads, which is faster than one process with them all
+    workers: int = Field(default=1, ge=1)
     time_limit_minutes: float | None = None  # stop (and keep the best checkpoint) after this wall time
     log: list[Literal["tensorboard", "mlflow"]] = []  # experiment trackers, beside metrics.jsonl
     choose_adaptation: bool = True  # at the end, pick adapt's steps and step size on validation episodes

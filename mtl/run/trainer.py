@@ -313,8 +313,18 @@ def train(recipe: Recipe | Path | str | dict[str, Any], out: Path | str, *, resu
     r = load_recipe(recipe, overrides)
     if tasks_dirs:
         r = r.model_copy(update={"tasks_dirs": r.tasks_dirs + [str(p) for p in tasks_dirs]})
+    if r.workers > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun already
+        from mtl.run.workers import in_workers
+
+        return in_workers(_train, r, Path(out), resume, registry, on_step)
+    return _train(r, Path(out), resume, registry, on_step)
+
+
+def _train(recipe: Recipe, out: Path, resume: bool, registry: Registry | None, on_step: Callback | None
+           ) -> dict[str, Any]:
+    """One process's training (all of it, or one rank's share)."""
     try:
-        return Trainer(r, Path(out), registry).run(resume=resume, on_step=on_step)
+        return Trainer(recipe, out, registry).run(resume=resume, on_step=on_step)
     finally:
         close_distributed()
 
