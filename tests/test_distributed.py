@@ -34,21 +34,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@needs_data
-def test_two_processes_equal_one_multitask(tmp_path):
-    """Joint training; MAML's two-process run is checked, interrupted and resumed, below."""
-    cfg = write(tmp_path / "r.yaml", RECIPE.format(method="multitask"))
-    base = ["cli.py", "train", "--config", str(cfg), "--json"]
-    one = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
-                         text=True)
+def train_in_one_process(base: list[str], out: Path) -> None:
+    one = subprocess.run([sys.executable, *base, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *base,
-                          "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert two.stdout.count('"iterations": 3') == 1  # rank 0 alone reports
-    a, _ = load_checkpoint(tmp_path / "one" / "last.safetensors")
-    b, _ = load_checkpoint(tmp_path / "two" / "last.safetensors")
+
+
+def assert_same_parameters(one: Path, two: Path) -> None:
+    """The two runs' last parameters agree (to summation order), and training moved them."""
+    a, _ = load_checkpoint(one / "last.safetensors")
+    b, _ = load_checkpoint(two / "last.safetensors")
     params = [k for k in a if k.startswith("learner.")]
     assert params and max(float((a[k] - b[k]).abs().max()) for k in params) < 1e-5
     moved = [k for k in params if k.endswith("blocks.0.weight")]
@@ -56,12 +50,24 @@ def test_two_processes_equal_one_multitask(tmp_path):
 
 
 @needs_data
+def test_two_processes_equal_one_multitask(tmp_path):
+    """Joint training; MAML's two-process run is checked, interrupted and resumed, below."""
+    cfg = write(tmp_path / "r.yaml", RECIPE.format(method="multitask"))
+    base = ["cli.py", "train", "--config", str(cfg), "--json"]
+    train_in_one_process(base, tmp_path / "one")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *base,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count('"iterations": 3') == 1  # rank 0 alone reports
+    assert_same_parameters(tmp_path / "one", tmp_path / "two")
+
+
+@needs_data
 def test_two_process_resume_equals_one_uninterrupted_process(tmp_path):
     cfg = write(tmp_path / "r.yaml", RECIPE.format(method="maml").replace("val_every: 3", "val_every: 1"))
     base = ["cli.py", "train", "--config", str(cfg), "--json"]
-    one = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
-                         text=True)
-    assert one.returncode == 0, one.stderr
+    train_in_one_process(base, tmp_path / "one")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     first = subprocess.run([*launch, "--master_port", str(free_port()), *base, "--out", str(tmp_path / "two"),
                             "--iterations", "2"], cwd=ROOT, capture_output=True, text=True)
@@ -70,34 +76,9 @@ def test_two_process_resume_equals_one_uninterrupted_process(tmp_path):
                               "--resume"], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.count('"iterations": 3') == 1  # rank 0 alone reports
-    a, _ = load_checkpoint(tmp_path / "one" / "last.safetensors")
-    b, _ = load_checkpoint(tmp_path / "two" / "last.safetensors")
-    params = [k for k in a if k.startswith("learner.")]
-    assert params and max(float((a[k] - b[k]).abs().max()) for k in params) < 1e-5
-    moved = [k for k in params if k.endswith("blocks.0.weight")]
-    assert moved and float(a[moved[0]].abs().sum()) > 0
+    assert_same_parameters(tmp_path / "one", tmp_path / "two")
     rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3  # rank 0 alone logged, once per iteration
-
-
-@needs_data
-def test_workers_train_as_one_process(tmp_path):
-    """``workers: 2``: `train` starts the second process itself (no torchrun), with the same result."""
-    cfg = write(tmp_path / "r.yaml", RECIPE.format(method="maml"))
-    base = [sys.executable, "cli.py", "train", "--config", str(cfg), "--json"]
-    one = subprocess.run([*base, "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([*base, "--out", str(tmp_path / "two"), "--set", "workers=2", "--set", "threads=2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert two.stdout.count('"iterations": 3') == 1  # rank 0 alone reports
-    a, _ = load_checkpoint(tmp_path / "one" / "last.safetensors")
-    b, _ = load_checkpoint(tmp_path / "two" / "last.safetensors")
-    params = [k for k in a if k.startswith("learner.")]
-    assert params and max(float((a[k] - b[k]).abs().max()) for k in params) < 1e-5
-    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
-    saved = (tmp_path / "two" / "recipe.yaml").read_text()
-    assert "workers: 2" in saved and "threads: 1" in saved  # each process got its share of the cores
 
 
 def test_workers_report_a_bad_recipe_in_one_line(tmp_path):
@@ -108,3 +89,20 @@ def test_workers_report_a_bad_recipe_in_one_line(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "no-such-task" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@needs_data
+def test_workers_train_as_one_process_from_a_script_without_a_main_guard(tmp_path):
+    """``workers: 2``: `train` starts the second process itself (no torchrun), with the same result; the
+    other ranks are fresh interpreters, not multiprocessing's re-import of the calling script."""
+    cfg = write(tmp_path / "r.yaml", RECIPE.format(method="maml"))
+    train_in_one_process(["cli.py", "train", "--config", str(cfg), "--json"], tmp_path / "one")
+    script = write(tmp_path / "script.py", f"import mtl\nprint(mtl.train({str(cfg)!r}, out={str(tmp_path / 'two')!r}, "
+                                           "workers=2, threads=2)['iterations'])\n")
+    two = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.split() == ["3"]  # rank 0 alone reports
+    assert_same_parameters(tmp_path / "one", tmp_path / "two")
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
+    saved = (tmp_path / "two" / "recipe.yaml").read_text()
+    assert "workers: 2" in saved and "threads: 1" in saved  # each process got its share of the cores

@@ -3,16 +3,22 @@
 On a CPU, second-order MAML's operations are small (a support set of a few images), and one process
 spreading each of them over all cores wastes much of its time synchronising its threads; processes
 that each take a share of the meta-batch's tasks, with the cores divided among them, do not
-(docs/BENCHMARKS.md, "Meta-training in several processes"). This is what ``torchrun`` does for the
-same ``train``; here the calling process is rank 0 (it keeps the progress bar, the return value and
-the errors) and starts the other ranks itself, on this machine only.
+(docs/BENCHMARKS.md, "Distributed meta-training"). This is what ``torchrun`` does for the same
+``train``; here the calling process is rank 0 (it keeps the progress bar, the return value and the
+errors) and starts the other ranks itself, on this machine only, as ``python -m mtl.run.workers``:
+a fresh interpreter, so that a script calling :func:`mtl.train` needs no ``__main__`` guard.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import pickle
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +32,8 @@ if TYPE_CHECKING:
     from mtl.data.registry import Registry
     from mtl.run.recipe import Recipe
 
-# train(recipe, out, resume, registry, on_step): a module-level function, which the workers unpickle
-Run = Callable[["Recipe", Path, bool, "Registry | None", "Callable[[dict[str, Any]], None] | None"], dict[str, Any]]
+Callback = Callable[[dict[str, Any]], None]
+Run = Callable[["Recipe", Path, bool, "Registry | None", "Callback | None"], dict[str, Any]]
 
 
 def per_worker(recipe: Recipe) -> Recipe:
@@ -37,68 +43,83 @@ def per_worker(recipe: Recipe) -> Recipe:
 
 
 def in_workers(run: Run, recipe: Recipe, out: Path, resume: bool, registry: Registry | None,
-               on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    """``run(recipe, out, resume, registry, on_step)`` as rank 0 of ``recipe.workers`` processes on this machine;
-    returns rank 0's result. A worker's failure surfaces here as a one-line error."""
+               on_step: Callback | None) -> dict[str, Any]:
+    """``run(recipe, out, resume, registry, on_step)`` as rank 0 of ``recipe.workers`` processes on
+    this machine, whose other ranks run :func:`mtl.run.trainer.train`; returns rank 0's result. A
+    worker's failure surfaces here as a one-line error."""
     world = recipe.workers
-    device = resolve_device(recipe.device)
-    if device.type == "cuda" and world > torch.cuda.device_count():
+    if resolve_device(recipe.device).type == "cuda" and world > torch.cuda.device_count():
         raise MtlError(f"workers: {world} asks for a GPU each, but {torch.cuda.device_count()} are visible",
                        f"set workers to at most {torch.cuda.device_count()}")
     recipe = per_worker(recipe)
     port = _free_port()
-    context = torch.multiprocessing.get_context("spawn")
-    errors = context.SimpleQueue()
-    procs = [context.Process(target=_worker, args=(rank, world, port, run, recipe, out, resume, registry, errors),
-                             daemon=True) for rank in range(1, world)]
-    for p in procs:
-        p.start()
-    finished = False
-    try:
-        with _rank_environment(0, world, port):
-            result = run(recipe, out, resume, registry, on_step)
-        finished = True
-        return result
-    except MtlError:
-        raise
-    except Exception:
-        for p in procs:  # a worker that failed first is the cause of this rank's broken collective
-            p.join(timeout=5)
-        if not errors.empty():
-            rank, message = errors.get()
-            raise MtlError(f"worker {rank} of {world} failed: {message}",
+    with tempfile.TemporaryDirectory(prefix="mtl-workers-") as scratch:
+        job = Path(scratch) / "job.pkl"
+        job.write_bytes(pickle.dumps((recipe, out, resume, _without_data(registry))))
+        procs, logs = [], []
+        for rank in range(1, world):
+            logs.append(Path(scratch) / f"rank{rank}.log")
+            with logs[-1].open("w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "mtl.run.workers", str(job)],
+                                              env={**os.environ, **_rank_variables(rank, world, port)},
+                                              stdout=subprocess.DEVNULL, stderr=log))
+        finished = False
+        try:
+            with _rank_environment(0, world, port):
+                result = run(recipe, out, resume, registry, on_step)
+            finished = True
+            return result
+        except MtlError:
+            raise
+        except Exception:
+            _explain_worker_failure(procs, logs, world)
+            raise
+        finally:  # after a failure or Ctrl-C, a worker may wait on this rank forever: stop it
+            for p in procs:
+                try:
+                    p.wait(timeout=60 if finished else 2)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def _explain_worker_failure(procs: list[subprocess.Popen[bytes]], logs: list[Path], world: int) -> None:
+    """Raise a worker's own error when one failed first, which broke this rank's collective."""
+    for rank, (p, log) in enumerate(zip(procs, logs, strict=True), 1):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=5)
+        if p.returncode in (None, 0):
+            continue
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        said = next((x.removeprefix("error: ") for x in reversed(lines) if x.startswith("error: ")), None)
+        if said:
+            raise MtlError(f"worker {rank} of {world} failed: {said}",
                            "fix what it names, or train with workers: 1 to see the whole error") from None
-        dead = [(rank, p.exitcode) for rank, p in enumerate(procs, 1) if p.exitcode not in (None, 0)]
-        if dead:  # killed (out of memory, a signal) before it could say why
-            rank, code = dead[0]
-            raise MtlError(f"worker {rank} of {world} ended with exit code {code} and training stopped",
-                           "continue with --resume (the last checkpoint is kept); with less memory per "
-                           "process, fewer workers") from None
-        raise
-    finally:  # after a failure or Ctrl-C, a worker may wait on this rank forever: stop it
-        for p in procs:
-            p.join(timeout=60 if finished else 2)
-            if p.is_alive():
-                p.terminate()
+        raise MtlError(f"worker {rank} of {world} ended with exit code {p.returncode} and training stopped",
+                       "continue with --resume (the last checkpoint is kept); with less memory per process, "
+                       "fewer workers") from None
 
 
-def _worker(rank: int, world: int, port: int, run: Run, recipe: Recipe, out: Path, resume: bool,
-            registry: Registry | None, errors: Any) -> None:
-    try:
-        with _rank_environment(rank, world, port):
-            run(recipe, out, resume, registry, None)
-    except BaseException as e:
-        errors.put((rank, str(e).splitlines()[0] if str(e) else type(e).__name__))
-        raise SystemExit(1) from None
+def _without_data(registry: Registry | None) -> Registry | None:
+    """The registry to send a worker: its task files, not the data it has loaded."""
+    if registry is None:
+        return None
+    light = copy.copy(registry)
+    light._loaded = {}
+    return light
+
+
+def _rank_variables(rank: int, world: int, port: int) -> dict[str, str]:
+    """The variables ``torchrun`` sets, which :func:`mtl.device.init_distributed` reads."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
 @contextlib.contextmanager
 def _rank_environment(rank: int, world: int, port: int) -> Iterator[None]:
-    """The variables ``torchrun`` sets, which :func:`mtl.device.init_distributed` reads."""
-    names = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world,
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    names = _rank_variables(rank, world, port)
     old = {k: os.environ.get(k) for k in names}
-    os.environ.update({k: str(v) for k, v in names.items()})
+    os.environ.update(names)
     try:
         yield
     finally:
@@ -113,3 +134,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def main(job: str) -> int:
+    """A worker: rank ``$RANK`` of the run described in ``job``; a failure is one ``error:`` line."""
+    from mtl.run.trainer import train
+
+    recipe, out, resume, registry = pickle.loads(Path(job).read_bytes())
+    try:
+        train(recipe, out, resume=resume, registry=registry)
+    except Exception as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
