@@ -307,7 +307,8 @@ def train(recipe: Recipe | Path | str | dict[str, Any], out: Path | str, *, resu
 
     ``overrides`` set recipe fields, dotted for nested ones: ``train("configs/smoke.yaml", "runs/a",
     iterations=50, **{"inner.steps": 2})``. Returns a summary (iterations, best validation accuracy,
-    seconds, run folder); under ``torchrun`` every rank trains and rank 0 writes."""
+    seconds, run folder); under ``torchrun``, or with ``workers: N`` (:mod:`mtl.run.workers`), every rank
+    trains and rank 0 writes."""
     if isinstance(recipe, str):
         recipe = Path(recipe)
     r = load_recipe(recipe, overrides)
