@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 common=(train --config configs/omniglot_5way1shot.yaml --json --set iterations=12 --set val_every=1000 --set val_tasks=[] "$@")
 python cli.py "${common[@]}" --set threads=2 --out "$out/p1" >/dev/null
-python cli.py "${common[@]}" --set threads=2 --set workers=2 --out "$out/p2" >/dev/null
+python cli.py "${common[@]}" --set threads=2 --workers 2 --out "$out/p2" >/dev/null
 for run in p1 p2; do
   python - "$out/$run/metrics.jsonl" "$run" <<'PY'
 import json, sys

@@ -85,7 +85,7 @@ def test_workers_report_a_bad_recipe_in_one_line(tmp_path):
     cfg = write(tmp_path / "r.yaml", RECIPE.format(method="maml").replace("[omniglot-latin, omniglot-greek]",
                                                                           "[no-such-task]"))
     run = subprocess.run([sys.executable, "cli.py", "train", "--config", str(cfg), "--out", str(tmp_path / "o"),
-                          "--set", "workers=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "no-such-task" in run.stderr
     assert "Traceback" not in run.stderr

@@ -20,6 +20,8 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
           seed: Annotated[int | None, typer.Option()] = None,
           device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
           iterations: Annotated[int | None, typer.Option()] = None,
+          workers: Annotated[int | None, typer.Option(
+              help="Processes on this machine sharing every meta-batch (faster on a CPU).")] = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
           override: Annotated[list[str] | None, typer.Option(
               "--set", help="Override any recipe field: --set inner.steps=5 (repeatable).")] = None,
@@ -34,7 +36,7 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
     from mtl.run.trainer import train as run_training
 
     overrides: dict[str, object] = {"method": method, "seed": seed, "device": device, "iterations": iterations,
-                                    "log": log}
+                                    "workers": workers, "log": log}
     for item in override or []:
         if "=" not in item:
             raise MtlError(f"--set {item!r} is not key=value", "write e.g. --set inner.lr=0.1")
