@@ -106,3 +106,11 @@ def test_workers_train_as_one_process_from_a_script_without_a_main_guard(tmp_pat
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
     saved = (tmp_path / "two" / "recipe.yaml").read_text()
     assert "workers: 2" in saved and "threads: 1" in saved  # each process got its share of the cores
+
+
+def test_workers_beyond_the_meta_batch_are_refused(tmp_path):
+    cfg = write(tmp_path / "r.yaml", RECIPE.format(method="maml"))
+    run = subprocess.run([sys.executable, "cli.py", "train", "--config", str(cfg), "--out", str(tmp_path / "o"),
+                          "--workers", "8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "workers: 8 is more than the 4 episodes" in run.stderr and "at most 4" in run.stderr

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mtl.algorithms import get_algorithm
 from mtl.device import resolve_device
 from mtl.errors import MtlError
 
@@ -48,6 +49,12 @@ def in_workers(run: Run, recipe: Recipe, out: Path, resume: bool, registry: Regi
     this machine, whose other ranks run :func:`mtl.run.trainer.train`; returns rank 0's result. A
     worker's failure surfaces here as a one-line error."""
     world = recipe.workers
+    # what a step shares out: whole episodes, or (joint training) whole tasks
+    joint = get_algorithm(recipe.method).training_data == "classes"
+    units, what = (len(recipe.tasks), "tasks") if joint else (recipe.meta_batch, "episodes of a meta-batch")
+    if world > units:
+        raise MtlError(f"workers: {world} is more than the {units} {what}, which the workers share out whole",
+                       f"set workers to at most {units}" + ("" if joint else ", or raise meta_batch"))
     if resolve_device(recipe.device).type == "cuda" and world > torch.cuda.device_count():
         raise MtlError(f"workers: {world} asks for a GPU each, but {torch.cuda.device_count()} are visible",
                        f"set workers to at most {torch.cuda.device_count()}")
