@@ -68,7 +68,7 @@ def in_workers(run: Run, recipe: Recipe, out: Path, resume: bool, registry: Regi
             logs.append(Path(scratch) / f"rank{rank}.log")
             with logs[-1].open("w") as log:
                 procs.append(subprocess.Popen([sys.executable, "-m", "mtl.run.workers", str(job)],
-                                              env={**os.environ, **_rank_variables(rank, world, port)},
+                                              env=_worker_environment(rank, world, port),
                                               stdout=subprocess.DEVNULL, stderr=log))
         finished = False
         try:
@@ -120,6 +120,14 @@ def _rank_variables(rank: int, world: int, port: int) -> dict[str, str]:
     """The variables ``torchrun`` sets, which :func:`mtl.device.init_distributed` reads."""
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _worker_environment(rank: int, world: int, port: int) -> dict[str, str]:
+    """This process's environment, the rank's variables, and the folder this ``mtl`` was imported
+    from first on the path: a worker runs the same code even from a source tree not installed."""
+    here = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, **_rank_variables(rank, world, port), "PYTHONPATH": path}
 
 
 @contextlib.contextmanager
