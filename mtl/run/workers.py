@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,19 +130,11 @@ def _worker_environment(rank: int, world: int, port: int) -> dict[str, str]:
     return {**os.environ, **_rank_variables(rank, world, port), "PYTHONPATH": path}
 
 
-@contextlib.contextmanager
-def _rank_environment(rank: int, world: int, port: int) -> Iterator[None]:
-    names = _rank_variables(rank, world, port)
-    old = {k: os.environ.get(k) for k in names}
-    os.environ.update(names)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _rank_environment(rank: int, world: int, port: int) -> contextlib.AbstractContextManager[Any]:
+    """This process's environment as a rank's, for the block; restored after it."""
+    from unittest import mock
+
+    return mock.patch.dict(os.environ, _rank_variables(rank, world, port))
 
 
 def _free_port() -> int:
