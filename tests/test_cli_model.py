@@ -349,17 +349,18 @@ def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(te
     assert code == 0, err
     res = json.loads(out)
     choice = res["choice"]
-    assert set(choice["accuracy"]) == {"meta-learned", "linear_probe", "finetune", "probe+finetune"}
-    acc = choice["accuracy"]  # the probe and fine-tuning together, or a way that beat them on held-out examples
-    assert choice["method"] == "probe+finetune" or acc[choice["method"]] > acc["probe+finetune"]
+    assert set(choice["accuracy"]) == {"meta-learned", "linear_probe", "finetune", "probe+finetune+tokens"}
+    acc = choice["accuracy"]  # the three together, or a way that beat them on held-out examples
+    assert choice["method"] == "probe+finetune+tokens" or acc[choice["method"]] > acc["probe+finetune+tokens"]
     assert choice["label_names"] in (True, False)  # clinc150's intent names are words: tried as examples
     model = AdaptedModel.load(tmp_path / "m")  # whichever won, the saved model reproduces its accuracy
     test = Registry().load("clinc150-work").test
     assert abs(float((model.predict_ids(test.inputs, cached=True) == test.labels).mean()) - res["test_accuracy"]) < 1e-9
     # the probe's sentence embeddings are cached in half precision: freshly computed, an answer or two may move
     assert abs(float((model.predict_ids(test.inputs) == test.labels).mean()) - res["test_accuracy"]) < 0.01
-    if choice["method"] == "probe+finetune":
-        assert model.meta["probe"]["weight"] == 0.3 and model.probe is not None
+    if choice["method"] == "probe+finetune+tokens":
+        assert model.probe is not None and model.tokens is not None
+        assert model.meta["probe"]["weight"] + model.meta["tokens"]["weight"] < 0.5  # fine-tuning weighs most
     code, _, err = run_cli("adapt", "--task", "olivetti", "--checkpoint", text_run, "--select", "--out", tmp_path / "x")
     assert code == 2 and "--select" in err and len(err.strip().splitlines()) == 1
 
@@ -395,25 +396,53 @@ def test_the_probe_cross_validated_on_features_computed_once_equals_refitting_pe
         assert np.array_equal(slow.held, fast.held) and np.allclose(slow.logits, fast.logits, atol=1e-4)
 
 
-def test_a_model_with_a_companion_probe_saves_loads_and_mixes_their_answers(tmp_path):
+def test_a_model_with_companions_saves_loads_and_mixes_their_answers(tmp_path):
     from mtl.run import alternatives as alt
     from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits
+    from mtl.run.token_match import TokenMatcher
 
     texts = ["book a flight", "flight to paris", "cancel my flight", "what's my balance", "money left", "balance"]
     ys, cpu = np.array([0, 0, 0, 1, 1, 1]), torch.device("cpu")
     frozen = alt.probe(texts, ys, 2, "minilm", cpu)
     tuned = alt.finetune(texts, ys, 2, "minilm", cpu, epochs=1, lr=1e-4, seed=0)
+    matcher = TokenMatcher.fit("minilm", texts, ys, 2)
     meta = {"classes": ["flight", "balance"], "modality": "text", "head": "linear",
-            "model_config": tuned.config.model_dump(mode="json"), "probe": {"weight": 0.3, "text_encoder": "minilm"}}
-    model = AdaptedModel(tuned, meta, None, frozen)
+            "model_config": tuned.config.model_dump(mode="json"), "probe": {"weight": 0.2, "text_encoder": "minilm"},
+            "tokens": {"weight": 0.3, "text_encoder": "minilm"}}
+    model = AdaptedModel(tuned, meta, None, frozen, matcher)
     queries = ["fly me to rome", "how much money do i have"]
     with torch.no_grad():
-        alone = [m.heads[HEAD](alt.model_features(m, queries)).numpy() for m in (frozen, tuned)]
+        alone = [m.heads[HEAD](alt.model_features(m, queries)).numpy() for m in (tuned, frozen)]
+    matched = matcher.logits("minilm", queries)
+    assert list(matched.argmax(1)) == [0, 1]  # "flight" and "money" find their words in the examples
     z = model.outputs(queries)[0]
-    assert np.allclose(z, mixed_logits(*alone, 0.3), atol=1e-2)  # scoring runs under bf16 where native
+    expected = mixed_logits([(alone[0], 0.5), (alone[1], 0.2), (matched, 0.3)])
+    assert np.allclose(z, expected, atol=1e-2)  # scoring runs under bf16 where native
     again = AdaptedModel.load(model.save(tmp_path / "m"))
-    assert again.probe is not None and np.allclose(again.outputs(queries)[0], z, atol=1e-5)
+    assert again.probe is not None and again.tokens is not None
+    assert np.allclose(again.outputs(queries)[0], z, atol=1e-3)  # the support's token states saved in fp16
     assert list(again.predict(queries)) == ["flight", "balance"]
+
+
+def test_token_matching_scores_the_best_example_by_rare_shared_words():
+    """A query's score for a class is its idf-weighted token overlap with that class's best example;
+    cross-validation's subsets give the same matcher as fitting on those texts alone."""
+    from mtl.run.alternatives import cross_validate_tokens
+    from mtl.run.token_match import TokenMatcher, take, token_vectors
+
+    texts = ["my card has not arrived", "when will my card arrive", "the card was declined", "card declined again"]
+    ys = np.array([0, 0, 1, 1])
+    vectors = token_vectors("minilm", texts)
+    assert len(vectors[1]) == 5 and len(vectors[0]) == len(vectors[2]) == int(vectors[1][-1])
+    m = TokenMatcher.fit("minilm", texts, ys, 2)
+    s = m.scores(*token_vectors("minilm", ["has my card arrived", "why was it declined"]))
+    assert s.shape == (2, 2) and s[0, 0] > s[0, 1] and s[1, 1] > s[1, 0] and float(s.max()) <= 1.0 + 1e-4
+    part = TokenMatcher.from_vectors(*take(vectors, np.array([0, 2])), ys[[0, 2]], 2, len(m.idf))
+    alone = TokenMatcher.fit("minilm", [texts[0], texts[2]], ys[[0, 2]], 2)
+    query = token_vectors("minilm", ["card not arrived"])
+    assert torch.allclose(part.scores(*query), alone.scores(*query), atol=1e-5)
+    cand = cross_validate_tokens(vectors, ys, 2, [np.array([0, 2]), np.array([1, 3])], len(m.idf), names=False)
+    assert cand.logits.shape == (4, 2) and list(cand.held) == [0, 1, 0, 1]
 
 
 def test_setfit_baseline_learns_from_the_support_set():

@@ -137,8 +137,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     if choice and choice["method"] != "meta-learned":
         how = {"linear_probe": "a linear probe on the pretrained encoder",
                "finetune": "every layer of the pretrained encoder fine-tuned",
-               "probe+finetune": "a linear probe on the pretrained encoder and every layer of it fine-tuned, "
-                                 "answering together"}[choice["method"]]
+               "probe+finetune+tokens": "a linear probe on the pretrained encoder, every layer of it fine-tuned "
+                                        "and token matching, answering together"}[choice["method"]]
         how += ", the class names as one more example each" if choice.get("label_names") else ""
     if choice and "accuracy" in choice:
         why = f"chosen by {choice['by']}: " + ", ".join(f"{k} {v:.3f}" for k, v in choice["accuracy"].items())

@@ -5,6 +5,7 @@ with (:mod:`mtl.run.outliers`) travel in the same file."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -20,19 +21,21 @@ from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run import outliers
 from mtl.run.calibration import Rejection
 from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
+from mtl.run.token_match import TokenMatcher
 
 HEAD = "adapted"
 OUTLIER_PREFIX = "rejection."  # saved tensors of the out-of-scope score: rejection.means, ...
 PROBE_PREFIX = "probe."  # saved linear head of a companion probe on the frozen encoder (meta["probe"])
+TOKENS_PREFIX = "tokens."  # saved support token states of a companion token matcher (meta["tokens"])
 
 
-def mixed_logits(probe: np.ndarray, logits: np.ndarray, weight: float) -> np.ndarray:
-    """``weight`` x the probe's log-probabilities + the rest x the model's: one answer from a linear
-    probe on the frozen encoder and the fine-tuned model, which err on different examples (BANKING77
-    10-shot: 85.5% and 86.6% alone, 87.4% together; docs/BENCHMARKS.md)."""
+def mixed_logits(parts: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
+    """The weighted sum of each part's log-probabilities: one answer from models that err on different
+    examples (BANKING77 10-shot: a linear probe on the frozen encoder 85.5%, the fine-tuned model
+    86.6%, both 87.4%, with token matching too 87.8%; docs/BENCHMARKS.md)."""
     from scipy.special import log_softmax
 
-    return weight * log_softmax(probe, axis=1) + (1 - weight) * log_softmax(logits, axis=1)
+    return sum(w * log_softmax(z, axis=1) for z, w in parts)  # type: ignore[return-value]
 
 
 def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device, cache: bool = True
@@ -79,12 +82,15 @@ class AdaptedModel:
     it refuses inputs that fit no class)."""
 
     def __init__(self, model: MultiTaskModel, meta: dict[str, Any],
-                 outlier_state: dict[str, torch.Tensor] | None = None, probe: MultiTaskModel | None = None) -> None:
+                 outlier_state: dict[str, torch.Tensor] | None = None, probe: MultiTaskModel | None = None,
+                 tokens: TokenMatcher | None = None) -> None:
         self.model = model.eval()
         self.meta = meta
         self.device = next(model.parameters()).device
         self.outlier_state = outlier_state or {}  # the support set's statistics (outliers.fit)
-        self.probe = probe.eval() if probe is not None else None  # answers with the model: meta["probe"]
+        # companions that answer with the model, on the frozen encoder: meta["probe"], meta["tokens"]
+        self.probe = probe.eval() if probe is not None else None
+        self.tokens = tokens
 
     @property
     def temperature(self) -> float:
@@ -119,6 +125,8 @@ class AdaptedModel:
         state.update({OUTLIER_PREFIX + k: v for k, v in self.outlier_state.items()})
         if self.probe is not None:
             state.update({PROBE_PREFIX + k: v for k, v in self.probe.heads[HEAD].state_dict().items()})
+        if self.tokens is not None:
+            state.update({TOKENS_PREFIX + k: v for k, v in self.tokens.state_dict().items()})
         save_checkpoint(out / "model.safetensors", state, {**self.meta, "kind": "adapted"})
         return out
 
@@ -139,8 +147,12 @@ class AdaptedModel:
             probe.add_head(HEAD, len(meta["classes"])).load_state_dict(
                 {k[len(PROBE_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(PROBE_PREFIX)})
             probe = probe.to(device or "cpu")
+        tokens = None
+        if "tokens" in meta:
+            tokens = TokenMatcher.from_state({k[len(TOKENS_PREFIX):]: tensors.pop(k).cpu() for k in list(tensors)
+                                              if k.startswith(TOKENS_PREFIX)}, len(meta["classes"]))
         load_into(model, tensors)
-        return cls(model.to(device or "cpu"), meta, state, probe)
+        return cls(model.to(device or "cpu"), meta, state, probe, tokens)
 
     @torch.no_grad()
     def outputs(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
@@ -161,7 +173,7 @@ class AdaptedModel:
         else:
             back = np.arange(len(inputs))
             batches = [back[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
-        logits, sims = [], []
+        logits, probed, sims = [], [], []
         for idx in batches:
             if states is not None:
                 x: Any = states[torch.as_tensor(idx, device=self.device)]
@@ -169,16 +181,30 @@ class AdaptedModel:
                 x = model_inputs(inputs[idx], self.model, self.modality, self.device, cached)
             with transformer_precision(self.model, self.device):
                 feats = self.model.features(x, self.modality).float()
-            z = self.model.heads[HEAD](feats).float().cpu().numpy()
+            logits.append(self.model.heads[HEAD](feats).float().cpu().numpy())
             if self.probe is not None:
                 frozen = self.probe.features(model_inputs(inputs[idx], self.probe, "text", self.device, cached), "text")
-                z = mixed_logits(self.probe.heads[HEAD](frozen.float()).float().cpu().numpy(), z,
-                                 self.meta["probe"]["weight"])
-            logits.append(z)
+                probed.append(self.probe.heads[HEAD](frozen.float()).float().cpu().numpy())
             sims.append(outliers.score(self.rejection.score, self.outlier_state, feats).cpu().numpy())
         if not logits:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
-        return np.concatenate(logits)[back], np.concatenate(sims)[back]
+        z = np.concatenate(logits)[back]
+        frozen_logits = np.concatenate(probed)[back] if probed else None
+        return self.with_companions(z, frozen_logits, inputs, cached), np.concatenate(sims)[back]
+
+    def with_companions(self, z: np.ndarray, probed: np.ndarray | None, inputs: np.ndarray, cached: bool
+                        ) -> np.ndarray:
+        """The model's logits ``z`` mixed with its companions' answers (the probe's logits ``probed``;
+        the token matcher's), when it has any (:func:`mixed_logits`)."""
+        if self.probe is None and self.tokens is None:
+            return z
+        parts = []
+        if probed is not None:
+            parts.append((probed, float(self.meta["probe"]["weight"])))
+        if self.tokens is not None:
+            encoder = self.meta["tokens"]["text_encoder"]
+            parts.append((self.tokens.logits(encoder, inputs.tolist(), cached), float(self.meta["tokens"]["weight"])))
+        return mixed_logits([(z, 1.0 - sum(w for _, w in parts)), *parts])
 
     def predict_proba(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
                       ) -> np.ndarray:

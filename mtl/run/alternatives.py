@@ -3,10 +3,11 @@ chosen by cross-validation on the support set itself.
 
 The alternatives are built from the pretrained sentence encoder alone, with no meta-learning: a
 linear probe (logistic regression on its frozen embeddings), plain fine-tuning (every layer, with a
-prototype-initialised head), and the two answering together (``probe+finetune``: their
-log-probabilities mixed, :func:`mtl.run.adapted.mixed_logits`). Each is scored by the same stratified
-folds as the meta-learned path (:func:`mtl.run.select.support_folds`). The probe and fine-tuning
-together, the strongest way on text tasks never met in meta-training (docs/BENCHMARKS.md), are kept
+prototype-initialised head), and the two answering together with token matching
+(``probe+finetune+tokens``: their log-probabilities mixed, :func:`mtl.run.adapted.mixed_logits`;
+:mod:`mtl.run.token_match`). Each is scored by the same stratified folds as the meta-learned path
+(:func:`mtl.run.select.support_folds`). The three together, the strongest way on text tasks never met
+in meta-training (docs/BENCHMARKS.md), are kept
 unless another way answers more held-out support examples right by more than the noise of that count
 (:func:`pick`): three folds of a 5-shot support set are too few to tell a 2-point difference from
 chance, and following them cost up to 16 points on TREC. A task unlike anything met in
@@ -30,12 +31,17 @@ from mtl.errors import MtlError
 from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits
 from mtl.run.label_text import descriptive, with_names
+from mtl.run.token_match import TAU as TOKEN_TAU
+from mtl.run.token_match import TokenMatcher, take, token_vectors
 
 if TYPE_CHECKING:
     from mtl.run.adapt import Support
 
-BOTH = "probe+finetune"  # the two answering together: --select's default
-PROBE_WEIGHT = 0.3  # the probe's share of the log-probabilities (BANKING77 10-shot: 0.3 > 0.5 > 0.7)
+ENSEMBLE = "probe+finetune+tokens"  # the three answering together: --select's default
+# shares of the log-probabilities, 0.3 : 0.7 : 0.3 for the probe, fine-tuning and token matching
+# (BANKING77 10-shot, probe and fine-tuning: 0.3 > 0.5 > 0.7 for the probe); fine-tuning has the rest
+PROBE_WEIGHT = 3 / 13
+TOKENS_WEIGHT = 3 / 13
 
 
 @dataclass
@@ -150,6 +156,22 @@ def cross_validate_probe(x: np.ndarray, ys: np.ndarray, classes: int, folds: lis
     return Candidate("linear_probe", float((z.argmax(1) == y).mean()), z, y)
 
 
+def cross_validate_tokens(vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ys: np.ndarray, classes: int,
+                          folds: list[np.ndarray], vocab: int, names: bool) -> Candidate:
+    """:func:`cross_validate` of token matching on :func:`token_vectors` computed once: ``vectors`` of
+    the support texts, then the class names (row ``len(ys) + c``: class c), which join every fold's
+    labelled examples when ``names``."""
+    named = np.arange(len(ys), len(ys) + classes) if names else np.zeros(0, int)
+    labels = np.concatenate([ys, np.arange(classes)])
+    logits = []
+    for idx in folds:
+        keep = np.concatenate([np.setdiff1d(np.arange(len(ys)), idx), named])
+        matcher = TokenMatcher.from_vectors(*take(vectors, keep), labels[keep], classes, vocab)
+        logits.append(matcher.scores(*take(vectors, idx)).numpy() / TOKEN_TAU)
+    z, y = np.concatenate(logits), np.concatenate([ys[idx] for idx in folds])
+    return Candidate("tokens", float((z.argmax(1) == y).mean()), z, y)
+
+
 def pick(cands: list[Candidate], default: str = "finetune", z: float = 1.0) -> Candidate:
     """``default`` unless another candidate beats it on the same held-out examples by more than ``z``
     standard errors of the paired difference (wins - losses > z * sqrt(wins + losses), a sign test);
@@ -179,7 +201,7 @@ def fold_indices(ys: np.ndarray, folds: int = 3) -> list[np.ndarray]:
 def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: int | None, lr: float, seed: int,
            reject_by: str, reject_rate: float, none: str) -> AdaptedModel:
     """The best of ``adapted`` (the meta-learned initialization, as :func:`mtl.run.adapt.fit` made it),
-    a linear probe, plain fine-tuning and the last two together, by cross-validated accuracy on the
+    a linear probe, plain fine-tuning and the last two together with token matching, by cross-validated accuracy on the
     support set (:func:`pick`); what was chosen and every candidate's accuracy go to ``meta["choice"]``."""
     from mtl.run.adapt import calibrate_from
     from mtl.run.adapted import model_inputs
@@ -213,18 +235,24 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
             linear, names = named, support.classes
     ft = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed, names=names),
                         texts, ys, folds)
-    mixed = mixed_logits(linear.logits, ft.logits, PROBE_WEIGHT)
-    both = Candidate(BOTH, float((mixed.argmax(1) == ft.held).mean()), mixed, ft.held)
-    cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held), linear, ft, both]
-    best = pick(cands, default=BOTH)
-    by = f"{len(folds)}-fold cross-validation on the support set, {BOTH} unless beaten beyond its noise"
+    from mtl.data.embeddings import load_transformer
+
+    vocab = len(load_transformer(encoder)[1])
+    vectors = token_vectors(encoder, with_names(texts, ys, support.classes)[0])
+    tokens = cross_validate_tokens(vectors, ys, k, folds, vocab, names is not None)
+    mixed = mixed_logits([(ft.logits, 1 - PROBE_WEIGHT - TOKENS_WEIGHT), (linear.logits, PROBE_WEIGHT),
+                          (tokens.logits, TOKENS_WEIGHT)])
+    ensemble = Candidate(ENSEMBLE, float((mixed.argmax(1) == ft.held).mean()), mixed, ft.held)
+    cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held), linear, ft, ensemble]
+    best = pick(cands, default=ENSEMBLE)
+    by = f"{len(folds)}-fold cross-validation on the support set, {ENSEMBLE} unless beaten beyond its noise"
     choice = {"method": best.name, "by": by, "accuracy": {c.name: round(c.accuracy, 4) for c in cands},
               "label_names": names is not None and best.name != "meta-learned"}
     if best.name == "meta-learned":
         adapted.meta["choice"] = choice
         return adapted
     probe_model = None
-    if best.name in ("linear_probe", BOTH):
+    if best.name in ("linear_probe", ENSEMBLE):
         probe_model = with_linear_head(plain, *with_name_rows(x, ys, x_names if names else None), k)
     model = probe_model if best.name == "linear_probe" else \
         finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
@@ -234,7 +262,10 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     meta = {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
             "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": best.name,
             "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
-    if best.name == BOTH:  # the probe answers with the fine-tuned model (mtl.run.adapted.mixed_logits)
+    if best.name == ENSEMBLE:  # the companions answer with the fine-tuned model (mtl.run.adapted.mixed_logits)
+        rows = np.arange(len(ys) + (k if names else 0))
+        matcher = TokenMatcher.from_vectors(*take(vectors, rows), np.concatenate([ys, np.arange(k)])[rows], k, vocab)
         meta["probe"] = {"weight": PROBE_WEIGHT, "text_encoder": encoder}
-        return AdaptedModel(model, meta, state, probe_model)
+        meta["tokens"] = {"weight": TOKENS_WEIGHT, "text_encoder": encoder}
+        return AdaptedModel(model, meta, state, probe_model, matcher)
     return AdaptedModel(model, meta, state)
