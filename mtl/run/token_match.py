@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 TAU = 0.1  # similarities (in [-1, 1]) over this: logits whose softmax is as peaked as the probe's
-CHUNK = 2048  # query tokens compared with every support token at once (memory: CHUNK x support tokens)
+CHUNK = 1024  # query tokens compared with every support token at once (memory: 4 x CHUNK x support tokens bytes)
 
 
 @torch.no_grad()
@@ -63,7 +63,8 @@ class TokenMatcher:
         ``vocab``: the tokenizer's size."""
         pairs = torch.unique(torch.stack([owners(offsets), ids]), dim=1)  # each (text, token) once
         df = torch.zeros(vocab).index_add_(0, pairs[1], torch.ones(pairs.shape[1]))
-        idf = torch.log((len(offsets) - 1 + 1.0) / (df + 1.0))  # rare in the support set: weighs more
+        texts = len(offsets) - 1
+        idf = torch.log((texts + 1.0) / (df + 1.0))  # rare in the support set: weighs more
         return cls(tokens.half(), offsets, torch.as_tensor(ys, dtype=torch.long), idf, classes)
 
     def scores(self, tokens: Tensor, offsets: Tensor, ids: Tensor) -> Tensor:
