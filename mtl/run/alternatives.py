@@ -6,11 +6,11 @@ linear probe (logistic regression on its frozen embeddings), plain fine-tuning (
 prototype-initialised head), and the two answering together with token matching
 (``probe+finetune+tokens``: their log-probabilities mixed, :func:`mtl.run.adapted.mixed_logits`;
 :mod:`mtl.run.token_match`). Each is scored by the same stratified folds as the meta-learned path
-(:func:`mtl.run.select.support_folds`). The three together, the strongest way on text tasks never met
-in meta-training (docs/BENCHMARKS.md), are kept
-unless another way answers more held-out support examples right by more than the noise of that count
-(:func:`pick`): three folds of a 5-shot support set are too few to tell a 2-point difference from
-chance, and following them cost up to 16 points on TREC. A task unlike anything met in
+(:func:`mtl.run.select.support_folds`). The three together, the strongest way on text tasks never
+met in meta-training (docs/BENCHMARKS.md), are kept unless another way answers more held-out support
+examples right by more than the noise of that count (:func:`pick`): three folds of a 5-shot support
+set are too few to tell a 2-point difference from chance, and following them cost up to 16 points on
+TREC. A task unlike anything met in
 meta-training is thus never left worse off than the plain encoder by more than the cross-validation
 noise.
 """
@@ -32,7 +32,7 @@ from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits
 from mtl.run.label_text import descriptive, with_names
 from mtl.run.token_match import TAU as TOKEN_TAU
-from mtl.run.token_match import TokenMatcher, take, token_vectors
+from mtl.run.token_match import TokenMatcher, take, token_vectors, vocabulary
 
 if TYPE_CHECKING:
     from mtl.run.adapt import Support
@@ -201,8 +201,9 @@ def fold_indices(ys: np.ndarray, folds: int = 3) -> list[np.ndarray]:
 def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: int | None, lr: float, seed: int,
            reject_by: str, reject_rate: float, none: str) -> AdaptedModel:
     """The best of ``adapted`` (the meta-learned initialization, as :func:`mtl.run.adapt.fit` made it),
-    a linear probe, plain fine-tuning and the last two together with token matching, by cross-validated accuracy on the
-    support set (:func:`pick`); what was chosen and every candidate's accuracy go to ``meta["choice"]``."""
+    a linear probe, plain fine-tuning and the last two together with token matching, by cross-validated
+    accuracy on the support set (:func:`pick`); what was chosen and every candidate's accuracy go to
+    ``meta["choice"]``."""
     from mtl.run.adapt import calibrate_from
     from mtl.run.adapted import model_inputs
     from mtl.run.select import support_folds
@@ -235,9 +236,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
             linear, names = named, support.classes
     ft = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed, names=names),
                         texts, ys, folds)
-    from mtl.data.embeddings import load_transformer
-
-    vocab = len(load_transformer(encoder)[1])
+    vocab = vocabulary(encoder)
     vectors = token_vectors(encoder, with_names(texts, ys, support.classes)[0])
     tokens = cross_validate_tokens(vectors, ys, k, folds, vocab, names is not None)
     mixed = mixed_logits([(ft.logits, 1 - PROBE_WEIGHT - TOKENS_WEIGHT), (linear.logits, PROBE_WEIGHT),

@@ -6,9 +6,9 @@ text's score for that example is the mean of those maxima, each token weighted b
 support set (idf, as BERTScore weights them), and a class scores its best-matching example. A
 sentence embedding averages the one word that tells ``card_arrival`` from ``card_delivery_estimate``
 away; matching tokens keeps it, so its errors differ from the probe's and fine-tuning's. Alone it is
-weaker (BANKING77 10-shot: 80.7%, the probe 85.5%), but as a third voice beside them it adds 0.2-0.5
-points on the held-out text tasks and never lost one (docs/BENCHMARKS.md). Fitting is one pass of the
-encoder over the support set.
+weaker (BANKING77 10-shot: 80.6%, the probe 85.5%), but as a third voice beside them it adds up to 0.5
+points on the held-out text tasks and lowers none (means of 3 draws; docs/BENCHMARKS.md). Fitting is
+one pass of the encoder over the support set.
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ def token_vectors(encoder: str, texts: list[str], cached: bool = False) -> tuple
     return torch.nn.functional.normalize(tokens, dim=1), offsets, flat
 
 
+def vocabulary(encoder: str) -> int:
+    """The size of ``encoder``'s tokenizer: the length of an idf table."""
+    from mtl.data.embeddings import load_transformer
+
+    return len(load_transformer(encoder)[1])
+
+
 def owners(offsets: Tensor) -> Tensor:
     """The text each token row belongs to."""
     return torch.repeat_interleave(torch.arange(len(offsets) - 1), torch.diff(offsets))
@@ -52,9 +59,7 @@ class TokenMatcher:
 
     @classmethod
     def fit(cls, encoder: str, texts: list[str], ys: np.ndarray, classes: int) -> TokenMatcher:
-        from mtl.data.embeddings import load_transformer
-
-        return cls.from_vectors(*token_vectors(encoder, texts), ys, classes, len(load_transformer(encoder)[1]))
+        return cls.from_vectors(*token_vectors(encoder, texts), ys, classes, vocabulary(encoder))
 
     @classmethod
     def from_vectors(cls, tokens: Tensor, offsets: Tensor, ids: Tensor, ys: np.ndarray, classes: int, vocab: int
