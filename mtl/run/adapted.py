@@ -173,7 +173,7 @@ class AdaptedModel:
         else:
             back = np.arange(len(inputs))
             batches = [back[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
-        logits, probed, sims = [], [], []
+        logits, probed, matched, sims = [], [], [], []
         for idx in batches:
             if states is not None:
                 x: Any = states[torch.as_tensor(idx, device=self.device)]
@@ -185,26 +185,20 @@ class AdaptedModel:
             if self.probe is not None:
                 frozen = self.probe.features(model_inputs(inputs[idx], self.probe, "text", self.device, cached), "text")
                 probed.append(self.probe.heads[HEAD](frozen.float()).float().cpu().numpy())
+            if self.tokens is not None:
+                matched.append(self.tokens.logits(self.meta["tokens"]["text_encoder"], inputs[idx].tolist(), cached))
             sims.append(outliers.score(self.rejection.score, self.outlier_state, feats).cpu().numpy())
         if not logits:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
-        z = np.concatenate(logits)[back]
-        frozen_logits = np.concatenate(probed)[back] if probed else None
-        return self.with_companions(z, frozen_logits, inputs, cached), np.concatenate(sims)[back]
+        parts = [np.concatenate(p)[back] if p else None for p in (logits, probed, matched)]
+        return self.with_companions(*parts), np.concatenate(sims)[back]  # type: ignore[arg-type]
 
-    def with_companions(self, z: np.ndarray, probed: np.ndarray | None, inputs: np.ndarray, cached: bool
-                        ) -> np.ndarray:
-        """The model's logits ``z`` mixed with its companions' answers (the probe's logits ``probed``;
-        the token matcher's), when it has any (:func:`mixed_logits`)."""
-        if self.probe is None and self.tokens is None:
-            return z
-        parts = []
-        if probed is not None:
-            parts.append((probed, float(self.meta["probe"]["weight"])))
-        if self.tokens is not None:
-            encoder = self.meta["tokens"]["text_encoder"]
-            parts.append((self.tokens.logits(encoder, inputs.tolist(), cached), float(self.meta["tokens"]["weight"])))
-        return mixed_logits([(z, 1.0 - sum(w for _, w in parts)), *parts])
+    def with_companions(self, z: np.ndarray, probed: np.ndarray | None, matched: np.ndarray | None) -> np.ndarray:
+        """The model's logits ``z`` mixed with its companions' answers, the probe's logits ``probed`` and
+        the token matcher's ``matched``, where it has them (:func:`mixed_logits`)."""
+        parts = [(p, float(self.meta[key]["weight"])) for p, key in ((probed, "probe"), (matched, "tokens"))
+                 if p is not None]
+        return mixed_logits([(z, 1.0 - sum(w for _, w in parts)), *parts]) if parts else z
 
     def predict_proba(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
                       ) -> np.ndarray:
