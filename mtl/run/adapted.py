@@ -190,8 +190,8 @@ class AdaptedModel:
             sims.append(outliers.score(self.rejection.score, self.outlier_state, feats).cpu().numpy())
         if not logits:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
-        parts = [np.concatenate(p)[back] if p else None for p in (logits, probed, matched)]
-        return self.with_companions(*parts), np.concatenate(sims)[back]  # type: ignore[arg-type]
+        probe_z, tokens_z = (np.concatenate(p)[back] if p else None for p in (probed, matched))
+        return self.with_companions(np.concatenate(logits)[back], probe_z, tokens_z), np.concatenate(sims)[back]
 
     def with_companions(self, z: np.ndarray, probed: np.ndarray | None, matched: np.ndarray | None) -> np.ndarray:
         """The model's logits ``z`` mixed with its companions' answers, the probe's logits ``probed`` and
