@@ -83,3 +83,13 @@ def test_every_shipped_file_parses_with_a_role(registry):
     assert len(registry) == 77  # 72 + CLINC150's out-of-scope queries + CIFAR-FS, FC100, mini-ImageNet, CUB
     for entry in registry:
         assert entry.spec.role in ("meta_train", "meta_val", "held_out")
+
+
+def test_a_pickled_registry_carries_its_task_files_not_their_data(registry):
+    """What a training worker receives: the same tasks, which it loads itself."""
+    import pickle
+
+    registry.load("omniglot-angelic")
+    copy = pickle.loads(pickle.dumps(registry))
+    assert copy.names() == registry.names() and not copy._loaded and "omniglot-angelic" in registry._loaded
+    assert len(copy.load("omniglot-angelic").classes) == len(registry.load("omniglot-angelic").classes)

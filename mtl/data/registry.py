@@ -130,6 +130,11 @@ class Registry:
         if problems:
             raise TaskFileErrors(problems)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for another process, e.g. a training worker): the task files, not the data loaded
+        from them, which the other process reads itself."""
+        return {**self.__dict__, "_loaded": {}}
+
     def __iter__(self) -> Iterator[Entry]:
         return iter(sorted(self.entries.values(), key=lambda e: e.spec.name))
 

@@ -12,7 +12,6 @@ a fresh interpreter, so that a script calling :func:`mtl.train` needs no ``__mai
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import pickle
 import socket
@@ -62,7 +61,7 @@ def in_workers(run: Run, recipe: Recipe, out: Path, resume: bool, registry: Regi
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="mtl-workers-") as scratch:
         job = Path(scratch) / "job.pkl"
-        job.write_bytes(pickle.dumps((recipe, out, resume, _without_data(registry))))
+        job.write_bytes(pickle.dumps((recipe, out, resume, registry)))  # a registry pickles without its data
         procs, logs = [], []
         for rank in range(1, world):
             logs.append(Path(scratch) / f"rank{rank}.log")
@@ -105,15 +104,6 @@ def _explain_worker_failure(procs: list[subprocess.Popen[bytes]], logs: list[Pat
         raise MtlError(f"worker {rank} of {world} ended with exit code {p.returncode} and training stopped",
                        "continue with --resume (the last checkpoint is kept); with less memory per process, "
                        "fewer workers") from None
-
-
-def _without_data(registry: Registry | None) -> Registry | None:
-    """The registry to send a worker: its task files, not the data it has loaded."""
-    if registry is None:
-        return None
-    light = copy.copy(registry)
-    light._loaded = {}
-    return light
 
 
 def _rank_variables(rank: int, world: int, port: int) -> dict[str, str]:
