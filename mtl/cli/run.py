@@ -105,8 +105,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               none_label: Annotated[str, typer.Option(help="The answer for refused inputs.")] = "none",
               select: Annotated[bool, typer.Option(
                   "--select", help="Text: cross-validate the meta-learned initialization, a linear probe, "
-                  "plain fine-tuning and the last two together on the support set; keep the two together "
-                  "unless beaten beyond the noise.")] = False,
+                  "plain fine-tuning and the last two together with token matching on the support set; keep the "
+                  "three together unless beaten beyond the noise.")] = False,
               unknown: Annotated[str | None, typer.Option(
                   help="A task of inputs that fit no class (clinc150-oos): report out-of-scope recall, "
                        "precision and AUROC on its test split.")] = None,
