@@ -38,7 +38,7 @@ from mtl.run.adapt import support_from_task
 from mtl.run.adapted import AdaptedModel
 from mtl.run.alternatives import finetune, linear_fit, probe
 from mtl.run.label_text import descriptive, with_names
-from mtl.run.token_match import TAU, TokenMatcher, vocabulary
+from mtl.run.token_match import TAU, TokenMatcher, transformer_token_vectors, vocabulary
 
 DEV = "clinc150-banking:5,clinc150-credit-cards:5,clinc150-utility:5,clinc150-small-talk:5,snips:5,trec:5"
 HELD = "banking77:10,banking77:5,clinc150-kitchen-and-dining:5,clinc150-travel:5,clinc150-work:5"
@@ -66,18 +66,6 @@ def meanmax(encoder: str, texts: list[str], cached: bool) -> np.ndarray:
     return (torch.cat([mean, top], 1) * 10 / np.sqrt(2)).numpy()
 
 
-def own_token_vectors(model: torch.nn.Module, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`mtl.run.token_match.token_vectors` of a fine-tuned model's own transformer."""
-    from mtl.data.embeddings import lower_token_states, transformer_layers
-
-    encoder = model.encoders["text"]
-    arrays = lower_token_states(encoder.transformer, encoder.tokenizer, texts,
-                                len(transformer_layers(encoder.transformer)), np.float32)
-    ids = encoder.tokenizer(texts, truncation=True, max_length=128)["input_ids"]
-    return (torch.nn.functional.normalize(torch.from_numpy(arrays["tokens"]), dim=1),
-            torch.from_numpy(arrays["offsets"]), torch.as_tensor([i for row in ids for i in row], dtype=torch.long))
-
-
 def voices(task_name: str, shots: int, seed: int, encoder: str) -> dict[str, np.ndarray]:
     """Every voice's test-split logits after fitting on support draw ``seed``, and the true classes."""
     task = Registry().load(task_name)
@@ -94,9 +82,11 @@ def voices(task_name: str, shots: int, seed: int, encoder: str) -> dict[str, np.
     out["finetune"] = test_logits(AdaptedModel(tuned, meta), task)[0]
     labelled, labels = with_names(texts, ys, names)
     out["tokens"] = TokenMatcher.fit(encoder, labelled, labels, k).logits(encoder, queries, True)
-    with torch.no_grad():
-        own = TokenMatcher.from_vectors(*own_token_vectors(tuned, labelled), labels.copy(), k, vocabulary(encoder))
-        out["tuned_tokens"] = (own.scores(*own_token_vectors(tuned, queries)) / TAU).numpy()
+    own = tuned.encoders["text"]  # the fine-tuned transformer and its tokenizer
+    matcher = TokenMatcher.from_vectors(*transformer_token_vectors(own.transformer, own.tokenizer, labelled),
+                                        labels, k, vocabulary(encoder))
+    out["tuned_tokens"] = (matcher.scores(*transformer_token_vectors(own.transformer, own.tokenizer, queries))
+                           / TAU).numpy()
     w, b = linear_fit(meanmax(encoder, labelled, False), labels, k)
     out["probe_meanmax"] = meanmax(encoder, queries, True) @ w.numpy().T + b.numpy()
     return out

@@ -25,18 +25,29 @@ CHUNK = 1024  # query tokens compared with every support token at once (memory: 
 def token_vectors(encoder: str, texts: list[str], cached: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(unit-length last-layer token states, offsets: text i owns rows offsets[i]:offsets[i+1], token
     ids) of the frozen ``encoder``; ``cached``: through the disk cache (a task's fixed splits)."""
-    from mtl.data.embeddings import load_transformer, lower_token_states, token_states, transformer_layers
+    from mtl.data.embeddings import load_transformer, token_states
 
     model, tok = load_transformer(encoder)
-    if cached:
-        store = token_states(texts, encoder, 0)
-        tokens, offsets = store.tokens.float(), store.offsets
-    else:
-        arrays = lower_token_states(model, tok, texts, len(transformer_layers(model)), np.float32)
-        tokens, offsets = torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["offsets"])
-    ids = tok(texts, truncation=True, max_length=128)["input_ids"]
-    flat = torch.as_tensor([i for row in ids for i in row], dtype=torch.long)
-    return torch.nn.functional.normalize(tokens, dim=1), offsets, flat
+    if not cached:
+        return transformer_token_vectors(model, tok, texts)
+    store = token_states(texts, encoder, 0)
+    return torch.nn.functional.normalize(store.tokens.float(), dim=1), store.offsets, token_ids(tok, texts)
+
+
+@torch.no_grad()
+def transformer_token_vectors(model: torch.nn.Module, tok: object, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`token_vectors` of any transformer and its tokenizer (a fine-tuned one too)."""
+    from mtl.data.embeddings import lower_token_states, transformer_layers
+
+    arrays = lower_token_states(model, tok, texts, len(transformer_layers(model)), np.float32)
+    tokens = torch.nn.functional.normalize(torch.from_numpy(arrays["tokens"]), dim=1)
+    return tokens, torch.from_numpy(arrays["offsets"]), token_ids(tok, texts)
+
+
+def token_ids(tok: object, texts: list[str]) -> Tensor:
+    """The texts' token ids, one text after another: the rows of their token states."""
+    ids = tok(texts, truncation=True, max_length=128)["input_ids"]  # type: ignore[operator]
+    return torch.as_tensor([i for row in ids for i in row], dtype=torch.long)
 
 
 def vocabulary(encoder: str) -> int:
