@@ -34,7 +34,7 @@ from text_encoders import known_test, test_logits
 from mtl.data.embeddings import token_states
 from mtl.data.registry import Registry
 from mtl.device import cpu_name
-from mtl.run.adapt import support_from_task
+from mtl.run.adapt import ENCODER_LR, support_from_task
 from mtl.run.adapted import AdaptedModel
 from mtl.run.alternatives import finetune, linear_fit, probe
 from mtl.run.label_text import descriptive, with_names
@@ -66,7 +66,7 @@ def meanmax(encoder: str, texts: list[str], cached: bool) -> np.ndarray:
     return (torch.cat([mean, top], 1) * 10 / np.sqrt(2)).numpy()
 
 
-def voices(task_name: str, shots: int, seed: int, encoder: str) -> dict[str, np.ndarray]:
+def voices(task_name: str, shots: int, seed: int, encoder: str, lr: float) -> dict[str, np.ndarray]:
     """Every voice's test-split logits after fitting on support draw ``seed``, and the true classes."""
     task = Registry().load(task_name)
     support = support_from_task(task, shots, seed)
@@ -78,7 +78,7 @@ def voices(task_name: str, shots: int, seed: int, encoder: str) -> dict[str, np.
     out = {"truth": truth}
     out["linear_probe"] = test_logits(AdaptedModel(probe(texts, ys, k, encoder, torch.device("cpu"), names), meta),
                                       task)[0]
-    tuned = finetune(texts, ys, k, encoder, torch.device("cpu"), None, 2e-4, seed, names=names)
+    tuned = finetune(texts, ys, k, encoder, torch.device("cpu"), None, lr, seed, names=names)
     out["finetune"] = test_logits(AdaptedModel(tuned, meta), task)[0]
     labelled, labels = with_names(texts, ys, names)
     out["tokens"] = TokenMatcher.fit(encoder, labelled, labels, k).logits(encoder, queries, True)
@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--held", default=HELD, help="task:shots, comma-separated: scored beside them, never chosen on")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--encoder", default="minilm")
+    p.add_argument("--lr", type=float, default=ENCODER_LR, help="fine-tuning's learning rate")
     p.add_argument("--cache", type=Path, default=Path("/tmp/voices"), help="the voices' test logits, kept")
     p.add_argument("--top", type=int, default=10)
     a = p.parse_args()
@@ -116,7 +117,7 @@ def main() -> None:
             f = a.cache / f"{name}_{shots}_{Path(a.encoder).name}_{seed}.npz"
             if not f.exists():
                 t0 = time.perf_counter()
-                np.savez(f, **voices(name, int(shots), seed, a.encoder))
+                np.savez(f, **voices(name, int(shots), seed, a.encoder, a.lr))
                 print(f"{spec} draw {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
             z = dict(np.load(f))
             runs.setdefault(spec, []).append({"truth": z["truth"], **{v: log_softmax(z[v], 1) for v in VOICES}})
