@@ -41,7 +41,7 @@ ENSEMBLE = "probe+finetune+tokens"  # the three answering together: --select's d
 # shares of the log-probabilities, 0.3 : 0.7 : 0.3 for the probe, fine-tuning and token matching
 # (BANKING77 10-shot, probe and fine-tuning: 0.3 > 0.5 > 0.7 for the probe); fine-tuning has the rest.
 # Chosen again on six unrelated tasks by benchmarks/ensemble_weights.py: within 0.06 points of the best
-# of 600 weightings there, and no worse than it on the held-out tasks (docs/BENCHMARKS.md)
+# of 600 weightings there, which is not better on the held-out tasks on balance (docs/BENCHMARKS.md)
 PROBE_WEIGHT = 3 / 13
 TOKENS_WEIGHT = 3 / 13
 
