@@ -239,7 +239,8 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     ft = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed, names=names),
                         texts, ys, folds)
     vocab = vocabulary(encoder)
-    vectors = token_vectors(encoder, with_names(texts, ys, support.classes)[0])
+    named_texts, named_ys = with_names(texts, ys, support.classes)  # the support set, then each class's name
+    vectors = token_vectors(encoder, named_texts)
     tokens = cross_validate_tokens(vectors, ys, k, folds, vocab, names is not None)
     mixed = mixed_logits([(ft.logits, 1 - PROBE_WEIGHT - TOKENS_WEIGHT), (linear.logits, PROBE_WEIGHT),
                           (tokens.logits, TOKENS_WEIGHT)])
@@ -265,7 +266,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
             "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
     if best.name == ENSEMBLE:  # the companions answer with the fine-tuned model (mtl.run.adapted.mixed_logits)
         rows = np.arange(len(ys) + (k if names else 0))
-        matcher = TokenMatcher.from_vectors(*take(vectors, rows), np.concatenate([ys, np.arange(k)])[rows], k, vocab)
+        matcher = TokenMatcher.from_vectors(*take(vectors, rows), named_ys[rows], k, vocab)
         meta["probe"] = {"weight": PROBE_WEIGHT, "text_encoder": encoder}
         meta["tokens"] = {"weight": TOKENS_WEIGHT, "text_encoder": encoder}
         return AdaptedModel(model, meta, state, probe_model, matcher)
