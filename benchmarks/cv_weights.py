@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Should ``adapt --select`` choose its mix's weights on the support set itself, by cross-validation?
+
+The right shares of the voices depend on the encoder (benchmarks/ensemble_weights.py: with
+all-MiniLM-L6-v2 fine-tuning should weigh most, with all-mpnet-base-v2 the fine-tuned encoder's token
+matching). Weights chosen on the few labelled examples would follow the encoder, and the task, with no
+table of encoders. This script measures whether they do better than the fixed weights on tasks whose
+test splits chose nothing.
+
+For each task and support draw it fits the four voices (``linear_probe``, ``finetune``, ``tokens``,
+``tuned_tokens``) on the support set's folds exactly as ``select`` does (:mod:`mtl.run.alternatives`'s
+``fold_indices``, ``cross_validate``, ``cross_validate_probe``, ``cross_validate_tokens``) and keeps
+their out-of-fold logits under ``--cache``; the same voices' test-split logits, fitted on the whole
+support set, come from ``ensemble_weights.py``'s cache (computed here when missing). Each rule then
+picks weights from the out-of-fold logits alone, and the test split scores them:
+
+- ``fixed``: the shipped weights, whatever the folds say;
+- ``cv_accuracy``: the grid's weighting that answers most held-out support examples right (ties: the
+  lower log-loss);
+- ``cv_logloss``: the weighting whose mix (weights summing to one) has the lowest out-of-fold log-loss;
+- ``cv_guarded``: what ``select`` does (:func:`mtl.run.mixing.choose_weights`): ``cv_logloss``'s, only
+  where it also answers more held-out examples right than the fixed weights beyond the sign test's
+  noise, else fixed.
+
+    python benchmarks/cv_weights.py [--encoder minilm] [--seeds 3] [--tasks banking77:10,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ensemble_weights import DEV, HELD, voices
+from scipy.special import log_softmax
+
+from mtl.data.registry import Registry
+from mtl.device import cpu_name
+from mtl.run.adapt import ENCODER_LR, support_from_task
+from mtl.run.alternatives import (
+    cross_validate,
+    cross_validate_probe,
+    cross_validate_tokens,
+    finetune,
+    fold_indices,
+    model_features,
+    plain_model,
+    tuned_tokens,
+)
+from mtl.run.label_text import descriptive, with_names
+from mtl.run.mixing import FIXED, GRID, choose_weights, logloss, mix, weightings
+from mtl.run.token_match import token_vectors, vocabulary
+
+VOICES = list(GRID)
+
+
+def out_of_fold(task_name: str, shots: int, seed: int, encoder: str, lr: float) -> dict[str, np.ndarray]:
+    """Every voice's out-of-fold logits on support draw ``seed`` and the held-out examples' classes."""
+    cpu = torch.device("cpu")
+    support = support_from_task(Registry().load(task_name), shots, seed)
+    texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
+    names = support.classes if descriptive(support.classes) else None
+    folds = fold_indices(ys)
+    x = model_features(plain_model(encoder, cpu), with_names(texts, ys, names)[0]).numpy()
+    probe = cross_validate_probe(x[:len(texts)], ys, k, folds, extra=x[len(texts):] if names else None)
+    vocab = vocabulary(encoder)
+    ft, tuned = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, cpu, None, lr, seed, names=names),
+                               texts, ys, folds, also={"tuned_tokens": tuned_tokens(k, vocab, names)})
+    vectors = token_vectors(encoder, with_names(texts, ys, support.classes)[0])
+    tokens = cross_validate_tokens(vectors, ys, k, folds, vocab, names is not None)
+    return {"held": ft.held, **{c.name: c.logits for c in (probe, ft, tokens, tuned)}}
+
+
+def choose(oof: dict[str, np.ndarray], options: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each rule's weights from the out-of-fold log-probabilities ``oof`` alone."""
+    y = oof["held"]
+    acc = [float((mix(oof, w).argmax(1) == y).mean()) for w in options]
+    loss = [logloss(mix(oof, w), y) for w in options]
+    by_acc = max(range(len(options)), key=lambda i: (acc[i], -loss[i]))
+    by_loss = min(range(len(options)), key=lambda i: loss[i])
+    return {"fixed": FIXED, "cv_accuracy": options[by_acc], "cv_logloss": options[by_loss],
+            "cv_guarded": choose_weights({v: oof[v] for v in VOICES}, y)[0]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default=f"{HELD},{DEV}", help="task:shots, comma-separated")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--encoder", default="minilm")
+    p.add_argument("--lr", type=float, default=ENCODER_LR, help="fine-tuning's learning rate")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/voices"), help="ensemble_weights.py's test logits")
+    p.add_argument("--oof-cache", type=Path, default=Path("/tmp/oof"), help="the out-of-fold logits, kept")
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    a.cache.mkdir(parents=True, exist_ok=True)
+    a.oof_cache.mkdir(parents=True, exist_ok=True)
+    options = weightings()
+    print(json.dumps({"cpu": cpu_name(), "encoder": a.encoder, "draws": a.seeds, "weightings": len(options)}))
+    totals: dict[str, list[float]] = {}
+    for spec in a.tasks.split(","):
+        name, shots = spec.split(":")
+        scores: dict[str, list[float]] = {}
+        chosen = []
+        for seed in range(a.seeds):
+            stem = f"{name}_{shots}_{Path(a.encoder).name}_{seed}.npz"
+            t0 = time.perf_counter()
+            if not (a.cache / stem).exists():
+                np.savez(a.cache / stem, **voices(name, int(shots), seed, a.encoder, a.lr))
+            if not (a.oof_cache / stem).exists():
+                np.savez(a.oof_cache / stem, **out_of_fold(name, int(shots), seed, a.encoder, a.lr))
+            test, oof = dict(np.load(a.cache / stem)), dict(np.load(a.oof_cache / stem))
+            test = {"truth": test["truth"], **{v: log_softmax(test[v], 1) for v in VOICES}}
+            oof = {"held": oof["held"], **{v: log_softmax(oof[v], 1) for v in VOICES}}
+            rules = choose(oof, options)
+            for rule, w in rules.items():
+                scores.setdefault(rule, []).append(100 * float((mix(test, w).argmax(1) == test["truth"]).mean()))
+            chosen.append({r: ":".join(f"{w[v]:g}" for v in VOICES) for r, w in rules.items() if r != "fixed"})
+            print(json.dumps({"task": spec, "draw": seed, "seconds": round(time.perf_counter() - t0),
+                              **{r: round(s[-1], 2) for r, s in scores.items()}, "weights": chosen[-1]}), flush=True)
+        row = {r: round(float(np.mean(s)), 2) for r, s in scores.items()}
+        for r, v in row.items():
+            totals.setdefault(r, []).append(v)
+        print(json.dumps({"task": spec, "mean": row}), flush=True)
+    print(json.dumps({"mean_over_tasks": {r: round(float(np.mean(v)), 2) for r, v in totals.items()}}))
+
+
+if __name__ == "__main__":
+    main()
