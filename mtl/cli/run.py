@@ -135,10 +135,11 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     why = "as given" if sel["by"] == "given" else f"chosen by {sel['by']}"
     choice = m.meta.get("choice")
     if choice and choice["method"] != "meta-learned":
+        shares = ", ".join(f"{v} {w:.2f}" for v, w in choice.get("weights", {}).items() if w)
         how = {"linear_probe": "a linear probe on the pretrained encoder",
                "finetune": "every layer of the pretrained encoder fine-tuned",
-               "probe+finetune+tokens": "a linear probe on the pretrained encoder, every layer of it fine-tuned "
-                                        "and token matching, answering together"}[choice["method"]]
+               "probe+finetune+tokens": f"the pretrained encoder fine-tuned, probed and token-matched, answering "
+                                        f"together ({shares}; {choice.get('weights_by')})"}[choice["method"]]
         how += ", the class names as one more example each" if choice.get("label_names") else ""
     if choice and "accuracy" in choice:
         why = f"chosen by {choice['by']}: " + ", ".join(f"{k} {v:.3f}" for k, v in choice["accuracy"].items())

@@ -3,10 +3,11 @@ chosen by cross-validation on the support set itself.
 
 The alternatives are built from the pretrained sentence encoder alone, with no meta-learning: a
 linear probe (logistic regression on its frozen embeddings), plain fine-tuning (every layer, with a
-prototype-initialised head), and the two answering together with token matching
-(``probe+finetune+tokens``: their log-probabilities mixed, :func:`mtl.run.adapted.mixed_logits`;
-:mod:`mtl.run.token_match`). Each is scored by the same stratified folds as the meta-learned path
-(:func:`mtl.run.select.support_folds`). The three together, the strongest way on text tasks never
+prototype-initialised head), and the two answering together with token matching on the frozen and on
+the fine-tuned encoder (``probe+finetune+tokens``: their log-probabilities mixed,
+:func:`mtl.run.adapted.mixed_logits`, at shares :mod:`mtl.run.mixing` chooses; :mod:`mtl.run.token_match`).
+Each is scored by the same stratified folds as the meta-learned path
+(:func:`mtl.run.select.support_folds`). The voices together, the strongest way on text tasks never
 met in meta-training (docs/BENCHMARKS.md), are kept unless another way answers more held-out support
 examples right by more than the noise of that count (:func:`pick`): three folds of a 5-shot support
 set are too few to tell a 2-point difference from chance, and following them cost up to 16 points on
@@ -216,8 +217,8 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
            reject_by: str, reject_rate: float, none: str) -> AdaptedModel:
     """The best of ``adapted`` (the meta-learned initialization, as :func:`mtl.run.adapt.fit` made it),
     a linear probe, plain fine-tuning and the last two together with token matching, by cross-validated
-    accuracy on the support set (:func:`pick`); what was chosen and every candidate's accuracy go to
-    ``meta["choice"]``."""
+    accuracy on the support set (:func:`pick`); what was chosen, every candidate's accuracy and the mix's
+    shares go to ``meta["choice"]``."""
     from mtl.run.adapt import calibrate_from
     from mtl.run.adapted import model_inputs
     from mtl.run.select import support_folds
