@@ -50,11 +50,13 @@ def beats(z: np.ndarray, base: np.ndarray, y: np.ndarray, sd: float = 1.0) -> bo
     return wins - losses > sd * np.sqrt(wins + losses)
 
 
-def choose_weights(logits: dict[str, np.ndarray], y: np.ndarray) -> tuple[dict[str, float], str]:
-    """The mix's weights from every voice's out-of-fold ``logits`` for held-out classes ``y``, and why."""
+def choose_weights(logits: dict[str, np.ndarray], y: np.ndarray, sd: float = 1.0) -> tuple[dict[str, float], str]:
+    """The mix's weights from every voice's out-of-fold ``logits`` for held-out classes ``y``, and why;
+    ``sd``: the margin over the fixed weights, in standard errors (:func:`beats`; 1 is best on the
+    development tasks of benchmarks/cv_weights.py)."""
     logprobs = {v: log_softmax(z, 1) for v, z in logits.items()}
     options = [w for w in weightings() if all(logits.get(v) is not None for v, x in w.items() if x)]
     best = min(options, key=lambda w: logloss(mix(logprobs, w), y))
-    if best != FIXED and beats(mix(logprobs, best), mix(logprobs, FIXED), y):
+    if best != FIXED and beats(mix(logprobs, best), mix(logprobs, FIXED), y, sd):
         return best, "the lowest out-of-fold log-loss, ahead of the fixed weights beyond the noise"
     return dict(FIXED), "fixed: no weighting beat them beyond the noise of the support set's folds"
