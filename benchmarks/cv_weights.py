@@ -18,10 +18,11 @@ picks weights from the out-of-fold logits alone, and the test split scores them:
 - ``cv_accuracy``: the grid's weighting that answers most held-out support examples right (ties: the
   lower log-loss);
 - ``cv_logloss``: the weighting whose mix (weights summing to one) has the lowest out-of-fold log-loss;
-- ``cv_guarded_1``: what ``select`` does (:func:`mtl.run.mixing.choose_weights`): ``cv_logloss``'s,
-  only where it also answers more held-out examples right than the fixed weights by more than one
-  standard error of the paired difference (a sign test), else fixed; ``cv_guarded_0.5`` and
-  ``cv_guarded_0``: the same with smaller margins.
+- ``cv_sign_test``: ``cv_logloss``'s, only where it also answers more held-out examples right than the
+  fixed weights by more than one standard error of the paired difference (a sign test), else fixed;
+- ``cv_guarded_3``: what ``select`` does (:func:`mtl.run.mixing.choose_weights`): ``cv_logloss``'s,
+  only where its out-of-fold log-loss is below the fixed weights' by more than 3 standard errors of the
+  paired per-example difference, else fixed; ``cv_guarded_2`` and ``cv_guarded_1``: smaller margins.
 
     python benchmarks/cv_weights.py [--encoder minilm] [--seeds 3] [--tasks banking77:10,...]
 """
@@ -52,11 +53,11 @@ from mtl.run.alternatives import (
     tuned_tokens,
 )
 from mtl.run.label_text import descriptive, with_names
-from mtl.run.mixing import FIXED, GRID, choose_weights, logloss, mix, weightings
+from mtl.run.mixing import FIXED, GRID, beats, choose_weights, logloss, mix, weightings
 from mtl.run.token_match import token_vectors, vocabulary
 
 VOICES = list(GRID)
-GUARDS = (0.0, 0.5, 1.0)  # cv_guarded's margins in standard errors; select's is 1
+GUARDS = (1.0, 2.0, 3.0)  # cv_guarded's margins in standard errors; select's is 3
 
 
 def out_of_fold(task_name: str, shots: int, seed: int, encoder: str, lr: float) -> dict[str, np.ndarray]:
@@ -83,8 +84,10 @@ def choose(oof: dict[str, np.ndarray], options: list[dict[str, float]]) -> dict[
     loss = [logloss(mix(oof, w), y) for w in options]
     by_acc = max(range(len(options)), key=lambda i: (acc[i], -loss[i]))
     by_loss = min(range(len(options)), key=lambda i: loss[i])
+    sign = options[by_loss] if beats(mix(oof, options[by_loss]), mix(oof, FIXED), y) else FIXED
     guarded = {f"cv_guarded_{sd:g}": choose_weights({v: oof[v] for v in VOICES}, y, sd)[0] for sd in GUARDS}
-    return {"fixed": FIXED, "cv_accuracy": options[by_acc], "cv_logloss": options[by_loss], **guarded}
+    return {"fixed": FIXED, "cv_accuracy": options[by_acc], "cv_logloss": options[by_loss], "cv_sign_test": sign,
+            **guarded}
 
 
 def main() -> None:
