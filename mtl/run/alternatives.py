@@ -259,6 +259,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     voices = {c.name: c for c in (ft, linear, tokens, tuned)}
     weights, weights_by = choose_weights({v: c.logits for v, c in voices.items()}, ft.held)
     shares = {v: w / sum(weights.values()) for v, w in weights.items()}
+    # scored on the folds its weights came from (slightly flattered, when they moved): it is the default anyway
     mixed = mixed_logits([(voices[v].logits, w) for v, w in shares.items() if w])
     ensemble = Candidate(ENSEMBLE, float((mixed.argmax(1) == ft.held).mean()), mixed, ft.held)
     cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held), linear, ft, ensemble]
@@ -283,12 +284,12 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
             "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
     if best.name != ENSEMBLE:
         return AdaptedModel(model, meta, state)
-    # the companions answer with the fine-tuned model, each at its share (mtl.run.adapted.mixed_logits)
+    # the companions with a share answer with the fine-tuned model (mtl.run.adapted.mixed_logits)
     rows = np.arange(len(ys) + (k if names else 0))  # the support set, and the names where they joined it
-    matchers = {"tokens": TokenMatcher.from_vectors(*take(vectors, rows), named_ys[rows], k, vocab),
-                "tuned_tokens": TokenMatcher.from_vectors(*own_token_vectors(model, [named_texts[i] for i in rows]),
-                                                          named_ys[rows], k, vocab)}
+    frozen = TokenMatcher.from_vectors(*take(vectors, rows), named_ys[rows], k, vocab) if shares["tokens"] else None
+    own = TokenMatcher.from_vectors(*own_token_vectors(model, [named_texts[i] for i in rows]), named_ys[rows], k,
+                                    vocab) if shares["tuned_tokens"] else None
     for key, voice in (("probe", "linear_probe"), ("tokens", "tokens"), ("tuned_tokens", "tuned_tokens")):
         if shares[voice]:
             meta[key] = {"weight": shares[voice], "text_encoder": encoder}
-    return AdaptedModel(model, meta, state, probe_model, *(matchers[v] if shares[v] else None for v in matchers))
+    return AdaptedModel(model, meta, state, probe_model, frozen, own)

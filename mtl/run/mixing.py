@@ -17,7 +17,6 @@ import itertools
 import numpy as np
 from scipy.special import log_softmax
 
-VOICES = ("finetune", "linear_probe", "tokens", "tuned_tokens")
 # shares of the log-probabilities, 7 : 3 : 3 for fine-tuning, the probe and token matching: chosen on six
 # unrelated tasks by benchmarks/ensemble_weights.py, within 0.06 points of the best of 600 weightings there
 FIXED = {"finetune": 7, "linear_probe": 3, "tokens": 3, "tuned_tokens": 0}
