@@ -492,8 +492,12 @@ def test_the_mix_follows_the_folds_only_when_they_say_so_beyond_the_noise():
         return z
 
     weak = {"finetune": voice(0.6), "linear_probe": voice(0.55), "tokens": voice(0.5)}
-    weights, why = choose_weights({**weak, "tuned_tokens": voice(0.95)}, y)  # one voice far ahead: it leads
+    weights, why = choose_weights({**weak, "tuned_tokens": voice(0.95)}, y, "minilm")  # one voice far ahead
     assert weights["tuned_tokens"] == max(weights.values()) and weights != FIXED and "log-loss" in why
     same = voice(0.6)  # the same answers under other names: nothing beats the fixed weights
-    weights, why = choose_weights({"finetune": same, "linear_probe": same, "tokens": same, "tuned_tokens": same}, y)
-    assert weights == FIXED and why.startswith("fixed")
+    for encoder in ("minilm", "/models/another-encoder"):  # the margin is 0 for another: still no move
+        weights, why = choose_weights({v: same for v in FIXED}, y, encoder)
+        assert weights == FIXED and why.startswith("fixed")
+    mild = {**weak, "finetune": voice(0.62)}  # a small, unsure difference: followed only where FIXED is a guess
+    assert choose_weights(mild, y, "minilm")[0] == FIXED
+    assert choose_weights(mild, y, "/models/another-encoder")[0] != FIXED

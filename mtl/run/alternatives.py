@@ -257,7 +257,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     vectors = token_vectors(encoder, named_texts)
     tokens = cross_validate_tokens(vectors, ys, k, folds, vocab, names is not None)
     voices = {c.name: c for c in (ft, linear, tokens, tuned)}
-    weights, weights_by = choose_weights({v: c.logits for v, c in voices.items()}, ft.held)
+    weights, weights_by = choose_weights({v: c.logits for v, c in voices.items()}, ft.held, encoder)
     shares = {v: w / sum(weights.values()) for v, w in weights.items()}
     # scored on the folds its weights came from (slightly flattered, when they moved): it is the default anyway
     mixed = mixed_logits([(voices[v].logits, w) for v, w in shares.items() if w])
