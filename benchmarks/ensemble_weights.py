@@ -36,16 +36,17 @@ from mtl.data.registry import Registry
 from mtl.device import cpu_name
 from mtl.run.adapt import ENCODER_LR, support_from_task
 from mtl.run.adapted import AdaptedModel
-from mtl.run.alternatives import finetune, linear_fit, probe
+from mtl.run.alternatives import finetune, linear_fit, probe, tuned_tokens
 from mtl.run.label_text import descriptive, with_names
-from mtl.run.token_match import TAU, TokenMatcher, transformer_token_vectors, vocabulary
+from mtl.run.mixing import FIXED
+from mtl.run.token_match import TokenMatcher, vocabulary
 
 DEV = "clinc150-banking:5,clinc150-credit-cards:5,clinc150-utility:5,clinc150-small-talk:5,snips:5,trec:5"
 HELD = "banking77:10,banking77:5,clinc150-kitchen-and-dining:5,clinc150-travel:5,clinc150-work:5"
 VOICES = ["linear_probe", "finetune", "tokens", "tuned_tokens", "probe_meanmax"]
 GRID = {"linear_probe": [0, 1, 2, 3, 5], "finetune": [3, 5, 7, 10], "tokens": [0, 1, 2, 3, 5],
         "tuned_tokens": [0, 1, 2, 3, 5], "probe_meanmax": [0, 3]}
-SHIPPED = {"linear_probe": 3, "finetune": 7, "tokens": 3, "tuned_tokens": 0, "probe_meanmax": 0}
+SHIPPED = {**FIXED, "probe_meanmax": 0}
 
 
 def meanmax(encoder: str, texts: list[str], cached: bool) -> np.ndarray:
@@ -82,11 +83,7 @@ def voices(task_name: str, shots: int, seed: int, encoder: str, lr: float) -> di
     out["finetune"] = test_logits(AdaptedModel(tuned, meta), task)[0]
     labelled, labels = with_names(texts, ys, names)
     out["tokens"] = TokenMatcher.fit(encoder, labelled, labels, k).logits(encoder, queries, True)
-    own = tuned.encoders["text"]  # the fine-tuned transformer and its tokenizer
-    matcher = TokenMatcher.from_vectors(*transformer_token_vectors(own.transformer, own.tokenizer, labelled),
-                                        labels, k, vocabulary(encoder))
-    out["tuned_tokens"] = (matcher.scores(*transformer_token_vectors(own.transformer, own.tokenizer, queries))
-                           / TAU).numpy()
+    out["tuned_tokens"] = tuned_tokens(k, vocabulary(encoder), names)(tuned, texts, ys, queries)
     w, b = linear_fit(meanmax(encoder, labelled, False), labels, k)
     out["probe_meanmax"] = meanmax(encoder, queries, True) @ w.numpy().T + b.numpy()
     return out
