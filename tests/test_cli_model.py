@@ -87,7 +87,8 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
 def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_run, tmp_path, run_cli):
     from mtl.data.embeddings import load_transformer
     from mtl.data.registry import Registry
-    from mtl.run.adapted import AdaptedModel
+    from mtl.run import outliers
+    from mtl.run.adapted import AdaptedModel, plain_model, text_features
 
     shared = load_transformer("minilm")[0]
     before = {k: v.clone() for k, v in shared.state_dict().items()}
@@ -103,6 +104,13 @@ def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_ru
     test = Registry().load("clinc150-work").test
     acc = float((model.predict_ids(test.inputs) == test.labels).mean())  # the saved model: the same accuracy
     assert abs(acc - res["test_accuracy"]) < 1e-9
+    # the tuned encoder has seen every support example, so "none of these" is measured on the pretrained one,
+    # whose leave-one-out scores are out of sample (read off the tuned one, a quarter of BANKING77 was refused)
+    assert model.rejection.reads == "frozen" and res["rejection"]["reads"] == "frozen"
+    plain = text_features(plain_model("minilm", "cpu"), test.inputs[:16], torch.device("cpu"))
+    assert np.allclose(model.outputs(test.inputs[:16])[1], outliers.score("distance", model.outlier_state, plain),
+                       atol=1e-4)
+    assert model.predict([]).shape == (0,) and model.decide([], cached=True)[0].shape == (0, 15)
     code, _, err = run_cli("adapt", "--task", "olivetti", "--checkpoint", text_run, "--encoder-layers", 1,
                            "--out", tmp_path / "x")
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -342,7 +350,7 @@ def test_compare_fine_tunes_the_whole_pretrained_encoder_on_the_same_episodes(te
 
 def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(text_run, tmp_path, run_cli):
     from mtl.data.registry import Registry
-    from mtl.run.adapted import AdaptedModel
+    from mtl.run.adapted import HEAD, AdaptedModel
 
     code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3, "--select",
                              "--encoder-epochs", 1, "--out", tmp_path / "m", "--json")
@@ -360,8 +368,11 @@ def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(te
     assert abs(float((model.predict_ids(test.inputs, cached=True) == test.labels).mean()) - res["test_accuracy"]) < 1e-9
     # the probe's sentence embeddings are cached in half precision: freshly computed, an answer or two may move
     assert abs(float((model.predict_ids(test.inputs) == test.labels).mean()) - res["test_accuracy"]) < 0.01
+    if choice["method"] not in ("meta-learned", "linear_probe"):  # fine-tuned: rejection reads the frozen encoder
+        assert model.rejection.reads == "frozen" and model.frozen is not None
     if choice["method"] == "probe+finetune+tokens":  # a companion is saved where it has a share of the mix
-        for key, voice, companion in (("probe", "linear_probe", model.probe), ("tokens", "tokens", model.tokens),
+        probe = model.frozen if model.frozen is not None and HEAD in model.frozen.heads else None
+        for key, voice, companion in (("probe", "linear_probe", probe), ("tokens", "tokens", model.tokens),
                                       ("tuned_tokens", "tuned_tokens", model.tuned_tokens)):
             share, saved = choice["weights"][voice], model.meta.get(key, {"weight": 0})["weight"]
             assert (companion is not None) == (share > 0) and abs(saved - share) < 1e-3
@@ -425,7 +436,7 @@ def test_a_model_with_companions_saves_loads_and_mixes_their_answers(tmp_path):
     expected = mixed_logits([(alone[0], 0.5), (alone[1], 0.2), (matched, 0.2), (tuned_matched, 0.1)])
     assert np.allclose(z, expected, atol=1e-2)  # scoring runs under bf16 where native
     again = AdaptedModel.load(model.save(tmp_path / "m"))
-    assert again.probe is not None and again.tokens is not None and again.tuned_tokens is not None
+    assert again.frozen is not None and again.tokens is not None and again.tuned_tokens is not None
     assert np.allclose(again.outputs(queries)[0], z, atol=1e-3)  # the support's token states saved in fp16
     assert list(again.predict(queries)) == ["flight", "balance"]
 

@@ -31,15 +31,14 @@ from mtl.device import autocast, native_bf16, resolve_device
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel, calibrate_batchnorm
 from mtl.run import outliers
-from mtl.run.adapted import HEAD, AdaptedModel, model_inputs, text_features
+from mtl.run.adapted import HEAD, AdaptedModel, model_inputs, plain_model, text_features
 from mtl.run.calibration import (
     CALIBRATION_FOLDS,
     REJECT_RATE,
     Rejection,
+    calibrate_from,
     expected_calibration_error,
-    fit_temperature,
     softmax,
-    threshold_for,
 )
 from mtl.run.examples import read_examples
 from mtl.run.learner import load_learner
@@ -189,7 +188,7 @@ def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.T
 
 def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inputs, ys: torch.Tensor,
               selection: dict[str, Any], stored: dict[str, Any] | None, reject_by: str, reject_rate: float,
-              none: str) -> tuple[dict[str, Any], Rejection, dict[str, torch.Tensor]]:
+              none: str, reads: str = "model") -> tuple[dict[str, Any], Rejection, dict[str, torch.Tensor]]:
     """The temperature, the rejection threshold and the out-of-scope score's statistics, from the
     support set alone.
 
@@ -200,34 +199,15 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
     if support.shots < 2:
         t = float((stored or {}).get("temperature", 1.0))
         by = "meta-validation at the end of training" if stored and "temperature" in stored else "none (1-shot)"
-        off = Rejection(reject_by, None, none, "1 shot per class: none held out to set a threshold; use --reject-below")
+        off = Rejection(reject_by, None, none, "1 shot per class: none held out to set a threshold; use --reject-below",
+                        reads)
         return {"temperature": t, "by": by}, off, outliers.fit(reject_by, feats, ys, len(support.classes))
     folds = support_folds(support.task, support.modality, xs, ys, folds=min(support.shots, CALIBRATION_FOLDS))
     steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
     logits = torch.cat([learner.query_logits_after(b, steps, lr, head_init) for b in folds]).cpu().numpy()
     held = torch.cat([b.yq for b in folds]).cpu().numpy()
     return calibrate_from(logits, held, f"{len(folds)}-fold cross-validation on the support set", feats, ys,
-                          len(support.classes), reject_by, reject_rate, none)
-
-
-def calibrate_from(logits: np.ndarray, held: np.ndarray, by: str, feats: torch.Tensor, ys: torch.Tensor, classes: int,
-                   reject_by: str, reject_rate: float, none: str
-                   ) -> tuple[dict[str, Any], Rejection, dict[str, torch.Tensor]]:
-    """:func:`calibrate` from out-of-fold ``logits`` of the examples labelled ``held`` and the final
-    model's support ``feats``: any way of adapting that yields held-out predictions can use it."""
-    t = fit_temperature(logits, held)
-    calibration = {"temperature": round(t, 4), "by": by,
-                   "ece_before": round(expected_calibration_error(softmax(logits), held), 4),
-                   "ece_after": round(expected_calibration_error(softmax(logits, t), held), 4)}
-    if reject_by == "probability":
-        scores = softmax(logits, t).max(1)
-    else:
-        scores = outliers.held_out(reject_by, feats, ys).numpy()
-    threshold = threshold_for(scores, reject_rate)
-    why = f"refuses {reject_rate:.0%} of held-out support examples" if threshold is not None else \
-        "--reject-rate 0" if reject_rate == 0 else "too few examples to bound in-scope refusals; use --reject-below"
-    rejection = Rejection(reject_by, None if threshold is None else round(threshold, 5), none, why)
-    return calibration, rejection, outliers.fit(reject_by, feats, ys, classes)
+                          len(support.classes), reject_by, reject_rate, none, reads)
 
 
 def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: float | None = None,
@@ -283,15 +263,18 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     else:
         calibrate_batchnorm(model, lambda: model.features(xs, modality))
     model.eval()
-    with torch.no_grad():  # a tuned text encoder reads the texts again; otherwise what the inner loop read
-        feats = text_features(model, support.inputs, device) if encoder_layers else model.features(xs, modality)
+    frozen = plain_model(model.config.text_encoder, device) if encoder_layers and reject_by != "probability" \
+        else None  # a tuned encoder has seen the support set: the rejection score reads the pretrained one
+    with torch.no_grad():
+        feats = text_features(frozen or model, support.inputs, device) if encoder_layers else \
+            model.features(xs, modality)
     calibration, rejection, state = calibrate(learner, feats, support, xs, ys, selection, stored, reject_by,
-                                              reject_rate, none)
+                                              reject_rate, none, "frozen" if frozen else "model")
     return AdaptedModel(model, {
         "model_config": model.config.model_dump(mode="json"), "modality": modality, "classes": support.classes,
         "task": support.task, "image": support.image.model_dump(mode="json"), "shots": support.shots,
         "steps": steps, "lr": lr, "selection": selection, "head": learner.head_kind, "algorithm": learner.name,
-        "checkpoint": checkpoint, "calibration": calibration, "rejection": rejection.as_dict()}, state)
+        "checkpoint": checkpoint, "calibration": calibration, "rejection": rejection.as_dict()}, state, frozen)
 
 
 def score_on_task(model: AdaptedModel, task: Task) -> dict[str, Any]:

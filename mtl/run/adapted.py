@@ -41,6 +41,12 @@ def mixed_logits(parts: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
     return sum(w * log_softmax(z, axis=1) for z, w in parts)  # type: ignore[return-value]
 
 
+def plain_model(encoder: str, device: torch.device | str) -> MultiTaskModel:
+    """The pretrained text encoder and nothing else (no trunk, frozen): what the alternatives to the
+    meta-learned path start from, and what a fine-tuned model's out-of-scope score reads."""
+    return MultiTaskModel(ModelConfig(text_encoder=encoder), ["text"]).to(device).eval()
+
+
 def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device, cache: bool = True
                  ) -> torch.Tensor | list[str]:
     """What the model's encoder takes: image tensors, sentence embeddings (kept in the disk cache
@@ -85,15 +91,17 @@ class AdaptedModel:
     it refuses inputs that fit no class)."""
 
     def __init__(self, model: MultiTaskModel, meta: dict[str, Any],
-                 outlier_state: dict[str, torch.Tensor] | None = None, probe: MultiTaskModel | None = None,
+                 outlier_state: dict[str, torch.Tensor] | None = None, frozen: MultiTaskModel | None = None,
                  tokens: TokenMatcher | None = None, tuned_tokens: TokenMatcher | None = None) -> None:
         self.model = model.eval()
         self.meta = meta
         self.device = next(model.parameters()).device
         self.outlier_state = outlier_state or {}  # the support set's statistics (outliers.fit)
+        # the pretrained encoder (plain_model): the probe's body (its head when meta["probe"]), and what the
+        # rejection score reads when rejection.reads == "frozen"
+        self.frozen = frozen.eval() if frozen is not None else None
         # companions that answer with the model: on the frozen encoder, meta["probe"] and meta["tokens"]; on
         # the model's own encoder, meta["tuned_tokens"]
-        self.probe = probe.eval() if probe is not None else None
         self.tokens = tokens
         self.tuned_tokens = tuned_tokens
 
@@ -104,7 +112,7 @@ class AdaptedModel:
     @property
     def rejection(self) -> Rejection:
         r = self.meta.get("rejection") or {}
-        return Rejection(**{k: r[k] for k in ("score", "threshold", "none", "by") if k in r})
+        return Rejection(**{k: r[k] for k in ("score", "threshold", "none", "by", "reads") if k in r})
 
     def reject_below(self, threshold: float | None, score: str | None = None) -> None:
         """Refuse inputs whose score is below ``threshold`` (None: refuse nothing)."""
@@ -128,8 +136,8 @@ class AdaptedModel:
                  if (k.startswith(("encoders.", "projections.")) and k.split(".")[1] == modality)
                  or k.startswith(("trunk.", f"heads.{HEAD}."))}
         state.update({OUTLIER_PREFIX + k: v for k, v in self.outlier_state.items()})
-        if self.probe is not None:
-            state.update({PROBE_PREFIX + k: v for k, v in self.probe.heads[HEAD].state_dict().items()})
+        if self.frozen is not None and "probe" in self.meta:
+            state.update({PROBE_PREFIX + k: v for k, v in self.frozen.heads[HEAD].state_dict().items()})
         for prefix, matcher in ((TOKENS_PREFIX, self.tokens), (TUNED_TOKENS_PREFIX, self.tuned_tokens)):
             if matcher is not None:
                 state.update({prefix + k: v for k, v in matcher.state_dict().items()})
@@ -147,18 +155,20 @@ class AdaptedModel:
         model = MultiTaskModel(ModelConfig.model_validate(meta["model_config"]), [meta["modality"]])
         model.add_head(HEAD, len(meta["classes"]), meta.get("head", "linear"))
         state = {k[len(OUTLIER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(OUTLIER_PREFIX)}
-        probe = None
-        if "probe" in meta:  # the frozen encoder, named, and the probe's saved head
-            probe = MultiTaskModel(ModelConfig(text_encoder=meta["probe"]["text_encoder"]), ["text"])
-            probe.add_head(HEAD, len(meta["classes"])).load_state_dict(
+        frozen = None
+        if "probe" in meta or (meta.get("rejection") or {}).get("reads") == "frozen":
+            name = meta["probe"]["text_encoder"] if "probe" in meta else meta["model_config"]["text_encoder"]
+            frozen = plain_model(name, "cpu")
+        if "probe" in meta:  # the probe's saved head on the frozen encoder
+            frozen.add_head(HEAD, len(meta["classes"])).load_state_dict(  # type: ignore[union-attr]
                 {k[len(PROBE_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(PROBE_PREFIX)})
-            probe = probe.to(device or "cpu")
         tokens, tuned = (TokenMatcher.from_state({k[len(prefix):]: tensors.pop(k).cpu() for k in list(tensors)
                                                   if k.startswith(prefix)}, len(meta["classes"]))
                          if key in meta else None
                          for key, prefix in (("tokens", TOKENS_PREFIX), ("tuned_tokens", TUNED_TOKENS_PREFIX)))
         load_into(model, tensors)
-        return cls(model.to(device or "cpu"), meta, state, probe, tokens, tuned)
+        return cls(model.to(device or "cpu"), meta, state, frozen.to(device or "cpu") if frozen else None, tokens,
+                   tuned)
 
     @torch.no_grad()
     def outputs(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
@@ -168,6 +178,8 @@ class AdaptedModel:
         text layers, read the frozen layers' outputs from the disk cache (a task's test split: the same
         texts every time)."""
         inputs = self._array(inputs)
+        if not len(inputs):
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
         cfg = self.model.config
         states = None
         if cached and self.modality == "text" and not self.model.encoders["text"].reads_embeddings:
@@ -189,18 +201,21 @@ class AdaptedModel:
             with transformer_precision(self.model, self.device):
                 feats = self.model.features(x, self.modality).float()
             logits.append(self.model.heads[HEAD](feats).float().cpu().numpy())
-            if self.probe is not None:
-                frozen = self.probe.features(model_inputs(inputs[idx], self.probe, "text", self.device, cached), "text")
-                parts["probe"].append(self.probe.heads[HEAD](frozen.float()).float().cpu().numpy())
+            read = feats  # what the rejection score is measured on
+            if self.frozen is not None:
+                frozen = self.frozen.features(model_inputs(inputs[idx], self.frozen, "text", self.device, cached),
+                                              "text").float()
+                if "probe" in self.meta:
+                    parts["probe"].append(self.frozen.heads[HEAD](frozen).float().cpu().numpy())
+                if self.rejection.reads == "frozen":
+                    read = frozen
             if self.tokens is not None:
                 parts["tokens"].append(self.tokens.logits(self.meta["tokens"]["text_encoder"], inputs[idx].tolist(),
                                                           cached))
             if self.tuned_tokens is not None:
                 own = own_token_vectors(self.model, inputs[idx].tolist())
                 parts["tuned_tokens"].append(self.tuned_tokens.scores(*own).numpy() / TOKEN_TAU)
-            sims.append(outliers.score(self.rejection.score, self.outlier_state, feats).cpu().numpy())
-        if not logits:
-            return np.zeros((0, len(self.classes)), np.float32), np.zeros(0, np.float32)
+            sims.append(outliers.score(self.rejection.score, self.outlier_state, read).cpu().numpy())
         answers = {key: np.concatenate(p)[back] for key, p in parts.items() if p}
         return self.with_companions(np.concatenate(logits)[back], answers), np.concatenate(sims)[back]
 

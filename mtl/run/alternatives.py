@@ -29,8 +29,9 @@ import torch
 
 from mtl.algorithms import Algorithm
 from mtl.errors import MtlError
-from mtl.models import ModelConfig, MultiTaskModel
-from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits
+from mtl.models import MultiTaskModel
+from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits, plain_model
+from mtl.run.calibration import calibrate_from
 from mtl.run.label_text import descriptive, with_names
 from mtl.run.mixing import beats, choose_weights
 from mtl.run.token_match import TAU as TOKEN_TAU
@@ -54,11 +55,6 @@ class Candidate:
     accuracy: float
     logits: np.ndarray
     held: np.ndarray
-
-
-def plain_model(encoder: str, device: torch.device) -> MultiTaskModel:
-    """The pretrained encoder and nothing else (no trunk): what the alternatives start from."""
-    return MultiTaskModel(ModelConfig(text_encoder=encoder), ["text"]).to(device)
 
 
 def probe(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: torch.device,
@@ -219,7 +215,6 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     a linear probe, plain fine-tuning and the last two together with token matching, by cross-validated
     accuracy on the support set (:func:`pick`); what was chosen, every candidate's accuracy and the mix's
     shares go to ``meta["choice"]``."""
-    from mtl.run.adapt import calibrate_from
     from mtl.run.adapted import model_inputs
     from mtl.run.select import support_folds
 
@@ -271,25 +266,27 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     if best.name == "meta-learned":
         adapted.meta["choice"] = choice
         return adapted
-    probe_model = None
     if best.name == "linear_probe" or (best.name == ENSEMBLE and shares["linear_probe"]):
-        probe_model = with_linear_head(plain, *with_name_rows(x, ys, x_names if names else None), k)
-    model = probe_model if best.name == "linear_probe" else \
+        with_linear_head(plain, *with_name_rows(x, ys, x_names if names else None), k)
+    model = plain if best.name == "linear_probe" else \
         finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
-    feats = torch.as_tensor(x, device=device) if best.name == "linear_probe" else model_features(model, texts)
-    calibration, rejection, state = calibrate_from(best.logits, best.held, by, feats,
-                                                    torch.as_tensor(ys), k, reject_by, reject_rate, none)
+    # the rejection score reads the frozen encoder (exact leave-one-out scores): a fine-tuned one has seen them all
+    calibration, rejection, state = calibrate_from(best.logits, best.held, by, torch.as_tensor(x, device=device),
+                                                    torch.as_tensor(ys), k, reject_by, reject_rate, none,
+                                                    "model" if best.name == "linear_probe" else "frozen")
     meta = {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
             "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": best.name,
             "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
+    needs_frozen = rejection.reads == "frozen" or (best.name == ENSEMBLE and shares["linear_probe"])
+    frozen = plain if best.name != "linear_probe" and needs_frozen else None
     if best.name != ENSEMBLE:
-        return AdaptedModel(model, meta, state)
+        return AdaptedModel(model, meta, state, frozen)
     # the companions with a share answer with the fine-tuned model (mtl.run.adapted.mixed_logits)
     rows = np.arange(len(ys) + (k if names else 0))  # the support set, and the names where they joined it
-    frozen = TokenMatcher.from_vectors(*take(vectors, rows), named_ys[rows], k, vocab) if shares["tokens"] else None
+    tokens = TokenMatcher.from_vectors(*take(vectors, rows), named_ys[rows], k, vocab) if shares["tokens"] else None
     own = TokenMatcher.from_vectors(*own_token_vectors(model, [named_texts[i] for i in rows]), named_ys[rows], k,
                                     vocab) if shares["tuned_tokens"] else None
     for key, voice in (("probe", "linear_probe"), ("tokens", "tokens"), ("tuned_tokens", "tuned_tokens")):
         if shares[voice]:
             meta[key] = {"weight": shares[voice], "text_encoder": encoder}
-    return AdaptedModel(model, meta, state, probe_model, frozen, own)
+    return AdaptedModel(model, meta, state, frozen, tokens, own)

@@ -13,10 +13,13 @@ out-of-scope examples needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mtl.run import outliers
 
 ECE_BINS = 15
 # The share of in-scope inputs the chosen threshold may refuse. 3%: on CLINC150 (150 intents, 10 shots)
@@ -77,15 +80,20 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 class Rejection:
     """How ``predict`` refuses: inputs whose ``score`` (see :mod:`mtl.run.outliers`: ``distance``,
     ``similarity`` or ``probability``) is below ``threshold`` get the label ``none``; a threshold of
-    None refuses nothing."""
+    None refuses nothing. ``reads``: whose features the score is measured on, the model's own
+    (``model``) or, for a model whose encoder was fine-tuned on the support set, the pretrained
+    encoder's (``frozen``): the fine-tuned encoder has seen every support example, so their scores
+    would be in-sample and the threshold would refuse a quarter of new in-scope inputs instead of 3%."""
 
     score: str = "probability"
     threshold: float | None = None
     none: str = "none"
     by: str = "off"
+    reads: str = "model"
 
     def as_dict(self) -> dict[str, object]:
-        return {"score": self.score, "threshold": self.threshold, "none": self.none, "by": self.by}
+        return {"score": self.score, "threshold": self.threshold, "none": self.none, "by": self.by,
+                "reads": self.reads}
 
     def refuses(self, scores: np.ndarray) -> np.ndarray:
         """Which inputs are answered ``none`` (never those without a score: NaN)."""
@@ -101,3 +109,27 @@ def threshold_for(in_scope_scores: np.ndarray, reject_rate: float = REJECT_RATE)
     s = np.sort(np.asarray(in_scope_scores, dtype=np.float64))
     k = int(np.floor(reject_rate * (len(s) + 1)))
     return float(s[k - 1]) if k >= 1 else None
+
+
+def calibrate_from(logits: np.ndarray, held: np.ndarray, by: str, feats: torch.Tensor, ys: torch.Tensor, classes: int,
+                   reject_by: str, reject_rate: float, none: str, reads: str = "model"
+                   ) -> tuple[dict[str, Any], Rejection, dict[str, torch.Tensor]]:
+    """The temperature, the rejection threshold and the out-of-scope score's statistics, from
+    out-of-fold ``logits`` of the examples labelled ``held`` and the support ``feats`` the rejection
+    score ``reads`` (:class:`Rejection`): any way of adapting that yields held-out predictions can use
+    it. ``feats`` must not come from an encoder fine-tuned on these very examples (their leave-one-out
+    scores would be in-sample): give such a model's frozen encoder's."""
+    t = fit_temperature(logits, held)
+    calibration = {"temperature": round(t, 4), "by": by,
+                   "ece_before": round(expected_calibration_error(softmax(logits), held), 4),
+                   "ece_after": round(expected_calibration_error(softmax(logits, t), held), 4)}
+    if reject_by == "probability":
+        scores = softmax(logits, t).max(1)
+    else:
+        scores = outliers.held_out(reject_by, feats, ys).numpy()
+    threshold = threshold_for(scores, reject_rate)
+    why = f"refuses {reject_rate:.0%} of held-out support examples" if threshold is not None else \
+        "--reject-rate 0" if reject_rate == 0 else "too few examples to bound in-scope refusals; use --reject-below"
+    rejection = Rejection(reject_by, None if threshold is None else round(threshold, 5), none, why,
+                          "model" if reject_by == "probability" else reads)
+    return calibration, rejection, outliers.fit(reject_by, feats, ys, classes)
