@@ -240,9 +240,9 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     x, x_names = x[:len(texts)], x[len(texts):]
     linear = cross_validate_probe(x, ys, k, folds)
     names = None
-    if readable_names:  # the class names as examples, if the (cheap) probe says they help
-        named = cross_validate_probe(x, ys, k, folds, extra=x_names)
-        if named.accuracy >= linear.accuracy:
+    if readable_names:  # the class names as examples, unless the (cheap) probe does better without them beyond
+        named = cross_validate_probe(x, ys, k, folds, extra=x_names)  # the folds' noise (mtl.run.label_text)
+        if not beats(linear.logits, named.logits, named.held):
             linear, names = named, support.classes
     vocab = vocabulary(encoder)
     ft, tuned = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed,

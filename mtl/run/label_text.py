@@ -3,8 +3,11 @@ is, to it, one more labelled sentence of that class.
 
 With 5 examples per class that extra one is worth points: BANKING77 5-shot, plain fine-tuning of
 all-MiniLM-L6-v2, 80.07% -> 81.88% over three support draws (docs/BENCHMARKS.md). Names that say
-nothing ("0", "1", "LABEL_3") are never used, and ``adapt --select`` keeps them only when
-cross-validation on the support set says they help (:func:`mtl.run.alternatives.select`).
+nothing ("0", "1", "LABEL_3") are never used, and ``adapt --select`` leaves readable ones out only
+when the linear probe's cross-validation on the support set does better without them by more than
+its noise (:func:`mtl.run.alternatives.select`): the names raised the probe's test accuracy in 24 of
+30 runs on development and held-out tasks, no run's folds were beyond that noise either way, and
+following the folds' bare difference left them out where they were worth 6 points (TREC).
 """
 
 from __future__ import annotations
