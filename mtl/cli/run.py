@@ -146,7 +146,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     cal, rej = m.meta["calibration"], m.meta["rejection"]
     ece = (f"; ECE {m.meta['test_ece']:.3f} (uncalibrated {m.meta['test_ece_uncalibrated']:.3f})"
            if m.meta.get("test_ece") is not None else "")
-    refuse = (f"answers '{rej['none']}' below {rej['score']} {rej['threshold']:.3f} ({rej['by']})"
+    on = " on the pretrained encoder" if rej.get("reads") == "frozen" else ""
+    refuse = (f"answers '{rej['none']}' below {rej['score']}{on} {rej['threshold']:.3f} ({rej['by']})"
               if rej["threshold"] is not None else f"never answers '{rej['none']}' ({rej['by']})")
     out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}); "
               f"{acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; saved {out_dir} "
