@@ -411,6 +411,22 @@ def test_the_probe_cross_validated_on_features_computed_once_equals_refitting_pe
         assert np.array_equal(slow.held, fast.held) and np.allclose(slow.logits, fast.logits, atol=1e-4)
 
 
+def test_class_names_stay_unless_leaving_them_out_wins_beyond_the_noise():
+    from mtl.run.alternatives import Candidate, names_stay
+
+    y = np.arange(40) % 2
+    right = np.eye(2)[y] * 5.0  # logits that answer every held-out example right
+
+    def probe(wrong: int) -> Candidate:
+        z = right.copy()
+        z[:wrong] = z[:wrong, ::-1]
+        return Candidate("linear_probe", float(1 - wrong / len(y)), z, y)
+
+    assert names_stay(probe(3), probe(4))  # one example worse with the names: within the noise, they stay
+    assert names_stay(probe(5), probe(3))
+    assert not names_stay(probe(0), probe(8))  # 8 of 40 worse with them, none better: left out
+
+
 def test_a_model_with_companions_saves_loads_and_mixes_their_answers(tmp_path):
     from mtl.run import alternatives as alt
     from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits

@@ -186,6 +186,13 @@ def tuned_tokens(classes: int, vocab: int, names: list[str] | None) -> Companion
     return answer
 
 
+def names_stay(without: Candidate, named: Candidate) -> bool:
+    """Whether the class names stay as examples: unless the probe without them answers more held-out
+    examples right by more than the sign test's noise (:func:`mtl.run.mixing.beats`); by the bare
+    difference they were dropped where they were worth 6 points (:mod:`mtl.run.label_text`)."""
+    return not beats(without.logits, named.logits, named.held)
+
+
 def pick(cands: list[Candidate], default: str = "finetune", z: float = 1.0) -> Candidate:
     """``default`` unless another candidate beats it on the same held-out examples by more than ``z``
     standard errors of the paired difference (wins - losses > z * sqrt(wins + losses), a sign test);
@@ -242,7 +249,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     names = None
     if readable_names:  # the class names as examples, unless the (cheap) probe does better without them beyond
         named = cross_validate_probe(x, ys, k, folds, extra=x_names)  # the folds' noise (mtl.run.label_text)
-        if not beats(linear.logits, named.logits, named.held):
+        if names_stay(linear, named):
             linear, names = named, support.classes
     vocab = vocabulary(encoder)
     ft, tuned = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed,
