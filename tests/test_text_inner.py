@@ -138,3 +138,12 @@ device: cpu
     assert code == 0, err
     classes = json.loads((tmp_path / "m" / "model.json").read_text())["classes"]
     assert json.loads(out)["predictions"][0]["label"] in classes
+
+
+def test_encoder_fine_tuning_lr_defaults_by_the_encoders_width(bert):
+    """2e-4 for MiniLM (384 wide); a 16-wide encoder 24 times that; a given learning rate as given."""
+    from mtl.run.adapt import encoder_lr_for
+
+    assert encoder_lr_for("minilm") == pytest.approx(2e-4)
+    assert encoder_lr_for(str(bert)) == pytest.approx(2e-4 * 384 / 16)
+    assert encoder_lr_for(str(bert), 5e-5) == 5e-5

@@ -93,7 +93,10 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               encoder_layers: Annotated[str, typer.Option(
                   help="Text tasks: then also fine-tune this many top layers of the text encoder (or all).")] = "0",
               encoder_epochs: Annotated[int | None, typer.Option(
-                  help="Epochs of that fine-tuning (default: about 125 steps at lr 2e-4, 5 to 30 epochs).")] = None,
+                  help="Epochs of that fine-tuning (default: about 125 steps, 5 to 30 epochs).")] = None,
+              encoder_lr: Annotated[float | None, typer.Option(
+                  help="Its learning rate (default: 2e-4 x 384 / the encoder's width; MiniLM 2e-4, mpnet 1e-4).")
+              ] = None,
               reject_by: Annotated[str, typer.Option(
                   help="Out-of-scope score: distance (relative Mahalanobis, to the classes), similarity (cosine, "
                        "to the nearest class prototype) or probability (calibrated).")] = "distance",
@@ -116,7 +119,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     from mtl.run.adapt import adapt
 
     m = adapt(checkpoint, task, shots=shots, examples=examples, steps=steps, lr=lr, head_init=head_init,
-              encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, seed=seed, device=device, out=out_dir,
+              encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, encoder_lr=encoder_lr, seed=seed,
+              device=device, out=out_dir,
               registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
               none=none_label, unknown=unknown, select=select,
               **({} if reject_rate is None else {"reject_rate": reject_rate}))
