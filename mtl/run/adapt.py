@@ -280,8 +280,8 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     frozen = plain_model(model.config.text_encoder, device) if encoder_layers and reject_by != "probability" \
         else None  # a tuned encoder has seen the support set: the rejection score reads the pretrained one
     with torch.no_grad():
-        feats = text_features(frozen or model, support.inputs, device) if encoder_layers else \
-            model.features(xs, modality)
+        feats = text_features(model if frozen is None else frozen, support.inputs, device) if encoder_layers \
+            else model.features(xs, modality)
     calibration, rejection, state = calibrate(learner, feats, support, xs, ys, selection, stored, reject_by,
                                               reject_rate, none, "frozen" if frozen else "model")
     return AdaptedModel(model, {
