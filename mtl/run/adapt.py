@@ -374,9 +374,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     if select:
         from mtl.run.alternatives import select as choose_method
 
-        model = choose_method(model, learner, support, encoder_epochs,
-                              encoder_lr_for(learner.model.config.text_encoder, encoder_lr), seed, reject_by,
-                              reject_rate, none)
+        model = choose_method(model, learner, support, encoder_epochs, encoder_lr, seed, reject_by, reject_rate, none)
     model.meta.update(score_on_task(model, loaded) if loaded is not None else
                       {"test_accuracy": None, "test_ci95": None, "test_examples": 0})
     if reject_below is not None:

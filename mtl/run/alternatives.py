@@ -216,12 +216,13 @@ def fold_indices(ys: np.ndarray, folds: int = 3) -> list[np.ndarray]:
     return [np.flatnonzero(rank % k == f) for f in range(k)]
 
 
-def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: int | None, lr: float, seed: int,
-           reject_by: str, reject_rate: float, none: str) -> AdaptedModel:
+def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: int | None, lr: float | None,
+           seed: int, reject_by: str, reject_rate: float, none: str) -> AdaptedModel:
     """The best of ``adapted`` (the meta-learned initialization, as :func:`mtl.run.adapt.fit` made it),
     a linear probe, plain fine-tuning and the last two together with token matching, by cross-validated
     accuracy on the support set (:func:`pick`); what was chosen, every candidate's accuracy and the mix's
-    shares go to ``meta["choice"]``."""
+    shares go to ``meta["choice"]``. ``lr``: fine-tuning's, by default :func:`mtl.run.adapt.encoder_lr_for`'s."""
+    from mtl.run.adapt import encoder_lr_for
     from mtl.run.adapted import model_inputs
     from mtl.run.select import support_folds
 
@@ -233,6 +234,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
         return adapted
     device = adapted.device
     encoder = adapted.model.config.text_encoder
+    lr = encoder_lr_for(encoder, lr)
     texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
     folds = fold_indices(ys)
     sel = adapted.meta["selection"]
