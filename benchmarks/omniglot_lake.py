@@ -59,10 +59,13 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--support-copies", type=int, default=0, help="distorted copies of each support drawing")
+    ap.add_argument("--tasks", default=None, help="comma-separated alphabet tasks instead of the 20 evaluation "
+                    "alphabets, e.g. background alphabets held out of training to choose a recipe on")
     a = ap.parse_args()
     registry = Registry()
-    alphabets = [n for n in registry.names(role="held_out")
-                 if n.startswith("omniglot-") and "images_evaluation" in registry.spec(n).description]
+    alphabets = a.tasks.split(",") if a.tasks else [
+        n for n in registry.names(role="held_out")
+        if n.startswith("omniglot-") and "images_evaluation" in registry.spec(n).description]
     if a.support_copies:
         learner, meta = load_learner(Path(a.checkpoint), torch.device("cpu"))
         precision = meta["recipe"].get("precision", "fp32")

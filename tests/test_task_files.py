@@ -129,3 +129,12 @@ def test_safe_mode_refuses_paths_outside_the_data_dir(tmp_path, csv_file, run_cl
     escape = write(tmp_path / "t2.yaml", GOOD.format(path="../../../etc/passwd").replace("name: tiny", "name: t2"))
     code, _, err = run_cli("--safe", "tasks", "validate", inside, escape)
     assert code == 1 and "outside the data directory" in err and "t2.yaml" in err and "t1.yaml" not in err
+
+
+def test_exclude_takes_labels_and_globs(tmp_path):
+    rows = ["text,label"] + [f"sentence number {i},{lab}" for i, lab in
+                             enumerate(["Greek/alpha", "Greek/beta", "Latin/a", "Latin/b", "Runic/x"] * 4)]
+    data = write(tmp_path / "data" / "scripts.csv", "\n".join(rows) + "\n")
+    write(tmp_path / "reg" / "t.yaml", GOOD.format(path=data) + "labels:\n  exclude: ['Greek/*', Runic/x]\n")
+    task = Registry([tmp_path / "reg"]).load("tiny")
+    assert list(task.classes) == ["Latin/a", "Latin/b"]
