@@ -11,6 +11,10 @@ four to classify. Prints each alphabet's error and the mean over alphabets with 
 
     python benchmarks/omniglot_lake.py --checkpoint runs/omniglot_lake [--episodes 50] [--support-copies 4]
 
+``--tasks`` scores other alphabets instead: the five background alphabets that
+``benchmarks/lake_validation`` keeps out of training, to choose a recipe without looking at the
+evaluation alphabets (docs/BENCHMARKS.md).
+
 ``--support-copies N`` adds N distorted copies of every support drawing (the training distortions,
 ``augment: affine``) before adapting: test-time augmentation, measured and not shipped (it raised
 the error from 21.1% to 25.8% with 4 copies; docs/BENCHMARKS.md).
