@@ -234,8 +234,8 @@ def _select_labels(spec: TaskSpec, labels: np.ndarray) -> list[str]:
         if not chosen:
             raise TaskFileError(None, "labels.pattern", f"pattern '{lab.pattern}' matches no label",
                                 "use a glob that matches labels as they appear in the data")
-    excluded = set(lab.exclude)  # labels, or globs such as 'Greek/*'
-    return [c for c in chosen if c not in excluded and not any(fnmatch.fnmatchcase(c, x) for x in lab.exclude)]
+    # `exclude` holds labels or globs such as 'Greek/*'; a label is compared as it is, too, in case it holds '['
+    return [c for c in chosen if not any(c == x or fnmatch.fnmatchcase(c, x) for x in lab.exclude)]
 
 
 def _make_splits(spec: TaskSpec, kept: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
