@@ -189,3 +189,26 @@ def test_shipped_examples_in_docs_parse():
     text = (Path(__file__).parents[1] / "docs" / "TASKS.md").read_text()
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     TaskSpec.model_validate(yaml.safe_load(block))
+
+
+def test_rotations_and_flips_are_new_classes(tmp_path):
+    """Each of the square's symmetries asked for is a class of its own, in the rotated splits only."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 8, 8), dtype=np.uint8)  # asymmetric: every view differs
+    labels = np.arange(12) % 3
+    np.savez(tmp_path / "x.npz", images=images, labels=labels)
+    doc = spec("image", "image", "label", format="npz", path=str(tmp_path / "x.npz")).model_dump()
+    doc["image"] = {"size": 8, "rotations": [0, 90], "flips": True, "rotate_splits": ["train"]}
+    task = load_task(TaskSpec.model_validate(doc))
+    assert task.classes[:3] == ["0", "1", "2"] and len(task.classes) == 12
+    assert {"0@rot90", "0@flip", "0@fliprot90"} <= set(task.classes)
+    assert set(task.test.labels.tolist()) <= {0, 1, 2}
+    n = len(task.train) // 4
+    originals = task.train.inputs[:n]
+    for j, view in enumerate([lambda x: np.rot90(x, 1, (1, 2)), lambda x: x[:, :, ::-1],
+                              lambda x: np.rot90(x[:, :, ::-1], 1, (1, 2))], start=1):
+        np.testing.assert_array_equal(task.train.inputs[j * n:(j + 1) * n], view(originals))
+        names = [task.classes[y] for y in task.train.labels[j * n:(j + 1) * n]]
+        base = [task.classes[y] for y in task.train.labels[:n]]
+        suffix = ["@rot90", "@flip", "@fliprot90"][j - 1]
+        assert names == [b + suffix for b in base]

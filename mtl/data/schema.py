@@ -177,12 +177,14 @@ class Labels(_Strict):
 
 
 class ImageOptions(_Strict):
-    """Decoding options; ``rotations`` adds a rotated copy of every class as a new class."""
+    """Decoding options; ``rotations`` adds a rotated copy of every class as a new class, and ``flips``
+    a mirrored copy of each of those (a mirrored character is another character, as a rotated one is)."""
 
     size: int | tuple[int, int] = 28
     grayscale: bool = True
     invert: bool = False
     rotations: list[Literal[0, 90, 180, 270]] = [0]
+    flips: bool = False
     rotate_splits: list[str] | None = None
 
     @field_validator("size")

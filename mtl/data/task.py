@@ -155,7 +155,7 @@ def _is_label(v: object) -> bool:
 def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str, np.ndarray]]:
     image = spec.image_options if spec.modality == "image" else None
     parts = [DECODE_VERSION, src.model_dump(mode="json"), spec.input_field, spec.label_field,
-             image.model_dump(mode="json", exclude={"rotations", "rotate_splits"}) if image else None,
+             image.model_dump(mode="json", exclude={"rotations", "flips", "rotate_splits"}) if image else None,
              source_fingerprint(src, root)]
 
     def build() -> dict[str, np.ndarray]:
@@ -302,28 +302,33 @@ def _allocate(total: int, sizes: list[float], spec: TaskSpec, what: str) -> list
 
 
 def _rotate(spec: TaskSpec, splits: dict[str, Split], classes: list[str]) -> tuple[dict[str, Split], list[str]]:
-    """Add each rotation of a class as a new class (the Omniglot augmentation of the MAML paper)."""
+    """Add each rotation (and, with ``flips``, each mirror image) of a class as a new class: the Omniglot
+    augmentation of the MAML paper, extended to the square's eight symmetries."""
     opts = spec.image_options
-    extra = [r for r in opts.rotations if r != 0]
-    if not extra:
+    views = [(r, f) for f in ((False, True) if opts.flips else (False,)) for r in opts.rotations]
+    if views == [(0, False)]:
         return splits, classes
     classes = list(classes)
-    new_ids: dict[tuple[int, int], int] = {}
+    new_ids: dict[tuple[int, int, bool], int] = {}
     out = {}
     for name, s in splits.items():
         if opts.rotate_splits is not None and name not in opts.rotate_splits:
             out[name] = s
             continue
-        xs = [s.inputs] if 0 in opts.rotations else []
-        ys = [s.labels] if 0 in opts.rotations else []
-        for r in extra:
-            xs.append(np.rot90(s.inputs, k=r // 90, axes=(1, 2)).copy())
+        xs, ys = [], []
+        for r, flip in views:
+            if (r, flip) == (0, False):
+                xs.append(s.inputs)
+                ys.append(s.labels)
+                continue
+            x = np.flip(s.inputs, axis=2) if flip else s.inputs
+            xs.append(np.rot90(x, k=r // 90, axes=(1, 2)).copy())
             ids = []
             for c in s.labels.tolist():
-                if (c, r) not in new_ids:
-                    new_ids[(c, r)] = len(classes)
-                    classes.append(f"{classes[c]}@rot{r}")
-                ids.append(new_ids[(c, r)])
+                if (c, r, flip) not in new_ids:
+                    new_ids[(c, r, flip)] = len(classes)
+                    classes.append(f"{classes[c]}@{'flip' if flip else ''}{f'rot{r}' if r else ''}")
+                ids.append(new_ids[(c, r, flip)])
             ys.append(np.asarray(ids, np.int64))
         out[name] = Split(spec.name, name, np.concatenate(xs), np.concatenate(ys))
     return out, classes
