@@ -107,7 +107,7 @@ def _load(spec: TaskSpec, file: Path | None, root: Path) -> Task:
     classes = [names.get(c, c) for c in classes_raw]
     splits = _make_splits(spec, kept, classes)
     if spec.modality == "image":
-        splits, classes = _rotate(spec, splits, classes)
+        splits, classes = _symmetries(spec, splits, classes)
     for required in (spec.train_split, spec.test_split, spec.val_split):
         if required and required not in splits:
             field_name = next(k for k in ("train_split", "test_split", "val_split") if getattr(spec, k) == required)
@@ -301,7 +301,7 @@ def _allocate(total: int, sizes: list[float], spec: TaskSpec, what: str) -> list
     return counts
 
 
-def _rotate(spec: TaskSpec, splits: dict[str, Split], classes: list[str]) -> tuple[dict[str, Split], list[str]]:
+def _symmetries(spec: TaskSpec, splits: dict[str, Split], classes: list[str]) -> tuple[dict[str, Split], list[str]]:
     """Add each rotation (and, with ``flips``, each mirror image) of a class as a new class: the Omniglot
     augmentation of the MAML paper, extended to the square's eight symmetries."""
     opts = spec.image_options
