@@ -59,7 +59,7 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
         batch = dataclasses.replace(b, xs=xs, ys=b.ys.repeat(copies + 1))
         total = 0
         for learner, precision in learners:
-            with torch.no_grad(), autocast(dev, precision):
+            with autocast(dev, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps
                 total = total + torch.log_softmax(learner.query_logits_after(batch, None).float(), 1)
         acc.append(float((total.argmax(1) == b.yq).float().mean()))
     return float(np.mean(acc))
