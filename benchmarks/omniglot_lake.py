@@ -22,11 +22,17 @@ evaluation alphabets (docs/BENCHMARKS.md).
 ``--support-copies N`` adds N distorted copies of every support drawing (the training distortions,
 ``augment: affine``) before adapting: test-time augmentation, measured and not shipped (it raised
 the error from 21.1% to 25.8% with 4 copies; docs/BENCHMARKS.md).
+
+``--tune-steps N`` first trains a copy of each checkpoint on the episode itself for N steps: the clean
+support drawings as its examples, 4 distorted copies of each as its queries, the outer loss, Adam at
+``--tune-lr`` on the parameters whose names contain ``--tune-params`` (by default the encoder's last
+block). Test-time training, measured and not shipped (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -37,16 +43,50 @@ import torch
 
 from mtl.algorithms import Algorithm
 from mtl.data.registry import Registry
+from mtl.data.stream import TaskBatch
 from mtl.data.task import Task
 from mtl.device import cpu_name
 from mtl.run.evaluate import evaluate, mean_ci
 from mtl.run.learner import load_learner
 
 
-def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, copies: int) -> float:
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Test-time training: ``steps`` outer-loss steps on the episode's own support set (clean drawings as
+    examples, ``copies`` distorted copies of each as queries), Adam at ``lr`` on parameters named ``params``."""
+
+    steps: int = 0
+    lr: float = 3e-4
+    params: str = "blocks.3."
+    copies: int = 4
+
+
+def tuned(learner: Algorithm, precision: str, b: TaskBatch, episode: int, t: Tuning) -> Algorithm:
+    """A copy of ``learner`` trained on episode ``b``'s support set as :class:`Tuning` says."""
+    from mtl.data.augment import augment
+    from mtl.device import autocast
+
+    learner = copy.deepcopy(learner)
+    params = [p for n, p in learner.named_parameters() if t.params in n]
+    if not params:
+        raise SystemExit(f"--tune-params {t.params!r} names no parameter of the checkpoint")
+    for p in learner.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    opt = torch.optim.Adam(params, lr=t.lr)
+    for step in range(t.steps):
+        xq = torch.cat([augment("affine", b.xs, (1000 + episode, 100 * step + j)) for j in range(t.copies)])
+        opt.zero_grad(set_to_none=True)
+        with autocast(b.xs.device, precision):
+            learner.meta_backward([dataclasses.replace(b, xq=xq, yq=b.ys.repeat(t.copies))], 0)
+        opt.step()
+    return learner
+
+
+def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, copies: int,
+           tuning: Tuning = Tuning()) -> float:
     """Mean accuracy of 20-way 1-shot episodes (the same as ``evaluate``'s, on CPU), each answered by the
     sum of the ``learners``' log-probabilities (an ensemble), adapted to each support drawing and
-    ``copies`` distorted copies of it."""
+    ``copies`` distorted copies of it, after ``tuning``."""
     from mtl.data.augment import augment
     from mtl.data.stream import EpisodeStream
     from mtl.device import autocast
@@ -59,6 +99,8 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
         batch = dataclasses.replace(b, xs=xs, ys=b.ys.repeat(copies + 1))
         total = 0
         for learner, precision in learners:
+            if tuning.steps:
+                learner = tuned(learner, precision, b, i, tuning)
             with autocast(dev, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps
                 total = total + torch.log_softmax(learner.query_logits_after(batch, None).float(), 1)
         acc.append(float((total.argmax(1) == b.yq).float().mean()))
@@ -71,6 +113,10 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--support-copies", type=int, default=0, help="distorted copies of each support drawing")
+    ap.add_argument("--tune-steps", type=int, default=0, help="test-time training steps on each episode's support set")
+    ap.add_argument("--tune-lr", type=float, default=Tuning.lr)
+    ap.add_argument("--tune-params", default=Tuning.params, help="what test-time training changes: parameters "
+                    "whose names contain this")
     ap.add_argument("--tasks", default=None, help="comma-separated alphabet tasks instead of the 20 evaluation "
                     "alphabets, e.g. background alphabets held out of training to choose a recipe on")
     a = ap.parse_args()
@@ -79,7 +125,8 @@ def main() -> None:
         n for n in registry.names(role="held_out")
         if n.startswith("omniglot-") and "images_evaluation" in registry.spec(n).description]
     learners = []
-    if a.support_copies or "," in a.checkpoint:
+    tuning = Tuning(a.tune_steps, a.tune_lr, a.tune_params)
+    if a.support_copies or tuning.steps or "," in a.checkpoint:
         for run in a.checkpoint.split(","):
             learner, meta = load_learner(Path(run), torch.device("cpu"))
             learners.append((learner, meta["recipe"].get("precision", "fp32")))
@@ -87,7 +134,7 @@ def main() -> None:
     errors = {}
     for name in alphabets:
         if learners:
-            errors[name] = 1.0 - scored(learners, registry.load(name), a.episodes, a.support_copies)
+            errors[name] = 1.0 - scored(learners, registry.load(name), a.episodes, a.support_copies, tuning)
         else:
             r = evaluate(a.checkpoint, name, ways=20, shots=1, queries=4, episodes=a.episodes, registry=registry,
                          device=a.device)
@@ -96,6 +143,7 @@ def main() -> None:
     m, ci = mean_ci(list(errors.values()))
     print(json.dumps({"device": cpu_name() if not torch.cuda.is_available() else torch.cuda.get_device_name(),
                       "checkpoint": a.checkpoint, "alphabets": len(errors), "episodes_per_alphabet": a.episodes,
+                      **({"tune": dataclasses.asdict(tuning)} if tuning.steps else {}),
                       "mean_error_pct": round(100 * m, 2), "ci95_pct": round(100 * ci, 2),
                       "worst": max(errors, key=errors.get), "worst_error_pct": round(100 * max(errors.values()), 2),
                       "best_error_pct": round(100 * float(np.min(list(errors.values()))), 2),
