@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -348,13 +349,17 @@ def test_compare_fine_tunes_the_whole_pretrained_encoder_on_the_same_episodes(te
     assert code == 2 and "finetune" in err and len(err.strip().splitlines()) == 1
 
 
-def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(text_run, tmp_path, run_cli):
+def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(text_run, tmp_path, run_cli, caplog):
     from mtl.data.registry import Registry
     from mtl.run.adapted import HEAD, AdaptedModel
 
-    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3, "--select",
-                             "--encoder-epochs", 1, "--out", tmp_path / "m", "--json")
+    with caplog.at_level(logging.INFO, logger="mtl"):
+        code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3,
+                                 "--select", "--encoder-epochs", 1, "--out", tmp_path / "m", "--json")
     assert code == 0, err
+    # what the minutes of a large task are spent on, as it happens (the CLI shows it on a spinner)
+    assert {"finetune: fold 1 of 3", "finetune: fold 3 of 3", "scoring the test split: 450 examples"} <= \
+        set(caplog.messages), caplog.messages
     res = json.loads(out)
     choice = res["choice"]
     assert set(choice["accuracy"]) == {"meta-learned", "linear_probe", "finetune", "probe+finetune+tokens",
@@ -528,3 +533,38 @@ def test_the_mix_follows_the_folds_only_when_they_say_so_beyond_the_noise():
     mild = {**weak, "finetune": voice(0.62)}  # a small, unsure difference: followed only where FIXED is a guess
     assert choose_weights(mild, y, "minilm")[0] == FIXED
     assert choose_weights(mild, y, "/models/another-encoder")[0] != FIXED
+
+
+def test_progress_shows_the_library_messages_on_a_terminal_only(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from mtl.cli import common
+
+    shown: list[str] = []
+
+    class Status:
+        def __init__(self, text: str) -> None:
+            shown.append(text)
+
+        def __enter__(self) -> Status:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def update(self, text: str) -> None:
+            shown.append(text)
+
+    logger = logging.getLogger("mtl")
+    console = Console(file=io.StringIO(), force_terminal=True)
+    monkeypatch.setattr(console, "status", Status)
+    monkeypatch.setattr(common, "err", console)
+    with common.progress("adapting to x"):
+        logging.getLogger("mtl.run.adapt").info("scoring the test split: %d examples", 3)
+    assert shown == ["adapting to x...", "scoring the test split: 3 examples..."]
+    assert not any(isinstance(h, common._StatusHandler) for h in logger.handlers)  # gone after the block
+    with common.progress("adapting to x", quiet=True):  # --json: nothing shown
+        logging.getLogger("mtl.run.adapt").info("more")
+    assert len(shown) == 2

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -58,3 +61,33 @@ def _jsonable(o: object) -> object:
 
 
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+class _StatusHandler(logging.Handler):
+    """Shows each progress message of the library (logger ``mtl``, level INFO) on a rich spinner."""
+
+    def __init__(self, status: object) -> None:
+        super().__init__(logging.INFO)
+        self.status = status
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.status.update(f"{record.getMessage()}...")  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def progress(first: str, quiet: bool = False) -> Iterator[None]:
+    """Within the block, what the library is doing, on a spinner on stderr (a terminal only, not with
+    ``quiet``): an ``adapt --select`` of a 77-class task runs for minutes."""
+    if quiet or not err.is_terminal:
+        yield
+        return
+    logger = logging.getLogger("mtl")
+    with err.status(f"{first}...") as status:
+        handler, level = _StatusHandler(status), logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mtl.cli.common import Device, Json, TasksDir, _print_json, _registry, app, err, out
+from mtl.cli.common import Device, Json, TasksDir, _print_json, _registry, app, err, out, progress
 from mtl.errors import MtlError
 
 
@@ -118,12 +118,13 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     probabilities and choose when to answer "none of these"; save the adapted model."""
     from mtl.run.adapt import adapt
 
-    m = adapt(checkpoint, task, shots=shots, examples=examples, steps=steps, lr=lr, head_init=head_init,
-              encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, encoder_lr=encoder_lr, seed=seed,
-              device=device, out=out_dir,
-              registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
-              none=none_label, unknown=unknown, select=select,
-              **({} if reject_rate is None else {"reject_rate": reject_rate}))
+    with progress(f"adapting to {task}", quiet=as_json):
+        m = adapt(checkpoint, task, shots=shots, examples=examples, steps=steps, lr=lr, head_init=head_init,
+                  encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, encoder_lr=encoder_lr, seed=seed,
+                  device=device, out=out_dir,
+                  registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
+                  none=none_label, unknown=unknown, select=select,
+                  **({} if reject_rate is None else {"reject_rate": reject_rate}))
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
                                             "test_examples", "test_ece", "test_ece_uncalibrated", "calibration",

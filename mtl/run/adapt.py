@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ from mtl.run.calibration import (
 from mtl.run.examples import read_examples
 from mtl.run.learner import load_learner
 from mtl.run.select import Setting, as_dict, candidates, choose, support_folds
+
+log = logging.getLogger(__name__)  # progress of a long adaptation (the CLI shows it on a spinner)
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ def tune_text_encoder(model: MultiTaskModel, texts: list[str], ys: torch.Tensor,
     model.config = model.config.model_copy(update={"text_trainable_layers": layers})
     batches = encoder.lower_states(texts)
     epochs = epochs or auto_epochs(len(batches))
+    log.info("fine-tuning %d layers of the text encoder: %d epochs of %d examples", layers, epochs, len(texts))
     top = [p for p in encoder.parameters() if p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("encoders.") and
             (not n.startswith("heads.") or n.startswith(f"heads.{HEAD}."))]
@@ -300,6 +304,7 @@ def score_on_task(model: AdaptedModel, task: Task) -> dict[str, Any]:
     if not keep.any():
         return {"test_accuracy": None, "test_ci95": None, "test_examples": 0}
     yq = np.asarray([name_to_id[task.classes[c]] for c in test.labels[keep].tolist()])
+    log.info("scoring the test split: %d examples", len(yq))
     logits, _ = model.outputs(test.inputs[keep], cached=True)
     acc = float((logits.argmax(1) == yq).mean())
     return {"test_accuracy": acc, "test_ci95": float(1.96 * np.sqrt(acc * (1 - acc) / len(yq))),

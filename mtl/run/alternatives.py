@@ -19,6 +19,7 @@ noise.
 from __future__ import annotations
 
 import itertools
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from mtl.run.token_match import TokenMatcher, own_token_vectors, take, token_vec
 if TYPE_CHECKING:
     from mtl.run.adapt import Support
 
+log = logging.getLogger(__name__)  # what a long --select is doing (the CLI shows it on a spinner)
 ENSEMBLE = "probe+finetune+tokens"  # the voices answering together (mtl.run.mixing): --select's default
 
 
@@ -124,7 +126,8 @@ def cross_validate(name: str, build: Callable[[list[str], np.ndarray], MultiTask
     also = also or {}
     logits: dict[str, list[np.ndarray]] = {n: [] for n in [name, *also]}
     held = []
-    for idx in folds:
+    for f, idx in enumerate(folds, 1):
+        log.info("%s: fold %d of %d", name, f, len(folds))
         keep = np.setdiff1d(np.arange(len(ys)), idx)
         model = build([texts[i] for i in keep], ys[keep])
         with torch.no_grad():
@@ -243,6 +246,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     z = torch.cat([learner.query_logits_after(b, int(sel["steps"]), sel.get("lr"), sel.get("head_init"))
                    for b in batches]).cpu().numpy()
     held = torch.cat([b.yq for b in batches]).cpu().numpy()
+    log.info("linear probe: the frozen encoder's features")
     plain = plain_model(encoder, device)  # frozen: its features are computed once, for every fold
     readable_names = descriptive(support.classes)
     x = model_features(plain, with_names(texts, ys, support.classes if readable_names else None)[0]).cpu().numpy()
@@ -258,6 +262,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
                                                                  names=names),
                                texts, ys, folds, also={"tuned_tokens": tuned_tokens(k, vocab, names)})
     named_texts, named_ys = with_names(texts, ys, support.classes)  # the support set, then each class's name
+    log.info("token matching: the frozen encoder's token states")
     vectors = token_vectors(encoder, named_texts)
     tokens = cross_validate_tokens(vectors, ys, k, folds, vocab, names is not None)
     voices = {c.name: c for c in (ft, linear, tokens, tuned)}
@@ -277,6 +282,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
         return adapted
     if best.name == "linear_probe" or (best.name == ENSEMBLE and shares["linear_probe"]):
         with_linear_head(plain, *with_name_rows(x, ys, x_names if names else None), k)
+    log.info("%s chosen: fitting it to the whole support set", best.name)
     model = plain if best.name == "linear_probe" else \
         finetune(texts, ys, k, encoder, device, epochs, lr, seed, names=names)
     # the rejection score reads the frozen encoder (exact leave-one-out scores): a fine-tuned one has seen them all
