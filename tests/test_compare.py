@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -130,15 +131,18 @@ def _shrunk(task, keep: int):
 
 
 @needs_data
-def test_compare_leaves_out_small_classes_and_hands_over_each_setting(runs, registry):
+def test_compare_leaves_out_small_classes_and_hands_over_each_setting(runs, registry, caplog):
     from mtl.run.compare import compare
 
     task = registry.load("omniglot-angelic")
     small = _shrunk(task, 3)
     seen: list[int] = []
-    rows = compare([small, task], [1], 4, {"maml": runs / "maml"}, ["maml", "centroid"], ways=5, steps=1,
-                   queries=3, on_rows=lambda rows: seen.append(len(rows)))
+    with caplog.at_level(logging.INFO, logger="mtl"):
+        rows = compare([small, task], [1], 4, {"maml": runs / "maml"}, ["maml", "centroid"], ways=5, steps=1,
+                       queries=3, on_rows=lambda rows: seen.append(len(rows)))
     assert seen == [2, 4]  # the reports can be written after every finished setting
+    assert caplog.messages == [f"{t.name} 1-shot: {m} on 4 episodes"  # what is running, as it runs
+                               for t in (small, task) for m in ("maml", "centroid")]
     assert rows[0].left_out == [task.classes[0]] and rows[2].left_out == []
     assert all(0 <= r.accuracy <= 1 for r in rows)
 

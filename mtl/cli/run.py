@@ -240,9 +240,10 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
     except ValueError:
         raise MtlError(f"--shots {shots!r} is not a list of numbers", "write e.g. --shots 1,5,10") from None
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    rows = compare([reg.load(t.strip()) for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways, steps,
-                   queries, seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir),
-                   finetune_epochs=finetune_epochs)
+    with progress("comparing", quiet=as_json):
+        rows = compare([reg.load(t.strip()) for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways,
+                       steps, queries, seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir),
+                       finetune_epochs=finetune_epochs)
     doc = write_reports(rows, out_dir)
     if as_json:
         _print_json(doc)

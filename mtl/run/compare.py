@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe
 from mtl.run.select import LR_GRID, Setting, choose
+
+log = logging.getLogger(__name__)  # which setting and method is running (the CLI shows it on a spinner)
 
 BASELINES = ("scratch", "linear_probe", "centroid")
 ON_REQUEST = ("finetune", "setfit")  # text only and costly (the encoder per episode): run when named in `methods`
@@ -193,6 +196,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
         results: dict[str, list[Scored]] = {}
         chosen: dict[str, str] = {}
         for m in methods:
+            log.info("%s %d-shot: %s on %d episodes", p.task.name, p.shots, m, len(test))
             if m in learners or m == "scratch":
                 if m == "scratch":
                     torch.manual_seed(seed)
