@@ -8,13 +8,16 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
 from rich.console import Console
 
 from mtl import settings
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 app = typer.Typer(help="Multi-task learning with a MAML initialization.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -66,12 +69,12 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 class _StatusHandler(logging.Handler):
     """Shows each progress message of the library (logger ``mtl``, level INFO) on a rich spinner."""
 
-    def __init__(self, status: object) -> None:
+    def __init__(self, status: Status) -> None:
         super().__init__(logging.INFO)
         self.status = status
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.status.update(f"{record.getMessage()}...")  # type: ignore[attr-defined]
+        self.status.update(f"{record.getMessage()}...")
 
 
 @contextlib.contextmanager
