@@ -67,11 +67,11 @@ def tuned(learner: Algorithm, precision: str, b: TaskBatch, episode: int, t: Tun
     from mtl.device import autocast
 
     learner = copy.deepcopy(learner)
-    params = [p for n, p in learner.named_parameters() if t.params in n]
+    for n, p in learner.named_parameters():
+        p.requires_grad_(t.params in n)
+    params = [p for p in learner.parameters() if p.requires_grad]
     if not params:
         raise SystemExit(f"--tune-params {t.params!r} names no parameter of the checkpoint")
-    for p in learner.parameters():
-        p.requires_grad_(any(p is q for q in params))
     opt = torch.optim.Adam(params, lr=t.lr)
     for step in range(t.steps):
         xq = torch.cat([augment("affine", b.xs, (1000 + episode, 100 * step + j)) for j in range(t.copies)])
