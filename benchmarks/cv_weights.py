@@ -43,7 +43,6 @@ from scipy.special import log_softmax
 
 from mtl.data.registry import Registry
 from mtl.device import cpu_name
-from mtl.run.adapt import ENCODER_LR, support_from_task
 from mtl.run.alternatives import (
     cross_validate,
     cross_validate_probe,
@@ -56,6 +55,8 @@ from mtl.run.alternatives import (
 )
 from mtl.run.label_text import descriptive, with_names
 from mtl.run.mixing import FIXED, GRID, beats, choose_weights, logloss, mix, weightings
+from mtl.run.support import support_from_task
+from mtl.run.text_finetune import ENCODER_LR
 from mtl.run.token_match import token_vectors, vocabulary
 
 VOICES = list(GRID)

@@ -34,11 +34,12 @@ from text_encoders import known_test, test_logits
 from mtl.data.embeddings import token_states
 from mtl.data.registry import Registry
 from mtl.device import cpu_name
-from mtl.run.adapt import ENCODER_LR, support_from_task
 from mtl.run.adapted import AdaptedModel
 from mtl.run.alternatives import finetune, linear_fit, probe, tuned_tokens
 from mtl.run.label_text import descriptive, with_names
 from mtl.run.mixing import FIXED
+from mtl.run.support import support_from_task
+from mtl.run.text_finetune import ENCODER_LR
 from mtl.run.token_match import TokenMatcher, vocabulary
 
 DEV = "clinc150-banking:5,clinc150-credit-cards:5,clinc150-utility:5,clinc150-small-talk:5,snips:5,trec:5"

@@ -27,10 +27,11 @@ import torch
 
 from mtl.data.registry import Registry
 from mtl.device import cpu_name
-from mtl.run.adapt import adapt, fit, support_from_arrays
+from mtl.run.adapt import adapt, fit
 from mtl.run.evaluate import evaluate, mean_ci
 from mtl.run.learner import load_learner
 from mtl.run.openset import open_set_on_tasks, open_set_report
+from mtl.run.support import support_from_arrays
 
 KEYS = ("in_scope_accuracy", "in_scope_accuracy_with_rejection", "in_scope_refused", "oos_recall", "oos_precision",
         "auroc")

@@ -26,11 +26,13 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.data.registry import Registry
 from mtl.device import cpu_name
-from mtl.run.adapt import ENCODER_LR, adapt, score_on_task, support_from_task
+from mtl.run.adapt import adapt, score_on_task
 from mtl.run.adapted import AdaptedModel
 from mtl.run.alternatives import finetune, probe
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe
+from mtl.run.support import support_from_task
+from mtl.run.text_finetune import ENCODER_LR
 
 
 def scratch(meta: dict[str, Any], seed: int) -> Algorithm:

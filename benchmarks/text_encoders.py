@@ -37,12 +37,13 @@ import torch
 from mtl.data.registry import Registry
 from mtl.data.task import Task
 from mtl.device import cpu_name
-from mtl.run.adapt import Support, score_on_task, support_from_task
+from mtl.run.adapt import score_on_task
 from mtl.run.adapted import AdaptedModel, mixed_logits
 from mtl.run.alternatives import ENSEMBLE, finetune, probe
 from mtl.run.evaluate import mean_ci
 from mtl.run.label_text import with_names
 from mtl.run.mixing import FIXED
+from mtl.run.support import Support, support_from_task
 from mtl.run.token_match import TokenMatcher
 
 # the ensembles --ensemble scores: their members' shares of the log-probabilities

@@ -122,7 +122,7 @@ def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_ru
 
 
 def test_encoder_fine_tuning_defaults_to_a_step_budget_not_a_fixed_epoch_count():
-    from mtl.run.adapt import auto_epochs
+    from mtl.run.text_finetune import auto_epochs
 
     assert auto_epochs(3) == 30  # 15-way 5-shot: 3 batches of 32, as many epochs as before
     assert auto_epochs(25) == 5  # 77-way 10-shot: 125 steps, not 750

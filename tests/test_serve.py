@@ -26,10 +26,11 @@ ROOT = Path(__file__).parents[1]
 def adapted(config: str, task: str, shots: int, out: Path):
     """A ProtoNet model (no meta-training needed for a frozen sentence encoder) adapted and saved."""
     from mtl.data.registry import Registry
-    from mtl.run.adapt import fit, support_from_task
+    from mtl.run.adapt import fit
     from mtl.run.adapted import AdaptedModel
     from mtl.run.learner import build_learner
     from mtl.run.recipe import load_recipe
+    from mtl.run.support import support_from_task
 
     recipe = load_recipe(ROOT / "configs" / config, {"method": "protonet"})
     t = Registry().load(task)

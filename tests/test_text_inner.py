@@ -142,7 +142,7 @@ device: cpu
 
 def test_encoder_fine_tuning_lr_defaults_by_the_encoders_width(bert):
     """2e-4 for MiniLM (384 wide); a 16-wide encoder 24 times that; a given learning rate as given."""
-    from mtl.run.adapt import encoder_lr_for
+    from mtl.run.text_finetune import encoder_lr_for
 
     assert encoder_lr_for("minilm") == pytest.approx(2e-4)
     assert encoder_lr_for(str(bert)) == pytest.approx(2e-4 * 384 / 16)

@@ -114,8 +114,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   help="A task of inputs that fit no class (clinc150-oos): report out-of-scope recall, "
                        "precision and AUROC on its test split.")] = None,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
-    """Fine-tune a learned initialization on a few labelled examples of a task; calibrate its
-    probabilities and choose when to answer "none of these"; save the adapted model."""
+    """Fine-tune a learned initialization on a few labelled examples of a task and save it.
+
+    The adapted model's probabilities are calibrated, and it learns when to answer "none of these"."""
     from mtl.run.adapt import adapt
 
     with progress(f"adapting to {task}", quiet=as_json):
@@ -219,7 +220,8 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
                     "all but those two.")] = None,
                 steps: Annotated[int, typer.Option(help="Fine-tuning steps, the same for every method.")] = 10,
                 queries: int = 15, seed: int = 0,
-                finetune_epochs: Annotated[int, typer.Option(help="Epochs of the finetune baseline.")] = 10,
+                finetune_epochs: Annotated[int | None, typer.Option(
+                    help="Epochs of the finetune baseline (default: adapt's, about 125 steps).")] = None,
                 out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.*")] = Path("runs/compare"),
                 device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Checkpoints (MAML, ProtoNet, multi-task...) and baselines on the same episodes, with CIs and tests.

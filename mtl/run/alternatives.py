@@ -35,11 +35,12 @@ from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits, plain_model
 from mtl.run.calibration import calibrate_from
 from mtl.run.label_text import descriptive, with_names
 from mtl.run.mixing import beats, choose_weights
+from mtl.run.text_finetune import ALL_LAYERS, encoder_lr_for, tune_text_encoder
 from mtl.run.token_match import TAU as TOKEN_TAU
 from mtl.run.token_match import TokenMatcher, own_token_vectors, take, token_vectors, vocabulary
 
 if TYPE_CHECKING:
-    from mtl.run.adapt import Support
+    from mtl.run.support import Support
 
 log = logging.getLogger(__name__)  # what a long --select is doing (the CLI shows it on a spinner)
 ENSEMBLE = "probe+finetune+tokens"  # the voices answering together (mtl.run.mixing): --select's default
@@ -95,8 +96,6 @@ def finetune(texts: list[str], ys: np.ndarray, classes: int, encoder: str, devic
              lr: float, seed: int, precision: str = "auto", names: list[str] | None = None) -> MultiTaskModel:
     """Every layer of the pretrained encoder and a prototype-initialised head, fine-tuned together;
     ``names`` as in :func:`probe`."""
-    from mtl.run.adapt import ALL_LAYERS, tune_text_encoder
-
     texts, ys = with_names(texts, ys, names)
     model = plain_model(encoder, device)
     x = model_features(model, texts)
@@ -108,6 +107,15 @@ def finetune(texts: list[str], ys: np.ndarray, classes: int, encoder: str, devic
         layer.bias.zero_()
     tune_text_encoder(model, texts, y, ALL_LAYERS, epochs, lr, seed, precision)
     return model.eval()
+
+
+def finetuned_probs(texts: list[str], ys: np.ndarray, classes: int, queries: list[str], encoder: str,
+                    device: torch.device, epochs: int | None = None, seed: int = 0) -> np.ndarray:
+    """The queries' probabilities after :func:`finetune` at ``adapt``'s defaults, no class names: ``compare``'s
+    ``finetune`` baseline is the very fine-tuning ``adapt --select`` weighs."""
+    model = finetune(texts, ys, classes, encoder, device, epochs, encoder_lr_for(encoder), seed)
+    with torch.no_grad():
+        return torch.softmax(model.heads[HEAD](model_features(model, queries)).float(), 1).cpu().numpy()
 
 
 def model_features(model: MultiTaskModel, texts: list[str]) -> torch.Tensor:
@@ -224,10 +232,11 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     """The best of ``adapted`` (the meta-learned initialization, as :func:`mtl.run.adapt.fit` made it),
     a linear probe, plain fine-tuning and the last two together with token matching, by cross-validated
     accuracy on the support set (:func:`pick`); what was chosen, every candidate's accuracy and the mix's
-    shares go to ``meta["choice"]``. ``lr``: fine-tuning's, by default :func:`mtl.run.adapt.encoder_lr_for`'s."""
-    from mtl.run.adapt import encoder_lr_for
+    shares go to ``meta["choice"]``. ``lr``: fine-tuning's, by default
+    :func:`mtl.run.text_finetune.encoder_lr_for`'s."""
     from mtl.run.adapted import model_inputs
     from mtl.run.select import support_folds
+    from mtl.run.text_finetune import encoder_lr_for
 
     if support.modality != "text":
         raise MtlError("--select chooses among a linear probe and fine-tuning of a sentence encoder; this task "

@@ -154,10 +154,11 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
             checkpoints: dict[str, Path | str], methods: Sequence[str] | None = None, ways: int | None = None,
             steps: int = 10, queries: int = 15, seed: int = 0, device: torch.device | str = "cpu",
             on_rows: Callable[[list[Row]], None] | None = None, registry: Registry | None = None,
-            finetune_epochs: int = 10) -> list[Row]:
+            finetune_epochs: int | None = None) -> list[Row]:
     """``checkpoints``: label -> run folder (``maml=runs/a,protonet=runs/b``); ``methods``: which of
     those labels, of ``BASELINES`` (default: all of those) and of ``ON_REQUEST`` (``finetune``: the
-    pretrained encoder fine-tuned whole for ``finetune_epochs``; ``setfit``: SetFit on the same encoder)
+    pretrained encoder fine-tuned whole as ``adapt --select`` does, for ``finetune_epochs`` (default: about 125
+    steps); ``setfit``: SetFit on the same encoder)
     to run. ``on_rows`` gets every row so
     far after each finished (task, shots) setting."""
     device = resolve_device(device) if isinstance(device, str) else device
@@ -212,12 +213,11 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
             elif m == "centroid":
                 results[m] = [centroid_scores(feature_source, b) for b in test]
             elif m == "finetune":
-                from mtl.run.finetune import finetune_probs
+                from mtl.run.alternatives import finetuned_probs
 
-                assert all(b.raw is not None for b in test)
-                results[m] = [scored(finetune_probs(b.raw[0], b.ys.cpu().numpy(), b.raw[1],  # type: ignore[index]
-                                                    recipe.model.text_encoder, finetune_epochs, seed=seed,
-                                                    device=device), b) for b in test]
+                results[m] = [scored(finetuned_probs(b.raw[0], b.ys.cpu().numpy(), b.ways,  # type: ignore[index]
+                                                     b.raw[1], recipe.model.text_encoder, device,  # type: ignore[index]
+                                                     finetune_epochs, seed), b) for b in test]
             elif m == "setfit":
                 from mtl.run.setfit_baseline import setfit_probs
 

@@ -17,9 +17,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from mtl.algorithms import Algorithm
 from mtl.device import resolve_device
-from mtl.run.adapt import fit, support_from_arrays
+from mtl.run.adapt import fit
 from mtl.run.adapted import AdaptedModel
 from mtl.run.learner import load_learner
+from mtl.run.support import support_from_arrays
 
 
 @lru_cache(maxsize=4)

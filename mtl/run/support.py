@@ -1,0 +1,66 @@
+"""The labelled examples a model adapts to: drawn from a registry task's train split, or given as
+Python values (texts or images, and their label names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mtl.data.schema import ImageOptions
+from mtl.data.task import Task
+from mtl.errors import MtlError
+
+
+@dataclass(frozen=True)
+class Support:
+    """The labelled examples to adapt to: inputs, label ids into ``classes``."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    modality: str
+    task: str = "user"
+    image: ImageOptions = field(default_factory=ImageOptions)
+
+    @property
+    def shots(self) -> int:
+        return int(np.bincount(self.labels).min())
+
+
+def support_from_task(task: Task, shots: int, seed: int) -> Support:
+    """K examples of every class of the train split, drawn with ``seed``."""
+    split = task.train
+    rng = np.random.default_rng(seed)
+    idx: list[np.ndarray] = []
+    classes = sorted(split.counts())
+    for c in classes:
+        members = np.flatnonzero(split.labels == c)
+        if len(members) < shots:
+            raise MtlError(f"class '{task.classes[c]}' of task '{task.name}' has {len(members)} training examples, "
+                           f"fewer than the {shots} shots asked", f"use --shots {len(members)} or fewer")
+        idx.append(rng.choice(members, shots, replace=False))
+    sel = np.concatenate(idx)
+    remap = {c: i for i, c in enumerate(classes)}
+    return Support(split.inputs[sel], np.asarray([remap[c] for c in split.labels[sel].tolist()]),
+                   [task.classes[c] for c in classes], task.modality, task.name, task.spec.image_options)
+
+
+def support_from_arrays(inputs: Any, labels: Any, modality: str, image: ImageOptions | None = None,
+                        task: str = "user") -> Support:
+    """A support set from Python values: texts (or uint8 images) and label names."""
+    labels = [str(x) for x in labels]
+    if len(labels) != len(inputs):
+        raise MtlError(f"{len(inputs)} inputs but {len(labels)} labels", "give one label per input")
+    if not labels:
+        raise MtlError("no examples to adapt to", "give at least one example of each of two classes")
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise MtlError(f"only one label ({classes[0]})", "give examples of at least two classes")
+    if modality == "text":
+        x = np.asarray([str(t) for t in inputs], dtype=np.str_)
+    else:
+        x = np.stack([np.asarray(i) for i in inputs])
+    index = {c: i for i, c in enumerate(classes)}
+    return Support(x, np.asarray([index[c] for c in labels]), classes, modality, task, image or ImageOptions())
