@@ -118,6 +118,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
 
     The adapted model's probabilities are calibrated, and it learns when to answer "none of these"."""
     from mtl.run.adapt import adapt
+    from mtl.run.text_finetune import layer_count
 
     with progress(f"adapting to {task}", quiet=as_json):
         m = adapt(checkpoint, task, shots=shots, examples=examples, steps=steps, lr=lr, head_init=head_init,
@@ -158,6 +159,10 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}); "
               f"{acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; saved {out_dir} "
               f"({m.meta['seconds']:.2f} s)", highlight=False)
+    if m.meta.get("modality") == "text" and not select and layer_count(encoder_layers) == 0:
+        err.print("tip: --select also tries a linear probe and fine-tuning of the pretrained encoder, and keeps what "
+                  "cross-validation on the support set favours (minutes instead of seconds)",
+                  highlight=False)
     if m.meta.get("open_set"):
         o = m.meta["open_set"]
         out.print(f"against {o['unknown_examples']} inputs of {o['unknown_task']}: out-of-scope recall "
