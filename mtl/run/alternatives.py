@@ -236,7 +236,6 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     :func:`mtl.run.text_finetune.encoder_lr_for`'s."""
     from mtl.run.adapted import model_inputs
     from mtl.run.select import support_folds
-    from mtl.run.text_finetune import encoder_lr_for
 
     if support.modality != "text":
         raise MtlError("--select chooses among a linear probe and fine-tuning of a sentence encoder; this task "

@@ -156,11 +156,10 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
             on_rows: Callable[[list[Row]], None] | None = None, registry: Registry | None = None,
             finetune_epochs: int | None = None) -> list[Row]:
     """``checkpoints``: label -> run folder (``maml=runs/a,protonet=runs/b``); ``methods``: which of
-    those labels, of ``BASELINES`` (default: all of those) and of ``ON_REQUEST`` (``finetune``: the
-    pretrained encoder fine-tuned whole as ``adapt --select`` does, for ``finetune_epochs`` (default: about 125
-    steps); ``setfit``: SetFit on the same encoder)
-    to run. ``on_rows`` gets every row so
-    far after each finished (task, shots) setting."""
+    those labels, of ``BASELINES`` (default: all of those) and of ``ON_REQUEST`` to run (``finetune``: the
+    pretrained encoder fine-tuned whole as ``adapt --select`` fine-tunes it, for ``finetune_epochs``, by
+    default about 125 steps; ``setfit``: SetFit on the same encoder). ``on_rows`` gets every row so far
+    after each finished (task, shots) setting."""
     device = resolve_device(device) if isinstance(device, str) else device
     if any(isinstance(t, str) for t in tasks):
         registry = registry or Registry()
