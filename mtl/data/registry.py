@@ -60,6 +60,30 @@ _FIXES = {
 }
 
 
+# the right shape of the fields most often written as the wrong kind of YAML value, as an example
+_SHAPES = {
+    "source.files": "files: {train: data/train.csv, test: data/test.csv}",
+    "source.columns": "columns: [label, title, text]",
+    "source.download": "download: {data/train.csv: {url: https://..., sha256: ...}}",
+    "splits.map": "map: {train: training, test: validation}",
+    "splits.sizes": "sizes: {train: 0.8, test: 0.2}",
+    "splits.classes": "classes: {train: [a, b], test: [c, d]}",
+    "labels.include": "include: [positive, negative]",
+    "labels.exclude": "exclude: [spam]",
+    "labels.names": "names: {1: world, 2: sports}",
+    "image.rotations": "rotations: [0, 90, 180, 270]",
+    "image.rotate_splits": "rotate_splits: [train]",
+}
+
+
+def _fix_for(error_type: str, field: str) -> str:
+    """How to fix one schema error: its type's usual fix, with the field's shape when it is known."""
+    fix = _FIXES.get(error_type, "see docs/TASKS.md for the schema")
+    if error_type in ("dict_type", "list_type") and field in _SHAPES:
+        fix += f", e.g. {_SHAPES[field]}"
+    return fix
+
+
 def _field_of(loc: tuple[object, ...]) -> str:
     # pydantic puts union/tag members in loc (e.g. "list[str]", "str"); drop those for readability
     parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float")))]
@@ -100,10 +124,10 @@ def parse_task_file(path: Path) -> TaskSpec:
         problems = []
         for err in e.errors(include_url=False):
             msg = err["msg"].removeprefix("Value error, ")
-            fix = _FIXES.get(err["type"], "see docs/TASKS.md for the schema")
+            field = _field_of(err["loc"])
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"
-            problems.append(TaskFileError(path, _field_of(err["loc"]), msg, fix))
+            problems.append(TaskFileError(path, field, msg, _fix_for(err["type"], field)))
         raise TaskFileErrors(problems) from None
 
 
