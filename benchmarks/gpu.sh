@@ -4,12 +4,13 @@
 #   bash benchmarks/gpu_wheels.sh      # here, first: what that machine's Python lacks, into .gpu/
 #   bash benchmarks/gpu.sh             # there, from the repository root, with .gpu/ carried along
 #
-# 1. what the machine has; 2. the carried wheels and learn2learn, installed into a folder of their own
-# (the machine's Python is left as it is); 3. the CUDA tests (tests/test_cuda.py: CPU-vs-CUDA
+# 1. what the machine has; 2. the carried wheels and learn2learn's source, unpacked into a folder of their
+# own (the machine's Python is left as it is); 3. the CUDA tests (tests/test_cuda.py: CPU-vs-CUDA
 # meta-gradient agreement for every method, train -> adapt -> predict with --device cuda) and the
 # recompute tests; 4. benchmarks/gpu_checks.py: Conv-4 throughput against learn2learn on the same GPU
 # (Omniglot- and mini-ImageNet-shaped), fp32/bf16/fp16 autocast, ResNet-12 throughput and memory, memory
-# against inner steps; 5. two NCCL ranks (torchrun) when there are two GPUs. Figures go to stdout and,
+# against inner steps; then benchmarks/vmap_tasks.py: a meta-batch's tasks looped or batched with vmap;
+# 5. two NCCL ranks (torchrun) when there are two GPUs. Figures go to stdout and,
 # as JSON lines, to $OUT (the device tool's output folder) when it is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,20 +42,19 @@ if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --target "$SITE" .gpu/wheels/*.whl 2>&1 | tail -2
 fi
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-if [ -f .gpu/learn2learn-0.2.0.tar.gz ]; then
-  (set -e; src=$(mktemp -d); tar xzf .gpu/learn2learn-0.2.0.tar.gz -C "$src"; cd "$src/learn2learn-0.2.0"
-   "$SITE/bin/cython" -3 learn2learn/data/meta_dataset.pyx learn2learn/data/task_dataset.pyx \
-     learn2learn/data/transforms.pyx >/dev/null
-   timeout 240 $PY -m pip install -q --no-deps --no-build-isolation --target "$SITE" . 2>&1 | tail -2) \
-  || echo "learn2learn did not build: the throughput ratios will be missing"
+if [ -f .gpu/learn2learn-0.2.0.tar.gz ]; then  # l2l_bench.py loads learn2learn.algorithms alone: pure Python
+  tar xzf .gpu/learn2learn-0.2.0.tar.gz -C "$SITE" && export PYTHONPATH="$PYTHONPATH:$SITE/learn2learn-0.2.0"
 fi
 peer=.gpu/l2l_bench.py; [ -f "$peer" ] || peer=../shared/peer/l2l_bench.py
 
 say "CUDA tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_recompute.py 2>&1 | tail -15
+timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_recompute.py 2>&1 | tail -15
 
 say "figures (benchmarks/gpu_checks.py)"
-timeout 300 $PY benchmarks/gpu_checks.py --peer "$peer" | tee "$OUT/gpu_checks.jsonl"
+timeout 240 $PY benchmarks/gpu_checks.py --peer "$peer" | tee "$OUT/gpu_checks.jsonl"
+
+say "tasks looped or batched with vmap (benchmarks/vmap_tasks.py)"
+for precision in fp32 bf16; do timeout 60 $PY benchmarks/vmap_tasks.py --device cuda --rounds 2 --precision "$precision"; done
 
 gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge 2 ]; then

@@ -46,27 +46,36 @@ def task_loss(params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) ->
     return loss({k: params[k] - INNER_LR * g[k] for k in params}, xq, yq)
 
 
-def init() -> Params:
+def init(device: torch.device) -> Params:
     torch.manual_seed(0)
     params, cin = {}, 1
     for i in range(4):
         params |= {f"w{i}": torch.randn(WIDTH, cin, 3, 3) * (2 / (cin * 9)) ** 0.5, f"b{i}": torch.zeros(WIDTH),
                    f"g{i}": torch.ones(WIDTH), f"h{i}": torch.zeros(WIDTH)}
         cin = WIDTH
-    return params | {"fw": torch.zeros(WAYS, WIDTH), "fb": torch.zeros(WAYS)}
+    params |= {"fw": torch.zeros(WAYS, WIDTH), "fb": torch.zeros(WAYS)}
+    return {k: v.to(device) for k, v in params.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = p.parse_args()
     torch.set_num_threads(2)
-    params = init()
+    device = torch.device(a.device)
+    params = init(device)
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
-    xs, ys = torch.randn(TASKS, WAYS, 1, 28, 28), torch.arange(WAYS).repeat(TASKS, 1)
-    xq = torch.randn(TASKS, WAYS * QUERIES, 1, 28, 28)
-    yq = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(TASKS, 1)
+    xs = torch.randn(TASKS, WAYS, 1, 28, 28, device=device)
+    ys = torch.arange(WAYS, device=device).repeat(TASKS, 1)
+    xq = torch.randn(TASKS, WAYS * QUERIES, 1, 28, 28, device=device)
+    yq = torch.arange(WAYS, device=device).repeat_interleave(QUERIES).repeat(TASKS, 1)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def loop() -> Params:
         for v in leaves.values():
@@ -88,17 +97,19 @@ def main() -> None:
     ways: dict[str, Callable[[], Params]] = {"loop": loop}
     ways |= {f"vmap {c}": (lambda c=c: batched(c)) for c in (32, 8, 4)}
     reference = loop()
-    print(f"{cpu_name()}, {a.precision}; max |meta-gradient difference| from the loop, fp32: "
+    print(f"{name}, {a.precision}; max |meta-gradient difference| from the loop, fp32: "
           f"{max(float((reference[k] - batched(8)[k]).abs().max()) for k in reference):.1e}")
-    context = (lambda: torch.autocast("cpu", torch.bfloat16)) if a.precision == "bf16" else contextlib.nullcontext
+    context = (lambda: torch.autocast(device.type, torch.bfloat16)) if a.precision == "bf16" else contextlib.nullcontext
     for r in range(a.rounds):
         for name, fn in ways.items():
             try:
                 with context():
                     fn()
+                    sync()
                     t0 = time.perf_counter()
                     fn()
                     fn()
+                    sync()
                 print(f"round {r} {name}: {2 / (time.perf_counter() - t0):.3f} meta-iterations/s", flush=True)
             except RuntimeError as e:
                 print(f"round {r} {name}: fails: {str(e).splitlines()[0]}", flush=True)

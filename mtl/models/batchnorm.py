@@ -87,10 +87,11 @@ class SupportBatchNorm(torch.autograd.Function):
                  ) -> tuple[Tensor, Tensor | None, Tensor | None, None, None]:
         x, weight, mean, var, scale = ctx.saved_tensors  # type: ignore[attr-defined]
         rows, eps, bias_dtype = ctx.rows, ctx.eps, ctx.bias_dtype  # type: ignore[attr-defined]
-        unit = torch.full_like(scale, 1.0 - eps)
-        # gy * scale for every row, sum(gy * x) and sum(gy) per channel, in one pass
+        zero, unit = torch.zeros_like(scale), torch.full_like(scale, 1.0 - eps)
+        # gy * scale for every row, sum(gy * x) and sum(gy) per channel, in one pass. The saved mean and
+        # inverse std (0 and 1) must be given: CUDA's kernel reduces with them even in eval mode
         gx, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
-            gy, x, scale, torch.zeros_like(scale), unit, None, None, False, eps, [True, True, True])
+            gy, x, scale, zero, unit, zero, torch.ones_like(scale), False, eps, [True, True, True])
         invstd = torch.rsqrt(var + eps)
         sum_gx, sum_g = _wide(sum_gx), _wide(sum_g)
         sum_g_centred = sum_gx - mean * sum_g  # sum(gy * (x - mean))
