@@ -30,11 +30,17 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
     step_stats: tuple[Tensor, Tensor] | None = None
     step_mode: str | None = None
     momentum_of_steps: float = 0.1
+    # plain tensor ops instead of the native kernels: what a pass batched over tasks with
+    # torch.func.vmap needs (mtl/algorithms/batched_tasks.py), exact to any order of derivative
+    plain_ops: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         if self.step_stats is not None and self.step_mode == "use":
             mean, var = self.step_stats
         elif self.training or self.running_mean is None:
+            if self.plain_ops and self.step_stats is None:
+                mean, var = channel_stats(x if self.stats_rows is None else x[: self.stats_rows])
+                return _affine(x, mean, var, self.weight, self.bias, self.eps)
             if self.step_stats is None and self.stats_rows is None:
                 # transductive: the native kernel (fewer memory passes; exact double backward)
                 return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
@@ -107,6 +113,15 @@ class SupportBatchNorm(torch.autograd.Function):
         g_weight = (sum_g_centred * invstd).to(weight.dtype) if weight is not None and needs[1] else None
         g_bias = sum_g.to(bias_dtype) if bias_dtype is not None and needs[2] else None
         return gx, g_weight, g_bias, None, None
+
+
+def _affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """``x`` normalised with ``mean`` and ``var`` per channel, in plain tensor ops."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale + (bias if bias is not None else 0.0)
+    return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
 
 
 def _wide(x: Tensor) -> Tensor:
