@@ -4,14 +4,15 @@
 #   bash benchmarks/gpu_wheels.sh      # here, first: what that machine's Python lacks, into .gpu/
 #   bash benchmarks/gpu.sh             # there, from the repository root, with .gpu/ carried along
 #
-# 1. what the machine has; 2. the carried wheels and learn2learn's source, unpacked into a folder of their
-# own (the machine's Python is left as it is); 3. the CUDA tests (tests/test_cuda.py: CPU-vs-CUDA
+# 1. what the machine has; 2. the carried wheels and learn2learn's source, unpacked into a folder of
+# their own (the machine's Python is left as it is); 3. the CUDA tests (tests/test_cuda.py: CPU-vs-CUDA
 # meta-gradient agreement for every method, train -> adapt -> predict with --device cuda) and the
 # recompute tests; 4. benchmarks/gpu_checks.py: Conv-4 throughput against learn2learn on the same GPU
-# (Omniglot- and mini-ImageNet-shaped), fp32/bf16/fp16 autocast, ResNet-12 throughput and memory, memory
-# against inner steps; then benchmarks/vmap_tasks.py: a meta-batch's tasks looped or batched with vmap;
-# 5. two NCCL ranks (torchrun) when there are two GPUs. Figures go to stdout and,
-# as JSON lines, to $OUT (the device tool's output folder) when it is set.
+# (Omniglot- and mini-ImageNet-shaped), tasks looped and batched (inner.batch_tasks), fp32/bf16 autocast,
+# ResNet-12 throughput and memory, memory against inner steps; then benchmarks/vmap_tasks.py (a plain
+# functional Conv-4's tasks looped or batched with vmap); 5. two NCCL ranks (torchrun) when there are two
+# GPUs. Figures go to stdout and, as JSON lines, to $OUT (the device tool's output folder) when it is set.
+# The first run took 281 s on an H200 (docs/BENCHMARKS.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -51,10 +52,10 @@ say "CUDA tests"
 timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_recompute.py 2>&1 | tail -15
 
 say "figures (benchmarks/gpu_checks.py)"
-timeout 240 $PY benchmarks/gpu_checks.py --peer "$peer" | tee "$OUT/gpu_checks.jsonl"
+timeout 300 $PY benchmarks/gpu_checks.py --peer "$peer" | tee "$OUT/gpu_checks.jsonl"
 
-say "tasks looped or batched with vmap (benchmarks/vmap_tasks.py)"
-for precision in fp32 bf16; do timeout 60 $PY benchmarks/vmap_tasks.py --device cuda --rounds 2 --precision "$precision"; done
+say "a plain functional Conv-4's tasks looped or batched with vmap (benchmarks/vmap_tasks.py)"
+timeout 60 $PY benchmarks/vmap_tasks.py --device cuda --rounds 2
 
 gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge 2 ]; then

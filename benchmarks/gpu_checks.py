@@ -3,14 +3,17 @@
 
 - meta-training throughput of second-order MAML, Conv-4, 5-way 1-shot, 15 queries, meta-batch 32,
   Omniglot-shaped (1x28x28, 64 channels) and mini-ImageNet-shaped (3x84x84, 32 channels), 1 and 5
-  inner steps, in fp32 and under bf16 and fp16 autocast (timing only: fp16 training would also need
-  loss scaling, which the trainer does not do; use bf16); and learn2learn's MAML on the same tensors
-  and GPU, run as ../shared/peer/l2l_bench.py runs it, when learn2learn can be imported;
-- ResNet-12 (first-order MAML, Proto-MAML heads, 5-way 5-shot, 84x84): throughput and peak memory;
+  inner steps, with the default (support-statistics) batch norm, one task at a time and all 32 in
+  one vmapped pass (``inner.batch_tasks``), in fp32 and under bf16 autocast (fp16 ran no faster than
+  bf16 on an H200, and training in it would need loss scaling); and learn2learn's MAML on the same
+  tensors and GPU, run as ../shared/peer/l2l_bench.py runs it, when learn2learn can be imported;
+- ResNet-12 (first-order MAML, Proto-MAML heads, 5-way 5-shot, 84x84): throughput and peak memory,
+  tasks looped and batched;
 - peak GPU memory of second-order MAML against inner steps (1, 5, 10, 20), each step's graph stored
   or rebuilt in the outer backward (``inner.recompute``).
 
-Prints one JSON line per figure, with the card's name; ``--quick`` shrinks every measurement (to
+Prints one JSON line per figure, with the card's name (a setting that fails prints its error and
+the rest still run); ``--quick`` shrinks every measurement (to
 check the script on a CPU: ``--device cpu --quick``).
 
     python benchmarks/gpu_checks.py [--device cuda] [--peer ../shared/peer/l2l_bench.py] [--quick]
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import statistics
 import time
@@ -34,7 +38,7 @@ from mtl.algorithms import InnerConfig, build_algorithm
 from mtl.data.stream import TaskBatch
 from mtl.models import ModelConfig, MultiTaskModel
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: timing only
 
 
 def device_name(device: torch.device) -> str:
@@ -150,41 +154,54 @@ def main() -> None:
     quick = a.quick
     meta_batch, warmup, windows = (4, 1, 2) if quick else (32, 3, 7)
 
-    def emit(**row: Any) -> None:
+    def emit(row: dict[str, Any], measure: Callable[..., dict[str, Any]], *args: Any) -> None:
+        """One figure's JSON line: ``row`` and what ``measure(*args)`` returns. A failure is printed as
+        the row's error, and the next row runs: one setting must not cost a GPU lease's other figures."""
+        try:
+            row |= measure(*args)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
         print(json.dumps({"device": card, **row}), flush=True)
+
+    def throughput(batches: list[TaskBatch], encoder: str, channels: int, method: str, inner: dict[str, Any],
+                   precision: str, peer_rate: float | None = None) -> dict[str, Any]:
+        step = mtl_step(device, batches, encoder, channels, method, inner, precision)
+        ours = rate(step, device, warmup, windows)
+        peer = {"learn2learn_it_per_s": round(peer_rate, 3), "ratio": round(ours / peer_rate, 2)} if peer_rate else {}
+        return {"it_per_s": round(ours, 3), **peer, "peak_mb": peak_memory(device, step)}
+
+    def memory(batches: list[TaskBatch], inner: dict[str, Any]) -> dict[str, Any]:
+        step = mtl_step(device, batches, "conv4", 1, "maml", inner, "fp32")
+        step()
+        return {"peak_mb": peak_memory(device, step)}
 
     shapes = {"omniglot 1x28x28, conv4 (64)": ((1, 28, 28), "conv4", 64),
               "mini-imagenet 3x84x84, conv4-32": ((3, 84, 84), "conv4-32", 32)}
     for setting, (shape, encoder, hidden) in shapes.items():
         batches = episodes(device, meta_batch, 5, 1, 15, shape)
         for steps in (1, 5):
-            inner = {"steps": steps, "lr": 0.4, "head_init": "learned", "bn": "transductive"}
             theirs = peer_step(device, batches, a.peer, shape[0], hidden, steps)
             peer_rate = rate(theirs, device, warmup, windows) if theirs else None
-            for precision in ("fp32", "bf16", "fp16"):
-                ours = rate(mtl_step(device, batches, encoder, shape[0], "maml", inner, precision), device, warmup,
-                            windows)
-                emit(setting=setting, method="maml (second order)", steps=steps, meta_batch=meta_batch,
-                     precision=precision, it_per_s=round(ours, 3),
-                     learn2learn_it_per_s=round(peer_rate, 3) if peer_rate else None,
-                     ratio=round(ours / peer_rate, 2) if peer_rate else None)
+            for precision, together in itertools.product(("fp32", "bf16"), (1, meta_batch)):
+                # the default, leak-free batch norm (support statistics); learn2learn's is transductive
+                inner = {"steps": steps, "lr": 0.4, "head_init": "learned", "batch_tasks": together}
+                emit({"setting": setting, "method": "maml (second order)", "steps": steps, "meta_batch": meta_batch,
+                      "batch_tasks": together, "precision": precision},
+                     throughput, batches, encoder, shape[0], "maml", inner, precision, peer_rate)
 
     batches = episodes(device, 1 if quick else 4, 5, 5, 15, (3, 84, 84))
-    for precision in ("fp32", "bf16"):
-        inner = {"steps": 5, "lr": 0.05, "head_init": "proto"}
-        step = mtl_step(device, batches, "resnet12", 3, "fomaml", inner, precision)
-        emit(setting="resnet12 3x84x84, 5-way 5-shot, 15 queries", method="fomaml, proto heads", steps=5,
-             meta_batch=len(batches), precision=precision, it_per_s=round(rate(step, device, warmup, windows), 3),
-             peak_mb=peak_memory(device, step))
+    for precision, together in itertools.product(("fp32", "bf16"), (1, len(batches))):
+        inner = {"steps": 5, "lr": 0.05, "head_init": "proto", "batch_tasks": together}
+        emit({"setting": "resnet12 3x84x84, 5-way 5-shot, 15 queries", "method": "fomaml, proto heads", "steps": 5,
+              "meta_batch": len(batches), "batch_tasks": together, "precision": precision},
+             throughput, batches, "resnet12", 3, "fomaml", inner, precision)
 
     batches = episodes(device, 1, 20, 5, 5, (1, 28, 28))
     for steps in (1, 5) if quick else (1, 5, 10, 20):
         for recompute in (False, True):
             inner = {"steps": steps, "lr": 0.4, "head_init": "learned", "recompute": recompute}
-            step = mtl_step(device, batches, "conv4", 1, "maml", inner, "fp32")
-            step()
-            emit(setting="omniglot conv4, 20-way 5-shot, 5 queries, one task", method="maml (second order)",
-                 steps=steps, recompute=recompute, peak_mb=peak_memory(device, step))
+            emit({"setting": "omniglot conv4, 20-way 5-shot, 5 queries, one task", "method": "maml (second order)",
+                  "steps": steps, "recompute": recompute}, memory, batches, inner)
 
 
 if __name__ == "__main__":
