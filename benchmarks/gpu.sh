@@ -10,8 +10,8 @@
 # recompute tests; 4. benchmarks/gpu_checks.py: Conv-4 throughput against learn2learn on the same GPU
 # (Omniglot- and mini-ImageNet-shaped), tasks looped and batched (inner.batch_tasks), fp32/bf16 autocast,
 # ResNet-12 throughput and memory, memory against inner steps; then benchmarks/vmap_tasks.py (a plain
-# functional Conv-4's tasks looped or batched with vmap); 5. two NCCL ranks (torchrun) when there are two
-# GPUs. Figures go to stdout and, as JSON lines, to $OUT (the device tool's output folder) when it is set.
+# functional Conv-4's tasks looped or batched with vmap); 5. cli.py train on synthetic tasks, tasks looped
+# and batched, and on two NCCL ranks (torchrun) when there are two GPUs (DEVICE=cpu runs it on a CPU). Figures go to stdout and, as JSON lines, to $OUT (the device tool's output folder) when it is set.
 # The first run took 281 s on an H200 (docs/BENCHMARKS.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,11 +57,9 @@ timeout 300 $PY benchmarks/gpu_checks.py --peer "$peer" | tee "$OUT/gpu_checks.j
 say "a plain functional Conv-4's tasks looped or batched with vmap (benchmarks/vmap_tasks.py)"
 timeout 60 $PY benchmarks/vmap_tasks.py --device cuda --rounds 2
 
-gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
-if [ "$gpus" -ge 2 ]; then
-  say "two NCCL ranks: meta-training on synthetic tasks, 1 process against 2 (torchrun)"
-  work=$(mktemp -d)
-  $PY - "$work" <<'PY'
+say "the trainer (cli.py train) on synthetic tasks: tasks looped, batched, and two NCCL ranks with two GPUs"
+work=$(mktemp -d)
+$PY - "$work" "${DEVICE:-cuda}" <<'PY'
 import sys
 from pathlib import Path
 from tests.test_cuda import synthetic_tasks
@@ -70,20 +68,24 @@ work = Path(sys.argv[1])
 synthetic_tasks(work / "tasks")
 (work / "recipe.yaml").write_text("method: maml\ntasks: [synth-train]\nval_tasks: []\nways: 5\nshots: 1\nqueries: 5\n"
                                   "meta_batch: 32\niterations: 40\nval_every: 1000\ninner: {steps: 1, lr: 0.4}\n"
-                                  "precision: bf16\ndevice: cuda\n")
+                                  f"precision: bf16\ndevice: {sys.argv[2]}\n")
 PY
-  common=(cli.py train --config "$work/recipe.yaml" --tasks-dir "$work/tasks" --json)
-  timeout 150 $PY "${common[@]}" --out "$work/p1" >/dev/null && \
-  timeout 150 $PY -m torch.distributed.run --nproc_per_node 2 "${common[@]}" --out "$work/p2" >/dev/null
-  for run in p1 p2; do
-    $PY - "$work/$run/metrics.jsonl" "$run" <<'PY' | tee -a "$OUT/gpu_checks.jsonl"
+common=(cli.py train --config "$work/recipe.yaml" --tasks-dir "$work/tasks" --json)
+rate() {  # the run's meta-iterations/s after its first 5, as one JSON line
+  $PY - "$work/$1/metrics.jsonl" "$2" "$3" <<'PY' | tee -a "$OUT/gpu_checks.jsonl"
 import json, sys
-rows = [json.loads(x) for x in open(sys.argv[1])]
+rows = [json.loads(x) for x in open(sys.argv[1]) if '"loss"' in x]
 rate = (len(rows) - 5) / (rows[-1]["seconds"] - rows[4]["seconds"])
-print(json.dumps({"setting": "synthetic 5-way 1-shot, 5 queries, meta-batch 32, bf16", "processes": 1 if sys.argv[2] == "p1" else 2,
-                  "backend": "nccl", "it_per_s": round(rate, 2), "last_loss": rows[-1].get("loss")}))
+print(json.dumps({"setting": "cli.py train, synthetic 5-way 1-shot, 5 queries, meta-batch 32, bf16, support BN",
+                  "processes": int(sys.argv[2]), "batch_tasks": int(sys.argv[3]), "it_per_s": round(rate, 2),
+                  "last_loss": rows[-1].get("loss")}))
 PY
-  done
+}
+timeout 120 $PY "${common[@]}" --out "$work/loop" >/dev/null && rate loop 1 1
+timeout 120 $PY "${common[@]}" --set inner.batch_tasks=32 --out "$work/batched" >/dev/null && rate batched 1 32
+gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -ge 2 ]; then
+  timeout 150 $PY -m torch.distributed.run --nproc_per_node 2 "${common[@]}" --out "$work/p2" >/dev/null && rate p2 2 1
 else
   say "one GPU: the two-rank NCCL check does not apply"
 fi

@@ -93,7 +93,8 @@ def batched_pass(alg: Algorithm, batches: Sequence[TaskBatch], iteration: int, n
     body = {n_: params[n_] for n_ in alg.adapted_names(first.modality)}
     proto = alg.inner.head_init == "proto"
     if proto:
-        heads: tuple[Tensor, Tensor] = (torch.empty(len(batches), 0), torch.empty(len(batches), 0))
+        nothing = torch.empty(len(batches), 0, device=first.ys.device)  # vmap needs an argument: unused
+        heads: tuple[Tensor, Tensor] = (nothing, nothing)
     else:
         w, b = zip(*(alg.init_head(t, body) for t in batches), strict=True)
         heads = (torch.stack(w), torch.stack(b))
