@@ -12,8 +12,9 @@ through it). Per-task fast weights turn convolutions into grouped convolutions, 
 slower than the loop: leave it at 1 there.
 
 Batch norm runs in plain tensor ops within the batched pass (``EpisodicBatchNorm2d.plain_ops``):
-they vmap and differentiate twice exactly, where the native kernels' double backward under vmap
-has given wrong meta-gradients (../shared/peer/INSTALL.md).
+they vmap and differentiate twice exactly, where the native kernel's double backward under vmap
+gave a wrong meta-gradient in torch 2.13 on a CPU, and its backward failed under bf16 autocast on
+an H200 (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from mtl.models import EpisodicBatchNorm2d, setting
 
 if TYPE_CHECKING:
     from mtl.algorithms.inner import Algorithm
+
+_warned: set[str] = set()  # each reason not to batch is said once per process
 
 
 def obstacle(alg: Algorithm, batches: Sequence[TaskBatch]) -> str | None:
@@ -76,9 +79,6 @@ def meta_backward(alg: Algorithm, batches: Sequence[TaskBatch], iteration: int, 
         loss, right, queries = batched_pass(alg, batches[start:start + alg.inner.batch_tasks], iteration, n)
         total, correct, count = total + loss, correct + right, count + queries
     return total, correct / max(count, 1)
-
-
-_warned: set[str] = set()
 
 
 def batched_pass(alg: Algorithm, batches: Sequence[TaskBatch], iteration: int, n: int) -> tuple[float, int, int]:
