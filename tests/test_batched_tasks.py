@@ -60,6 +60,16 @@ def test_what_cannot_be_batched_runs_one_task_at_a_time_and_says_why():
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_the_cli_says_a_warning_in_one_line():
+    import warnings
+
+    import mtl.cli.common  # noqa: F401  (sets the format)
+
+    line = warnings.formatwarning(UserWarning("inner.batch_tasks: adapting one task at a time: why"), UserWarning,
+                                  "/x/inner.py", 396, "loss, acc = self.meta_backward(...)")
+    assert line == "warning: inner.batch_tasks: adapting one task at a time: why\n"
+
+
 def test_batched_tasks_under_bf16_autocast_agree_with_the_loop():
     torch.set_default_dtype(torch.float32)
     tasks = [replace(t, xs=t.xs.float(), xq=t.xq.float()) for t in (batch(0), batch(1))]

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -28,6 +29,15 @@ app.add_typer(data_app, name="data")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+              line: str | None = None) -> str:
+    """A warning as one line on stderr, as the commands' errors are, without the source line."""
+    return f"warning: {message}\n"
+
+
+warnings.formatwarning = _one_line
 
 
 @app.callback()
