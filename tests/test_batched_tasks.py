@@ -114,3 +114,29 @@ def test_train_with_batched_tasks_follows_the_loops_run(tmp_path, run_cli):
                             if "loss" in json.loads(row)]
     assert len(losses[1]) == 4 and losses[4][:2] == pytest.approx(losses[1][:2], rel=1e-4)
     assert losses[4] == pytest.approx(losses[1], rel=0.1)
+
+
+def test_text_tasks_on_sentence_embeddings_are_batched_too():
+    """A frozen sentence encoder's embeddings (CLINC150's recipe: trunk and Proto-MAML head adapt)."""
+    from mtl.algorithms import InnerConfig, build_algorithm
+    from mtl.data.stream import TaskBatch
+    from mtl.models import ModelConfig, MultiTaskModel
+
+    torch.set_default_dtype(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(3)
+    tasks = [TaskBatch(f"t{i}", "text", torch.randn(12, 384, generator=g), labels, torch.randn(12, 384, generator=g),
+                       labels) for i in range(3)]
+
+    def grads(together: int) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+        torch.manual_seed(0)
+        model = MultiTaskModel(ModelConfig(trunk=[32]), ["text"])
+        learner = build_algorithm("maml", model, InnerConfig(steps=2, lr=0.1, adapt="trunk+head", head_init="proto",
+                                                             batch_tasks=together))
+        result = learner.meta_backward(tasks, 0)
+        return {n: p.grad for n, p in learner.named_parameters() if p.grad is not None}, result
+
+    (want, (want_loss, want_acc)), (got, (loss, acc)) = grads(1), grads(3)
+    assert want.keys() == got.keys() and want
+    assert all(torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-6) for n in want)
+    assert loss == pytest.approx(want_loss, rel=1e-5) and acc == want_acc

@@ -41,8 +41,10 @@ _warned: set[str] = set()  # each reason not to batch is said once per process
 def obstacle(alg: Algorithm, batches: Sequence[TaskBatch]) -> str | None:
     """Why these tasks cannot be adapted in one batched pass, or None when they can."""
     first = batches[0]
-    if any(b.modality != "image" for b in batches):
-        return "only image tasks are batched"
+    if any(b.modality != first.modality for b in batches):
+        return "the meta-batch mixes modalities"
+    if any(not isinstance(b.xs, Tensor) or not isinstance(b.xq, Tensor) for b in batches):
+        return "the tasks' inputs are not tensors (texts read by trainable transformer layers)"
     if alg.inner.per_step_bn_stats:
         return "per-step batch-norm statistics (inner.per_step_bn_stats) are collected one task at a time"
     if alg.inner.recompute:
