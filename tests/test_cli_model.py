@@ -571,3 +571,20 @@ def test_progress_shows_the_library_messages_on_a_terminal_only(monkeypatch):
     with common.progress("adapting to x", quiet=True):  # --json: nothing shown
         logging.getLogger("mtl.run.adapt").info("more")
     assert len(shown) == 2
+
+
+@pytest.mark.parametrize("raised, code, says", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 2,
+     "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB). Fix: ask for less at once"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"), 2,
+     "error: out of memory (DefaultCPUAllocator"),
+    (RuntimeError("a bug"), 1, "error: internal error RuntimeError: a bug. Fix: run again with MTL_DEBUG=1")])
+def test_running_out_of_memory_is_a_setting_to_change_and_a_bug_is_one_line(monkeypatch, run_cli, raised, code, says):
+    import mtl.algorithms
+
+    def fail(cls):
+        raise raised
+
+    monkeypatch.setattr(mtl.algorithms, "summary", fail)
+    got, _, err = run_cli("algorithms")
+    assert got == code and err.startswith(says) and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -35,6 +35,16 @@ def _click(name: str) -> tuple[type[BaseException], ...]:
 EXIT, ABORT, USAGE = _click("Exit"), _click("Abort"), _click("ClickException")
 
 
+MEMORY_FIX = ("ask for less at once: a smaller meta_batch, inner.batch_tasks or inner.steps in the recipe, "
+              "inner.recompute: true or inner.query_chunks: 3 (the same meta-gradient in less memory), "
+              "fewer shots or a smaller --encoder-layers when adapting; or use --device cpu")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A GPU's (torch.OutOfMemoryError) or the CPU allocator's failure: a setting to change, not a bug."""
+    return type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line and exit code 2, never a traceback."""
     try:
@@ -60,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MTL_DEBUG"):
             raise
         first = str(e).splitlines()[0] if str(e) else ""
+        if _out_of_memory(e):
+            err.print(f"error: out of memory ({first}). Fix: {MEMORY_FIX}", highlight=False, markup=False,
+                      soft_wrap=True)
+            return 2
         err.print(f"error: internal error {type(e).__name__}: {first}. Fix: run again with MTL_DEBUG=1 for the "
                   "traceback and report it", highlight=False, markup=False, soft_wrap=True)
         return 1
