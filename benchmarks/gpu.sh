@@ -11,7 +11,8 @@
 # (Omniglot- and mini-ImageNet-shaped), tasks looped and batched (inner.batch_tasks), fp32/bf16 autocast,
 # ResNet-12 throughput and memory, memory against inner steps; then benchmarks/vmap_tasks.py (a plain
 # functional Conv-4's tasks looped or batched with vmap); 5. cli.py train on synthetic tasks, tasks looped
-# and batched, and on two NCCL ranks (torchrun) when there are two GPUs (DEVICE=cpu runs it on a CPU). Figures go to stdout and, as JSON lines, to $OUT (the device tool's output folder) when it is set.
+# and batched, and on two NCCL ranks (torchrun) when there are two GPUs (with DEVICE=cpu, this part runs on a CPU).
+# Figures go to stdout and, as JSON lines, to $OUT (the device tool's output folder) when it is set.
 # The first run took 281 s on an H200 (docs/BENCHMARKS.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
