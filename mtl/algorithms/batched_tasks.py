@@ -9,7 +9,8 @@ plain functional Conv-4 batched over the meta-batch's tasks ran 12x faster than 
 the loop (tests/test_batched_tasks.py), from the same plain ``nn.Module`` (``functional_call``
 under ``vmap``; the inner gradient is ``torch.func.grad``, and the outer one ordinary autograd
 through it). Per-task fast weights turn convolutions into grouped convolutions, which a CPU runs
-slower than the loop: leave it at 1 there.
+slower than the loop: leave it at 1 there. The batched tasks' graphs are alive together, so memory
+grows with N (Conv-4, 32 tasks: about 7x the loop's; docs/BENCHMARKS.md).
 
 Batch norm runs in plain tensor ops within the batched pass (``EpisodicBatchNorm2d.plain_ops``):
 they vmap and differentiate twice exactly, where the native kernel's double backward under vmap
