@@ -91,7 +91,7 @@ def batched_pass(alg: Algorithm, batches: Sequence[TaskBatch], iteration: int, n
     weights = alg.msl_weights(iteration).tolist()
     steps, transductive = alg.train_steps, alg.inner.bn == "transductive"
     first = batches[0]
-    ways, shots = first.ways, len(first.ys)
+    ways, shots, dim = first.ways, len(first.ys), alg.model.feature_dim
     params = dict(alg.model.named_parameters())
     body = {n_: params[n_] for n_ in alg.adapted_names(first.modality)}
     proto = alg.inner.head_init == "proto"
@@ -115,22 +115,23 @@ def batched_pass(alg: Algorithm, batches: Sequence[TaskBatch], iteration: int, n
             onehot = (ys.unsqueeze(1) == torch.arange(ways, device=ys.device)).to(feats.dtype)  # F.one_hot checks ys
             return alg.head_from_prototypes((onehot.T @ feats) / onehot.sum(0).clamp_min(1).unsqueeze(1))
 
-        if proto:  # step 0 differentiates the support loss through the prototypes too, as the loop does
-            proto_w, proto_b = proto_head(fast)
-            head_w, head_b = torch.zeros_like(proto_w), torch.zeros_like(proto_b)
+        if proto:  # the head is its prototypes plus a zero step 0 adapts: the loop's gradient through both
+            like = next(iter(params.values()))
+            head_w, head_b = like.new_zeros(ways, dim), like.new_zeros(ways)
         fast["head.weight"], fast["head.bias"] = head_w, head_b
         losses = []
         for step in range(steps):
-            def support_loss(f: dict[str, Tensor], step: int = step) -> Tensor:
+            def support_loss(f: dict[str, Tensor], step: int = step) -> tuple[Tensor, tuple[Tensor, ...]]:
                 w, b = f["head.weight"], f["head.bias"]
+                protos: tuple[Tensor, ...] = ()
                 if proto and step == 0:
-                    pw, pb = proto_head(f)
-                    w, b = w + pw, b + pb
-                return F.cross_entropy(alg.head_logits(features(f, xs, step, None), w, b), ys)
-            g = grad(support_loss)(fast)
+                    protos = proto_head(f)
+                    w, b = w + protos[0], b + protos[1]
+                return F.cross_entropy(alg.head_logits(features(f, xs, step, None), w, b), ys), protos
+            g, protos = grad(support_loss, has_aux=True)(fast)
             fast = {k: v - alg.inner_lr(k, step) * (g[k] if create_graph else g[k].detach()) for k, v in fast.items()}
-            if proto and step == 0:
-                fast["head.weight"], fast["head.bias"] = fast["head.weight"] + proto_w, fast["head.bias"] + proto_b
+            if protos:
+                fast["head.weight"], fast["head.bias"] = fast["head.weight"] + protos[0], fast["head.bias"] + protos[1]
             if alg.inner.msl or step == steps - 1:
                 if transductive:
                     fq = features(fast, xq, step + 1, None)
@@ -142,9 +143,8 @@ def batched_pass(alg: Algorithm, batches: Sequence[TaskBatch], iteration: int, n
         return loss, losses[-1].detach(), out.detach()  # type: ignore[return-value]
 
     stack = lambda key: torch.stack([getattr(t, key) for t in batches])  # noqa: E731
-    with _plain_layers(alg.model):
-        loss, last, out = vmap(task, randomness="different")(stack("xs"), stack("ys"), stack("xq"), stack("yq"),
-                                                               *heads)
-    (loss.sum() / n).backward()
     yq = stack("yq")
+    with _plain_layers(alg.model):
+        loss, last, out = vmap(task, randomness="different")(stack("xs"), stack("ys"), stack("xq"), yq, *heads)
+    (loss.sum() / n).backward()
     return float(last.sum()) / n, int((out.argmax(-1) == yq).sum()), yq.numel()
