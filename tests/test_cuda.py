@@ -1,6 +1,7 @@
 """On a CUDA GPU (skipped elsewhere; benchmarks/gpu.sh runs them on the device machine): every
 meta-gradient agrees with the CPU's, and train -> adapt -> predict run end to end with ``--device
-cuda`` on synthetic image tasks (the machine has no data sets), giving the CPU's predictions."""
+cuda`` on synthetic image and text tasks (the machine has no data sets and no MiniLM), giving the CPU's
+predictions."""
 
 from __future__ import annotations
 
@@ -78,3 +79,75 @@ def test_train_adapt_predict_on_cuda(tmp_path, run_cli):
         assert (gpu.predict(x) == truth).mean() > 0.5  # 5-way: chance is 0.2
     finally:
         torch.set_default_dtype(old)
+
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"]
+FILLER = ["the", "a", "my", "is", "to", "of", "and", "please", "now", "when", "what", "how"]
+
+
+def tiny_text_encoder(folder: Path) -> Path:
+    """A random two-layer BERT and a word-level tokenizer of its own (the device machine has no MiniLM),
+    built with ``tokenizers`` directly: the same files under transformers 4 and 5."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *FILLER])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    return folder
+
+
+def synthetic_text_tasks(folder: Path) -> Path:
+    """Two csv text tasks whose classes are each a keyword among filler words: 8 training, 4 new."""
+    rng = np.random.default_rng(0)
+    for name, words, role in (("synth-text-train", WORDS[:8], "meta_train"), ("synth-text-new", WORDS[8:], "held_out")):
+        rows = ["text,label"] + [" ".join([*rng.choice(FILLER, 3), w, *rng.choice(FILLER, 2)]) + f",{w}"
+                                 for w in words for _ in range(12)]
+        (folder / f"{name}.csv").write_text("\n".join(rows) + "\n")
+        (folder / f"{name}.yaml").write_text(
+            f"name: {name}\nmodality: text\ndescription: keywords among filler words, for the CUDA test\n"
+            f"role: {role}\nsource: {{format: csv, path: {folder / name}.csv}}\ninput_field: text\n"
+            "label_field: label\nsplits: {by: examples, sizes: {train: 6, test: 6}, seed: 0}\n")
+    return folder
+
+
+def test_text_train_and_select_on_cuda(tmp_path, run_cli):
+    """The text path on the GPU: meta-training over a frozen transformer's embeddings, then ``adapt
+    --select`` with every layer fine-tuned and token matching, saved and answering as on the CPU."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the other tests' float64 is for exact gradients
+    try:
+        text_train_and_select(tmp_path, run_cli)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def text_train_and_select(tmp_path: Path, run_cli) -> None:
+    from mtl.data.registry import Registry
+    from mtl.run.adapted import AdaptedModel
+
+    (tmp_path / "tasks").mkdir()
+    tasks, encoder = synthetic_text_tasks(tmp_path / "tasks"), tiny_text_encoder(tmp_path / "bert")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: maml\ntasks: [synth-text-train]\nval_tasks: [synth-text-train]\nways: 4\nshots: 2\n"
+                      f"queries: 2\nmeta_batch: 2\niterations: 4\nval_every: 2\nval_episodes: 2\n"
+                      f"inner: {{steps: 1, head_init: proto}}\nmodel: {{trunk: [16], text_encoder: '{encoder}'}}\n")
+    code, _, err = run_cli("train", "--config", recipe, "--out", tmp_path / "run", "--device", DEVICE,
+                           "--tasks-dir", tasks)
+    assert code == 0, err
+    code, _, err = run_cli("adapt", "--task", "synth-text-new", "--checkpoint", tmp_path / "run", "--shots", 4,
+                           "--select", "--encoder-layers", "all", "--encoder-epochs", 2, "--device", DEVICE,
+                           "--tasks-dir", tasks, "--out", tmp_path / "m")
+    assert code == 0, err
+    gpu, cpu = AdaptedModel.load(tmp_path / "m", DEVICE), AdaptedModel.load(tmp_path / "m", "cpu")
+    task = Registry(dirs=[tasks]).load("synth-text-new")
+    x, truth = task.test.inputs, np.asarray(task.classes)[task.test.labels]
+    assert gpu.device.type == DEVICE and (gpu.predict(x) == cpu.predict(x)).mean() > 0.95
+    assert (gpu.predict(x) == truth).mean() > 0.5  # 4-way: chance is 0.25
