@@ -80,3 +80,13 @@ def test_an_untrained_learner_with_nothing_to_train_adapts():
     assert not list(learner.parameters())
     model = adapt(learner, "clinc150-work", shots=2)
     assert model.meta["test_accuracy"] > 0.5  # 15 intents: chance is 0.07
+
+
+def test_a_head_lands_on_the_device_of_a_model_without_parameters():
+    """A frozen encoder with no trunk (the probe's body) has no parameters; its head must still follow
+    ``.to()`` (on a GPU it did not, and ``--select``'s probe answered from the CPU: a device mismatch)."""
+    from mtl.run.adapted import plain_model
+
+    model = plain_model("minilm", "cpu")
+    assert not list(model.parameters())
+    assert model.to("meta").add_head("new", 3).weight.device.type == "meta"

@@ -76,6 +76,9 @@ class MultiTaskModel(nn.Module):
                            "set `model.projection` to map every modality to one width")
         self.trunk, self.feature_dim = mlp(next(iter(dims.values())), config.trunk)
         self.heads = nn.ModuleDict()
+        # an empty buffer that moves with .to(): a model of a frozen encoder alone (adapt --select's probe) has no
+        # parameters, and a head added to it must still land on its device
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     def features(self, x: Tensor | Sequence[str] | TokenStates, modality: str) -> Tensor:
         return self.from_encoding(self.encoders[modality](x), modality)
@@ -98,7 +101,7 @@ class MultiTaskModel(nn.Module):
     def add_head(self, task: str, classes: int, kind: str = "linear") -> nn.Linear:
         """A zero head for ``task``: ``linear``, or ``cosine`` (:class:`~mtl.models.heads.CosineLinear`)."""
         head = make_head(kind, self.feature_dim, classes)
-        self.heads[head_key(task)] = head.to(next(self.parameters(), torch.empty(0)).device)
+        self.heads[head_key(task)] = head.to(self.anchor.device)
         return head
 
 

@@ -18,7 +18,6 @@ noise.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import warnings
 from collections.abc import Callable
@@ -121,9 +120,9 @@ def finetuned_probs(texts: list[str], ys: np.ndarray, classes: int, queries: lis
 def model_features(model: MultiTaskModel, texts: list[str]) -> torch.Tensor:
     from mtl.run.adapted import model_inputs
 
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device  # a frozen
-    with torch.no_grad():  # encoder without trunk or head has no parameters
-        return model.features(model_inputs(np.asarray(texts, dtype=np.str_), model, "text", device), "text").float()
+    with torch.no_grad():
+        return model.features(model_inputs(np.asarray(texts, dtype=np.str_), model, "text", model.anchor.device),
+                              "text").float()
 
 
 def cross_validate(name: str, build: Callable[[list[str], np.ndarray], MultiTaskModel], texts: list[str],
