@@ -113,6 +113,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               unknown: Annotated[str | None, typer.Option(
                   help="A task of inputs that fit no class (clinc150-oos): report out-of-scope recall, "
                        "precision and AUROC on its test split.")] = None,
+              unlabeled: Annotated[Path | None, typer.Option(
+                  help="Text: a .txt file of unlabeled texts, one per line (the inputs you expect); the adapted "
+                       "model labels them and a probe trained on its confident answers joins it.")] = None,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Fine-tune a learned initialization on a few labelled examples of a task and save it.
 
@@ -125,12 +128,12 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, encoder_lr=encoder_lr, seed=seed,
                   device=device, out=out_dir,
                   registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
-                  none=none_label, unknown=unknown, select=select,
+                  none=none_label, unknown=unknown, select=select, unlabeled=unlabeled,
                   **({} if reject_rate is None else {"reject_rate": reject_rate}))
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
                                             "test_examples", "test_ece", "test_ece_uncalibrated", "calibration",
-                                            "rejection", "open_set", "choice", "seconds")}}
+                                            "rejection", "open_set", "choice", "self_training", "seconds")}}
     if as_json:
         _print_json(result)
         return
@@ -148,6 +151,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                "probe+finetune+tokens": f"the pretrained encoder fine-tuned, probed and token-matched, answering "
                                         f"together ({shares}; {choice.get('weights_by')})"}[choice["method"]]
         how += ", the class names as one more example each" if choice.get("label_names") else ""
+    if st := m.meta.get("self_training"):
+        how += (f", with a probe self-trained on {st['pseudo_labelled']} of {st['unlabeled']} unlabeled texts it "
+                f"labelled (share {st['share']:.2f})")
     if choice and "accuracy" in choice:
         why = f"chosen by {choice['by']}: " + ", ".join(f"{k} {v:.3f}" for k, v in choice["accuracy"].items())
     cal, rej = m.meta["calibration"], m.meta["rejection"]

@@ -11,9 +11,9 @@ set, fit, score on the task's test split, save.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,7 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     ``encoder_layers`` > 0 (text), the top layers of the text encoder are then fine-tuned with the
     trunk and head. The probabilities are then calibrated and a rejection threshold chosen on the support
     set (:func:`calibrate`)."""
-    # a held encoder has buffers only; a frozen encoder with no trunk, nothing at all
-    device = next(itertools.chain(learner.parameters(), learner.buffers()), torch.empty(0)).device
+    device = learner.model.anchor.device  # a frozen encoder with no trunk has no parameters
     modality = support.modality
     if modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {modality} encoder (trained on {', '.join(learner.model.encoders)} "
@@ -179,7 +178,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
           encoder_lr: float | None = None, seed: int = 0, device: str | torch.device = "auto",
           out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "distance",
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
-          unknown: str | Task | None = None, select: bool = False) -> AdaptedModel:
+          unknown: str | Task | None = None, select: bool = False,
+          unlabeled: Path | str | Sequence[str] | None = None) -> AdaptedModel:
     """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
 
     ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
@@ -193,7 +193,9 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     report on them and the known test examples goes to ``meta["open_set"]``. ``select`` (text): the
     meta-learned initialization, a linear probe or plain fine-tuning of the pretrained encoder
     (``encoder_epochs``, ``encoder_lr``: default :func:`encoder_lr_for`), by cross-validation on the support set
-    (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``.
+    (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``. ``unlabeled`` (text):
+    texts without labels (or a ``.txt`` file of them, one per line) that the adapted model labels for a
+    self-trained probe answering beside it (:mod:`mtl.run.self_training`; ``meta["self_training"]``).
     """
     t0 = time.perf_counter()
     if shots < 1:
@@ -241,6 +243,10 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         from mtl.run.alternatives import select as choose_method
 
         model = choose_method(model, learner, support, encoder_epochs, encoder_lr, seed, reject_by, reject_rate, none)
+    if unlabeled is not None:
+        from mtl.run.self_training import read_unlabeled, self_train
+
+        model = self_train(model, support, read_unlabeled(unlabeled), seed)
     model.meta.update(score_on_task(model, loaded) if loaded is not None else
                       {"test_accuracy": None, "test_ci95": None, "test_examples": 0})
     if reject_below is not None:

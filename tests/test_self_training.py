@@ -1,0 +1,59 @@
+"""``adapt --unlabeled``: the adapted model labels unlabeled texts, and a probe fitted to its confident
+answers joins it (mtl.run.self_training)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from mtl.data.registry import Registry
+from mtl.run.adapted import AdaptedModel
+from mtl.run.self_training import FRACTION, SHARE, pseudo_labels
+from tests.conftest import write
+from tests.test_cli_model import image_run, text_run  # noqa: F401  (module-scoped training runs)
+
+
+def test_pseudo_labels_keep_each_class_most_confident_up_to_its_share():
+    logits = np.array([[5.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 3.0],
+                       [0.0, 2.0]])
+    rows, labels = pseudo_labels(logits, fraction=0.5)  # 8 rows, 2 classes: at most 2 of each
+    assert rows.tolist() == [0, 1, 6, 7] and labels.tolist() == [0, 0, 1, 1]
+    rows, labels = pseudo_labels(logits, fraction=1.0)  # 4 of each: class 1 has only 3 answers
+    assert sorted(rows.tolist()) == [0, 1, 2, 3, 5, 6, 7] and np.bincount(labels).tolist() == [4, 3]
+
+
+def test_adapt_with_unlabeled_texts(text_run, tmp_path, run_cli):  # noqa: F811
+    task = Registry().load("clinc150-work")
+    texts = task.train.inputs[np.random.default_rng(0).permutation(len(task.train.inputs))[:600]]
+    pool = write(tmp_path / "unlabeled.txt", "\n".join(texts.tolist()) + "\n")
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3,
+                             "--out", tmp_path / "plain", "--json")
+    assert code == 0, err
+    before = json.loads(out)["test_accuracy"]
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3,
+                             "--unlabeled", pool, "--out", tmp_path / "m", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    st = result["self_training"]
+    # the support set and repeated texts are left out; of each class at most FRACTION of an even split
+    assert 550 <= st["unlabeled"] < 600 and st["per_class"] <= round(FRACTION * st["unlabeled"] / 15)
+    assert st["pseudo_labelled"] >= 0.7 * FRACTION * st["unlabeled"] and st["share"] == SHARE
+    assert result["test_accuracy"] > before - 0.02  # 15 intents, 3 shots: the probe on ~300 more texts helps
+    saved = AdaptedModel.load(tmp_path / "m")
+    assert saved.meta["probe"]["weight"] == SHARE and saved.frozen is not None
+    x = task.test.inputs[:40]
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", *x.tolist())
+    assert code == 0, err
+    assert [p["label"] for p in json.loads(out)["predictions"]] == saved.predict(x).tolist()
+
+
+def test_unlabeled_errors_are_one_line(text_run, image_run, tmp_path, run_cli):  # noqa: F811
+    cases = [(text_run, "clinc150-work", tmp_path / "missing.txt", "no such file"),
+             (text_run, "clinc150-work", write(tmp_path / "few.txt", "hello\nthere\n"), "fewer than the 15 classes"),
+             (image_run, "mnist", write(tmp_path / "some.txt", "a\nb\n"), "this task has images")]
+    for run, task, pool, message in cases:
+        code, _, err = run_cli("adapt", "--task", task, "--checkpoint", run, "--shots", 2, "--unlabeled", pool,
+                               "--out", tmp_path / "x")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
