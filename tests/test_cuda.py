@@ -5,7 +5,9 @@ predictions."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,33 +54,45 @@ def synthetic_tasks(folder: Path) -> Path:
     return folder
 
 
-def test_train_adapt_predict_on_cuda(tmp_path, run_cli):
-    from mtl.data.registry import Registry
-    from mtl.run.adapted import AdaptedModel
-
+@contextlib.contextmanager
+def float32() -> Iterator[None]:
+    """The product's default precision (the gradient tests above run in float64)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        (tmp_path / "tasks").mkdir()
-        tasks = synthetic_tasks(tmp_path / "tasks")
-        recipe = tmp_path / "recipe.yaml"
-        recipe.write_text("method: maml\ntasks: [synth-train]\nval_tasks: [synth-train]\nways: 5\nshots: 1\n"
-                          "queries: 3\nmeta_batch: 4\niterations: 6\nval_every: 3\nval_episodes: 4\n"
-                          "inner: {steps: 2, lr: 0.4, recompute: true}\nmodel: {image_encoder: conv4}\n"
-                          "precision: bf16\n")
-        code, _, err = run_cli("train", "--config", recipe, "--out", tmp_path / "run", "--device", DEVICE,
-                               "--tasks-dir", tasks)
-        assert code == 0, err
-        code, _, err = run_cli("adapt", "--task", "synth-new", "--checkpoint", tmp_path / "run", "--shots", 3,
-                               "--device", DEVICE, "--tasks-dir", tasks, "--out", tmp_path / "m")
-        assert code == 0, err
-        gpu, cpu = AdaptedModel.load(tmp_path / "m", DEVICE), AdaptedModel.load(tmp_path / "m", "cpu")
-        test = Registry(dirs=[tasks]).load("synth-new")
-        x, truth = test.test.inputs, np.asarray(test.classes)[test.test.labels]
-        assert gpu.device.type == DEVICE and (gpu.predict(x) == cpu.predict(x)).mean() > 0.95
-        assert (gpu.predict(x) == truth).mean() > 0.5  # 5-way: chance is 0.2
+        yield
     finally:
         torch.set_default_dtype(old)
+
+
+def train_adapt_predict(tmp_path: Path, run_cli, tasks: Path, recipe: str, new: str, *adapt: object) -> None:
+    """``train`` and ``adapt`` (with ``adapt``'s extra options) with ``--device`` DEVICE; the saved model,
+    loaded on DEVICE and on the CPU, answers the same, and above chance."""
+    from mtl.data.registry import Registry
+    from mtl.run.adapted import AdaptedModel
+
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    code, _, err = run_cli("train", "--config", tmp_path / "recipe.yaml", "--out", tmp_path / "run", "--device",
+                           DEVICE, "--tasks-dir", tasks)
+    assert code == 0, err
+    code, _, err = run_cli("adapt", "--task", new, "--checkpoint", tmp_path / "run", *adapt, "--device", DEVICE,
+                           "--tasks-dir", tasks, "--out", tmp_path / "m")
+    assert code == 0, err
+    gpu, cpu = AdaptedModel.load(tmp_path / "m", DEVICE), AdaptedModel.load(tmp_path / "m", "cpu")
+    task = Registry(dirs=[tasks]).load(new)
+    x, truth = task.test.inputs, np.asarray(task.classes)[task.test.labels]
+    assert gpu.device.type == DEVICE and (gpu.predict(x) == cpu.predict(x)).mean() > 0.95
+    assert (gpu.predict(x) == truth).mean() > 0.5  # 4 or 5 classes: chance is 0.25 or less
+
+
+def test_train_adapt_predict_on_cuda(tmp_path, run_cli):
+    (tmp_path / "tasks").mkdir()
+    with float32():
+        train_adapt_predict(tmp_path, run_cli, synthetic_tasks(tmp_path / "tasks"),
+                            "method: maml\ntasks: [synth-train]\nval_tasks: [synth-train]\nways: 5\nshots: 1\n"
+                            "queries: 3\nmeta_batch: 4\niterations: 6\nval_every: 3\nval_episodes: 4\n"
+                            "inner: {steps: 2, lr: 0.4, recompute: true}\nmodel: {image_encoder: conv4}\n"
+                            "precision: bf16\n", "synth-new", "--shots", 3)
 
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"]
@@ -121,33 +135,12 @@ def synthetic_text_tasks(folder: Path) -> Path:
 def test_text_train_and_select_on_cuda(tmp_path, run_cli):
     """The text path on the GPU: meta-training over a frozen transformer's embeddings, then ``adapt
     --select`` with every layer fine-tuned and token matching, saved and answering as on the CPU."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # the other tests' float64 is for exact gradients
-    try:
-        text_train_and_select(tmp_path, run_cli)
-    finally:
-        torch.set_default_dtype(old)
-
-
-def text_train_and_select(tmp_path: Path, run_cli) -> None:
-    from mtl.data.registry import Registry
-    from mtl.run.adapted import AdaptedModel
-
     (tmp_path / "tasks").mkdir()
-    tasks, encoder = synthetic_text_tasks(tmp_path / "tasks"), tiny_text_encoder(tmp_path / "bert")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("method: maml\ntasks: [synth-text-train]\nval_tasks: [synth-text-train]\nways: 4\nshots: 2\n"
-                      f"queries: 2\nmeta_batch: 2\niterations: 4\nval_every: 2\nval_episodes: 2\n"
-                      f"inner: {{steps: 1, head_init: proto}}\nmodel: {{trunk: [16], text_encoder: '{encoder}'}}\n")
-    code, _, err = run_cli("train", "--config", recipe, "--out", tmp_path / "run", "--device", DEVICE,
-                           "--tasks-dir", tasks)
-    assert code == 0, err
-    code, _, err = run_cli("adapt", "--task", "synth-text-new", "--checkpoint", tmp_path / "run", "--shots", 4,
-                           "--select", "--encoder-layers", "all", "--encoder-epochs", 2, "--device", DEVICE,
-                           "--tasks-dir", tasks, "--out", tmp_path / "m")
-    assert code == 0, err
-    gpu, cpu = AdaptedModel.load(tmp_path / "m", DEVICE), AdaptedModel.load(tmp_path / "m", "cpu")
-    task = Registry(dirs=[tasks]).load("synth-text-new")
-    x, truth = task.test.inputs, np.asarray(task.classes)[task.test.labels]
-    assert gpu.device.type == DEVICE and (gpu.predict(x) == cpu.predict(x)).mean() > 0.95
-    assert (gpu.predict(x) == truth).mean() > 0.5  # 4-way: chance is 0.25
+    with float32():
+        encoder = tiny_text_encoder(tmp_path / "bert")
+        train_adapt_predict(tmp_path, run_cli, synthetic_text_tasks(tmp_path / "tasks"),
+                            "method: maml\ntasks: [synth-text-train]\nval_tasks: [synth-text-train]\nways: 4\n"
+                            "shots: 2\nqueries: 2\nmeta_batch: 2\niterations: 4\nval_every: 2\nval_episodes: 2\n"
+                            "inner: {steps: 1, head_init: proto}\n"
+                            f"model: {{trunk: [16], text_encoder: '{encoder}'}}\n", "synth-text-new",
+                            "--shots", 4, "--select", "--encoder-layers", "all", "--encoder-epochs", 2)
