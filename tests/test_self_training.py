@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from mtl.data.registry import Registry
-from mtl.run.adapted import AdaptedModel
+from mtl.run.adapted import HEAD, AdaptedModel
 from mtl.run.self_training import FRACTION, SHARE, pseudo_labels
 from tests.conftest import write
 from tests.test_cli_model import image_run, text_run  # noqa: F401  (module-scoped training runs)
@@ -57,3 +57,26 @@ def test_unlabeled_errors_are_one_line(text_run, image_run, tmp_path, run_cli): 
                                "--out", tmp_path / "x")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
+
+
+def test_a_probe_alone_is_refitted_in_place():
+    """Where ``--select`` chose the linear probe alone, the model is that probe: its head is refitted on the
+    support set and its confident answers, with no second voice."""
+    import torch
+
+    from mtl.run.alternatives import probe
+    from mtl.run.self_training import self_train
+    from mtl.run.support import support_from_task
+
+    task = Registry().load("clinc150-work")
+    support = support_from_task(task, 3, 0)
+    k = len(support.classes)
+    model = AdaptedModel(probe(support.inputs.tolist(), np.asarray(support.labels), k, "minilm", torch.device("cpu")),
+                         {"classes": support.classes, "modality": "text", "algorithm": "linear_probe"})
+    before = model.model.heads[HEAD].weight.detach().clone()
+    x, truth = task.test.inputs, np.asarray([support.classes.index(task.classes[c]) for c in task.test.labels])
+    acc_before = float((model.predict_ids(x) == truth).mean())
+    self_train(model, support, task.train.inputs.tolist())
+    assert model.meta["self_training"]["share"] == 1.0 and "probe" not in model.meta and model.frozen is None
+    assert not torch.equal(before, model.model.heads[HEAD].weight)
+    assert float((model.predict_ids(x) == truth).mean()) > acc_before  # 3 shots: ~1,400 more examples help
