@@ -151,18 +151,18 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                "probe+finetune+tokens": f"the pretrained encoder fine-tuned, probed and token-matched, answering "
                                         f"together ({shares}; {choice.get('weights_by')})"}[choice["method"]]
         how += ", the class names as one more example each" if choice.get("label_names") else ""
-    if st := m.meta.get("self_training"):
-        how += (f", with a probe self-trained on {st['pseudo_labelled']} of {st['unlabeled']} unlabeled texts it "
-                f"labelled (share {st['share']:.2f})")
     if choice and "accuracy" in choice:
         why = f"chosen by {choice['by']}: " + ", ".join(f"{k} {v:.3f}" for k, v in choice["accuracy"].items())
+    st = m.meta.get("self_training")
+    self_trained = (f"; then a probe self-trained on {st['pseudo_labelled']} of {st['unlabeled']} unlabeled texts it "
+                    f"labelled, answering beside it (share {st['share']:.2f})" if st else "")
     cal, rej = m.meta["calibration"], m.meta["rejection"]
     ece = (f"; ECE {m.meta['test_ece']:.3f} (uncalibrated {m.meta['test_ece_uncalibrated']:.3f})"
            if m.meta.get("test_ece") is not None else "")
     on = " on the pretrained encoder" if rej.get("reads") == "frozen" else ""
     refuse = (f"answers '{rej['none']}' below {rej['score']}{on} {rej['threshold']:.3f} ({rej['by']})"
               if rej["threshold"] is not None else f"never answers '{rej['none']}' ({rej['by']})")
-    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}); "
+    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}){self_trained}; "
               f"{acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; saved {out_dir} "
               f"({m.meta['seconds']:.2f} s)", highlight=False)
     if m.meta.get("modality") == "text" and not select and layer_count(encoder_layers) == 0:
