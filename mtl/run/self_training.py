@@ -27,6 +27,7 @@ import numpy as np
 from mtl.errors import MtlError
 from mtl.run.adapted import HEAD, AdaptedModel, plain_model
 from mtl.run.alternatives import model_features, with_linear_head
+from mtl.run.calibration import softmax
 from mtl.run.label_text import descriptive, with_names
 from mtl.run.support import Support
 
@@ -54,8 +55,7 @@ def pseudo_labels(logits: np.ndarray, fraction: float = FRACTION) -> tuple[np.nd
     """(rows, labels) of the most confident answers of each class, at most ``fraction`` x rows / classes of
     each: a class the model answers often does not crowd out the others."""
     classes = logits.shape[1]
-    z = logits - logits.max(1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    probs = softmax(logits)
     answer, confidence = probs.argmax(1), probs.max(1)
     cap = max(1, round(fraction * len(logits) / classes))
     rows = [np.flatnonzero(answer == c)[np.argsort(-confidence[answer == c], kind="stable")[:cap]]
