@@ -12,7 +12,7 @@ and one round, the most confident three quarters, and a share of 0.4 (7 of 17 ag
 3 of 13): 91.22% against 90.44% for ``--select`` alone, ahead on each of the six tasks (by 0.5 to 1.3
 points, means of 3 support draws).
 
-The temperature and the rejection threshold stay as cross-validation on the support set set them:
+The temperature and the rejection threshold stay as the support set's cross-validation set them:
 pseudo-labels are not ground truth to calibrate on.
 """
 
