@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""What unlabeled texts add to ``adapt --select``: each task's train split, labels dropped, as the
-unlabeled texts of ``adapt --unlabeled`` (mtl.run.self_training), against the same adaptation without
-them. All classes, K shots per class from the train split, the whole test split, support draws 0..S-1.
+"""What unlabeled inputs add to ``adapt`` (``adapt --select`` for text): each task's train split, labels
+dropped, as the unlabeled inputs of ``adapt --unlabeled`` (mtl.run.self_training), against the same
+adaptation without them. All classes, K shots per class from the train split, the whole test split,
+support draws 0..S-1.
 
 This is semi-supervised: the few-shot figures elsewhere (docs/BENCHMARKS.md) use the labelled
 examples alone, and published few-shot results mostly do too.
 
     python cli.py train --config configs/clinc150.yaml --out runs/clinc
     python benchmarks/self_training.py --checkpoint runs/clinc --tasks banking77:10,banking77:5 --seeds 3
+    python cli.py train --config configs/quickstart.yaml --out runs/quickstart
+    python benchmarks/self_training.py --checkpoint runs/quickstart --tasks mnist:5,olivetti:3 --seeds 3
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from mtl.run.support import support_from_task
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a text run folder of cli.py train")
+    p.add_argument("--checkpoint", required=True, help="a run folder of cli.py train")
     p.add_argument("--tasks", default="banking77:10", help="comma-separated task:shots")
     p.add_argument("--seeds", type=int, default=3)
     a = p.parse_args()
@@ -38,26 +41,25 @@ def main() -> None:
     for item in a.tasks.split(","):
         name, shots = item.split(":")
         task = registry.load(name)
-        pool = task.train.inputs.tolist()
-        runs: dict[str, list[float]] = {"select": [], "select+unlabeled": []}
+        base = "select" if task.modality == "text" else "adapt"
+        runs: dict[str, list[float]] = {base: [], f"{base}+unlabeled": []}
         for seed in range(a.seeds):
             t0 = time.perf_counter()
-            model = adapt(a.checkpoint, task, shots=int(shots), seed=seed, select=True, device="cpu")
+            model = adapt(a.checkpoint, task, shots=int(shots), seed=seed, select=base == "select", device="cpu")
             t1 = time.perf_counter()
-            runs["select"].append(model.meta["test_accuracy"])
-            model = self_train(model, support_from_task(task, int(shots), seed), pool, seed)
+            runs[base].append(model.meta["test_accuracy"])
+            model = self_train(model, support_from_task(task, int(shots), seed), task.train.inputs, seed)
             t2 = time.perf_counter()
-            runs["select+unlabeled"].append(score_on_task(model, task)["test_accuracy"])
+            runs[f"{base}+unlabeled"].append(score_on_task(model, task)["test_accuracy"])
             print(json.dumps({"task": name, "shots": int(shots), "seed": seed,
-                              "select": round(100 * runs["select"][-1], 2),
-                              "select+unlabeled": round(100 * runs["select+unlabeled"][-1], 2),
+                              **{k: round(100 * v[-1], 2) for k, v in runs.items()},
                               "self_training": model.meta["self_training"], "adapt_seconds": round(t1 - t0, 1),
                               "self_training_seconds": round(t2 - t1, 1)}), flush=True)
         for method, accs in runs.items():
             mean, ci = mean_ci(accs)
             summary.append({"task": name, "shots": int(shots), "method": method, "mean": round(100 * mean, 2),
                             "ci95": round(100 * ci, 2), "runs": [round(100 * x, 2) for x in accs]})
-        gain = np.subtract(runs["select+unlabeled"], runs["select"])
+        gain = np.subtract(runs[f"{base}+unlabeled"], runs[base])
         summary.append({"task": name, "shots": int(shots), "method": "gain (points)",
                         "mean": round(100 * float(gain.mean()), 2), "runs": [round(100 * g, 2) for g in gain]})
     print(json.dumps({"cpu": cpu_name(), "checkpoint": a.checkpoint, "results": summary}, indent=1))

@@ -1,5 +1,5 @@
-"""``adapt --unlabeled``: the adapted model labels unlabeled texts, and a probe fitted to its confident
-answers joins it (mtl.run.self_training)."""
+"""``adapt --unlabeled``: the adapted model labels unlabeled inputs, and a linear classifier fitted to its
+confident answers joins it (texts) or replaces its head (images) (mtl.run.self_training)."""
 
 from __future__ import annotations
 
@@ -51,12 +51,44 @@ def test_adapt_with_unlabeled_texts(text_run, tmp_path, run_cli):  # noqa: F811
 def test_unlabeled_errors_are_one_line(text_run, image_run, tmp_path, run_cli):  # noqa: F811
     cases = [(text_run, "clinc150-work", tmp_path / "missing.txt", "no such file"),
              (text_run, "clinc150-work", write(tmp_path / "few.txt", "hello\nthere\n"), "fewer than the 15 classes"),
-             (image_run, "mnist", write(tmp_path / "some.txt", "a\nb\n"), "this task has images")]
+             (image_run, "mnist", write(tmp_path / "some.txt", "a\nb\n"), "image a cannot be read"),
+             (image_run, "mnist", tmp_path / "nothing", "no such file or folder")]
     for run, task, pool, message in cases:
         code, _, err = run_cli("adapt", "--task", task, "--checkpoint", run, "--shots", 2, "--unlabeled", pool,
                                "--out", tmp_path / "x")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
+
+def test_adapt_with_unlabeled_images(image_run, tmp_path, run_cli):  # noqa: F811
+    """A folder of unlabeled MNIST digits: the model's head is refitted on its features of the support set
+    and of its confident answers; the temperature comes from folds of the labelled examples."""
+    from PIL import Image
+
+    task = Registry().load("mnist")
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    for i in np.random.default_rng(0).permutation(len(task.train.inputs))[:500]:
+        Image.fromarray(task.train.inputs[i]).save(folder / f"{i}.png")
+    args = ("adapt", "--task", "mnist", "--checkpoint", image_run, "--shots", 3, "--json")
+    code, out, err = run_cli(*args, "--out", tmp_path / "plain")
+    assert code == 0, err
+    before = json.loads(out)
+    code, out, err = run_cli(*args, "--unlabeled", folder, "--out", tmp_path / "m")
+    assert code == 0, err
+    result = json.loads(out)
+    st = result["self_training"]
+    assert 490 <= st["unlabeled"] <= 500 and st["share"] == 1.0 and st["per_class"] <= round(FRACTION * 50)
+    assert st["pseudo_labelled"] >= 0.5 * FRACTION * st["unlabeled"]
+    assert result["test_accuracy"] > before["test_accuracy"]  # 10 digits, 3 shots: ~300 more examples help
+    assert result["calibration"]["by"] == "3-fold cross-validation on the support set"
+    assert result["rejection"] == before["rejection"]  # the distance score reads the same features
+    saved = AdaptedModel.load(tmp_path / "m")
+    assert saved.meta["head"] == "linear" and saved.meta["self_training"] == st
+    pngs = sorted(folder.iterdir())[:20]
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", *pngs)
+    assert code == 0, err
+    images = saved.load_inputs([str(p) for p in pngs])[0]
+    assert [p["label"] for p in json.loads(out)["predictions"]] == saved.predict(images).tolist()
 
 
 def test_a_probe_alone_is_refitted_in_place():

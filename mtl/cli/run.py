@@ -114,8 +114,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   help="A task of inputs that fit no class (clinc150-oos): report out-of-scope recall, "
                        "precision and AUROC on its test split.")] = None,
               unlabeled: Annotated[Path | None, typer.Option(
-                  help="Text: a .txt file of unlabeled texts, one per line (the inputs you expect); the adapted "
-                       "model labels them and a probe trained on its confident answers joins it.")] = None,
+                  help="Unlabeled inputs like those you expect: a .txt file of texts, one per line, or a folder "
+                       "of images; the adapted model labels them and a linear classifier trained on its confident "
+                       "answers joins it (text) or replaces its head (images).")] = None,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Fine-tune a learned initialization on a few labelled examples of a task and save it.
 
@@ -154,8 +155,11 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     if choice and "accuracy" in choice:
         why = f"chosen by {choice['by']}: " + ", ".join(f"{k} {v:.3f}" for k, v in choice["accuracy"].items())
     st = m.meta.get("self_training")
-    self_trained = (f"; then a probe self-trained on {st['pseudo_labelled']} of {st['unlabeled']} unlabeled texts it "
-                    f"labelled, answering beside it (share {st['share']:.2f})" if st else "")
+    self_trained = "" if not st else (
+        f"; then a probe self-trained on {st['pseudo_labelled']} of {st['unlabeled']} unlabeled texts it labelled, "
+        f"answering beside it (share {st['share']:.2f})" if m.meta["modality"] == "text" else
+        f"; then its head refitted on its features of the labelled images and {st['pseudo_labelled']} of "
+        f"{st['unlabeled']} unlabeled images it labelled")
     cal, rej = m.meta["calibration"], m.meta["rejection"]
     ece = (f"; ECE {m.meta['test_ece']:.3f} (uncalibrated {m.meta['test_ece_uncalibrated']:.3f})"
            if m.meta.get("test_ece") is not None else "")

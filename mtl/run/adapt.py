@@ -193,9 +193,10 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     report on them and the known test examples goes to ``meta["open_set"]``. ``select`` (text): the
     meta-learned initialization, a linear probe or plain fine-tuning of the pretrained encoder
     (``encoder_epochs``, ``encoder_lr``: default :func:`encoder_lr_for`), by cross-validation on the support set
-    (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``. ``unlabeled`` (text):
-    texts without labels (or a ``.txt`` file of them, one per line) that the adapted model labels for a
-    self-trained probe answering beside it (:mod:`mtl.run.self_training`; ``meta["self_training"]``).
+    (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``. ``unlabeled``: inputs
+    without labels (texts or a ``.txt`` file of them, one per line; images, a folder of them or a ``.txt``
+    file of their paths) that the adapted model labels for a self-trained linear classifier: for text a
+    probe answering beside it, for images its new head (:mod:`mtl.run.self_training`; ``meta["self_training"]``).
     """
     t0 = time.perf_counter()
     if shots < 1:
@@ -244,9 +245,9 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
 
         model = choose_method(model, learner, support, encoder_epochs, encoder_lr, seed, reject_by, reject_rate, none)
     if unlabeled is not None:
-        from mtl.run.self_training import read_unlabeled, self_train
+        from mtl.run.self_training import self_train
 
-        model = self_train(model, support, read_unlabeled(unlabeled), seed)
+        model = self_train(model, support, unlabeled, seed, reject_rate)
     model.meta.update(score_on_task(model, loaded) if loaded is not None else
                       {"test_accuracy": None, "test_ci95": None, "test_examples": 0})
     if reject_below is not None:
