@@ -34,8 +34,9 @@ from text_encoders import known_test, test_logits
 from mtl.data.embeddings import token_states
 from mtl.data.registry import Registry
 from mtl.device import cpu_name
+from mtl.models.heads import linear_fit
 from mtl.run.adapted import AdaptedModel
-from mtl.run.alternatives import finetune, linear_fit, probe, tuned_tokens
+from mtl.run.alternatives import finetune, probe, tuned_tokens
 from mtl.run.label_text import descriptive, with_names
 from mtl.run.mixing import FIXED
 from mtl.run.support import support_from_task

@@ -28,8 +28,9 @@ from text_encoders import known_test
 
 from mtl.data.embeddings import embed_texts
 from mtl.data.registry import Registry
+from mtl.models.heads import linear_fit
 from mtl.run.adapted import AdaptedModel, mixed_logits
-from mtl.run.alternatives import finetune, linear_fit
+from mtl.run.alternatives import finetune
 from mtl.run.label_text import with_names
 from mtl.run.self_training import pseudo_labels
 from mtl.run.support import support_from_task

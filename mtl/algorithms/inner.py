@@ -41,6 +41,7 @@ from mtl.models import (
     step_statistics,
     support_statistics,
 )
+from mtl.models.heads import logistic_head
 
 if TYPE_CHECKING:
     from mtl.data.stream import EpisodeStream
@@ -217,7 +218,8 @@ class Algorithm(nn.Module):
     def init_head(self, b: TaskBatch, params: dict[str, Tensor], encoded: Tensor | None = None,
                   head_init: str | None = None) -> tuple[Tensor, Tensor]:
         """A new task's head: the learned one of a training task, the support set's prototypes
-        (Proto-MAML), or zero."""
+        (Proto-MAML), logistic regression on the support set's features (``logistic``: adaptation only,
+        no gradient reaches the body through it), or zero."""
         ways = b.ways
         dim = self.model.feature_dim
         key = head_key(b.task)
@@ -225,11 +227,14 @@ class Algorithm(nn.Module):
         if head_init == "learned" and key in self.model.heads and self.model.heads[key].out_features == ways:
             head = self.model.heads[key]
             return head.weight, head.bias
-        if head_init == "proto":
+        if head_init in ("proto", "logistic"):
             if encoded is None:
                 feats = self.episode_features(params, b.xs, b.modality, 0, None)
             else:
                 feats = self.episode_features(params, encoded, b.modality, 0, None, encoded=True)
+            if head_init == "logistic":
+                w, bias = logistic_head(feats, b.ys, ways)
+                return w.requires_grad_(), bias.requires_grad_()
             protos = torch.zeros(ways, dim, device=feats.device, dtype=feats.dtype).index_add(0, b.ys, feats)
             protos = protos / torch.bincount(b.ys, minlength=ways).clamp_min(1).unsqueeze(1).to(feats.dtype)
             return self.head_from_prototypes(protos)

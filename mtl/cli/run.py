@@ -89,7 +89,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               lr: Annotated[float | None, typer.Option(help="Step size (default: the learned ones).")] = None,
               examples: Annotated[Path | None, typer.Option(
                   help="Your labelled examples: CSV/JSONL with text,label, or a folder label/image.")] = None,
-              head_init: Annotated[str | None, typer.Option(help="zero or proto.")] = None,
+              head_init: Annotated[str | None, typer.Option(
+                  help="zero, proto or logistic (a head fitted by logistic regression).")] = None,
               encoder_layers: Annotated[str, typer.Option(
                   help="Text tasks: then also fine-tune this many top layers of the text encoder (or all).")] = "0",
               encoder_epochs: Annotated[int | None, typer.Option(
@@ -143,6 +144,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     sel = m.meta["selection"]
     size = "the learned step size" if sel.get("lr") is None else f"step size {sel['lr']:g}"
     how = f"{sel['steps']} steps at {size}" if sel["steps"] else "no gradient steps, the initial head as it is"
+    if sel.get("head_init") == "logistic":
+        how = "a head fitted by logistic regression on its features" + (f", then {how}" if sel["steps"] else "")
     why = "as given" if sel["by"] == "given" else f"chosen by {sel['by']}"
     choice = m.meta.get("choice")
     if choice and choice["method"] != "meta-learned":

@@ -1,9 +1,18 @@
-"""Task heads: a linear layer, or a cosine-similarity classifier (Baseline++)."""
+"""Task heads: a linear layer, or a cosine-similarity classifier (Baseline++); and logistic regression,
+the linear head fitted to a support set's features in closed form rather than by inner steps."""
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# The mean feature norm features are scaled to before logistic regression (C = 1): all-MiniLM-L6-v2's
+# sentence embeddings have norm 10 here, the scale its probe was tuned at; image features vary widely.
+FEATURE_NORM = 10.0
 
 
 class CosineLinear(nn.Linear):
@@ -28,3 +37,27 @@ def make_head(kind: str, in_features: int, out_features: int) -> nn.Linear:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
+
+
+def linear_fit(x: np.ndarray, ys: np.ndarray, classes: int) -> tuple[Tensor, Tensor]:
+    """The weight and bias of logistic regression (C = 1) of ``ys`` on features ``x``, one row per class."""
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        clf = LogisticRegression(max_iter=2000, C=1.0).fit(x, ys)
+    w, b = torch.as_tensor(clf.coef_, dtype=torch.float32), torch.as_tensor(clf.intercept_, dtype=torch.float32)
+    if classes == 2:  # scikit-learn keeps one row for two classes: logit(1) - logit(0)
+        w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
+    return w, b
+
+
+def logistic_head(feats: Tensor, ys: Tensor, classes: int) -> tuple[Tensor, Tensor]:
+    """A linear head on ``feats`` (not scaled) fitted by :func:`linear_fit` at :data:`FEATURE_NORM`:
+    regularised and converged, where a few gradient steps from prototypes or zero are neither. On a model
+    meta-trained on Omniglot it gains 3-14 points over the prototypes on MNIST, Olivetti faces and
+    scikit-learn's digits (docs/BENCHMARKS.md)."""
+    x = feats.detach().float().cpu().numpy()
+    scale = FEATURE_NORM / max(float(np.linalg.norm(x, axis=1).mean()), 1e-12)
+    w, b = linear_fit(x * scale, ys.cpu().numpy(), classes)
+    return (w * scale).to(feats.device), b.to(feats.device)

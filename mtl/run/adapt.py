@@ -40,7 +40,7 @@ from mtl.run.calibration import (
 )
 from mtl.run.examples import read_examples
 from mtl.run.learner import load_learner
-from mtl.run.select import Setting, as_dict, candidates, choose, support_folds
+from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, choose, support_folds
 from mtl.run.support import Support, support_from_arrays, support_from_task
 from mtl.run.text_finetune import encoder_lr_for, layer_count, tune_text_encoder
 
@@ -50,14 +50,20 @@ log = logging.getLogger(__name__)  # progress of a long adaptation (the CLI show
 def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.Tensor, steps: int | None,
                    lr: float | None, head_init: str | None, stored: dict[str, Any] | None) -> dict[str, Any]:
     """How to adapt when the user did not say: by cross-validation on the support set when it has
-    two or more examples per class, else as chosen on meta-validation episodes at the end of
+    two or more examples per class (for images a head fitted by logistic regression unless beaten beyond
+    the folds' noise: :func:`mtl.run.select.prefer`), else as chosen on meta-validation episodes at the end of
     training (``stored``), else the recipe's; what the user gives is used as given."""
     if steps is not None or lr is not None or head_init is not None:
         s = Setting(learner.eval_steps if steps is None else steps, lr, head_init)
         return as_dict(s, "given", {})
     if support.shots >= 2:
         folds = support_folds(support.task, support.modality, xs, ys)
-        s, scores = choose(learner, folds, candidates(learner, stored))
+        options = candidates(learner, stored)
+        if support.modality == "image" and learner.head_kind == "linear":
+            # logistic regression on the features beat the algorithm's own adaptation on 12 of 14 image
+            # task settings off Omniglot (docs/BENCHMARKS.md): the default, unless beaten beyond the noise
+            options = [LOGISTIC, *options]
+        s, scores = choose(learner, folds, options)
         return as_dict(s, f"{len(folds)}-fold cross-validation on the support set", scores)
     if stored:
         return {**stored, "by": "meta-validation at the end of training"}
@@ -201,8 +207,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     t0 = time.perf_counter()
     if shots < 1:
         raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
-    if head_init not in (None, "zero", "proto"):
-        raise MtlError(f"--head-init {head_init} is unknown", "use zero or proto")
+    if head_init not in (None, "zero", "proto", "logistic"):
+        raise MtlError(f"--head-init {head_init} is unknown", "use zero, proto or logistic")
     if reject_by not in outliers.SCORES:
         raise MtlError(f"--reject-by {reject_by} is unknown", f"use one of {', '.join(outliers.SCORES)}")
     if not 0 <= reject_rate < 1:

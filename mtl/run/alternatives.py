@@ -19,7 +19,6 @@ noise.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel
+from mtl.models.heads import linear_fit
 from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits, plain_model
 from mtl.run.calibration import calibrate_from
 from mtl.run.label_text import descriptive, with_names
@@ -66,19 +66,6 @@ def probe(texts: list[str], ys: np.ndarray, classes: int, encoder: str, device: 
     texts, ys = with_names(texts, ys, names)
     model = plain_model(encoder, device)
     return with_linear_head(model, model_features(model, texts).cpu().numpy(), ys, classes)
-
-
-def linear_fit(x: np.ndarray, ys: np.ndarray, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and bias of logistic regression of ``ys`` on features ``x``, one row per class."""
-    from sklearn.linear_model import LogisticRegression
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        clf = LogisticRegression(max_iter=2000, C=1.0).fit(x, ys)
-    w, b = torch.as_tensor(clf.coef_, dtype=torch.float32), torch.as_tensor(clf.intercept_, dtype=torch.float32)
-    if classes == 2:  # scikit-learn keeps one row for two classes: logit(1) - logit(0)
-        w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
-    return w, b
 
 
 def with_linear_head(model: MultiTaskModel, x: np.ndarray, ys: np.ndarray, classes: int) -> MultiTaskModel:

@@ -35,9 +35,11 @@ class Setting:
     head_init: str | None = None
 
     def label(self) -> str:
-        return "learned" if self.lr is None else f"{self.lr:g}"
+        return "logistic" if self.head_init == "logistic" else "learned" if self.lr is None else f"{self.lr:g}"
 
     def describe(self) -> str:
+        if self.head_init == "logistic":
+            return f"a head fitted by logistic regression, then {self.steps} steps"
         return f"{self.steps} steps at {'the learned step size' if self.lr is None else f'step size {self.lr:g}'}"
 
 
@@ -52,6 +54,19 @@ def candidates(learner: Algorithm, stored: dict[str, Any] | None = None) -> list
         out.append(Setting(MORE_STEPS))
     out += [Setting(MORE_STEPS, lr) for lr in LR_GRID[1:]]
     return list(dict.fromkeys(out))
+
+
+LOGISTIC = Setting(0, None, "logistic")  # a head fitted by logistic regression (mtl.models.heads.logistic_head)
+
+
+def prefer(default: Setting, best: Setting, scores: dict[Setting, float], held_out: int) -> Setting:
+    """``best`` only where it beats ``default`` on the folds by more than one standard error of an
+    accuracy measured on ``held_out`` examples; else ``default``. A handful of held-out examples per class
+    cannot tell settings a few points apart, so a default chosen on many tasks is kept unless beaten
+    beyond that noise."""
+    p = scores[default]
+    margin = float(np.sqrt(max(p * (1 - p), 1e-4) / max(held_out, 1)))
+    return best if scores[best] - p > margin else default
 
 
 def episode_logits(learner: Algorithm, episodes: Sequence[TaskBatch], s: Setting) -> list[torch.Tensor]:
@@ -77,6 +92,8 @@ def choose(learner: Algorithm, episodes: Sequence[TaskBatch], options: Sequence[
             logits[s] = z
     options = list(scores)
     best = max(options, key=lambda s: scores[s])
+    if LOGISTIC in scores:
+        best = prefer(LOGISTIC, best, scores, sum(len(b.yq) for b in episodes))
     return best, {f"{s.steps}@{s.label()}": round(v, 4) for s, v in scores.items()}
 
 
