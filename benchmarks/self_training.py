@@ -11,6 +11,7 @@ examples alone, and published few-shot results mostly do too.
     python benchmarks/self_training.py --checkpoint runs/clinc --tasks banking77:10,banking77:5 --seeds 3
     python cli.py train --config configs/quickstart.yaml --out runs/quickstart
     python benchmarks/self_training.py --checkpoint runs/quickstart --tasks mnist:5,olivetti:3 --seeds 3
+    python benchmarks/self_training.py --checkpoint runs/quickstart --tasks mnist:5 --per-class 10
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="a run folder of cli.py train")
     p.add_argument("--tasks", default="banking77:10", help="comma-separated task:shots")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--per-class", type=int, default=0,
+                   help="cut the pool to this many inputs of each class (drawn with seed 100 + the draw's)")
     a = p.parse_args()
     torch.set_num_threads(2)
     registry, summary = Registry(), []
@@ -48,7 +51,12 @@ def main() -> None:
             model = adapt(a.checkpoint, task, shots=int(shots), seed=seed, select=base == "select", device="cpu")
             t1 = time.perf_counter()
             runs[base].append(model.meta["test_accuracy"])
-            model = self_train(model, support_from_task(task, int(shots), seed), task.train.inputs, seed)
+            pool = task.train.inputs
+            if a.per_class:  # a smaller pool: how little still helps
+                rng, labels = np.random.default_rng(100 + seed), task.train.labels
+                pool = pool[np.concatenate([rng.choice(np.flatnonzero(labels == c), a.per_class, replace=False)
+                                            for c in np.unique(labels)])]
+            model = self_train(model, support_from_task(task, int(shots), seed), pool, seed)
             t2 = time.perf_counter()
             runs[f"{base}+unlabeled"].append(score_on_task(model, task)["test_accuracy"])
             print(json.dumps({"task": name, "shots": int(shots), "seed": seed,
