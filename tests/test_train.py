@@ -170,7 +170,7 @@ def test_adapt_chooses_its_steps_and_step_size_without_test_data(trained, regist
     stored = json.loads((out / "best.json").read_text())["adaptation"]
     assert stored["by"] == "meta-validation" and stored["steps"] >= 1 and len(stored["scores"]) >= 2
     one = adapt(out, "omniglot-angelic", shots=1, registry=registry)  # for images, a logistic-regression head
-    assert one.meta["selection"]["by"].startswith("the image default (1 shot per class")
+    assert one.meta["selection"]["by"] == "the image default at 1 shot per class"
     assert one.meta["selection"]["head_init"] == "logistic" and one.meta["calibration"]["temperature"] == 1.0
     five = adapt(out, "mnist", shots=5, registry=registry)
     sel = five.meta["selection"]

@@ -67,7 +67,7 @@ def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.T
         s, scores = choose(learner, folds, options)
         return as_dict(s, f"{len(folds)}-fold cross-validation on the support set", scores)
     if support.modality == "image" and learner.head_kind == "linear":  # 1-shot: ahead in 7 of 8 settings too
-        return as_dict(LOGISTIC, "the image default (1 shot per class: none held out to check it on)", {})
+        return as_dict(LOGISTIC, "the image default at 1 shot per class", {})
     if stored:
         return {**stored, "by": "meta-validation at the end of training"}
     return as_dict(Setting(learner.eval_steps), "the recipe", {})
