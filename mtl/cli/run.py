@@ -212,12 +212,14 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
              ways: int = 5, shots: int = 1, queries: int = 15, episodes: int = 600,
              split: Annotated[str | None, typer.Option(help="Default: the task's test split.")] = None,
              steps: Annotated[int | None, typer.Option(help="Adaptation steps (default: the recipe's).")] = None,
+             head_init: Annotated[str | None, typer.Option(
+                 help="The new head's start: zero, proto or logistic (default: the recipe's).")] = None,
              seed: int = 0, device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Episodic accuracy: mean and 95% confidence interval over seeded episodes."""
     from mtl.run.evaluate import evaluate as run_evaluation
 
     info = run_evaluation(checkpoint, task, ways, shots, queries, episodes, split, steps, seed=seed, device=device,
-                          registry=_registry(tasks_dir))
+                          registry=_registry(tasks_dir), head_init=head_init)
     if as_json:
         _print_json(info)
     else:

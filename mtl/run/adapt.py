@@ -83,11 +83,10 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
     at a time, up to 5 folds) fit the temperature and give the in-scope scores whose low quantile is
     the threshold; with one, the temperature fitted on meta-validation episodes at the end of training
     is used and nothing is refused unless the user sets a threshold."""
-    if support.shots < 2:
-        own = selection.get("head_init") != "logistic"  # the stored temperature is for the algorithm's own head
-        t = float((stored or {}).get("temperature", 1.0)) if own else 1.0
-        by = "meta-validation at the end of training" if own and stored and "temperature" in stored \
-            else "none (1-shot)"
+    if support.shots < 2:  # a temperature fitted on meta-validation episodes for the head in use, if any
+        key = "logistic_temperature" if selection.get("head_init") == "logistic" else "temperature"
+        t = float((stored or {}).get(key, 1.0))
+        by = "meta-validation at the end of training" if stored and key in stored else "none (1-shot)"
         off = Rejection(reject_by, None, none, "1 shot per class: none held out to set a threshold; use --reject-below",
                         reads)
         return {"temperature": t, "by": by}, off, outliers.fit(reject_by, feats, ys, len(support.classes))

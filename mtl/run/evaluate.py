@@ -24,9 +24,11 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
 
 def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int = 1, queries: int = 15,
              episodes: int = 600, split: str | None = None, steps: int | None = None, lr: float | None = None,
-             seed: int = 0, device: str = "auto", registry: Registry | None = None) -> dict[str, Any]:
+             seed: int = 0, device: str = "auto", registry: Registry | None = None,
+             head_init: str | None = None) -> dict[str, Any]:
     """Mean query accuracy and its 95% CI over ``episodes`` seeded N-way K-shot episodes of ``task``,
-    each adapted with the checkpoint's own inner loop (``steps``, ``lr``: replace its settings); and the
+    each adapted with the checkpoint's own inner loop (``steps``, ``lr``, ``head_init``: replace its
+    settings; ``head_init="logistic"`` with ``steps=0`` scores ``adapt``'s image default); and the
     expected calibration error of the pooled query predictions, as they come and under the temperature
     the checkpoint stored at the end of training (fitted on meta-validation episodes)."""
     from mtl.data.stream import EpisodeStream
@@ -38,6 +40,8 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     dev = resolve_device(device)
     t = task if isinstance(task, Task) else (registry or Registry()).load(task)
     learner, meta = load_learner(Path(checkpoint), dev)
+    if head_init not in (None, "zero", "proto", "logistic"):
+        raise MtlError(f"--head-init {head_init} is unknown", "use zero, proto or logistic")
     if t.modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
     name = split or t.spec.test_split
@@ -47,7 +51,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     logits, labels = [], []
     with autocast(dev, meta["recipe"].get("precision", "fp32")):
         for b in stream.fixed(episodes):
-            logits.append(learner.query_logits_after(b, steps, lr=lr).cpu().numpy())
+            logits.append(learner.query_logits_after(b, steps, lr=lr, head_init=head_init).cpu().numpy())
             labels.append(b.yq.cpu().numpy())
     mean, ci = mean_ci([float((z.argmax(1) == y).mean()) for z, y in zip(logits, labels, strict=True)])
     temperature = float((meta.get("adaptation") or {}).get("temperature", 1.0))
@@ -56,4 +60,4 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     return {"task": t.name, "split": name, "ways": stream.samplers[0].ways, "shots": shots, "queries": queries,
             "episodes": episodes, "accuracy": round(mean, 5), "ci95": round(ci, 5),
             "ece_uncalibrated": round(ece[0], 5), "ece": round(ece[1], 5), "temperature": temperature,
-            "checkpoint": meta["path"], "algorithm": learner.name}
+            "checkpoint": meta["path"], "algorithm": learner.name, "head_init": head_init}

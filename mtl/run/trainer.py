@@ -31,7 +31,7 @@ from mtl.run.checkpoint import load_checkpoint, load_into, optimizer_tensors, re
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe, load_recipe
-from mtl.run.select import Setting, as_dict, candidates, choose
+from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, choose, episode_logits
 from mtl.run.tracking import open_trackers
 
 Callback = Callable[[dict[str, Any]], None]
@@ -231,12 +231,18 @@ class Trainer:
             tried: dict[Setting, list[torch.Tensor]] = {}  # each tried setting's query logits
             setting, scores = choose(learner, episodes, candidates(learner), max(60.0, self.elapsed / 10), tried)
             logits = tried[setting]
-        # the temperature for 1-shot adaptation, where the support set cannot hold any example out
-        temperature = fit_temperature(torch.cat(logits).cpu(), torch.cat([b.yq for b in episodes]).cpu()) \
-            if episodes else 1.0
+            # an image task's 1-shot default, the logistic head, needs a temperature of its own: at 1 shot its
+            # regularised logits are far flatter than its accuracy warrants in the training domain
+            images = episodes and learner.head_kind == "linear" and all(b.modality == "image" for b in episodes)
+            heads = {"temperature": logits, **({"logistic_temperature": episode_logits(learner, episodes, LOGISTIC)}
+                                               if images else {})}
+        # the temperatures for 1-shot adaptation, where the support set cannot hold any example out
+        held = torch.cat([b.yq for b in episodes]).cpu() if episodes else None
+        temperatures = {key: round(fit_temperature(torch.cat(z).cpu(), held), 4) if episodes else 1.0
+                        for key, z in heads.items()}
         tensors, _ = load_checkpoint(path, self.device)
         meta = {k: v for k, v in meta.items() if k not in ("path", "format_version", "versions")}
-        chosen = {**as_dict(setting, "meta-validation", scores), "temperature": round(temperature, 4)}
+        chosen = {**as_dict(setting, "meta-validation", scores), **temperatures}
         save_checkpoint(path, tensors, {**meta, "adaptation": chosen})
 
     def run(self, resume: bool = False, on_step: Callback | None = None) -> dict[str, Any]:
