@@ -37,11 +37,11 @@ from mtl.models import (
     EpisodicBatchNorm2d,
     MultiTaskModel,
     head_key,
+    logistic_head,
     nchw_for_double_backward,
     step_statistics,
     support_statistics,
 )
-from mtl.models.heads import logistic_head
 
 if TYPE_CHECKING:
     from mtl.data.stream import EpisodeStream
@@ -217,9 +217,8 @@ class Algorithm(nn.Module):
 
     def init_head(self, b: TaskBatch, params: dict[str, Tensor], encoded: Tensor | None = None,
                   head_init: str | None = None) -> tuple[Tensor, Tensor]:
-        """A new task's head: the learned one of a training task, the support set's prototypes
-        (Proto-MAML), logistic regression on the support set's features (``logistic``: adaptation only,
-        no gradient reaches the body through it), or zero."""
+        """A new task's head: a training task's learned one, the support set's prototypes (Proto-MAML),
+        logistic regression on its features (``logistic``, adaptation only: no gradient through it), or zero."""
         ways = b.ways
         dim = self.model.feature_dim
         key = head_key(b.task)
@@ -232,9 +231,8 @@ class Algorithm(nn.Module):
                 feats = self.episode_features(params, b.xs, b.modality, 0, None)
             else:
                 feats = self.episode_features(params, encoded, b.modality, 0, None, encoded=True)
-            if head_init == "logistic":
-                w, bias = logistic_head(feats, b.ys, ways)
-                return w.requires_grad_(), bias.requires_grad_()
+            if head_init == "logistic":  # fitted, not differentiated: ``adapt`` copies it for any steps after
+                return logistic_head(feats, b.ys, ways)
             protos = torch.zeros(ways, dim, device=feats.device, dtype=feats.dtype).index_add(0, b.ys, feats)
             protos = protos / torch.bincount(b.ys, minlength=ways).clamp_min(1).unsqueeze(1).to(feats.dtype)
             return self.head_from_prototypes(protos)
