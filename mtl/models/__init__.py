@@ -17,5 +17,5 @@ from mtl.models.multitask import ModelConfig, MultiTaskModel, head_key, mlp
 
 __all__ = ["ENCODERS", "ConvEncoder", "EpisodicBatchNorm2d", "HeldState", "ModelConfig", "MultiTaskModel",
            "SupportBatchNorm", "TextEncoder", "build_encoder", "calibrate_batchnorm", "channel_stats",
-           "channels_last", "head_key", "logistic_head", "mlp", "nchw_for_double_backward", "setting", "step_statistics",
-           "support_statistics"]
+           "channels_last", "head_key", "logistic_head", "mlp", "nchw_for_double_backward", "setting",
+           "step_statistics", "support_statistics"]
