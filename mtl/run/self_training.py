@@ -112,7 +112,13 @@ def self_train(model: AdaptedModel, support: Support, unlabeled: Path | str | Se
     k = len(model.classes)
     pool = unlabeled_pool(read_unlabeled(unlabeled, model), support, k, seed)
     log.info("self-training: the adapted model answers %d unlabeled %s", len(pool), support.modality + "s")
-    rows, labels = pseudo_labels(model.outputs(pool)[0])
+    if support.modality == "text":
+        rows, labels = pseudo_labels(model.outputs(pool)[0])  # the mix of voices answers, not one head
+    else:  # one head on the model's features: they are computed once, for the answers and for the new head
+        pool = image_features(model, pool)
+        with torch.no_grad():
+            rows, labels = pseudo_labels(model.model.heads[HEAD](torch.as_tensor(pool, device=model.device))
+                                         .float().cpu().numpy())
     model.meta["self_training"] = {"unlabeled": len(pool), "pseudo_labelled": len(rows), "fraction": FRACTION,
                                    "per_class": int(np.bincount(labels, minlength=k).max())}
     if support.modality == "text":
@@ -154,13 +160,13 @@ def image_features(model: AdaptedModel, images: np.ndarray, batch_size: int = 51
                            .float().cpu().numpy() for i in range(0, len(images), batch_size)])
 
 
-def with_image_head(model: AdaptedModel, support: Support, images: np.ndarray, labels: np.ndarray,
+def with_image_head(model: AdaptedModel, support: Support, fp: np.ndarray, labels: np.ndarray,
                     reject_rate: float) -> AdaptedModel:
-    """``model`` with its head replaced by logistic regression on its features of the support set and the
-    pseudo-labelled ``images``; the temperature (and a ``probability`` threshold) refitted on out-of-fold
-    answers for the labelled examples."""
+    """``model`` with its head replaced by logistic regression on its features of the support set and of
+    the pseudo-labelled images (``fp``); the temperature (and a ``probability`` threshold) refitted on
+    out-of-fold answers for the labelled examples."""
     k = len(model.classes)
-    fs, fp = image_features(model, support.inputs), image_features(model, images)
+    fs = image_features(model, support.inputs)
     ys = np.asarray(support.labels)
     log.info("self-training: a linear head on %d labelled and %d pseudo-labelled images", len(ys), len(labels))
 
