@@ -40,7 +40,7 @@ from mtl.run.calibration import (
 )
 from mtl.run.examples import read_examples
 from mtl.run.learner import load_learner
-from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, choose, support_folds
+from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, check_head_init, choose, support_folds
 from mtl.run.support import Support, support_from_arrays, support_from_task
 from mtl.run.text_finetune import encoder_lr_for, layer_count, tune_text_encoder
 
@@ -64,7 +64,7 @@ def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.T
             # off Omniglot, 3.2 points ahead of the algorithm's own adaptation on average, in 13 of 14 image
             # task settings (docs/BENCHMARKS.md): the default, unless beaten beyond the folds' noise
             options = [LOGISTIC, *options]
-        s, scores = choose(learner, folds, options)
+        s, scores = choose(learner, folds, options, default=LOGISTIC)
         return as_dict(s, f"{len(folds)}-fold cross-validation on the support set", scores)
     if support.modality == "image" and learner.head_kind == "linear":  # 1-shot: ahead in 7 of 8 settings too
         return as_dict(LOGISTIC, "the image default at 1 shot per class", {})
@@ -211,8 +211,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     t0 = time.perf_counter()
     if shots < 1:
         raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
-    if head_init not in (None, "zero", "proto", "logistic"):
-        raise MtlError(f"--head-init {head_init} is unknown", "use zero, proto or logistic")
+    check_head_init(head_init)
     if reject_by not in outliers.SCORES:
         raise MtlError(f"--reject-by {reject_by} is unknown", f"use one of {', '.join(outliers.SCORES)}")
     if not 0 <= reject_rate < 1:

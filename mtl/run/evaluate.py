@@ -36,12 +36,12 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     from mtl.errors import MtlError
     from mtl.run.calibration import expected_calibration_error, softmax
     from mtl.run.learner import load_learner
+    from mtl.run.select import check_head_init
 
     dev = resolve_device(device)
     t = task if isinstance(task, Task) else (registry or Registry()).load(task)
     learner, meta = load_learner(Path(checkpoint), dev)
-    if head_init not in (None, "zero", "proto", "logistic"):
-        raise MtlError(f"--head-init {head_init} is unknown", "use zero, proto or logistic")
+    check_head_init(head_init)
     if t.modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
     name = split or t.spec.test_split

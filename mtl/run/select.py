@@ -20,6 +20,7 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.data.inputs import Inputs
 from mtl.data.stream import TaskBatch
+from mtl.errors import MtlError
 
 LR_GRID = (0.01, 0.05, 0.2, 0.5)
 MORE_STEPS = 10  # the alternative to the meta-trained number of steps (often 1)
@@ -38,8 +39,6 @@ class Setting:
         return "logistic" if self.head_init == "logistic" else "learned" if self.lr is None else f"{self.lr:g}"
 
     def describe(self) -> str:
-        if self.head_init == "logistic":
-            return f"a head fitted by logistic regression, then {self.steps} steps"
         return f"{self.steps} steps at {'the learned step size' if self.lr is None else f'step size {self.lr:g}'}"
 
 
@@ -57,6 +56,12 @@ def candidates(learner: Algorithm, stored: dict[str, Any] | None = None) -> list
 
 
 LOGISTIC = Setting(0, None, "logistic")  # a head fitted by logistic regression (mtl.models.heads.logistic_head)
+HEAD_INITS = ("zero", "proto", "logistic")  # what a new task's head may start from at adaptation
+
+
+def check_head_init(head_init: str | None) -> None:
+    if head_init not in (None, *HEAD_INITS):
+        raise MtlError(f"--head-init {head_init} is unknown", f"use {', '.join(HEAD_INITS[:-1])} or {HEAD_INITS[-1]}")
 
 
 def prefer(default: Setting, best: Setting, scores: dict[Setting, float], held_out: int) -> Setting:
@@ -74,12 +79,13 @@ def episode_logits(learner: Algorithm, episodes: Sequence[TaskBatch], s: Setting
 
 
 def choose(learner: Algorithm, episodes: Sequence[TaskBatch], options: Sequence[Setting],
-           seconds: float | None = None, logits: dict[Setting, list[torch.Tensor]] | None = None
-           ) -> tuple[Setting, dict[str, float]]:
+           seconds: float | None = None, logits: dict[Setting, list[torch.Tensor]] | None = None,
+           default: Setting | None = None) -> tuple[Setting, dict[str, float]]:
     """The best setting on ``episodes`` (the first on ties), and every candidate's accuracy. With
     ``seconds``, candidates after the first are tried only while that much time is left (an inner loop
     through a whole transformer makes each one cost minutes). ``logits``, if given, receives each
-    tried setting's query logits (what a temperature is fitted on, without adapting again)."""
+    tried setting's query logits (what a temperature is fitted on, without adapting again). ``default``
+    (one of ``options``) is kept unless beaten beyond the noise of the episodes' query count (:func:`prefer`)."""
     start = time.perf_counter()
     scores: dict[Setting, float] = {}
     for s in options:
@@ -92,8 +98,8 @@ def choose(learner: Algorithm, episodes: Sequence[TaskBatch], options: Sequence[
             logits[s] = z
     options = list(scores)
     best = max(options, key=lambda s: scores[s])
-    if LOGISTIC in scores:
-        best = prefer(LOGISTIC, best, scores, sum(len(b.yq) for b in episodes))
+    if default in scores:
+        best = prefer(default, best, scores, sum(len(b.yq) for b in episodes))
     return best, {f"{s.steps}@{s.label()}": round(v, 4) for s, v in scores.items()}
 
 

@@ -233,7 +233,7 @@ class Trainer:
             logits = tried[setting]
             # an image task's 1-shot default, the logistic head, needs a temperature of its own: at 1 shot its
             # regularised logits are far flatter than its accuracy warrants in the training domain
-            images = episodes and learner.head_kind == "linear" and all(b.modality == "image" for b in episodes)
+            images = bool(episodes) and learner.head_kind == "linear" and all(b.modality == "image" for b in episodes)
             heads = {"temperature": logits, **({"logistic_temperature": episode_logits(learner, episodes, LOGISTIC)}
                                                if images else {})}
         # the temperatures for 1-shot adaptation, where the support set cannot hold any example out
