@@ -103,14 +103,21 @@ def choose(learner: Algorithm, episodes: Sequence[TaskBatch], options: Sequence[
     return best, {f"{s.steps}@{s.label()}": round(v, 4) for s, v in scores.items()}
 
 
+def class_ranks(ys: np.ndarray) -> np.ndarray:
+    """Each example's position among its class's examples: with F folds, example r of a class is held out
+    in fold r % F, so every fold holds out one example per class where it can."""
+    rank = np.zeros(len(ys), int)
+    for c in np.unique(ys):
+        members = np.flatnonzero(ys == c)
+        rank[members] = np.arange(len(members))
+    return rank
+
+
 def support_folds(task: str, modality: str, xs: Inputs, ys: torch.Tensor, folds: int = 3) -> list[TaskBatch]:
     """Stratified folds of a support set: fold ``f`` holds out the ``f``-th example of every class
     (classes with fewer examples keep theirs in training). Needs >= 2 examples per class."""
     ys_np = ys.cpu().numpy()
-    rank = np.zeros(len(ys_np), int)
-    for c in np.unique(ys_np):
-        members = np.flatnonzero(ys_np == c)
-        rank[members] = np.arange(len(members))
+    rank = class_ranks(ys_np)
     shots = int(np.bincount(ys_np).min())
     out = []
     for f in range(min(folds, shots)):

@@ -35,6 +35,7 @@ from mtl.run.adapted import HEAD, AdaptedModel, model_inputs, plain_model
 from mtl.run.alternatives import model_features, with_linear_head
 from mtl.run.calibration import CALIBRATION_FOLDS, REJECT_RATE, calibrate_from, softmax
 from mtl.run.label_text import descriptive, with_names
+from mtl.run.select import class_ranks
 from mtl.run.support import Support
 
 log = logging.getLogger(__name__)  # progress of a long adaptation (the CLI shows it on a spinner)
@@ -185,9 +186,7 @@ def with_image_head(model: AdaptedModel, support: Support, fp: np.ndarray, label
     if folds < 2:  # one labelled example per class: none to hold out
         model.meta["calibration"] = {"temperature": 1.0, "by": "none (1-shot; the head was refitted)"}
         return model
-    rank = np.zeros(len(ys), int)
-    for c in range(k):
-        rank[ys == c] = np.arange(int((ys == c).sum()))
+    rank = class_ranks(ys)  # the folds of adapt's own calibration
     held_logits, held = [], []
     for f in range(folds):  # each fold's head fitted without its held-out labelled examples
         w, b = fitted(np.flatnonzero(rank % folds != f))
