@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from mtl.data.registry import Registry
-from mtl.data.stream import EpisodeStream
-from mtl.device import autocast, cpu_name
+from mtl.device import cpu_name
 from mtl.run.adapt import adapt, fit, score_on_task
 from mtl.run.adapted import model_inputs
+from mtl.run.evaluate import evaluate
 from mtl.run.learner import load_learner
 from mtl.run.select import candidates, choose, support_folds
 from mtl.run.support import support_from_task
@@ -65,20 +65,12 @@ def main() -> None:
         rows.append({"task": name, "shots": int(shots), "before": [round(100 * x, 2) for x in old],
                      "logistic": [round(100 * x, 2) for x in new], "gain": gain})
         print(json.dumps(rows[-1]), flush=True)
-    if a.episodes:
-        task = registry.load(a.episode_task)
-        for ways, shots in ((5, 1), (20, 1), (5, 5)):
-            stream = EpisodeStream([task], task.spec.test_split, ways, shots, 15, 0, torch.device("cpu"), None, 0,
-                                   cap_ways=False)
-            own, lg = [], []
-            with autocast(torch.device("cpu"), meta["recipe"].get("precision", "fp32")):
-                for b in stream.fixed(a.episodes):
-                    own.append(float((learner.query_logits_after(b).argmax(1) == b.yq).float().mean()))
-                    lg.append(float((learner.query_logits_after(b, 0, head_init="logistic").argmax(1) == b.yq)
-                                    .float().mean()))
-            rows.append({"task": a.episode_task, "ways": ways, "shots": shots, "episodes": a.episodes,
-                         "own": round(100 * float(np.mean(own)), 2), "logistic": round(100 * float(np.mean(lg)), 2)})
-            print(json.dumps(rows[-1]), flush=True)
+    for ways, shots in ((5, 1), (20, 1), (5, 5)) if a.episodes else ():  # evaluate: the same fixed episodes
+        own, lg = (evaluate(a.checkpoint, a.episode_task, ways, shots, episodes=a.episodes, device="cpu", **kw)
+                   for kw in ({}, {"steps": 0, "head_init": "logistic"}))
+        rows.append({"task": a.episode_task, "ways": ways, "shots": shots, "episodes": a.episodes,
+                     "own": round(100 * own["accuracy"], 2), "logistic": round(100 * lg["accuracy"], 2)})
+        print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"cpu": cpu_name(), "checkpoint": a.checkpoint, "results": rows}))
 
 
