@@ -288,6 +288,13 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
     Image.fromarray(img).save(tmp_path / "face.png")
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", tmp_path / "face.png")
     assert code == 0, err and np
+    for i, cls in enumerate(["a", "b/c"]):  # a folder of class folders: every image below it, notes skipped
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.fromarray(Registry().load("olivetti").test.inputs[i]).save(tmp_path / "imgs" / cls / "x.png")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--top", 2, tmp_path / "imgs")
+    rows = [line.split() for line in out.strip().splitlines()]
+    assert code == 0 and len(rows) == 2 and all(len(r) == 5 and r[4].endswith("x.png") for r in rows), (out, err)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
     code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "broken.png")
     assert code == 2 and "broken.png" in err and "Traceback" not in err

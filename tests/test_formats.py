@@ -130,6 +130,21 @@ def test_imagefolder_and_image_zip(tmp_path):
     check_images(load_task(spec("image", "image", "label", format="image_zip", path=str(tmp_path / "imgs.zip"))))
 
 
+def test_formats_that_name_their_columns_need_no_fields(tmp_path):
+    """An image folder's columns are `image` and `label` whatever the task file says; a first task file
+    need not know that. A csv's columns are the user's, so there the fields stay required."""
+    root = tmp_path / "folder"
+    for i, y in enumerate(LABELS):
+        (root / y).mkdir(parents=True, exist_ok=True)
+        (root / y / f"{i}.png").write_bytes(png(60 * (ord(y) - 96)))
+    doc = {"name": "t", "modality": "image", "description": "d", "role": "held_out", "image": {"size": 8},
+           "source": {"format": "imagefolder", "path": str(root)},
+           "splits": {"by": "examples", "sizes": {"train": 0.5, "test": 0.5}}}
+    check_images(load_task(TaskSpec.model_validate(doc)))
+    with pytest.raises(ValueError, match="input_field"):
+        TaskSpec.model_validate({**doc, "modality": "text", "image": None, "source": {"format": "csv", "path": "x"}})
+
+
 def test_npz_idx_mat(tmp_path):
     images = np.stack([np.full((10, 10), 60 * (i % 3 + 1), np.uint8) for i in range(12)])
     labels = np.arange(12) % 3

@@ -203,7 +203,8 @@ def predict(model: Annotated[Path, typer.Option("--model", help="Folder written 
         _print_json({"model": str(model), "task": m.meta["task"], "predictions": rows})
         return
     for r in rows:
-        out.print(f"{r['label']}\t{r['probability']:.3f}\t{r['input']}", highlight=False, markup=False)
+        others = "".join(f"\t{t['label']}\t{t['probability']:.3f}" for t in r["top"][1:])
+        out.print(f"{r['label']}\t{r['probability']:.3f}{others}\t{r['input']}", highlight=False, markup=False)
 
 
 @app.command("evaluate")

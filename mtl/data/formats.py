@@ -186,12 +186,13 @@ class _Lazy(Sequence[T]):
 
 
 def _image_column(part: Any, name: str) -> tuple[_Lazy[bytes], _Lazy[str]]:
-    """One split's encoded images and their file names (``#i`` without one), read lazily."""
+    """One split's encoded images and their paths (``#i`` without one), read lazily; the path is what
+    an error about a corrupt image must name, since folders of several classes reuse file names."""
     part = part.select_columns([name])
 
     def path_of(i: int) -> str:
         path = part[i][name].get("path")
-        return Path(path).name if path else f"#{i}"
+        return str(path) if path else f"#{i}"
 
     return _Lazy(len(part), lambda i: _image_bytes(part[i][name])), _Lazy(len(part), path_of)
 

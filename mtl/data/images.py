@@ -22,7 +22,10 @@ def _to_pil(value: object, where: str) -> Image.Image:
             img = Image.open(io.BytesIO(value))
             img.load()
             return img
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except UnidentifiedImageError:
+            raise TaskFileError(None, "source", f"corrupt or unreadable image {where} (not an image format "
+                                "Pillow can read)", "re-export the image or remove it from the data") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise TaskFileError(None, "source", f"corrupt or unreadable image {where} ({e})",
                                 "re-export the image or remove it from the data") from None
     arr = np.asarray(value)

@@ -19,6 +19,8 @@ Format = Literal[
     "json_rows", "split_lines", "line_pairs", "image_zip", "image_tar", "cifar_binary", "npz", "idx", "mat", "sklearn",
 ]
 IMAGE_FORMATS = {"imagefolder", "image_zip", "image_tar", "cifar_binary", "npz", "idx", "mat", "sklearn"}
+# Formats whose reader names the columns itself: a task file may leave `input_field`/`label_field` out.
+FIXED_COLUMNS = {**{f: ("image", "label") for f in IMAGE_FORMATS}, "line_pairs": ("text", "label")}
 
 Paths = str | list[str]
 
@@ -216,6 +218,22 @@ class TaskSpec(_Strict):
     train_split: str = "train"
     val_split: str | None = None
     test_split: str = "test"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fixed_columns(cls, data: object) -> object:
+        """Readers that name their own columns make the two fields optional (an image folder's are
+        `image` and `label`), so a user's first task file needs no knowledge of the reader's internals."""
+        if not isinstance(data, dict):
+            return data
+        sources = data.get("source")
+        formats = {s.get("format") for s in (sources if isinstance(sources, list) else [sources])
+                   if isinstance(s, dict)}
+        fixed = {FIXED_COLUMNS.get(f) for f in formats}  # type: ignore[arg-type]
+        if len(fixed) == 1 and None not in fixed:
+            (input_col, label_col), = fixed
+            data = {"input_field": input_col, "label_field": label_col, **data}
+        return data
 
     @model_validator(mode="after")
     def _modality_consistent(self) -> TaskSpec:

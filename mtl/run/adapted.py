@@ -47,6 +47,19 @@ def plain_model(encoder: str, device: torch.device | str) -> MultiTaskModel:
     return MultiTaskModel(ModelConfig(text_encoder=encoder), ["text"]).to(device).eval()
 
 
+def image_files(folder: Path) -> list[str]:
+    """Every image file below ``folder``, in a stable order; other files (notes, ``.DS_Store``) are
+    skipped, since a folder of class folders is how users keep images."""
+    from PIL import Image
+
+    suffixes = {ext.lower() for ext in Image.registered_extensions()}
+    found = sorted(str(f) for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    if not found:
+        raise MtlError(f"no image files in {folder}", "give a folder holding .png/.jpg images, or image paths")
+    return found
+
+
 def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device, cache: bool = True
                  ) -> torch.Tensor | list[str]:
     """What the model's encoder takes: image tensors, sentence embeddings (kept in the disk cache
@@ -266,14 +279,15 @@ class AdaptedModel:
         return np.stack([np.asarray(x) for x in inputs]) if len(inputs) else np.zeros((0, 1, 1), np.uint8)
 
     def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str]]:
-        """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line."""
+        """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line, and a folder
+        (image models) every image below it, class folders included."""
         expanded: list[str] = []
         for item in items:
             p = Path(item)
             if p.suffix == ".txt" and p.is_file():
                 expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
             elif self.modality == "image" and p.is_dir():
-                expanded += sorted(str(f) for f in p.iterdir() if f.is_file())
+                expanded += image_files(p)
             else:
                 expanded.append(item)
         if not expanded:
