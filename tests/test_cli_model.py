@@ -69,7 +69,8 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     assert o["oos_recall"] > 0.3 and o["in_scope_accuracy_with_rejection"] <= o["in_scope_accuracy"]
     assert res["test_accuracy"] > 0.5  # 15-way: chance is 0.067
     # calibrated on the support set alone; a threshold that refuses about 3% of held-out support examples
-    assert res["calibration"]["by"].startswith("5-fold cross-validation") and res["calibration"]["temperature"] > 0
+    assert "fold cross-validation on the support set" in res["calibration"]["by"]
+    assert res["calibration"]["temperature"] > 0
     assert 0 <= res["test_ece"] <= 1 and 0 <= res["test_ece_uncalibrated"] <= 1
     rej = res["rejection"]
     assert rej["score"] == "distance" and isinstance(rej["threshold"], float) and rej["none"] == "none"
@@ -211,7 +212,7 @@ def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, 
              and not torch.equal(v, pretrained[k[len(prefix):]])}
     assert {k.split(".")[2] for k in moved} == {"4", "5"}  # the top two layers, nothing below
     code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", tmp_path / "run", "--shots", 3,
-                             "--out", tmp_path / "m", "--json")
+                             "--meta-only", "--out", tmp_path / "m", "--json")  # the meta-learned layers' adaptation
     assert code == 0, err
     assert json.loads(out)["test_accuracy"] > 0.5
     adapted_acc = json.loads(out)["test_accuracy"]
@@ -229,7 +230,8 @@ def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, 
     # once those embeddings are cached, adapt neither imports transformers nor runs a layer
     probe = "import sys; from mtl.cli import main; main(sys.argv[1:]); print('transformers' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", probe, "adapt", "--task", "clinc150-work", "--checkpoint",
-                           str(tmp_path / "run"), "--shots", "3", "--out", str(tmp_path / "m2"), "--json"],
+                           str(tmp_path / "run"), "--shots", "3", "--meta-only", "--out", str(tmp_path / "m2"),
+                           "--json"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     result, imported = proc.stdout.strip().splitlines()
@@ -393,6 +395,35 @@ def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(te
             assert (companion is not None) == (share > 0) and abs(saved - share) < 1e-3
     code, _, err = run_cli("adapt", "--task", "olivetti", "--checkpoint", text_run, "--select", "--out", tmp_path / "x")
     assert code == 2 and "--select" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("forced", [None, "probe+tokens"])
+def test_text_default_weighs_a_probe_against_the_meta_learned_adaptation(text_run, tmp_path, monkeypatch, forced):
+    """Without --select, a text task's adaptation is the meta-learned one, a linear probe on the frozen
+    encoder, or the probe with token matching, by the support set's folds; whichever it is, the saved model
+    answers as the one in memory. ``forced`` makes the folds pick the mix, whose token matcher is saved too."""
+    import mtl
+    import mtl.run.text_default as text_default
+    from mtl.data.registry import Registry
+    from mtl.run.adapted import AdaptedModel
+
+    if forced:
+        monkeypatch.setattr(text_default, "pick", lambda cands, default: next(c for c in cands if c.name == forced))
+    m = mtl.adapt(text_run, "clinc150-work", shots=3, out=tmp_path / "m")
+    choice = m.meta["choice"]
+    assert set(choice["accuracy"]) == {"meta-learned", "linear_probe", "probe+tokens"}
+    acc = choice["accuracy"]  # the probe, or a way that beat it on held-out examples
+    assert choice["method"] == (forced or choice["method"])
+    assert forced or choice["method"] == "linear_probe" or acc[choice["method"]] > acc["linear_probe"]
+    assert m.meta["algorithm"] == ("maml" if choice["method"] == "meta-learned" else choice["method"])
+    assert (m.tokens is not None) == (choice["method"] == "probe+tokens") == ("tokens" in m.meta)
+    test = Registry().load("clinc150-work").test
+    saved = AdaptedModel.load(tmp_path / "m")
+    np.testing.assert_allclose(saved.predict_proba(test.inputs[:50]), m.predict_proba(test.inputs[:50]), atol=1e-5)
+    assert abs(float((saved.predict_ids(test.inputs, cached=True) == test.labels).mean()) -
+               m.meta["test_accuracy"]) < 1e-9
+    plain = mtl.adapt(text_run, "clinc150-work", shots=3, meta_only=True)  # the meta-learned adaptation as it was
+    assert "choice" not in plain.meta and plain.meta["algorithm"] == "maml"
 
 
 def test_a_linear_probe_head_predicts_as_scikit_learn_does():

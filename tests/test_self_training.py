@@ -28,11 +28,11 @@ def test_adapt_with_unlabeled_texts(text_run, tmp_path, run_cli):  # noqa: F811
     texts = task.train.inputs[np.random.default_rng(0).permutation(len(task.train.inputs))[:600]]
     pool = write(tmp_path / "unlabeled.txt", "\n".join(texts.tolist()) + "\n")
     code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3,
-                             "--out", tmp_path / "plain", "--json")
+                             "--meta-only", "--out", tmp_path / "plain", "--json")
     assert code == 0, err
     before = json.loads(out)["test_accuracy"]
     code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3,
-                             "--unlabeled", pool, "--out", tmp_path / "m", "--json")
+                             "--meta-only", "--unlabeled", pool, "--out", tmp_path / "m", "--json")
     assert code == 0, err
     result = json.loads(out)
     st = result["self_training"]
@@ -46,6 +46,14 @@ def test_adapt_with_unlabeled_texts(text_run, tmp_path, run_cli):  # noqa: F811
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", *x.tolist())
     assert code == 0, err
     assert [p["label"] for p in json.loads(out)["predictions"]] == saved.predict(x).tolist()
+    # by default the model may itself be the probe (mtl.run.text_default): then the probe is refitted, not added
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3,
+                             "--unlabeled", pool, "--out", tmp_path / "d", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    is_probe = result["choice"]["method"] in ("linear_probe", "probe+tokens")
+    assert result["self_training"]["share"] == (1.0 if is_probe else SHARE)
+    assert ("probe" in AdaptedModel.load(tmp_path / "d").meta) == (not is_probe)
 
 
 def test_unlabeled_errors_are_one_line(text_run, image_run, tmp_path, run_cli):  # noqa: F811

@@ -114,6 +114,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               unknown: Annotated[str | None, typer.Option(
                   help="A task of inputs that fit no class (clinc150-oos): report out-of-scope recall, "
                        "precision and AUROC on its test split.")] = None,
+              meta_only: Annotated[bool, typer.Option(
+                  "--meta-only", help="Text: keep the meta-learned adaptation; do not weigh a linear probe on the "
+                  "pretrained encoder against it (the default with 2 or more shots).")] = False,
               unlabeled: Annotated[Path | None, typer.Option(
                   help="Unlabeled inputs like those you expect: a .txt file of texts, one per line, or a folder "
                        "of images; the adapted model labels them and a linear classifier trained on its confident "
@@ -130,7 +133,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, encoder_lr=encoder_lr, seed=seed,
                   device=device, out=out_dir,
                   registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
-                  none=none_label, unknown=unknown, select=select, unlabeled=unlabeled,
+                  none=none_label, unknown=unknown, select=select, unlabeled=unlabeled, meta_only=meta_only,
                   **({} if reject_rate is None else {"reject_rate": reject_rate}))
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
@@ -151,6 +154,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     if choice and choice["method"] != "meta-learned":
         shares = ", ".join(f"{v} {w:.2f}" for v, w in choice.get("weights", {}).items() if w)
         how = {"linear_probe": "a linear probe on the pretrained encoder",
+               "probe+tokens": "a linear probe on the pretrained encoder and token matching, answering together",
                "finetune": "every layer of the pretrained encoder fine-tuned",
                "probe+finetune+tokens": f"the pretrained encoder fine-tuned, probed and token-matched, answering "
                                         f"together ({shares}; {choice.get('weights_by')})"}[choice["method"]]
@@ -173,8 +177,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               f"{acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; saved {out_dir} "
               f"({m.meta['seconds']:.2f} s)", highlight=False)
     if m.meta.get("modality") == "text" and not select and layer_count(encoder_layers) == 0:
-        err.print("tip: --select also tries a linear probe and fine-tuning of the pretrained encoder, and keeps what "
-                  "cross-validation on the support set favours (minutes instead of seconds)",
+        err.print("tip: --select also tries fine-tuning the pretrained encoder, alone and with the probe and token "
+                  "matching, and keeps what cross-validation on the support set favours (minutes instead of seconds)",
                   highlight=False)
     if m.meta.get("open_set"):
         o = m.meta["open_set"]

@@ -189,7 +189,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
           out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "distance",
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
           unknown: str | Task | None = None, select: bool = False,
-          unlabeled: Path | str | Sequence[str] | None = None) -> AdaptedModel:
+          unlabeled: Path | str | Sequence[str] | None = None, meta_only: bool = False) -> AdaptedModel:
     """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
 
     ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
@@ -203,7 +203,10 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     report on them and the known test examples goes to ``meta["open_set"]``. ``select`` (text): the
     meta-learned initialization, a linear probe or plain fine-tuning of the pretrained encoder
     (``encoder_epochs``, ``encoder_lr``: default :func:`encoder_lr_for`), by cross-validation on the support set
-    (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``. ``unlabeled``: inputs
+    (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``. Without it, a text task
+    with two or more shots per class and no inner-loop setting given gets the meta-learned adaptation, a
+    linear probe or the probe with token matching, by the same folds (:mod:`mtl.run.text_default`), unless
+    ``meta_only``. ``unlabeled``: inputs
     without labels (texts or a ``.txt`` file of them, one per line; images, a folder of them or a ``.txt``
     file of their paths) that the adapted model labels for a self-trained linear classifier: for text a
     probe answering beside it, for images its new head (:mod:`mtl.run.self_training`; ``meta["self_training"]``).
@@ -253,6 +256,11 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         from mtl.run.alternatives import select as choose_method
 
         model = choose_method(model, learner, support, encoder_epochs, encoder_lr, seed, reject_by, reject_rate, none)
+    elif (support.modality == "text" and support.shots >= 2 and not meta_only and not encoder_layers
+          and steps is None and lr is None and head_init is None):
+        from mtl.run.text_default import choose_text
+
+        model = choose_text(model, learner, support, reject_by, reject_rate, none)
     if unlabeled is not None:
         from mtl.run.self_training import self_train
 

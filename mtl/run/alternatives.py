@@ -213,6 +213,41 @@ def fold_indices(ys: np.ndarray, folds: int = 3) -> list[np.ndarray]:
     return [np.flatnonzero(rank % k == f) for f in range(k)]
 
 
+def meta_learned_candidate(adapted: AdaptedModel, learner: Algorithm, support: Support, folds: int) -> Candidate:
+    """The meta-learned adaptation as :func:`mtl.run.adapt.fit` chose it, scored on the same folds as the
+    alternatives (:func:`fold_indices`)."""
+    from mtl.run.adapted import model_inputs
+    from mtl.run.select import support_folds
+
+    sel, device = adapted.meta["selection"], adapted.device
+    xs = model_inputs(support.inputs, learner.model, "text", device)
+    batches = support_folds(support.task, "text", xs, torch.as_tensor(support.labels, device=device), folds)
+    z = torch.cat([learner.query_logits_after(b, int(sel["steps"]), sel.get("lr"), sel.get("head_init"))
+                   for b in batches]).cpu().numpy()
+    held = torch.cat([b.yq for b in batches]).cpu().numpy()
+    return Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held)
+
+
+def probe_candidate(encoder: str, device: torch.device, support: Support, folds: list[np.ndarray]
+                    ) -> tuple[MultiTaskModel, Candidate, list[str] | None, np.ndarray, np.ndarray]:
+    """The frozen encoder (its features are computed once, for every fold), the linear probe's candidate,
+    the class names if they stay as examples (:func:`names_stay`), and the support set's and the names'
+    features."""
+    log.info("linear probe: the frozen encoder's features")
+    texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
+    plain = plain_model(encoder, device)
+    readable_names = descriptive(support.classes)
+    x = model_features(plain, with_names(texts, ys, support.classes if readable_names else None)[0]).cpu().numpy()
+    x, x_names = x[:len(texts)], x[len(texts):]
+    linear = cross_validate_probe(x, ys, k, folds)
+    names = None
+    if readable_names:  # the class names as examples, unless the (cheap) probe does better without them beyond
+        named = cross_validate_probe(x, ys, k, folds, extra=x_names)  # the folds' noise (mtl.run.label_text)
+        if names_stay(linear, named):
+            linear, names = named, support.classes
+    return plain, linear, names, x, x_names
+
+
 def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: int | None, lr: float | None,
            seed: int, reject_by: str, reject_rate: float, none: str) -> AdaptedModel:
     """The best of ``adapted`` (the meta-learned initialization, as :func:`mtl.run.adapt.fit` made it),
@@ -220,9 +255,6 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     accuracy on the support set (:func:`pick`); what was chosen, every candidate's accuracy and the mix's
     shares go to ``meta["choice"]``. ``lr``: fine-tuning's, by default
     :func:`mtl.run.text_finetune.encoder_lr_for`'s."""
-    from mtl.run.adapted import model_inputs
-    from mtl.run.select import support_folds
-
     if support.modality != "text":
         raise MtlError("--select chooses among a linear probe and fine-tuning of a sentence encoder; this task "
                        "has images", "leave --select out for image tasks")
@@ -234,23 +266,8 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     lr = encoder_lr_for(encoder, lr)
     texts, ys, k = support.inputs.tolist(), np.asarray(support.labels), len(support.classes)
     folds = fold_indices(ys)
-    sel = adapted.meta["selection"]
-    xs = model_inputs(support.inputs, learner.model, "text", device)
-    batches = support_folds(support.task, "text", xs, torch.as_tensor(ys, device=device), len(folds))
-    z = torch.cat([learner.query_logits_after(b, int(sel["steps"]), sel.get("lr"), sel.get("head_init"))
-                   for b in batches]).cpu().numpy()
-    held = torch.cat([b.yq for b in batches]).cpu().numpy()
-    log.info("linear probe: the frozen encoder's features")
-    plain = plain_model(encoder, device)  # frozen: its features are computed once, for every fold
-    readable_names = descriptive(support.classes)
-    x = model_features(plain, with_names(texts, ys, support.classes if readable_names else None)[0]).cpu().numpy()
-    x, x_names = x[:len(texts)], x[len(texts):]
-    linear = cross_validate_probe(x, ys, k, folds)
-    names = None
-    if readable_names:  # the class names as examples, unless the (cheap) probe does better without them beyond
-        named = cross_validate_probe(x, ys, k, folds, extra=x_names)  # the folds' noise (mtl.run.label_text)
-        if names_stay(linear, named):
-            linear, names = named, support.classes
+    meta_learned = meta_learned_candidate(adapted, learner, support, len(folds))
+    plain, linear, names, x, x_names = probe_candidate(encoder, device, support, folds)
     vocab = vocabulary(encoder)
     ft, tuned = cross_validate("finetune", lambda t, y: finetune(t, y, k, encoder, device, epochs, lr, seed,
                                                                  names=names),
@@ -265,7 +282,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     # scored on the folds its weights came from (slightly flattered, when they moved): it is the default anyway
     mixed = mixed_logits([(voices[v].logits, w) for v, w in shares.items() if w])
     ensemble = Candidate(ENSEMBLE, float((mixed.argmax(1) == ft.held).mean()), mixed, ft.held)
-    cands = [Candidate("meta-learned", float((z.argmax(1) == held).mean()), z, held), linear, ft, ensemble]
+    cands = [meta_learned, linear, ft, ensemble]
     best = pick(cands, default=ENSEMBLE)
     by = f"{len(folds)}-fold cross-validation on the support set, {ENSEMBLE} unless beaten beyond its noise"
     choice = {"method": best.name, "by": by, "accuracy": {c.name: round(c.accuracy, 4) for c in [*cands, tuned]},

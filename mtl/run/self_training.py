@@ -141,7 +141,7 @@ def with_text_probe(model: AdaptedModel, support: Support, texts: np.ndarray, la
     with_linear_head(frozen, x, np.concatenate([ys, labels]), k)
     meta = model.meta
     meta["self_training"].update(share=SHARE, student="a linear probe on the pretrained encoder")
-    if meta.get("algorithm") == "linear_probe" and model.frozen is None:  # the model is the probe: refitted
+    if meta.get("algorithm") in ("linear_probe", "probe+tokens") and model.frozen is None:  # it is the probe: refit
         model.model.heads[HEAD].load_state_dict(frozen.heads[HEAD].state_dict())
         meta["self_training"]["share"] = 1.0
         return model
