@@ -426,6 +426,23 @@ def test_text_default_weighs_a_probe_against_the_meta_learned_adaptation(text_ru
     assert "choice" not in plain.meta and plain.meta["algorithm"] == "maml"
 
 
+def test_the_estimator_adapts_text_as_adapt_does(text_run):
+    """FewShotClassifier weighs the probe as `adapt` does, and `meta_only` (a parameter clone keeps) does not."""
+    from sklearn.base import clone
+
+    import mtl
+    from mtl.data.registry import Registry
+
+    train = Registry().load("clinc150-work").train
+    rows = np.concatenate([np.flatnonzero(train.labels == c)[:3] for c in range(5)])
+    x, y = train.inputs[rows].tolist(), train.labels[rows]
+    clf = mtl.FewShotClassifier(checkpoint=str(text_run)).fit(x, y)
+    assert set(clf.model_.meta["choice"]["accuracy"]) == {"meta-learned", "linear_probe", "probe+tokens"}
+    assert clf.score(x, y) > 0.6 and clf.classes_.tolist() == [0, 1, 2, 3, 4]  # int labels stay ints
+    plain = clone(clf).set_params(meta_only=True).fit(x, y)
+    assert "choice" not in plain.model_.meta and plain.predict(x[:2]).shape == (2,)
+
+
 def test_a_linear_probe_head_predicts_as_scikit_learn_does():
     from sklearn.linear_model import LogisticRegression
 

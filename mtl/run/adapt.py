@@ -28,7 +28,7 @@ from mtl.data.task import Task
 from mtl.device import resolve_device
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel, calibrate_batchnorm
-from mtl.run import outliers
+from mtl.run import outliers, text_default
 from mtl.run.adapted import HEAD, AdaptedModel, model_inputs, plain_model, text_features
 from mtl.run.calibration import (
     CALIBRATION_FOLDS,
@@ -256,11 +256,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         from mtl.run.alternatives import select as choose_method
 
         model = choose_method(model, learner, support, encoder_epochs, encoder_lr, seed, reject_by, reject_rate, none)
-    elif (support.modality == "text" and support.shots >= 2 and not meta_only and not encoder_layers
-          and steps is None and lr is None and head_init is None):
-        from mtl.run.text_default import choose_text
-
-        model = choose_text(model, learner, support, reject_by, reject_rate, none)
+    elif not meta_only and text_default.applies(support, steps, lr, head_init, encoder_layers):
+        model = text_default.choose_text(model, learner, support, reject_by, reject_rate, none)
     if unlabeled is not None:
         from mtl.run.self_training import self_train
 

@@ -17,8 +17,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from mtl.algorithms import Algorithm
 from mtl.device import resolve_device
+from mtl.run import text_default
 from mtl.run.adapt import fit
 from mtl.run.adapted import AdaptedModel
+from mtl.run.calibration import REJECT_RATE
 from mtl.run.learner import load_learner
 from mtl.run.support import support_from_arrays
 
@@ -45,6 +47,10 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         How the new head starts; ``None``: as in meta-training.
     encoder_layers : int
         Text: also fine-tune this many top layers of the sentence encoder.
+    meta_only : bool
+        Text: keep the meta-learned adaptation. By default, with 2 or more examples per class and none of
+        the three settings above, a linear probe on the pretrained encoder is weighed against it on the
+        support set's folds, as ``adapt`` does (:mod:`mtl.run.text_default`).
     device : str
         ``auto``, ``cpu`` or ``cuda``.
     seed : int
@@ -52,7 +58,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, checkpoint: str = "", steps: int | None = None, lr: float | None = None,
-                 head_init: str | None = None, encoder_layers: int = 0, device: str = "cpu", seed: int = 0) -> None:
+                 head_init: str | None = None, encoder_layers: int = 0, device: str = "cpu", seed: int = 0,
+                 meta_only: bool = False) -> None:
         self.checkpoint = checkpoint
         self.steps = steps
         self.lr = lr
@@ -60,18 +67,25 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.encoder_layers = encoder_layers
         self.device = device
         self.seed = seed
+        self.meta_only = meta_only
 
     def fit(self, X: Any, y: Any) -> FewShotClassifier:
         learner = _learner(str(self.checkpoint), self.device, self.encoder_layers == 0)
         modality = _modality(X, learner)
-        support = support_from_arrays(list(X), list(y), modality)
+        y = np.asarray(list(y))
+        support = support_from_arrays(list(X), [str(v) for v in y], modality)
         self.model_: AdaptedModel = fit(learner, support, self.steps, self.lr, self.head_init, self.encoder_layers,
                                         seed=self.seed, checkpoint=str(self.checkpoint))
-        self.classes_ = np.asarray(support.classes, dtype=object)
+        if not self.meta_only and text_default.applies(support, self.steps, self.lr, self.head_init,
+                                                       self.encoder_layers):
+            self.model_ = text_default.choose_text(self.model_, learner, support, "distance", REJECT_RATE, "none")
+        self.classes_ = np.unique(y)  # scikit-learn's order and the labels' own type (ints stay ints)
+        column = {c: i for i, c in enumerate(support.classes)}  # the model's classes: their names, sorted as text
+        self.columns_ = np.asarray([column[str(c)] for c in self.classes_])
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        return self.model_.predict_proba(list(X) if not isinstance(X, np.ndarray) else X)
+        return self.model_.predict_proba(list(X) if not isinstance(X, np.ndarray) else X)[:, self.columns_]
 
     def predict(self, X: Any) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(1)]

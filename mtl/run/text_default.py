@@ -43,6 +43,14 @@ PROBE_TOKENS = "probe+tokens"  # the probe and token matching on the frozen enco
 DEFAULT = "linear_probe"
 
 
+def applies(support: Support, steps: int | None, lr: float | None, head_init: str | None, encoder_layers: int
+            ) -> bool:
+    """Whether the default weighs the probe: a text task with folds to score on, and no inner-loop setting
+    or encoder fine-tuning asked for (those ask for the meta-learned path itself)."""
+    return (support.modality == "text" and support.shots >= 2 and not encoder_layers
+            and steps is None and lr is None and head_init is None)
+
+
 def choose_text(adapted: AdaptedModel, learner: Algorithm, support: Support, reject_by: str, reject_rate: float,
                 none: str) -> AdaptedModel:
     """``adapted`` (the meta-learned adaptation, as :func:`mtl.run.adapt.fit` made it), a linear probe, or
