@@ -43,18 +43,19 @@ def main() -> None:
     for item in a.tasks.split(","):
         name, shots = item.split(":")
         task = reg.load(name)
-        accs, chosen = [], []
+        accs, chosen, eces = [], [], []
         for seed in range(a.seeds):  # adaptation leaves the loaded learner unchanged: one load serves every seed
             r = adapt(learner, task, shots=int(shots), seed=seed, steps=a.steps, head_init=a.head_init,
                       encoder_layers=a.encoder_layers, encoder_epochs=a.encoder_epochs, meta_only=a.meta_only)
             accs.append(r.meta["test_accuracy"])
             chosen.append(r.meta.get("choice", {}).get("method", "meta-learned"))
+            eces.append(r.meta["test_ece"])
         mean, ci = mean_ci(accs)
         pooled += accs
         print(json.dumps({"task": name, "shots": int(shots), "classes": len(task.classes), "seeds": a.seeds,
                           "encoder_layers": a.encoder_layers,
                           "accuracy": round(mean, 4), "ci95": round(ci, 4), "per_seed": [round(x, 4) for x in accs],
-                          "chosen": chosen}),
+                          "chosen": chosen, "ece": round(sum(eces) / len(eces), 4)}),
               flush=True)
 
 

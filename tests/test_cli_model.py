@@ -426,6 +426,23 @@ def test_text_default_weighs_a_probe_against_the_meta_learned_adaptation(text_ru
     assert "choice" not in plain.meta and plain.meta["algorithm"] == "maml"
 
 
+def test_text_at_one_shot_probes_the_example_and_the_class_name(text_run, tmp_path, run_cli):
+    """One example per class: the probe on it and its class's name where the names read as words (its
+    temperature from the names answering for the examples and back), else the meta-learned adaptation."""
+    code, out, err = run_cli("adapt", "--task", "clinc150-travel", "--checkpoint", text_run, "--shots", 1,
+                             "--out", tmp_path / "m", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["choice"]["method"] == "linear_probe" and res["choice"]["label_names"]
+    assert res["calibration"]["temperature"] > 0 and "class name" in res["calibration"]["by"]
+    assert res["rejection"]["threshold"] is None and res["test_accuracy"] > 0.5  # 15-way: chance 0.067
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "what is the exchange rate for euros")
+    assert code == 0 and json.loads(out)["predictions"][0]["label"] == "exchange_rate", (out, err)
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 1,
+                             "--out", tmp_path / "w", "--json")  # pto, w2, 401k: names that are not all words
+    assert code == 0 and json.loads(out)["choice"] is None, err
+
+
 def test_the_estimator_adapts_text_as_adapt_does(text_run):
     """FewShotClassifier weighs the probe as `adapt` does, and `meta_only` (a parameter clone keeps) does not."""
     from sklearn.base import clone
