@@ -29,11 +29,12 @@ def main() -> None:
     ap.add_argument("--task", default="clinc150-travel")
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--meta-only", action="store_true", help="adapt --meta-only: no probe weighed (before stop 39)")
     a = ap.parse_args()
     times, peaks = [], []
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(ROOT / "cli.py"), "adapt", "--task", a.task, "--checkpoint", a.checkpoint,
-               "--shots", str(a.shots), "--out", tmp, "--device", "cpu", "--json"]
+               "--shots", str(a.shots), "--out", tmp, "--device", "cpu", "--json", *(["--meta-only"] * a.meta_only)]
         for i in range(a.repeats + 1):
             with tempfile.TemporaryFile("w+") as err:
                 t0 = time.perf_counter()
