@@ -6,6 +6,7 @@ embeddings from the cache (keyed by encoder and the exact texts) instead of runn
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -110,6 +111,25 @@ def load_transformer(name: str):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
+@functools.cache
+def load_tokenizer(name: str):
+    """The tokenizer alone: a fraction of a second where the model takes two (token ids for cached states)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    return AutoTokenizer.from_pretrained(str(model_path(name)))
+
+
+def encoder_depth(name: str) -> int:
+    """How many transformer layers the encoder has, from its config file where it says (so a cache lookup
+    keyed by depth need not load the model), else from the model."""
+    config = model_path(name) / "config.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads(config.read_text())["num_hidden_layers"])
+    return len(transformer_layers(load_transformer(name)[0]))
+
+
 def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The stack of transformer layers of a BERT-style encoder (BERT, RoBERTa, MPNet, MiniLM, E5,
     BGE...): what training the top layers needs."""
@@ -169,7 +189,8 @@ def _encode(texts: list[str], name: str, weights: EncoderWeights | None = None, 
     return out
 
 
-def _digest(texts: list[str]) -> str:
+def text_digest(texts: list[str]) -> str:
+    """What names a list of texts in cache keys."""
     return hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -181,7 +202,7 @@ def embed_texts(texts: list[str], name: str = "minilm", weights: EncoderWeights 
     the same embedding either way."""
     if not cache:
         return torch.from_numpy(_encode(texts, name, weights).astype(np.float16).astype(np.float32))
-    key: list[object] = [encoder_key(name), _digest(texts), len(texts)] + ([weights.digest] if weights else [])
+    key: list[object] = [encoder_key(name), text_digest(texts), len(texts)] + ([weights.digest] if weights else [])
     arrays = cached_arrays("embeddings", key, lambda: {"x": _encode(texts, name, weights).astype(np.float16)})
     return torch.from_numpy(arrays["x"].astype(np.float32))
 
@@ -256,8 +277,7 @@ def lower_token_states(model: torch.nn.Module, tok: object, texts: list[str], st
 def token_states(texts: list[str], name: str, trainable_layers: int) -> TokenStore:
     """The hidden states of ``texts`` below the top ``trainable_layers`` layers, computed once per
     encoder, depth and list of texts (cached on disk like sentence embeddings)."""
-    model, _ = load_transformer(name)
-    start = len(transformer_layers(model)) - trainable_layers
-    arrays = cached_arrays("token-states", [encoder_key(name), start, _digest(texts), len(texts), "ragged"],
-                           lambda: lower_token_states(model, load_transformer(name)[1], texts, start))
+    start = encoder_depth(name) - trainable_layers
+    arrays = cached_arrays("token-states", [encoder_key(name), start, text_digest(texts), len(texts), "ragged"],
+                           lambda: lower_token_states(*load_transformer(name), texts, start))
     return TokenStore(torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["offsets"]))

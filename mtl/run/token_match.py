@@ -27,11 +27,10 @@ def token_vectors(encoder: str, texts: list[str], cached: bool = False) -> tuple
     ids) of the frozen ``encoder``; ``cached``: through the disk cache (a task's fixed splits)."""
     from mtl.data.embeddings import load_transformer, token_states
 
-    model, tok = load_transformer(encoder)
     if not cached:
-        return transformer_token_vectors(model, tok, texts)
-    store = token_states(texts, encoder, 0)
-    return torch.nn.functional.normalize(store.tokens.float(), dim=1), store.offsets, token_ids(tok, texts)
+        return transformer_token_vectors(*load_transformer(encoder), texts)
+    store = token_states(texts, encoder, 0)  # on a warm cache neither the model nor its tokenizer is loaded
+    return torch.nn.functional.normalize(store.tokens.float(), dim=1), store.offsets, cached_token_ids(encoder, texts)
 
 
 @torch.no_grad()
@@ -56,11 +55,24 @@ def token_ids(tok: object, texts: list[str]) -> Tensor:
     return torch.as_tensor([i for row in ids for i in row], dtype=torch.long)
 
 
-def vocabulary(encoder: str) -> int:
-    """The size of ``encoder``'s tokenizer: the length of an idf table."""
-    from mtl.data.embeddings import load_transformer
+def cached_token_ids(encoder: str, texts: list[str]) -> Tensor:
+    """:func:`token_ids` through the disk cache, beside the texts' cached token states."""
+    from mtl.data.cache import cached_arrays
+    from mtl.data.embeddings import encoder_key, load_tokenizer, text_digest
 
-    return len(load_transformer(encoder)[1])
+    arrays = cached_arrays("token-ids", [encoder_key(encoder), text_digest(texts), len(texts)],
+                           lambda: {"ids": token_ids(load_tokenizer(encoder), texts).numpy()})
+    return torch.from_numpy(arrays["ids"])
+
+
+def vocabulary(encoder: str) -> int:
+    """The size of ``encoder``'s tokenizer: the length of an idf table (kept in the disk cache)."""
+    from mtl.data.cache import cached_arrays
+    from mtl.data.embeddings import encoder_key, load_tokenizer
+
+    arrays = cached_arrays("vocabulary", [encoder_key(encoder)],
+                           lambda: {"size": np.asarray([len(load_tokenizer(encoder))])})
+    return int(arrays["size"][0])
 
 
 def owners(offsets: Tensor) -> Tensor:
