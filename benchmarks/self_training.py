@@ -9,6 +9,7 @@ examples alone, and published few-shot results mostly do too.
 
     python cli.py train --config configs/clinc150.yaml --out runs/clinc
     python benchmarks/self_training.py --checkpoint runs/clinc --tasks banking77:10,banking77:5 --seeds 3
+    python benchmarks/self_training.py --checkpoint runs/clinc --tasks banking77:10 --plain   # text: plain adapt
     python cli.py train --config configs/quickstart.yaml --out runs/quickstart
     python benchmarks/self_training.py --checkpoint runs/quickstart --tasks mnist:5,olivetti:3 --seeds 3
     python benchmarks/self_training.py --checkpoint runs/quickstart --tasks mnist:5 --per-class 10
@@ -38,13 +39,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--per-class", type=int, default=0,
                    help="cut the pool to this many inputs of each class (drawn with seed 100 + the draw's)")
+    p.add_argument("--plain", action="store_true", help="text: plain adapt (its default), not adapt --select")
     a = p.parse_args()
     torch.set_num_threads(2)
     registry, summary = Registry(), []
     for item in a.tasks.split(","):
         name, shots = item.split(":")
         task = registry.load(name)
-        base = "select" if task.modality == "text" else "adapt"
+        base = "select" if task.modality == "text" and not a.plain else "adapt"
         runs: dict[str, list[float]] = {base: [], f"{base}+unlabeled": []}
         for seed in range(a.seeds):
             t0 = time.perf_counter()

@@ -163,6 +163,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
         why = f"chosen by {choice['by']}: " + ", ".join(f"{k} {v:.3f}" for k, v in choice["accuracy"].items())
     st = m.meta.get("self_training")
     self_trained = "" if not st else (
+        f"; then the probe refitted with {st['pseudo_labelled']} of {st['unlabeled']} unlabeled texts it labelled"
+        if m.meta["modality"] == "text" and st["share"] == 1.0 else
         f"; then a probe self-trained on {st['pseudo_labelled']} of {st['unlabeled']} unlabeled texts it labelled, "
         f"answering beside it (share {st['share']:.2f})" if m.meta["modality"] == "text" else
         f"; then its head refitted on its features of the labelled images and {st['pseudo_labelled']} of "
