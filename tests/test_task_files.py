@@ -48,6 +48,8 @@ CASES = {
                                    "e.g. exclude: [spam]"),
     "unknown modality": (lambda g: g.replace("modality: text", "modality: audio"), "modality", "'text' or 'image'"),
     "unknown field": (lambda g: g + "colour: blue\n", "colour", "unknown field"),
+    "misspelt field": (lambda g: g.replace("  format: csv", "  format: csv\n  heder: true"), "source.heder",
+                       "did you mean `header`?"),
     "missing file": (lambda g: g.replace("tiny.csv", "nope.csv"), "source.path", "not found"),
     "label field absent": (lambda g: g.replace("label_field: label", "label_field: intent"), "label_field",
                            "column 'intent' is not in the data"),
@@ -85,6 +87,13 @@ def test_good_file_validates(tmp_path, csv_file, run_cli):
     code, out, err = run_cli("tasks", "validate", path)
     assert code == 0, err
     assert "ok" in out and "2 classes" in out
+
+
+def test_a_misspelt_source_field_is_the_only_problem_reported(tmp_path, csv_file, run_cli):
+    """`source` is one source or a list of them; a typo inside one is not also a complaint that it is no list."""
+    path = write(tmp_path / "tasks" / "t.yaml", good(csv_file).replace("  format: csv", "  format: csv\n  heder: 1"))
+    code, _, err = run_cli("tasks", "validate", path)
+    assert code == 1 and err.strip().count("\n") == 0 and "source.heder" in err, err
 
 
 def test_several_problems_one_line_each(tmp_path, run_cli):

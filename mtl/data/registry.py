@@ -84,6 +84,16 @@ def _fix_for(error_type: str, field: str) -> str:
     return fix
 
 
+def _field_names() -> list[str]:
+    """Every field name of the schema, at any depth: what a misspelt field is compared with."""
+    from pydantic import BaseModel
+
+    from mtl.data import schema
+
+    models = [m for m in vars(schema).values() if isinstance(m, type) and issubclass(m, BaseModel)]
+    return sorted({name for m in models for name in m.model_fields})
+
+
 def _field_of(loc: tuple[object, ...]) -> str:
     # pydantic puts union/tag members in loc (e.g. "list[str]", "str"); drop those for readability
     parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float")))]
@@ -123,11 +133,16 @@ def parse_task_file(path: Path) -> TaskSpec:
     except ValidationError as e:
         problems = []
         for err in e.errors(include_url=False):
+            if _field_of(err["loc"]) == "source" and err["type"] == "list_type" and isinstance(doc.get("source"), dict):
+                continue  # one source given: what is wrong with it is reported inside it, not that it is no list
             msg = err["msg"].removeprefix("Value error, ")
             field = _field_of(err["loc"])
+            fix = _fix_for(err["type"], field)
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"
-            problems.append(TaskFileError(path, field, msg, _fix_for(err["type"], field)))
+                near = difflib.get_close_matches(str(err["loc"][-1]), _field_names(), n=1, cutoff=0.75)
+                fix = f"did you mean `{near[0]}`? Otherwise remove it" if near else fix
+            problems.append(TaskFileError(path, field, msg, fix))
         raise TaskFileErrors(problems) from None
 
 
