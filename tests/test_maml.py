@@ -254,3 +254,20 @@ def test_support_batchnorm_gradient_is_exact(affine):
     (gx,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)  # as an inner loop would
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+def test_image_encoders_take_images_of_the_other_channel_count():
+    """A colour task on a grayscale checkpoint (or the reverse) is converted, not refused: luminance as
+    PIL computes it for one input channel, the gray image repeated for three."""
+    from PIL import Image
+
+    from mtl.models.encoders.resnet import ResNet12
+
+    rgb = torch.randint(0, 256, (4, 28, 28, 3), dtype=torch.uint8)
+    gray = torch.stack([torch.from_numpy(__import__("numpy").asarray(Image.fromarray(x.numpy()).convert("L")))
+                        for x in rgb])
+    torch.manual_seed(0)
+    conv = ConvEncoder(in_channels=1).float().eval()  # this module runs in float64 by default
+    torch.testing.assert_close(conv(rgb), conv(gray), atol=0.02, rtol=0.02)  # PIL rounds to whole grey levels
+    res = ResNet12(3, (4, 4, 4, 4)).float().eval()
+    torch.testing.assert_close(res(gray), res(gray.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()))

@@ -25,6 +25,27 @@ def channels_last(x: Tensor) -> Tensor:
     return x.contiguous().as_strided(x.shape, (h * w, 1, w, 1))
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
+
+
+def pixels(x: Tensor, channels: int, nhwc: bool) -> Tensor:
+    """A batch of images as the first convolution takes it: floats in [0, 1], (N, C, H, W) with the
+    encoder's ``channels`` (colour images turned to luminance for a grayscale encoder, grayscale repeated
+    for a colour one, so a task file's `grayscale` need not match the checkpoint's), NHWC strides if
+    ``nhwc``."""
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    if x.dim() == 3:
+        x = x.unsqueeze(1)  # grayscale (N, H, W) -> (N, 1, H, W)
+    elif x.dim() == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] == 3 and channels == 1:
+        x = (x * x.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif x.shape[1] == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    return channels_last(x) if nhwc else x.contiguous()  # NHWC: 2x faster conv and pooling on CPU
+
+
 def nchw_for_double_backward(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Within the block, convolutional encoders run NCHW: the layout for a pass whose graph is
     differentiated twice (second-order MAML's support pass). On CPU such a pass runs 1.25-2x faster
@@ -47,17 +68,11 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=False),
                        EpisodicBatchNorm2d(hidden), nn.MaxPool2d(2, ceil_mode=i >= 4), nn.ReLU()]
         self.blocks = nn.Sequential(*layers)
+        self.in_channels = in_channels
         self.out_dim = hidden
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        if x.dim() == 3:
-            x = x.unsqueeze(1)  # grayscale (N, H, W) -> (N, 1, H, W)
-        elif x.dim() == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
-            x = x.permute(0, 3, 1, 2)
-        x = channels_last(x) if self.nhwc else x.contiguous()  # NHWC: 2x faster conv and pooling on CPU
-        h = self.blocks(x)
+        h = self.blocks(pixels(x, self.in_channels, self.nhwc))
         return h.mean(dim=(2, 3))  # global average pool: any input size gives `hidden` features
 
 

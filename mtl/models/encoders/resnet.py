@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl.models.batchnorm import EpisodicBatchNorm2d
-from mtl.models.encoders.conv import channels_last
+from mtl.models.encoders.conv import pixels
 from mtl.models.encoders.registry import register_encoder
 
 if TYPE_CHECKING:
@@ -44,19 +44,13 @@ class ResNet12(nn.Module):
 
     def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (64, 160, 320, 640)) -> None:
         super().__init__()
+        self.in_channels = in_channels
         chans = (in_channels, *widths)
         self.blocks = nn.Sequential(*[Block(a, b) for a, b in itertools.pairwise(chans)])
         self.out_dim = widths[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        if x.dim() == 3:
-            x = x.unsqueeze(1)
-        elif x.dim() == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
-            x = x.permute(0, 3, 1, 2)
-        x = channels_last(x) if self.nhwc else x.contiguous()
-        return self.blocks(x).mean(dim=(2, 3))
+        return self.blocks(pixels(x, self.in_channels, self.nhwc)).mean(dim=(2, 3))
 
 
 @register_encoder("resnet12", "image")
