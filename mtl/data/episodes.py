@@ -79,7 +79,9 @@ class EpisodeSampler:
             if len(members) < need:
                 raise MtlError(f"class '{self.tasks[pos].classes[c]}' of task '{self.tasks[pos].name}' split "
                                f"'{split}' has {len(members)} examples, fewer than shots + queries = "
-                               f"{shots} + {queries}", f"ask for at most {len(members)} shots + queries")
+                               f"{shots} + {queries}",
+                               f"ask for at most {len(members)} shots + queries in all"
+                               + (f", e.g. --queries {len(members) - shots}" if len(members) > shots else ""))
 
     @property
     def num_classes(self) -> int:
