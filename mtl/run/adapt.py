@@ -205,7 +205,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     (``encoder_epochs``, ``encoder_lr``: default :func:`encoder_lr_for`), by cross-validation on the support set
     (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``. Without it, a text task
     with two or more shots per class and no inner-loop setting given gets the meta-learned adaptation, a
-    linear probe or the probe with token matching, by the same folds (:mod:`mtl.run.text_default`), unless
+    linear probe or the probe with token matching, by the same folds (at one shot, with class names that
+    read as words, the probe on the examples and the names: :mod:`mtl.run.text_default`), unless
     ``meta_only``. ``unlabeled``: inputs
     without labels (texts or a ``.txt`` file of them, one per line; images, a folder of them or a ``.txt``
     file of their paths) that the adapted model labels for a self-trained linear classifier: for text a

@@ -48,9 +48,9 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     encoder_layers : int
         Text: also fine-tune this many top layers of the sentence encoder.
     meta_only : bool
-        Text: keep the meta-learned adaptation. By default, with 2 or more examples per class and none of
-        the three settings above, a linear probe on the pretrained encoder is weighed against it on the
-        support set's folds, as ``adapt`` does (:mod:`mtl.run.text_default`).
+        Text: keep the meta-learned adaptation. By default, with none of the four settings above, a linear
+        probe on the pretrained encoder is weighed against it on the support set's folds, as ``adapt`` does
+        (:mod:`mtl.run.text_default`).
     device : str
         ``auto``, ``cpu`` or ``cuda``.
     seed : int
