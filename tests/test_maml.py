@@ -264,7 +264,7 @@ def test_image_encoders_take_images_of_the_other_channel_count():
     from mtl.models.encoders.resnet import ResNet12
 
     rgb = torch.randint(0, 256, (4, 28, 28, 3), dtype=torch.uint8)
-    gray = torch.stack([torch.from_numpy(__import__("numpy").asarray(Image.fromarray(x.numpy()).convert("L")))
+    gray = torch.stack([torch.from_numpy(__import__("numpy").array(Image.fromarray(x.numpy()).convert("L")))
                         for x in rgb])
     torch.manual_seed(0)
     conv = ConvEncoder(in_channels=1).float().eval()  # this module runs in float64 by default
