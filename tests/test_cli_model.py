@@ -361,6 +361,20 @@ def test_compare_fine_tunes_the_whole_pretrained_encoder_on_the_same_episodes(te
     assert code == 2 and "finetune" in err and len(err.strip().splitlines()) == 1
 
 
+def test_compare_on_text_runs_the_pretrained_encoders_probe_by_default(text_run, tmp_path, run_cli):
+    """What `adapt` keeps for text unless meta-learning beats it is a row of every text comparison."""
+    code, out, err = run_cli("compare", "--tasks", "clinc150-work", "--shots", 2, "--episodes", 3, "--ways", 5,
+                             "--queries", 3, "--checkpoints", f"maml={text_run}", "--steps", 1,
+                             "--out", tmp_path / "cmp", "--json")
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads(out)["results"]}
+    assert set(rows) == {"maml", "scratch", "linear_probe", "centroid", "encoder_probe"}
+    assert rows["encoder_probe"]["episodes"] == 3 and rows["encoder_probe"]["accuracy"] > 0.5  # chance 0.2
+    code, _, err = run_cli("compare", "--tasks", "olivetti", "--checkpoints", f"maml={text_run}", "--methods",
+                           "encoder_probe", "--out", tmp_path / "x")
+    assert code == 2 and "encoder_probe" in err and len(err.strip().splitlines()) == 1
+
+
 def test_select_keeps_the_best_of_meta_probe_and_finetune_by_cross_validation(text_run, tmp_path, run_cli, caplog):
     from mtl.data.registry import Registry
     from mtl.run.adapted import HEAD, AdaptedModel

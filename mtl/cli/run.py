@@ -242,9 +242,9 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
                 shots: Annotated[str, typer.Option(help="Shots per class, comma-separated.")] = "1,5",
                 episodes: int = 100, ways: Annotated[int | None, typer.Option(help="Default: the recipe's.")] = None,
                 methods: Annotated[str | None, typer.Option(
-                    help="Comma-separated checkpoint labels and baselines (scratch, linear_probe, centroid; "
-                    "finetune and setfit for text: the pretrained encoder fine-tuned whole, or by SetFit); default: "
-                    "all but those two.")] = None,
+                    help="Comma-separated checkpoint labels and baselines (scratch, linear_probe, centroid; for "
+                    "text encoder_probe, the pretrained encoder probed, and finetune and setfit: it fine-tuned "
+                    "whole, or by SetFit); default: all but those last two.")] = None,
                 steps: Annotated[int, typer.Option(help="Fine-tuning steps, the same for every method.")] = 10,
                 queries: int = 15, seed: int = 0,
                 finetune_epochs: Annotated[int | None, typer.Option(

@@ -47,6 +47,9 @@ from mtl.run.select import LR_GRID, Setting, choose
 log = logging.getLogger(__name__)  # which setting and method is running (the CLI shows it on a spinner)
 
 BASELINES = ("scratch", "linear_probe", "centroid")
+# text only: logistic regression on the pretrained sentence encoder's embeddings, what `adapt` keeps for text
+# unless the meta-learned adaptation beats it (mtl.run.text_default); cheap, so run on text tasks by default
+TEXT_BASELINES = ("encoder_probe",)
 ON_REQUEST = ("finetune", "setfit")  # text only and costly (the encoder per episode): run when named in `methods`
 
 
@@ -86,6 +89,20 @@ def probe_scores(learner: Algorithm, b: TaskBatch) -> Scored:
         warnings.simplefilter("ignore", UserWarning)
         clf = LogisticRegression(max_iter=1000, C=1.0).fit(fs, b.ys.cpu().numpy())
     return scored(clf.predict_proba(fq), b)
+
+
+def encoder_probe_scores(encoder: str, b: TaskBatch, device: torch.device) -> Scored:
+    """Logistic regression (:func:`mtl.models.heads.linear_fit`, as ``adapt``'s probe) on the pretrained
+    encoder's embeddings of the episode's texts; no class names, which episodes do not carry."""
+    from mtl.models.heads import linear_fit
+    from mtl.run.adapted import model_inputs, plain_model
+
+    plain = plain_model(encoder, device)
+    with torch.no_grad():  # not through the disk cache: every episode is another list of texts
+        fs, fq = (plain.features(model_inputs(np.asarray(texts, dtype=np.str_), plain, "text", device, cache=False),
+                                 "text").float().cpu().numpy() for texts in b.raw)  # type: ignore[union-attr]
+    w, bias = linear_fit(fs, b.ys.cpu().numpy(), b.ways)
+    return scored(softmax((torch.as_tensor(fq) @ w.T + bias).numpy()), b)
 
 
 def centroid_scores(learner: Algorithm, b: TaskBatch) -> Scored:
@@ -167,11 +184,12 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     checkpoints = {k: Path(v) for k, v in checkpoints.items()}
     if not checkpoints:
         raise MtlError("compare needs at least one checkpoint", "pass --checkpoints maml=RUN_DIR[,multitask=RUN_DIR]")
-    methods = list(methods or [*checkpoints, *BASELINES])
-    unknown = [m for m in methods if m not in checkpoints and m not in BASELINES + ON_REQUEST]
+    texts = any(t.modality == "text" for t in tasks)  # type: ignore[union-attr]
+    methods = list(methods or [*checkpoints, *BASELINES, *(TEXT_BASELINES if texts else ())])
+    unknown = [m for m in methods if m not in checkpoints and m not in BASELINES + TEXT_BASELINES + ON_REQUEST]
     if unknown:
         raise MtlError(f"unknown method '{unknown[0]}'", f"use checkpoint labels ({', '.join(checkpoints)}) "
-                       f"or baselines ({', '.join(BASELINES + ON_REQUEST)})")
+                       f"or baselines ({', '.join(BASELINES + TEXT_BASELINES + ON_REQUEST)})")
     learners = {k: load_learner(p, device) for k, p in checkpoints.items()}
     depth = {k: lm[0].model.config.text_trainable_layers for k, lm in learners.items()}
     if len(set(depth.values())) > 1:  # one set of episode inputs serves every checkpoint
@@ -181,9 +199,9 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     ref_learner, ref_meta = learners[reference]
     recipe = Recipe.model_validate(ref_meta["recipe"])
     for t in tasks:
-        for m in set(methods) & set(ON_REQUEST):
-            if t.modality != "text":
-                raise MtlError(f"`{m}` fine-tunes a sentence encoder; task '{t.name}' has images",
+        for m in set(methods) & set(ON_REQUEST + TEXT_BASELINES):
+            if t.modality != "text" and (m in ON_REQUEST or not texts):
+                raise MtlError(f"`{m}` needs a sentence encoder; task '{t.name}' has images",
                                f"leave {m} out of --methods for image tasks")
         if t.modality not in ref_learner.model.encoders:
             raise MtlError(f"the checkpoints have no {t.modality} encoder for task '{t.name}'",
@@ -196,6 +214,8 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
         results: dict[str, list[Scored]] = {}
         chosen: dict[str, str] = {}
         for m in methods:
+            if m in TEXT_BASELINES and p.task.modality != "text":
+                continue  # asked for the text tasks of a mixed comparison
             log.info("%s %d-shot: %s on %d episodes", p.task.name, p.shots, m, len(test))
             if m in learners or m == "scratch":
                 if m == "scratch":
@@ -211,6 +231,8 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
                 results[m] = [probe_scores(feature_source, b) for b in test]
             elif m == "centroid":
                 results[m] = [centroid_scores(feature_source, b) for b in test]
+            elif m == "encoder_probe":
+                results[m] = [encoder_probe_scores(recipe.model.text_encoder, b, device) for b in test]
             elif m == "finetune":
                 from mtl.run.alternatives import finetuned_probs
 
