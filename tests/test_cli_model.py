@@ -270,6 +270,10 @@ def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
     code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", f,
                              "--out", tmp_path / "m1")  # on a terminal, a text task is pointed to --select
     assert code == 0 and "adapted to clinc150-banking: 2 classes" in out and err.startswith("tip: --select"), err
+    other = write(tmp_path / "other.csv", "sentence,intent\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", other,
+                             "--out", tmp_path / "m3", "--json")  # two columns of other names: text, then label
+    assert code == 0 and json.loads(out)["classes"] == 2, err
     bad = write(tmp_path / "bad.csv", "text,label\nhello,not_an_intent\nbye,balance\n")
     code, _, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", bad,
                            "--out", tmp_path / "m2")

@@ -240,7 +240,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
             raise MtlError("no task to adapt to", "give a registry task name, or (inputs, labels)")
         loaded = task if isinstance(task, Task) else (registry or Registry()).load(task)
         if examples is not None:
-            xs, ys, classes = read_examples(examples, loaded.modality, loaded.spec.image_options)
+            xs, ys, classes = read_examples(examples, loaded.modality, loaded.spec.image_options,
+                                            (loaded.spec.input_field, loaded.spec.label_field))
             foreign = [c for c in classes if c not in loaded.classes]
             if foreign:
                 raise MtlError(f"label '{foreign[0]}' in {examples} is not a class of task '{loaded.name}'",

@@ -15,8 +15,19 @@ from mtl.data.schema import ImageOptions
 from mtl.errors import MtlError
 
 
-def read_examples(path: Path, modality: str, image: ImageOptions) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Labelled examples from a CSV/JSONL (``text``, ``label``) or a folder ``label/image``."""
+def columns(keys: list[str], fields: tuple[str, str] | None) -> tuple[str, str] | None:
+    """Which columns hold the text and the label: ``text`` and ``label``, else the task file's own field
+    names (``fields``), else the only two columns there are, in order; None if none of these fits."""
+    for pair in (("text", "label"), fields):
+        if pair and set(pair) <= set(keys):
+            return pair
+    return (keys[0], keys[1]) if len(keys) == 2 else None
+
+
+def read_examples(path: Path, modality: str, image: ImageOptions, fields: tuple[str, str] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labelled examples from a CSV/JSONL (columns as :func:`columns` finds them) or a folder
+    ``label/image``; ``fields``: the task's ``input_field`` and ``label_field``."""
     if not path.exists():
         raise MtlError(f"examples file {path} not found", "check the path")
     texts: list[Any] = []
@@ -37,11 +48,14 @@ def read_examples(path: Path, modality: str, image: ImageOptions) -> tuple[np.nd
                 rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
         except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
             raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header or JSON lines") from None
+        pair = columns(list(rows[0]), fields) if rows and isinstance(rows[0], dict) else None
         for n, row in enumerate(rows, 1):
-            if not isinstance(row, dict) or "text" not in row or "label" not in row:
-                raise MtlError(f"{path} row {n} has no `text` and `label` fields", "name the columns text,label")
-            texts.append(str(row["text"]))
-            labels.append(str(row["label"]))
+            if pair is None or not isinstance(row, dict) or not set(pair) <= set(row):
+                named = f" (or the task's {fields[0]},{fields[1]})" if fields else ""
+                raise MtlError(f"{path} row {n} has no `text` and `label` fields",
+                               f"name the columns text,label{named}, or keep just two: the text, then the label")
+            texts.append(str(row[pair[0]]))
+            labels.append(str(row[pair[1]]))
         if modality != "text":
             raise MtlError(f"{path} holds texts but the task is images", "give a folder of label/image files")
         inputs = np.asarray(texts, dtype=np.str_)
