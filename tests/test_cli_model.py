@@ -456,6 +456,9 @@ def test_text_at_one_shot_probes_the_example_and_the_class_name(text_run, tmp_pa
     assert res["rejection"]["threshold"] is None and res["test_accuracy"] > 0.5  # 15-way: chance 0.067
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "what is the exchange rate for euros")
     assert code == 0 and json.loads(out)["predictions"][0]["label"] == "exchange_rate", (out, err)
+    code, out, err = run_cli("adapt", "--task", "clinc150-travel", "--checkpoint", text_run, "--shots", 1,
+                             "--select", "--out", tmp_path / "s", "--json")  # no folds for --select either
+    assert code == 0 and json.loads(out)["test_accuracy"] == res["test_accuracy"], err
     code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 1,
                              "--out", tmp_path / "w", "--json")  # pto, w2, 401k: names that are not all words
     assert code == 0 and json.loads(out)["choice"] is None, err

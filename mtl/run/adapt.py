@@ -254,11 +254,11 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
                        "images", "leave --select out for image tasks")
     model = fit(learner, support, steps, lr, head_init, encoder_layers, encoder_epochs, encoder_lr, seed, source,
                 stored, reject_by, reject_rate, none)
-    if select:
+    if select and support.shots >= 2:
         from mtl.run.alternatives import select as choose_method
 
         model = choose_method(model, learner, support, encoder_epochs, encoder_lr, seed, reject_by, reject_rate, none)
-    elif not meta_only and text_default.applies(support, steps, lr, head_init, encoder_layers):
+    elif not meta_only and text_default.applies(support, steps, lr, head_init, encoder_layers):  # --select's too
         model = text_default.choose_text(model, learner, support, reject_by, reject_rate, none)
     if unlabeled is not None:
         from mtl.run.self_training import self_train

@@ -100,7 +100,8 @@ def choose_text(adapted: AdaptedModel, learner: Algorithm, support: Support, rej
 def one_shot_probe(adapted: AdaptedModel, support: Support, reject_by: str, none: str) -> AdaptedModel:
     """1 shot per class, class names that read as words: the probe on each example and its class's name.
 
-    Nothing can be chosen by folds here, so this was decided on the development tasks (SNIPS, TREC, SST-2,
+    Nothing can be chosen by folds here (``--select`` at 1 shot comes here too), so this was decided on the
+    development tasks (SNIPS, TREC, SST-2,
     SST-5, two CLINC150 training domains): the probe 65.75% against the meta-learned adaptation's 58.49%
     with the names, 55.47% without them (docs/BENCHMARKS.md). The names also give the temperature held-out
     answers: the names' probe answers for the examples and the examples' for the names. No threshold: one
