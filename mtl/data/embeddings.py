@@ -101,14 +101,14 @@ def load_transformer(name: str):
     """The encoder and tokenizer, always from a local folder (a hub id is fetched to one first), so
     transformers itself never reaches the network."""
     path = model_path(name)
-    from transformers import AutoModel, AutoTokenizer
+    tokenizer = load_tokenizer(name)
+    from transformers import AutoModel
     from transformers.utils import logging
 
-    logging.set_verbosity_error()
     logging.disable_progress_bar()
     model = AutoModel.from_pretrained(str(path))
     model.eval()
-    return model, AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
 
 
 @functools.cache

@@ -56,6 +56,12 @@ def linear_fit(x: np.ndarray, ys: np.ndarray, classes: int) -> tuple[Tensor, Ten
     return w, b
 
 
+def probe_logits(x: np.ndarray, ys: np.ndarray, classes: int, new: np.ndarray) -> np.ndarray:
+    """The logits for features ``new`` of :func:`linear_fit` on ``x``, ``ys``: a probe's held-out answers."""
+    w, b = linear_fit(x, ys, classes)
+    return (torch.as_tensor(new, dtype=torch.float32) @ w.T + b).numpy()
+
+
 def logistic_head(feats: Tensor, ys: Tensor, classes: int) -> tuple[Tensor, Tensor]:
     """A linear head for raw ``feats``, fitted by :func:`linear_fit` to them scaled to :data:`FEATURE_NORM`
     (its logits times :data:`SHARPEN`): regularised and converged, where a few gradient steps from

@@ -29,7 +29,7 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel
-from mtl.models.heads import linear_fit
+from mtl.models.heads import linear_fit, probe_logits
 from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits, plain_model
 from mtl.run.calibration import calibrate_from
 from mtl.run.label_text import descriptive, with_names
@@ -151,8 +151,7 @@ def cross_validate_probe(x: np.ndarray, ys: np.ndarray, classes: int, folds: lis
     logits = []
     for idx in folds:
         keep = np.setdiff1d(np.arange(len(ys)), idx)
-        w, b = linear_fit(*with_name_rows(x[keep], ys[keep], extra), classes)
-        logits.append((torch.as_tensor(x[idx]) @ w.T + b).numpy())
+        logits.append(probe_logits(*with_name_rows(x[keep], ys[keep], extra), classes, x[idx]))
     z, y = np.concatenate(logits), np.concatenate([ys[idx] for idx in folds])
     return Candidate("linear_probe", float((z.argmax(1) == y).mean()), z, y)
 
@@ -205,10 +204,9 @@ def pick(cands: list[Candidate], default: str = "finetune", z: float = 1.0) -> C
 
 def fold_indices(ys: np.ndarray, folds: int = 3) -> list[np.ndarray]:
     """The folds of :func:`mtl.run.select.support_folds`: fold f holds out the f-th example of each class."""
-    rank = np.zeros(len(ys), int)
-    for c in np.unique(ys):
-        members = np.flatnonzero(ys == c)
-        rank[members] = np.arange(len(members))
+    from mtl.run.select import class_ranks
+
+    rank = class_ranks(ys)
     k = min(folds, int(np.bincount(ys).min()))
     return [np.flatnonzero(rank % k == f) for f in range(k)]
 

@@ -38,6 +38,7 @@ from mtl.data.stream import EpisodeStream, TaskBatch
 from mtl.data.task import Task
 from mtl.device import resolve_device
 from mtl.errors import MtlError
+from mtl.models import MultiTaskModel
 from mtl.run.calibration import expected_calibration_error, softmax
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
@@ -91,18 +92,18 @@ def probe_scores(learner: Algorithm, b: TaskBatch) -> Scored:
     return scored(clf.predict_proba(fq), b)
 
 
-def encoder_probe_scores(encoder: str, b: TaskBatch, device: torch.device) -> Scored:
-    """Logistic regression (:func:`mtl.models.heads.linear_fit`, as ``adapt``'s probe) on the pretrained
-    encoder's embeddings of the episode's texts; no class names, which episodes do not carry."""
-    from mtl.models.heads import linear_fit
-    from mtl.run.adapted import model_inputs, plain_model
+def encoder_probe_scores(plain: MultiTaskModel, b: TaskBatch) -> Scored:
+    """Logistic regression (:func:`mtl.models.heads.probe_logits`, as ``adapt``'s probe) on the pretrained
+    encoder's (``plain``: :func:`mtl.run.adapted.plain_model`) embeddings of the episode's texts; no class
+    names, which episodes do not carry."""
+    from mtl.models.heads import probe_logits
+    from mtl.run.adapted import model_inputs
 
-    plain = plain_model(encoder, device)
     with torch.no_grad():  # not through the disk cache: every episode is another list of texts
-        fs, fq = (plain.features(model_inputs(np.asarray(texts, dtype=np.str_), plain, "text", device, cache=False),
-                                 "text").float().cpu().numpy() for texts in b.raw)  # type: ignore[union-attr]
-    w, bias = linear_fit(fs, b.ys.cpu().numpy(), b.ways)
-    return scored(softmax((torch.as_tensor(fq) @ w.T + bias).numpy()), b)
+        fs, fq = (plain.features(model_inputs(np.asarray(texts, dtype=np.str_), plain, "text", plain.anchor.device,
+                                              cache=False), "text").float().cpu().numpy()
+                  for texts in b.raw)  # type: ignore[union-attr]
+    return scored(softmax(probe_logits(fs, b.ys.cpu().numpy(), b.ways, fq)), b)
 
 
 def centroid_scores(learner: Algorithm, b: TaskBatch) -> Scored:
@@ -232,7 +233,10 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
             elif m == "centroid":
                 results[m] = [centroid_scores(feature_source, b) for b in test]
             elif m == "encoder_probe":
-                results[m] = [encoder_probe_scores(recipe.model.text_encoder, b, device) for b in test]
+                from mtl.run.adapted import plain_model
+
+                plain = plain_model(recipe.model.text_encoder, device)  # one frozen encoder for every episode
+                results[m] = [encoder_probe_scores(plain, b) for b in test]
             elif m == "finetune":
                 from mtl.run.alternatives import finetuned_probs
 

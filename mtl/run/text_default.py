@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mtl.algorithms import Algorithm
-from mtl.models.heads import linear_fit
+from mtl.models.heads import probe_logits
 from mtl.run import outliers
 from mtl.run.adapted import AdaptedModel, mixed_logits, plain_model
 from mtl.run.alternatives import (
@@ -112,7 +112,7 @@ def one_shot_probe(adapted: AdaptedModel, support: Support, reject_by: str, none
     x = model_features(plain, with_names(support.inputs.tolist(), ys, support.classes)[0]).cpu().numpy()
     x, x_names = x[:len(ys)], x[len(ys):]
     named = np.arange(k)
-    logits = [_probe_logits(x_names, named, x, k), _probe_logits(x, ys, x_names, k)]
+    logits = [probe_logits(x_names, named, k, x), probe_logits(x, ys, k, x_names)]
     t = fit_temperature(np.concatenate(logits), np.concatenate([ys, named]))
     with_linear_head(plain, *with_name_rows(x, ys, x_names), k)
     by = "1 shot per class: each example and its class name, the names answering for the examples and back"
@@ -124,8 +124,3 @@ def one_shot_probe(adapted: AdaptedModel, support: Support, reject_by: str, none
             "calibration": {"temperature": round(t, 4), "by": by}, "rejection": rejection.as_dict(),
             "choice": {"method": DEFAULT, "by": by, "label_names": True}}
     return AdaptedModel(plain, meta, state)
-
-
-def _probe_logits(x: np.ndarray, ys: np.ndarray, new: np.ndarray, classes: int) -> np.ndarray:
-    w, b = linear_fit(x, ys, classes)
-    return (torch.as_tensor(new) @ w.T + b).numpy()
