@@ -36,6 +36,7 @@ from mtl.run.calibration import (
     Rejection,
     calibrate_from,
     expected_calibration_error,
+    one_shot_rejection,
     softmax,
 )
 from mtl.run.examples import read_examples
@@ -87,8 +88,7 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
         key = "logistic_temperature" if selection.get("head_init") == "logistic" else "temperature"
         t = float((stored or {}).get(key, 1.0))
         by = "meta-validation at the end of training" if stored and key in stored else "none (1-shot)"
-        off = Rejection(reject_by, None, none, "1 shot per class: none held out to set a threshold; use --reject-below",
-                        reads)
+        off = one_shot_rejection(reject_by, none, reads)
         return {"temperature": t, "by": by}, off, outliers.fit(reject_by, feats, ys, len(support.classes))
     folds = support_folds(support.task, support.modality, xs, ys, folds=min(support.shots, CALIBRATION_FOLDS))
     steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")

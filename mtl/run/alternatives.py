@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from mtl.errors import MtlError
 from mtl.models import MultiTaskModel
 from mtl.models.heads import linear_fit, probe_logits
 from mtl.run.adapted import HEAD, AdaptedModel, mixed_logits, plain_model
-from mtl.run.calibration import calibrate_from
+from mtl.run.calibration import Rejection, calibrate_from
 from mtl.run.label_text import descriptive, with_names
 from mtl.run.mixing import beats, choose_weights
 from mtl.run.text_finetune import ALL_LAYERS, encoder_lr_for, tune_text_encoder
@@ -211,6 +211,15 @@ def fold_indices(ys: np.ndarray, folds: int = 3) -> list[np.ndarray]:
     return [np.flatnonzero(rank % k == f) for f in range(k)]
 
 
+def replaced_meta(adapted: AdaptedModel, model: MultiTaskModel, method: str, by: str, calibration: dict[str, Any],
+                  rejection: Rejection, choice: dict[str, Any]) -> dict[str, Any]:
+    """``adapted``'s meta for ``model``, a way of adapting without the inner loop (``method``) that took its
+    place: its config, calibration, rejection and the choice that made it."""
+    return {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
+            "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": method,
+            "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
+
+
 def meta_learned_candidate(adapted: AdaptedModel, learner: Algorithm, support: Support, folds: int) -> Candidate:
     """The meta-learned adaptation as :func:`mtl.run.adapt.fit` chose it, scored on the same folds as the
     alternatives (:func:`fold_indices`)."""
@@ -298,9 +307,7 @@ def select(adapted: AdaptedModel, learner: Algorithm, support: Support, epochs: 
     calibration, rejection, state = calibrate_from(best.logits, best.held, by, torch.as_tensor(x, device=device),
                                                     torch.as_tensor(ys), k, reject_by, reject_rate, none,
                                                     "model" if best.name == "linear_probe" else "frozen")
-    meta = {**adapted.meta, "model_config": model.config.model_dump(mode="json"), "steps": 0, "lr": None,
-            "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": best.name,
-            "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
+    meta = replaced_meta(adapted, model, best.name, by, calibration, rejection, choice)
     needs_frozen = rejection.reads == "frozen" or (best.name == ENSEMBLE and shares["linear_probe"])
     frozen = plain if best.name != "linear_probe" and needs_frozen else None
     if best.name != ENSEMBLE:

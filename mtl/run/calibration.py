@@ -102,6 +102,12 @@ class Rejection:
         return np.nan_to_num(scores, nan=np.inf) < self.threshold
 
 
+def one_shot_rejection(score: str, none: str, reads: str = "model") -> Rejection:
+    """No threshold: with one example per class none can be held out to bound the in-scope refusals."""
+    return Rejection(score, None, none, "1 shot per class: none held out to set a threshold; use --reject-below",
+                     reads)
+
+
 def threshold_for(in_scope_scores: np.ndarray, reject_rate: float = REJECT_RATE) -> float | None:
     """The score below which ``reject_rate`` of in-scope examples fall: with n held-out in-scope
     scores, the floor(rate * (n + 1))-th smallest (split conformal), or None (refuse nothing) when the

@@ -32,10 +32,11 @@ from mtl.run.alternatives import (
     model_features,
     pick,
     probe_candidate,
+    replaced_meta,
     with_linear_head,
     with_name_rows,
 )
-from mtl.run.calibration import Rejection, calibrate_from, fit_temperature
+from mtl.run.calibration import calibrate_from, fit_temperature, one_shot_rejection
 from mtl.run.label_text import descriptive, with_names
 from mtl.run.token_match import TokenMatcher, take, token_vectors, vocabulary
 
@@ -86,9 +87,7 @@ def choose_text(adapted: AdaptedModel, learner: Algorithm, support: Support, rej
     feats = torch.as_tensor(x, device=adapted.device)  # the frozen encoder's: what the probe's body gives
     calibration, rejection, state = calibrate_from(best.logits, best.held, by, feats, torch.as_tensor(ys), k,
                                                     reject_by, reject_rate, none, "model")
-    meta = {**adapted.meta, "model_config": plain.config.model_dump(mode="json"), "steps": 0, "lr": None,
-            "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": best.name,
-            "calibration": calibration, "rejection": rejection.as_dict(), "choice": choice}
+    meta = replaced_meta(adapted, plain, best.name, by, calibration, rejection, choice)
     matcher = None
     if best.name == PROBE_TOKENS:
         rows = np.arange(len(ys) + (k if names else 0))  # the support set, and the names where they joined it
@@ -101,11 +100,11 @@ def one_shot_probe(adapted: AdaptedModel, support: Support, reject_by: str, none
     """1 shot per class, class names that read as words: the probe on each example and its class's name.
 
     Nothing can be chosen by folds here (``--select`` at 1 shot comes here too), so this was decided on the
-    development tasks (SNIPS, TREC, SST-2,
-    SST-5, two CLINC150 training domains): the probe 65.75% against the meta-learned adaptation's 58.49%
-    with the names, 55.47% without them (docs/BENCHMARKS.md). The names also give the temperature held-out
-    answers: the names' probe answers for the examples and the examples' for the names. No threshold: one
-    example per class bounds no refusal rate (as for the meta-learned path at 1 shot)."""
+    development tasks (SNIPS, TREC, SST-2, SST-5, two CLINC150 training domains): the probe 65.75% against
+    the meta-learned adaptation's 58.49% with the names, 55.47% without them (docs/BENCHMARKS.md). The
+    names also give the temperature held-out answers: the names' probe answers for the examples and the
+    examples' for the names. No threshold: one example per class bounds no refusal rate (as for the
+    meta-learned path at 1 shot)."""
     encoder = adapted.model.config.text_encoder
     ys, k = np.asarray(support.labels), len(support.classes)
     plain = plain_model(encoder, adapted.device)
@@ -116,11 +115,8 @@ def one_shot_probe(adapted: AdaptedModel, support: Support, reject_by: str, none
     t = fit_temperature(np.concatenate(logits), np.concatenate([ys, named]))
     with_linear_head(plain, *with_name_rows(x, ys, x_names), k)
     by = "1 shot per class: each example and its class name, the names answering for the examples and back"
-    rejection = Rejection(reject_by, None, none,
-                          "1 shot per class: none held out to set a threshold; use --reject-below")
+    rejection = one_shot_rejection(reject_by, none)
     state = outliers.fit(reject_by, torch.as_tensor(x, device=adapted.device), torch.as_tensor(ys), k)
-    meta = {**adapted.meta, "model_config": plain.config.model_dump(mode="json"), "steps": 0, "lr": None,
-            "selection": {"steps": 0, "lr": None, "by": by}, "head": "linear", "algorithm": DEFAULT,
-            "calibration": {"temperature": round(t, 4), "by": by}, "rejection": rejection.as_dict(),
-            "choice": {"method": DEFAULT, "by": by, "label_names": True}}
+    meta = replaced_meta(adapted, plain, DEFAULT, by, {"temperature": round(t, 4), "by": by}, rejection,
+                         {"method": DEFAULT, "by": by, "label_names": True})
     return AdaptedModel(plain, meta, state)
