@@ -311,8 +311,46 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
     assert res["episodes"] == 20 and 0.2 < res["accuracy"] <= 1 and res["ci95"] > 0
 
 
+DIGITS_BY_CLASSES = """\
+name: digits-split
+modality: image
+description: scikit-learn's digits, 6 classes to train on, 4 held out
+role: meta_train
+source: {format: sklearn, dataset: digits}
+splits: {by: classes, sizes: {train: 6, test: 4}, seed: 0}
+"""
+
+
+def test_adapt_to_the_held_out_classes_of_a_task_split_by_classes(image_run, tmp_path, run_cli):
+    write(tmp_path / "tasks" / "digits.yaml", DIGITS_BY_CLASSES)
+    base = ["adapt", "--task", "digits-split", "--checkpoint", image_run, "--tasks-dir", tmp_path / "tasks",
+            "--shots", 3]
+    code, out, err = run_cli(*base, "--out", tmp_path / "train-classes")  # the train split's 6 classes
+    assert code == 0 and "no test examples of these classes (`--split test`" in out, (out, err)
+    code, out, err = run_cli(*base, "--split", "test", "--out", tmp_path / "held-out", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    test_rows = 714  # the held-out classes' examples: 12 learned from, the other 702 score the model
+    assert res["classes"] == 4 and res["test_split"] == "test" and res["test_examples"] == test_rows - 4 * 3
+    assert res["test_accuracy"] > 0.4  # 4-way: chance is 0.25
+    from mtl.data.registry import Registry
+    from mtl.run.adapt import scored_split
+    from mtl.run.support import support_from_task
+
+    task = Registry([tmp_path / "tasks"]).load("digits-split")
+    support = support_from_task(task, 3, 0, "test")
+    scored = scored_split(task, support)
+    learned = {x.tobytes() for x in support.inputs}
+    assert len(scored) == test_rows - 12 and not any(x.tobytes() in learned for x in scored.inputs)
+    assert len(scored_split(task, support_from_task(task, 3, 0))) == test_rows  # train shots: the whole test split
+    code, _, err = run_cli(*base, "--split", "tset", "--out", tmp_path / "x")
+    assert code == 2 and "has no split 'tset' (it has train, test)" in err and "Traceback" not in err
+    code, _, err = run_cli(*base, "--split", "test", "--examples", tmp_path / "tasks", "--out", tmp_path / "x")
+    assert code == 2 and "--split draws the shots from the task, --examples gives them" in err
+
+
 @pytest.mark.parametrize("args,words", [
-    (["adapt", "--task", "olivetti", "--shots", "6"], "has 5 training examples, fewer than the 6 shots"),
+    (["adapt", "--task", "olivetti", "--shots", "6"], "has 5 examples in its train split, fewer than the 6 shots"),
     (["adapt", "--task", "nope", "--shots", "1"], "no task named 'nope'"),
     (["adapt", "--task", "clinc150-work", "--shots", "1"], "no text encoder"),
     (["adapt", "--task", "olivetti", "--device", "cuda"], "no CUDA GPU"),

@@ -122,6 +122,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   help="Unlabeled inputs like those you expect: a .txt file of texts, one per line, or a folder "
                        "of images; the adapted model labels them and a linear classifier trained on its confident "
                        "answers joins it (text) or replaces its head (images).")] = None,
+              split: Annotated[str | None, typer.Option(
+                  help="Draw the shots from this split (default: the task's train split) and score on its other "
+                       "examples: `--split test` adapts to the held-out classes of a task split by classes.")] = None,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Fine-tune a learned initialization on a few labelled examples of a task and save it.
 
@@ -135,16 +138,20 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   device=device, out=out_dir,
                   registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
                   none=none_label, unknown=unknown, select=select, unlabeled=unlabeled, meta_only=meta_only,
-                  **({} if reject_rate is None else {"reject_rate": reject_rate}))
+                  split=split, **({} if reject_rate is None else {"reject_rate": reject_rate}))
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
-                                            "test_examples", "test_ece", "test_ece_uncalibrated", "calibration",
-                                            "rejection", "open_set", "choice", "self_training", "seconds")}}
+                                            "test_examples", "test_split", "test_ece", "test_ece_uncalibrated",
+                                            "calibration", "rejection", "open_set", "choice", "self_training",
+                                            "seconds")}}
     if as_json:
         _print_json(result)
         return
-    acc = (f"test accuracy {m.meta['test_accuracy']:.4f} +/- {m.meta['test_ci95']:.4f} on {m.meta['test_examples']} "
-           "examples" if m.meta["test_accuracy"] is not None else "no test examples of these classes")
+    scored = ("test", "") if split is None else (f"{m.meta['test_split']}-split", " other")  # --split: the rest
+    acc = (f"{scored[0]} accuracy {m.meta['test_accuracy']:.4f} +/- {m.meta['test_ci95']:.4f} on "
+           f"{m.meta['test_examples']}{scored[1]} examples" if m.meta["test_accuracy"] is not None
+           else "no test examples of these classes" + ("" if split or examples else
+                                                        " (`--split test` adapts to the test split's classes)"))
     sel = m.meta["selection"]
     size = "the learned step size" if sel.get("lr") is None else f"step size {sel['lr']:g}"
     how = f"{sel['steps']} steps at {size}" if sel["steps"] else "no gradient steps, the initial head as it is"

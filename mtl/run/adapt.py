@@ -24,7 +24,7 @@ from mtl.algorithms import Algorithm
 from mtl.data.inputs import Inputs
 from mtl.data.registry import Registry
 from mtl.data.stream import TaskBatch
-from mtl.data.task import Task
+from mtl.data.task import Split, Task
 from mtl.device import resolve_device
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel, calibrate_batchnorm
@@ -165,20 +165,34 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
         "checkpoint": checkpoint, "calibration": calibration, "rejection": rejection.as_dict()}, state, frozen)
 
 
-def score_on_task(model: AdaptedModel, task: Task) -> dict[str, Any]:
+def scored_split(task: Task, support: Support | None = None) -> Split:
+    """Where an adaptation to ``task`` is scored: its test split, or, for shots drawn from another split than
+    the train split (a class-disjoint task's held-out classes), the rest of that split. The examples the
+    model learned from are never among those it is scored on."""
+    drawn = support.split if support is not None else None
+    name = task.spec.test_split if drawn in (None, task.spec.train_split) else drawn
+    split = task.split(name)
+    if drawn != name or support is None or support.rows is None:
+        return split
+    rest = np.setdiff1d(np.arange(len(split)), support.rows)
+    return Split(split.task, split.name, split.inputs[rest], split.labels[rest])
+
+
+def score_on_task(model: AdaptedModel, task: Task, support: Support | None = None) -> dict[str, Any]:
     """Accuracy (and its 95% CI) and expected calibration error, before and after the temperature, on
-    the examples of ``task``'s test split whose class the model knows."""
+    the examples of :func:`scored_split` whose class the model knows."""
     name_to_id = {c: i for i, c in enumerate(model.classes)}
-    test = task.test
+    test = scored_split(task, support)
     keep = np.asarray([task.classes[c] in name_to_id for c in test.labels.tolist()], bool)
     if not keep.any():
-        return {"test_accuracy": None, "test_ci95": None, "test_examples": 0}
+        return {"test_accuracy": None, "test_ci95": None, "test_examples": 0, "test_split": test.name}
     yq = np.asarray([name_to_id[task.classes[c]] for c in test.labels[keep].tolist()])
-    log.info("scoring the test split: %d examples", len(yq))
+    log.info("scoring the %s split: %d examples", test.name, len(yq))
     logits, _ = model.outputs(test.inputs[keep], cached=True)
     acc = float((logits.argmax(1) == yq).mean())
     return {"test_accuracy": acc, "test_ci95": float(1.96 * np.sqrt(acc * (1 - acc) / len(yq))),
-            "test_examples": len(yq), "test_ece": expected_calibration_error(softmax(logits, model.temperature), yq),
+            "test_examples": len(yq), "test_split": test.name,
+            "test_ece": expected_calibration_error(softmax(logits, model.temperature), yq),
             "test_ece_uncalibrated": expected_calibration_error(softmax(logits), yq)}
 
 
@@ -189,16 +203,19 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
           out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "distance",
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
           unknown: str | Task | None = None, select: bool = False,
-          unlabeled: Path | str | Sequence[str] | None = None, meta_only: bool = False) -> AdaptedModel:
+          unlabeled: Path | str | Sequence[str] | None = None, meta_only: bool = False,
+          split: str | None = None) -> AdaptedModel:
     """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
 
     ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
     examples per class (or ``examples``: a CSV/JSONL of text,label or a folder label/image) and whose
     test split scores the result (``meta["test_accuracy"]``, ``meta["test_ece"]``); or ``(inputs, labels)``
-    of your own. ``predict`` answers ``none`` for inputs whose ``reject_by`` score (``distance``: relative
-    Mahalanobis distance to the classes; ``similarity``: cosine to the nearest class prototype;
-    ``probability``: the calibrated top probability; :mod:`mtl.run.outliers`) is below the threshold
-    chosen on the support set to refuse ``reject_rate`` of known inputs, or below ``reject_below``.
+    of your own. ``split``: draw the shots from this split instead, and score on its other examples (the
+    held-out classes of a task split ``by: classes``, which meta-training never saw). ``predict`` answers
+    ``none`` for inputs whose ``reject_by`` score (``distance``: relative Mahalanobis distance to the
+    classes; ``similarity``: cosine to the nearest class prototype; ``probability``: the calibrated top
+    probability; :mod:`mtl.run.outliers`) is below the threshold chosen on the support set to refuse
+    ``reject_rate`` of known inputs, or below ``reject_below``.
     ``unknown``: a task whose test examples fit none of the classes (``clinc150-oos``); the open-set
     report on them and the known test examples goes to ``meta["open_set"]``. ``select`` (text): the
     meta-learned initialization, a linear probe or plain fine-tuning of the pretrained encoder
@@ -240,6 +257,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
             raise MtlError("no task to adapt to", "give a registry task name, or (inputs, labels)")
         loaded = task if isinstance(task, Task) else (registry or Registry()).load(task)
         if examples is not None:
+            if split is not None:
+                raise MtlError("--split draws the shots from the task, --examples gives them", "leave one of them out")
             xs, ys, classes = read_examples(examples, loaded.modality, loaded.spec.image_options,
                                             (loaded.spec.input_field, loaded.spec.label_field))
             foreign = [c for c in classes if c not in loaded.classes]
@@ -248,7 +267,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
                                f"use the task's labels ({', '.join(loaded.classes[:8])}...), or register your own task")
             support = Support(xs, ys, classes, loaded.modality, loaded.name, loaded.spec.image_options)
         else:
-            support = support_from_task(loaded, shots, seed)
+            support = support_from_task(loaded, shots, seed, split)
     if select and support.modality != "text":
         raise MtlError("--select chooses among a linear probe and fine-tuning of a sentence encoder; this task has "
                        "images", "leave --select out for image tasks")
@@ -264,7 +283,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         from mtl.run.self_training import self_train
 
         model = self_train(model, support, unlabeled, seed, reject_rate)
-    model.meta.update(score_on_task(model, loaded) if loaded is not None else
+    model.meta.update(score_on_task(model, loaded, support) if loaded is not None else
                       {"test_accuracy": None, "test_ci95": None, "test_examples": 0})
     if reject_below is not None:
         model.reject_below(reject_below)

@@ -23,28 +23,33 @@ class Support:
     modality: str
     task: str = "user"
     image: ImageOptions = field(default_factory=ImageOptions)
+    split: str | None = None  # the registry task's split the examples were drawn from, and their rows in it
+    rows: np.ndarray | None = None
 
     @property
     def shots(self) -> int:
         return int(np.bincount(self.labels).min())
 
 
-def support_from_task(task: Task, shots: int, seed: int) -> Support:
-    """K examples of every class of the train split, drawn with ``seed``."""
-    split = task.train
+def support_from_task(task: Task, shots: int, seed: int, split_name: str | None = None) -> Support:
+    """K examples of every class of the train split (or of ``split_name``: a class-disjoint task's held-out
+    classes are in its test split), drawn with ``seed``."""
+    split = task.split(split_name or task.spec.train_split)
     rng = np.random.default_rng(seed)
     idx: list[np.ndarray] = []
     classes = sorted(split.counts())
     for c in classes:
         members = np.flatnonzero(split.labels == c)
         if len(members) < shots:
-            raise MtlError(f"class '{task.classes[c]}' of task '{task.name}' has {len(members)} training examples, "
-                           f"fewer than the {shots} shots asked", f"use --shots {len(members)} or fewer")
+            raise MtlError(f"class '{task.classes[c]}' of task '{task.name}' has {len(members)} examples in its "
+                           f"{split.name} split, fewer than the {shots} shots asked",
+                           f"use --shots {len(members)} or fewer")
         idx.append(rng.choice(members, shots, replace=False))
     sel = np.concatenate(idx)
     remap = {c: i for i, c in enumerate(classes)}
     return Support(split.inputs[sel], np.asarray([remap[c] for c in split.labels[sel].tolist()]),
-                   [task.classes[c] for c in classes], task.modality, task.name, task.spec.image_options)
+                   [task.classes[c] for c in classes], task.modality, task.name, task.spec.image_options, split.name,
+                   sel)
 
 
 def support_from_arrays(inputs: Any, labels: Any, modality: str, image: ImageOptions | None = None,
