@@ -107,6 +107,7 @@ def test_health_info_and_predict_answer_as_the_model_does(text_server):
     ({"texts": [1, 2]}, 422, "texts.0: Input should be a valid string"),
     ({"texts": ["x"], "top": 0}, 422, "top: Input should be greater than or equal to 1"),
     ({"texts": ["x"], "shots": 3}, 422, "shots: Extra inputs are not permitted"),
+    ({"inputs": ["x"]}, 422, 'inputs: Extra inputs are not permitted (the body takes `texts`, a list, and `top`'),
     ({"texts": ["x"] * 300}, 413, "300 inputs in one request; the limit is 256"),
     ({"texts": ["x" * 20_000]}, 413, "texts[0] has 20,000 characters"),
     (b"{not json", 422, "JSON decode error"),

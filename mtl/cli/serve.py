@@ -18,6 +18,7 @@ def serve(model: Annotated[Path, typer.Option("--model", help="Folder written by
     """Serve an adapted model: POST /predict, GET /health, GET /info (needs the `serve` extra)."""
     from mtl.serve import serve as run_server
 
-    err.print(f"serving {model} on http://{host}:{port} (POST /predict, GET /health, GET /info); Ctrl-C stops",
-              highlight=False)
+    err.print(f"serving {model} on http://{host}:{port} (POST /predict with {{\"texts\": [...]}}, or "
+              f"{{\"images\": [base64 files]}} for an image model; GET /health, GET /info); Ctrl-C stops",
+              highlight=False, markup=False)
     run_server(model, host, port, device)

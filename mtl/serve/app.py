@@ -78,7 +78,11 @@ def create_app(model: AdaptedModel, folder: str = "", max_batch: int = MAX_BATCH
     async def one_line(_: Any, exc: RequestValidationError) -> JSONResponse:
         e = exc.errors()[0]
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        return JSONResponse(status_code=422, content={"detail": f"{where}: {e.get('msg', 'invalid')}"})
+        fix = ""
+        if e.get("type") == "extra_forbidden":  # e.g. {"inputs": [...]}: say what the body takes
+            want = "texts" if model.modality == "text" else "images"
+            fix = f" (the body takes `{want}`, a list, and `top`: {{\"{want}\": [...], \"top\": 1}})"
+        return JSONResponse(status_code=422, content={"detail": f"{where}: {e.get('msg', 'invalid')}{fix}"})
 
     @app.get("/health")
     def health() -> dict[str, Any]:
