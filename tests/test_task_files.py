@@ -119,6 +119,9 @@ def test_user_folder_and_env_var(tmp_path, csv_file, run_cli, monkeypatch):
     monkeypatch.setenv("MTL_TASKS_DIRS", str(tmp_path / "mine"))
     code, out, _ = run_cli("tasks", "show", "tiny", "--json")
     assert code == 0 and '"classes": ["a", "b"]' in out
+    # from Python, a folder as a string, a Path, or a list of either
+    for dirs in (str(tmp_path / "mine"), tmp_path / "mine", [str(tmp_path / "mine")]):
+        assert Registry(dirs).names() == ["tiny"]
 
 
 def test_unknown_task_suggests_close_names(run_cli):

@@ -7,7 +7,7 @@ is reported once with its path, field and fix; ``Registry.load(name)`` reads the
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,15 +155,18 @@ class Entry:
 class Registry:
     """Every task file found in ``dirs`` (recursively; files starting with ``_`` are skipped)."""
 
-    def __init__(self, dirs: list[Path] | None = None, files: list[Path] | None = None) -> None:
-        self.dirs = list(dirs) if dirs is not None else settings.tasks_dirs()
+    def __init__(self, dirs: Sequence[Path | str] | Path | str | None = None,
+                 files: Sequence[Path | str] | None = None) -> None:
+        if isinstance(dirs, str | Path):  # one folder
+            dirs = [dirs]
+        self.dirs = [Path(d) for d in dirs] if dirs is not None else settings.tasks_dirs()
         self.entries: dict[str, Entry] = {}
         self._loaded: dict[str, Task] = {}
         problems: list[TaskFileError] = []
         for d in self.dirs:
             if not d.is_dir():
                 problems.append(TaskFileError(d, None, "task folder not found", "check the --tasks-dir path"))
-        paths = [p for d in self.dirs if d.is_dir() for p in task_files(d)] + list(files or [])
+        paths = [p for d in self.dirs if d.is_dir() for p in task_files(d)] + [Path(f) for f in files or []]
         self.entries, more = scan(paths)
         problems += more
         if problems:
