@@ -274,6 +274,10 @@ def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
     code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", other,
                              "--out", tmp_path / "m3", "--json")  # two columns of other names: text, then label
     assert code == 0 and json.loads(out)["classes"] == 2, err
+    from mtl.run.adapt import adapt
+
+    mine = adapt(str(text_run), "clinc150-banking", examples=str(f))  # paths as strings, from Python
+    assert mine.classes == ["account_blocked", "balance"]
     bad = write(tmp_path / "bad.csv", "text,label\nhello,not_an_intent\nbye,balance\n")
     code, _, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", bad,
                            "--out", tmp_path / "m2")

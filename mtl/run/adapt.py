@@ -197,7 +197,7 @@ def score_on_task(model: AdaptedModel, task: Task, support: Support | None = Non
 
 
 def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any] | None = None, *,
-          shots: int = 5, examples: Path | None = None, steps: int | None = None, lr: float | None = None,
+          shots: int = 5, examples: Path | str | None = None, steps: int | None = None, lr: float | None = None,
           head_init: str | None = None, encoder_layers: int | str = 0, encoder_epochs: int | None = None,
           encoder_lr: float | None = None, seed: int = 0, device: str | torch.device = "auto",
           out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "distance",

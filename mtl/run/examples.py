@@ -24,10 +24,11 @@ def columns(keys: list[str], fields: tuple[str, str] | None) -> tuple[str, str] 
     return (keys[0], keys[1]) if len(keys) == 2 else None
 
 
-def read_examples(path: Path, modality: str, image: ImageOptions, fields: tuple[str, str] | None = None
+def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: tuple[str, str] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Labelled examples from a CSV/JSONL (columns as :func:`columns` finds them) or a folder
     ``label/image``; ``fields``: the task's ``input_field`` and ``label_field``."""
+    path = Path(path)
     if not path.exists():
         raise MtlError(f"examples file {path} not found", "check the path")
     texts: list[Any] = []
