@@ -23,6 +23,11 @@ evaluation alphabets (docs/BENCHMARKS.md).
 ``augment: affine``) before adapting: test-time augmentation, measured and not shipped (it raised
 the error from 21.1% to 25.8% with 4 copies; docs/BENCHMARKS.md).
 
+``--views 4`` (or 8) answers each episode also with every drawing, support and query alike, turned by
+90, 180 and 270 degrees (and, with 8, mirrored too), summing the log-probabilities: the network met
+every rotation of the background characters as a class of its own, so each view is a like problem
+whose errors differ. Test-time augmentation that turns the whole episode, not the support drawings alone.
+
 ``--tune-steps N`` first trains a copy of each checkpoint on the episode itself for N steps: the clean
 support drawings as its examples, 4 distorted copies of each as its queries, the outer loss, Adam at
 ``--tune-lr`` on the parameters whose names contain ``--tune-params`` (by default the encoder's last
@@ -45,6 +50,7 @@ from mtl.algorithms import Algorithm
 from mtl.data.registry import Registry
 from mtl.data.stream import TaskBatch
 from mtl.data.task import Task
+from mtl.data.views import episode_view
 from mtl.device import cpu_name
 from mtl.run.evaluate import evaluate, mean_ci
 from mtl.run.learner import load_learner
@@ -83,10 +89,11 @@ def tuned(learner: Algorithm, precision: str, b: TaskBatch, episode: int, t: Tun
 
 
 def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, copies: int,
-           tuning: Tuning = Tuning()) -> float:
+           tuning: Tuning = Tuning(), views: int = 1) -> float:
     """Mean accuracy of 20-way 1-shot episodes (the same as ``evaluate``'s, on CPU), each answered by the
-    sum of the ``learners``' log-probabilities (an ensemble), adapted to each support drawing and
-    ``copies`` distorted copies of it, after ``tuning``."""
+    sum of the ``learners``' log-probabilities (an ensemble) over ``views`` turned copies of the whole
+    episode (:mod:`mtl.data.views`), adapted to each support drawing and ``copies`` distorted copies of it,
+    after ``tuning``."""
     from mtl.data.augment import augment
     from mtl.data.stream import EpisodeStream
     from mtl.device import autocast
@@ -101,8 +108,10 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
         for learner, precision in learners:
             if tuning.steps:
                 learner = tuned(learner, precision, b, i, tuning)
-            with autocast(dev, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps
-                total = total + torch.log_softmax(learner.query_logits_after(batch, None).float(), 1)
+            for v in range(views):
+                view = episode_view(batch, v)
+                with autocast(dev, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps
+                    total = total + torch.log_softmax(learner.query_logits_after(view, None).float(), 1)
         acc.append(float((total.argmax(1) == b.yq).float().mean()))
     return float(np.mean(acc))
 
@@ -117,6 +126,8 @@ def main() -> None:
     ap.add_argument("--tune-lr", type=float, default=Tuning.lr)
     ap.add_argument("--tune-params", default=Tuning.params, help="what test-time training changes: parameters "
                     "whose names contain this")
+    ap.add_argument("--views", type=int, default=1, choices=(1, 4, 8),
+                    help="answer with the episode turned by 90-degree steps (8: mirrored too) as well")
     ap.add_argument("--tasks", default=None, help="comma-separated alphabet tasks instead of the 20 evaluation "
                     "alphabets, e.g. background alphabets held out of training to choose a recipe on")
     a = ap.parse_args()
@@ -134,16 +145,18 @@ def main() -> None:
     errors = {}
     for name in alphabets:
         if learners:
-            errors[name] = 1.0 - scored(learners, registry.load(name), a.episodes, a.support_copies, tuning)
+            errors[name] = 1.0 - scored(learners, registry.load(name), a.episodes, a.support_copies, tuning,
+                                        a.views)
         else:
             r = evaluate(a.checkpoint, name, ways=20, shots=1, queries=4, episodes=a.episodes, registry=registry,
-                         device=a.device)
+                         device=a.device, views=a.views)
             errors[name] = 1.0 - r["accuracy"]
         print(f"{name}: error {100 * errors[name]:.2f}% ({a.episodes} episodes of 20-way 1-shot)", flush=True)
     m, ci = mean_ci(list(errors.values()))
     print(json.dumps({"device": cpu_name() if not torch.cuda.is_available() else torch.cuda.get_device_name(),
                       "checkpoint": a.checkpoint, "alphabets": len(errors), "episodes_per_alphabet": a.episodes,
                       **({"tune": dataclasses.asdict(tuning)} if tuning.steps else {}),
+                      **({"views": a.views} if a.views > 1 else {}),
                       "mean_error_pct": round(100 * m, 2), "ci95_pct": round(100 * ci, 2),
                       "worst": max(errors, key=errors.get), "worst_error_pct": round(100 * max(errors.values()), 2),
                       "best_error_pct": round(100 * float(np.min(list(errors.values()))), 2),

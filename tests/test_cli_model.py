@@ -313,6 +313,13 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
     assert code == 0, err
     res = json.loads(out)
     assert res["episodes"] == 20 and 0.2 < res["accuracy"] <= 1 and res["ci95"] > 0
+    code, out, err = run_cli("evaluate", "--checkpoint", image_run, "--task", "omniglot", "--ways", 5, "--shots", 1,
+                             "--episodes", 20, "--views", 8, "--json")  # the same episodes, each seen 8 ways
+    assert code == 0, err
+    turned = json.loads(out)
+    assert turned["views"] == 8 and 0.2 < turned["accuracy"] <= 1 and turned["accuracy"] != res["accuracy"]
+    code, _, err = run_cli("evaluate", "--checkpoint", image_run, "--task", "omniglot", "--views", 3)
+    assert code == 2 and "--views 3 is not a number of views" in err
 
 
 DIGITS_BY_CLASSES = """\

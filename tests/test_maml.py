@@ -271,3 +271,16 @@ def test_image_encoders_take_images_of_the_other_channel_count():
     torch.testing.assert_close(conv(rgb), conv(gray), atol=0.02, rtol=0.02)  # PIL rounds to whole grey levels
     res = ResNet12(3, (4, 4, 4, 4)).float().eval()
     torch.testing.assert_close(res(gray), res(gray.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()))
+
+
+def test_episode_views_are_the_eight_symmetries_of_the_square():
+    from mtl.data.stream import TaskBatch
+    from mtl.data.views import episode_view, turned
+
+    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).reshape(2, 1, 3, 3)
+    seen = {tuple(turned(x, v).flatten().tolist()) for v in range(8)}
+    assert len(seen) == 8 and torch.equal(turned(x, 0), x)
+    assert torch.equal(turned(turned(x, 1), 3), x) and torch.equal(turned(x, 4), x.flip(-1))
+    b = TaskBatch("t", "image", x, torch.tensor([0, 1]), x[:1], torch.tensor([1]))
+    v = episode_view(b, 2)  # support and queries turned alike, labels untouched
+    assert torch.equal(v.xs, turned(x, 2)) and torch.equal(v.xq, turned(x[:1], 2)) and torch.equal(v.yq, b.yq)

@@ -229,16 +229,20 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
              steps: Annotated[int | None, typer.Option(help="Adaptation steps (default: the recipe's).")] = None,
              head_init: Annotated[str | None, typer.Option(
                  help="The new head's start: zero, proto or logistic (default: the recipe's).")] = None,
+             views: Annotated[int, typer.Option(
+                 help="Images: also answer each episode turned by 90-degree steps (4) and mirrored (8), "
+                      "averaging the views (for models trained with rotations as classes).")] = 1,
              seed: int = 0, device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Episodic accuracy: mean and 95% confidence interval over seeded episodes."""
     from mtl.run.evaluate import evaluate as run_evaluation
 
     info = run_evaluation(checkpoint, task, ways, shots, queries, episodes, split, steps, seed=seed, device=device,
-                          registry=_registry(tasks_dir), head_init=head_init)
+                          registry=_registry(tasks_dir), head_init=head_init, views=views)
     if as_json:
         _print_json(info)
     else:
-        out.print(f"{task} ({info['split']}) {info['ways']}-way {shots}-shot over {episodes} episodes: "
+        seen = f" ({views} views each)" if views > 1 else ""
+        out.print(f"{task} ({info['split']}) {info['ways']}-way {shots}-shot over {episodes} episodes{seen}: "
                   f"{100 * info['accuracy']:.2f}% +/- {100 * info['ci95']:.2f}% (95% CI); ECE {info['ece']:.3f} at "
                   f"temperature {info['temperature']:.2f} ({info['ece_uncalibrated']:.3f} at 1)", highlight=False)
 

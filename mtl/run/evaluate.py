@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import stats
 
 from mtl.data.registry import Registry
@@ -25,13 +26,16 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
 def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int = 1, queries: int = 15,
              episodes: int = 600, split: str | None = None, steps: int | None = None, lr: float | None = None,
              seed: int = 0, device: str = "auto", registry: Registry | None = None,
-             head_init: str | None = None) -> dict[str, Any]:
+             head_init: str | None = None, views: int = 1) -> dict[str, Any]:
     """Mean query accuracy and its 95% CI over ``episodes`` seeded N-way K-shot episodes of ``task``,
     each adapted with the checkpoint's own inner loop (``steps``, ``lr``, ``head_init``: replace its
     settings; ``head_init="logistic"`` with ``steps=0`` scores ``adapt``'s image default); and the
     expected calibration error of the pooled query predictions, as they come and under the temperature
-    the checkpoint stored at the end of training (fitted on meta-validation episodes)."""
+    the checkpoint stored at the end of training (fitted on meta-validation episodes). ``views`` (images:
+    4 or 8): each episode is also answered turned by 90-degree steps (and mirrored), and the views' mean
+    log-probabilities answer (:mod:`mtl.data.views`)."""
     from mtl.data.stream import EpisodeStream
+    from mtl.data.views import check_views, episode_view
     from mtl.device import autocast, resolve_device
     from mtl.errors import MtlError
     from mtl.run.calibration import expected_calibration_error, softmax
@@ -44,6 +48,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     check_head_init(head_init)
     if t.modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
+    check_views(views, t.modality)
     name = split or t.spec.test_split
     config = learner.model.config
     stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, config.text_encoder,
@@ -51,7 +56,13 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     logits, labels = [], []
     with autocast(dev, meta["recipe"].get("precision", "fp32")):
         for b in stream.fixed(episodes):
-            logits.append(learner.query_logits_after(b, steps, lr=lr, head_init=head_init).cpu().numpy())
+            if views == 1:
+                z = learner.query_logits_after(b, steps, lr=lr, head_init=head_init).float()
+            else:  # the views' mean log-probabilities
+                z = sum(torch.log_softmax(learner.query_logits_after(episode_view(b, v), steps, lr=lr,
+                                                                     head_init=head_init).float(), 1)
+                        for v in range(views)) / views
+            logits.append(z.cpu().numpy())
             labels.append(b.yq.cpu().numpy())
     mean, ci = mean_ci([float((z.argmax(1) == y).mean()) for z, y in zip(logits, labels, strict=True)])
     temperature = float((meta.get("adaptation") or {}).get("temperature", 1.0))
@@ -60,4 +71,4 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     return {"task": t.name, "split": name, "ways": stream.samplers[0].ways, "shots": shots, "queries": queries,
             "episodes": episodes, "accuracy": round(mean, 5), "ci95": round(ci, 5),
             "ece_uncalibrated": round(ece[0], 5), "ece": round(ece[1], 5), "temperature": temperature,
-            "checkpoint": meta["path"], "algorithm": learner.name, "head_init": head_init}
+            "checkpoint": meta["path"], "algorithm": learner.name, "head_init": head_init, "views": views}
