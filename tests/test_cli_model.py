@@ -84,6 +84,8 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     for below, label in ((1e6, "none"), (-1e6, "payday")):  # the user's threshold replaces the chosen one
         code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "--reject-below", below, texts[1])
         assert code == 0 and json.loads(out)["predictions"][0]["label"] == label, err
+    code, _, err = run_cli("evaluate", "--checkpoint", text_run, "--task", "clinc150-work", "--views", 4)
+    assert code == 2 and "--views turns images; this task has texts" in err
 
 
 def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_run, tmp_path, run_cli):
