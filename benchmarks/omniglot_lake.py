@@ -50,7 +50,7 @@ from mtl.algorithms import Algorithm
 from mtl.data.registry import Registry
 from mtl.data.stream import TaskBatch
 from mtl.data.task import Task
-from mtl.data.views import episode_view
+from mtl.data.views import answered
 from mtl.device import cpu_name
 from mtl.run.evaluate import evaluate, mean_ci
 from mtl.run.learner import load_learner
@@ -108,10 +108,9 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
         for learner, precision in learners:
             if tuning.steps:
                 learner = tuned(learner, precision, b, i, tuning)
-            for v in range(views):
-                view = episode_view(batch, v)
-                with autocast(dev, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps
-                    total = total + torch.log_softmax(learner.query_logits_after(view, None).float(), 1)
+            with autocast(dev, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps
+                total = total + torch.log_softmax(answered(lambda e, m=learner: m.query_logits_after(e, None), batch,
+                                                           views), 1)
         acc.append(float((total.argmax(1) == b.yq).float().mean()))
     return float(np.mean(acc))
 

@@ -11,6 +11,7 @@ distorting them, blurs the prototypes instead (measured and not kept).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -31,7 +32,16 @@ def episode_view(b: TaskBatch, view: int) -> TaskBatch:
     return dataclasses.replace(b, xs=turned(b.xs, view), xq=turned(b.xq, view))  # type: ignore[arg-type]
 
 
+def answered(logits: Callable[[TaskBatch], Tensor], b: TaskBatch, views: int) -> Tensor:
+    """``logits`` of episode ``b``'s queries as they come (1 view), or the mean of the log-probabilities
+    of ``views`` turned copies of the whole episode."""
+    if views == 1:
+        return logits(b).float()
+    return sum(torch.log_softmax(logits(episode_view(b, v)).float(), 1) for v in range(views)) / views
+
+
 def check_views(views: int, modality: str) -> None:
+    """A one-line error for a number of views that is not one of :data:`VIEWS`, or views of texts."""
     if views not in VIEWS:
         raise MtlError(f"--views {views} is not a number of views", "use 1, 4 (rotations) or 8 (and mirror images)")
     if views > 1 and modality != "image":

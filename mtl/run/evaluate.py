@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import stats
 
 from mtl.data.registry import Registry
@@ -35,7 +34,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     4 or 8): each episode is also answered turned by 90-degree steps (and mirrored), and the views' mean
     log-probabilities answer (:mod:`mtl.data.views`)."""
     from mtl.data.stream import EpisodeStream
-    from mtl.data.views import check_views, episode_view
+    from mtl.data.views import answered, check_views
     from mtl.device import autocast, resolve_device
     from mtl.errors import MtlError
     from mtl.run.calibration import expected_calibration_error, softmax
@@ -56,12 +55,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     logits, labels = [], []
     with autocast(dev, meta["recipe"].get("precision", "fp32")):
         for b in stream.fixed(episodes):
-            if views == 1:
-                z = learner.query_logits_after(b, steps, lr=lr, head_init=head_init).float()
-            else:  # the views' mean log-probabilities
-                z = sum(torch.log_softmax(learner.query_logits_after(episode_view(b, v), steps, lr=lr,
-                                                                     head_init=head_init).float(), 1)
-                        for v in range(views)) / views
+            z = answered(lambda e: learner.query_logits_after(e, steps, lr=lr, head_init=head_init), b, views)
             logits.append(z.cpu().numpy())
             labels.append(b.yq.cpu().numpy())
     mean, ci = mean_ci([float((z.argmax(1) == y).mean()) for z, y in zip(logits, labels, strict=True)])
