@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from mtl.data import task as data_module
-from mtl.data.schema import TaskSpec
+from mtl.data.schema import ImageOptions, TaskSpec
 from mtl.data.task import load_task
 from mtl.errors import TaskFileError
 
@@ -23,7 +23,7 @@ TEXTS = [f"sentence {i}" for i in range(12)]
 LABELS = ["a", "b", "c"] * 4
 
 
-def spec(modality: str = "text", input_field: str = "text", label_field: str = "label", **source) -> TaskSpec:
+def spec(modality: str = "text", input_field: str | list[str] = "text", label_field: str = "label", **source) -> TaskSpec:
     doc = {"name": "t", "modality": modality, "description": "d", "role": "held_out", "source": source,
            "input_field": input_field, "label_field": label_field,
            "splits": {"by": "examples", "sizes": {"train": 0.5, "test": 0.5}}}
@@ -90,6 +90,30 @@ def test_hub_loader_on_a_local_dataset_folder(tmp_path):
     task = load_task(TaskSpec.model_validate(doc))
     assert len(task.train) == 6 and len(task.test) == 6
     check_text(task)
+
+
+def test_text_from_several_columns(tmp_path):
+    """`input_field: [title, body]` joins a row's columns by a newline (a space to a tokenizer), leaving out a
+    missing one; a row with none is named; images take one column. ``adapt --examples`` reads the same columns."""
+    from mtl.run.examples import read_examples
+
+    rows = [{"title": f"title {i}", "body": None if i == 3 else f"body {i}", "label": y} for i, y in enumerate(LABELS)]
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(spec(format="jsonl", path=str(path), input_field=["title", "body"]))
+    texts = set(np.concatenate([task.train.inputs, task.test.inputs]).tolist())
+    assert "title 0\nbody 0" in texts and "title 3" in texts and len(texts) == len(rows)
+    examples = tmp_path / "mine.csv"
+    examples.write_text("body,title,label,note\nb1,t1,a,x\nb2,,b,y\n")
+    xs, ys, classes = read_examples(examples, "text", ImageOptions(), (["title", "body"], "label"))
+    assert xs.tolist() == ["t1\nb1", "b2"] and classes == ["a", "b"]
+    rows[5] = {"title": " ", "body": None, "label": "c"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data_module._MEMO.clear()
+    with pytest.raises(TaskFileError, match="input_field: example 5 of split 'all' is empty"):
+        load_task(spec(format="jsonl", path=str(path), input_field=["title", "body"]))
+    with pytest.raises(ValueError, match="only text tasks join"):
+        spec("image", ["image", "label"], "label", format="npz", path="x.npz")
 
 
 def test_json_rows_split_lines_line_pairs(tmp_path):

@@ -63,6 +63,12 @@ CASES = {
     "yaml boolean label": (lambda g: g + "labels:\n  include: [yes, no]\n", "labels.include", "quote it"),
     "bad split fractions": (lambda g: g.replace("test: 0.5", "test: 0.9"), "splits", "more than 1"),
     "bad name": (lambda g: g.replace("name: tiny", "name: Tiny Task!"), "name", "pattern"),
+    "input column listed twice": (lambda g: g.replace("input_field: text", "input_field: [text, text]"),
+                                  "input_field", "lists a column twice"),
+    "input field as a mapping": (lambda g: g.replace("input_field: text", "input_field: {a: text}"), "input_field",
+                                 "a list of text columns such as [title, body]"),
+    "one of the input columns absent": (lambda g: g.replace("input_field: text", "input_field: [text, body]"),
+                                        "input_field", "column 'body' is not in the data"),
 }
 
 

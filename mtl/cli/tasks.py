@@ -58,7 +58,8 @@ def tasks_show(name: str, tasks_dir: TasksDir = None,
         vals = list(per.values())
         out.print(f"  {s}: {sum(vals):,} examples, {len(vals)} classes, {min(vals)}-{max(vals)} per class")
     for ex in info["examples"]:
-        out.print(f"  [{ex['label']}] {ex['input'][:100]}", markup=False, highlight=False)
+        shown = " / ".join(str(ex["input"]).splitlines())  # the columns of `input_field: [title, body]`
+        out.print(f"  [{ex['label']}] {shown[:100]}", markup=False, highlight=False)
 
 
 @tasks_app.command("validate")

@@ -23,6 +23,7 @@ IMAGE_FORMATS = {"imagefolder", "image_zip", "image_tar", "cifar_binary", "npz",
 FIXED_COLUMNS = {**{f: ("image", "label") for f in IMAGE_FORMATS}, "line_pairs": ("text", "label")}
 
 Paths = str | list[str]
+FIELD_SEP = "\n"  # between the columns of a text task's `input_field: [title, body]`: whitespace to a tokenizer
 
 
 class _Strict(BaseModel):
@@ -210,7 +211,7 @@ class TaskSpec(_Strict):
     description: str = Field(min_length=1, max_length=2000)
     role: Role
     source: Source | list[Source]
-    input_field: str = Field(min_length=1)
+    input_field: str | list[str]  # one column, or text columns joined (a title and a body)
     label_field: str = Field(min_length=1)
     splits: Splits = Splits()
     labels: Labels = Labels()
@@ -235,14 +236,33 @@ class TaskSpec(_Strict):
             data = {"input_field": input_col, "label_field": label_col, **data}
         return data
 
+    @field_validator("input_field", mode="before")
+    @classmethod
+    def _columns(cls, v: object) -> object:
+        names = [v] if isinstance(v, str) else v
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("`input_field` is a column name, or a list of text columns such as [title, body]")
+        if not names or not all(names):
+            raise ValueError("`input_field` names no column; give a column name, or a list of text columns")
+        if len(set(names)) < len(names):
+            raise ValueError("`input_field` lists a column twice; list each column once")
+        return v
+
     @model_validator(mode="after")
     def _modality_consistent(self) -> TaskSpec:
         if self.modality == "text" and self.image is not None:
             raise ValueError("`image` options are only for `modality: image`")
+        if self.modality == "image" and len(self.input_fields) > 1:
+            raise ValueError("`input_field` lists several columns, which only text tasks join; give the image column")
         for src in self.sources:
             if self.modality == "text" and src.format in IMAGE_FORMATS - {"npz"}:
                 raise ValueError(f"format '{src.format}' holds images; set `modality: image`")
         return self
+
+    @property
+    def input_fields(self) -> list[str]:
+        """The columns whose values, joined by :data:`FIELD_SEP`, are an example's text (or its image)."""
+        return [self.input_field] if isinstance(self.input_field, str) else list(self.input_field)
 
     @property
     def sources(self) -> list[Source]:

@@ -7,6 +7,7 @@ images. Labels are int64 indices into :attr:`Task.classes`.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mtl import settings
 from mtl.data.cache import cached_arrays
 from mtl.data.formats import read_source, source_fingerprint
 from mtl.data.images import prepare_images
-from mtl.data.schema import Source, TaskSpec
+from mtl.data.schema import FIELD_SEP, Source, TaskSpec
 from mtl.errors import TaskFileError
 
 
@@ -152,6 +153,17 @@ def _is_label(v: object) -> bool:
     return False
 
 
+def joined_texts(columns: Sequence[Sequence[object]]) -> list[str]:
+    """Each row's non-empty values of several text columns (a title and a body), joined by :data:`FIELD_SEP`;
+    a missing value (None, NaN, blank) is left out, and a row with none is empty (an error when decoded)."""
+    def part(v: object) -> str:
+        if v is None or (isinstance(v, float | np.floating) and not np.isfinite(v)):
+            return ""
+        return str(v).strip()
+
+    return [FIELD_SEP.join(p for p in map(part, row) if p) for row in zip(*columns, strict=True)]
+
+
 def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str, np.ndarray]]:
     image = spec.image_options if spec.modality == "image" else None
     parts = [DECODE_VERSION, src.model_dump(mode="json"), spec.input_field, spec.label_field,
@@ -162,7 +174,7 @@ def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str,
         raw = read_source(src, root)
         arrays: dict[str, np.ndarray] = {}
         for split, cols in raw.items():
-            for role, col in (("input", spec.input_field), ("label", spec.label_field)):
+            for role, col in [*(("input", c) for c in spec.input_fields), ("label", spec.label_field)]:
                 if col not in cols:
                     visible = [c for c in cols if not c.startswith("_")]
                     fld = "input_field" if role == "input" else "label_field"
@@ -175,7 +187,8 @@ def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str,
                                     f"({raw_labels[bad]!r:.40})", "give every example one label (text or "
                                     "number), or delete the unlabeled ones")
             labels = np.asarray([str(x) for x in raw_labels], dtype=np.str_)
-            values = cols[spec.input_field]
+            fields = spec.input_fields
+            values = cols[fields[0]] if len(fields) == 1 else joined_texts([cols[c] for c in fields])
             if image is not None:
                 inputs = prepare_images(values, image, cols.get("_names"))
             else:

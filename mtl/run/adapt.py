@@ -260,7 +260,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
             if split is not None:
                 raise MtlError("--split draws the shots from the task, --examples gives them", "leave one of them out")
             xs, ys, classes = read_examples(examples, loaded.modality, loaded.spec.image_options,
-                                            (loaded.spec.input_field, loaded.spec.label_field))
+                                            (loaded.spec.input_fields, loaded.spec.label_field))
             foreign = [c for c in classes if c not in loaded.classes]
             if foreign:
                 raise MtlError(f"label '{foreign[0]}' in {examples} is not a class of task '{loaded.name}'",

@@ -12,22 +12,24 @@ import numpy as np
 
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
+from mtl.data.task import joined_texts
 from mtl.errors import MtlError
 
 
-def columns(keys: list[str], fields: tuple[str, str] | None) -> tuple[str, str] | None:
-    """Which columns hold the text and the label: ``text`` and ``label``, else the task file's own field
-    names (``fields``), else the only two columns there are, in order; None if none of these fits."""
-    for pair in (("text", "label"), fields):
-        if pair and set(pair) <= set(keys):
-            return pair
-    return (keys[0], keys[1]) if len(keys) == 2 else None
+def columns(keys: list[str], fields: tuple[list[str], str] | None) -> tuple[list[str], str] | None:
+    """Which columns hold the text and the label: ``text`` and ``label``, else the task file's own fields
+    (``fields``: its input columns, joined as the task joins them, and its label column), else the only two
+    columns there are, in order; None if none of these fits."""
+    for inputs, label in ((["text"], "label"), fields or ([], "")):
+        if inputs and {*inputs, label} <= set(keys):
+            return inputs, label
+    return ([keys[0]], keys[1]) if len(keys) == 2 else None
 
 
-def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: tuple[str, str] | None = None
+def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: tuple[list[str], str] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Labelled examples from a CSV/JSONL (columns as :func:`columns` finds them) or a folder
-    ``label/image``; ``fields``: the task's ``input_field`` and ``label_field``."""
+    ``label/image``; ``fields``: the task's input columns and label column."""
     path = Path(path)
     if not path.exists():
         raise MtlError(f"examples file {path} not found", "check the path")
@@ -51,11 +53,13 @@ def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: 
             raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header or JSON lines") from None
         pair = columns(list(rows[0]), fields) if rows and isinstance(rows[0], dict) else None
         for n, row in enumerate(rows, 1):
-            if pair is None or not isinstance(row, dict) or not set(pair) <= set(row):
-                named = f" (or the task's {fields[0]},{fields[1]})" if fields else ""
+            if pair is None or not isinstance(row, dict) or not {*pair[0], pair[1]} <= set(row):
+                named = f" (or the task's {','.join([*fields[0], fields[1]])})" if fields else ""
                 raise MtlError(f"{path} row {n} has no `text` and `label` fields",
                                f"name the columns text,label{named}, or keep just two: the text, then the label")
-            texts.append(str(row[pair[0]]))
+            texts += joined_texts([[row[c]] for c in pair[0]])
+            if not texts[-1]:
+                raise MtlError(f"{path} row {n} has no text", "fill in its text, or delete the row")
             labels.append(str(row[pair[1]]))
         if modality != "text":
             raise MtlError(f"{path} holds texts but the task is images", "give a folder of label/image files")
