@@ -23,7 +23,8 @@ TEXTS = [f"sentence {i}" for i in range(12)]
 LABELS = ["a", "b", "c"] * 4
 
 
-def spec(modality: str = "text", input_field: str | list[str] = "text", label_field: str = "label", **source) -> TaskSpec:
+def spec(modality: str = "text", input_field: str | list[str] = "text", label_field: str = "label",
+         **source) -> TaskSpec:
     doc = {"name": "t", "modality": modality, "description": "d", "role": "held_out", "source": source,
            "input_field": input_field, "label_field": label_field,
            "splits": {"by": "examples", "sizes": {"train": 0.5, "test": 0.5}}}
@@ -106,7 +107,7 @@ def test_text_from_several_columns(tmp_path):
     examples = tmp_path / "mine.csv"
     examples.write_text("body,title,label,note\nb1,t1,a,x\nb2,,b,y\n")
     xs, ys, classes = read_examples(examples, "text", ImageOptions(), (["title", "body"], "label"))
-    assert xs.tolist() == ["t1\nb1", "b2"] and classes == ["a", "b"]
+    assert xs.tolist() == ["t1\nb1", "b2"] and ys.tolist() == [0, 1] and classes == ["a", "b"]
     rows[5] = {"title": " ", "body": None, "label": "c"}
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data_module._MEMO.clear()
