@@ -50,7 +50,8 @@ def main() -> None:
         runs: dict[str, list[float]] = {base: [], f"{base}+unlabeled": []}
         for seed in range(a.seeds):
             t0 = time.perf_counter()
-            model = adapt(a.checkpoint, task, shots=int(shots), seed=seed, select=base == "select", device="cpu")
+            model = adapt(a.checkpoint, task, shots=int(shots), seed=seed, select=base == "select", device="cpu",
+                          views=1)  # images: one view, as the self-trained head has
             t1 = time.perf_counter()
             runs[base].append(model.meta["test_accuracy"])
             pool = task.train.inputs

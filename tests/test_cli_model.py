@@ -324,6 +324,38 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
     assert code == 2 and "--views 3 is not a number of views" in err
 
 
+def test_adapt_to_eight_views_of_the_images(image_run, text_run, tmp_path, run_cli):
+    """Images are adapted to by default as 8 views (turned, mirrored), each with its own adapted network;
+    the saved model answers as the adapted one did, and `--views 1` is the single model."""
+    from mtl.data.registry import Registry
+    from mtl.data.views import turned
+    from mtl.run.adapted import HEAD, AdaptedModel
+
+    base = ["adapt", "--task", "digits", "--checkpoint", image_run, "--shots", 3, "--json"]
+    code, out, err = run_cli(*base, "--out", tmp_path / "m8")
+    assert code == 0, err
+    eight = json.loads(out)
+    code, out, err = run_cli(*base, "--views", 1, "--out", tmp_path / "m1")
+    assert code == 0, err
+    one = json.loads(out)
+    assert eight["views"] == 8 and one["views"] == 1 and eight["test_accuracy"] != one["test_accuracy"]
+    assert eight["selection"] == one["selection"]  # chosen once, on the images as they are
+    m8, m1 = AdaptedModel.load(tmp_path / "m8"), AdaptedModel.load(tmp_path / "m1")
+    assert len(m8.views) == 7 and not m1.views
+    x = Registry().load("digits").test.inputs[:20]
+    z8 = m8.outputs(x)[0]
+    assert (np.exp(z8).sum(1) <= 1 + 1e-5).all()  # a mean of log-probabilities: a geometric mean, unnormalised
+    view3 = m8.views[2]  # view 3: turned three times by 90 degrees, answering that view of each input
+    tx = turned(torch.as_tensor(x), 3)
+    alone = torch.log_softmax(view3.heads[HEAD](view3.features(tx, "image")).float(), 1).detach().numpy()
+    assert not np.allclose(alone, z8) and (alone.argmax(1) == z8.argmax(1)).mean() > 0.5
+    code, _, err = run_cli(*base, "--views", 8, "--unlabeled", tmp_path, "--out", tmp_path / "x")
+    assert code == 2 and "--views adapts one per view" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--views", 4, "--out",
+                           tmp_path / "t")
+    assert code == 2 and "--views turns images; this task has texts" in err
+
+
 DIGITS_BY_CLASSES = """\
 name: digits-split
 modality: image

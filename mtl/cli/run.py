@@ -125,6 +125,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               split: Annotated[str | None, typer.Option(
                   help="Draw the shots from this split (default: the task's train split) and score on its other "
                        "examples: `--split test` adapts to the held-out classes of a task split by classes.")] = None,
+              views: Annotated[int | None, typer.Option(
+                  help="Images: also adapt to the support set turned by 90-degree steps (4) and mirrored (8); "
+                       "the views answer together (default 8; 1 with --unlabeled).")] = None,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Fine-tune a learned initialization on a few labelled examples of a task and save it.
 
@@ -138,12 +141,12 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   device=device, out=out_dir,
                   registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
                   none=none_label, unknown=unknown, select=select, unlabeled=unlabeled, meta_only=meta_only,
-                  split=split, **({} if reject_rate is None else {"reject_rate": reject_rate}))
+                  split=split, views=views, **({} if reject_rate is None else {"reject_rate": reject_rate}))
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
                                             "test_examples", "test_split", "test_ece", "test_ece_uncalibrated",
                                             "calibration", "rejection", "open_set", "choice", "self_training",
-                                            "seconds")}}
+                                            "views", "seconds")}}
     if as_json:
         _print_json(result)
         return
@@ -183,9 +186,10 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     on = " on the pretrained encoder" if rej.get("reads") == "frozen" else ""
     refuse = (f"answers '{rej['none']}' below {rej['score']}{on} {rej['threshold']:.3f} ({rej['by']})"
               if rej["threshold"] is not None else f"never answers '{rej['none']}' ({rej['by']})")
-    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}){self_trained}; "
-              f"{acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; saved {out_dir} "
-              f"({m.meta['seconds']:.2f} s)", highlight=False)
+    views = f", one per view of the images ({m.meta['views']}: turned, mirrored)" if m.meta.get("views", 1) > 1 else ""
+    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}){views}"
+              f"{self_trained}; {acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; "
+              f"saved {out_dir} ({m.meta['seconds']:.2f} s)", highlight=False)
     if m.meta.get("modality") == "text" and not select and layer_count(encoder_layers) == 0:
         err.print("tip: --select also tries fine-tuning the pretrained encoder, alone and with the probe and token "
                   "matching, and keeps what cross-validation on the support set favours (minutes instead of seconds)",

@@ -30,6 +30,7 @@ PROBE_PREFIX = "probe."  # saved linear head of a companion probe on the frozen 
 TOKENS_PREFIX = "tokens."  # saved support token states of a companion token matcher (meta["tokens"])
 # the same on the fine-tuned model's own token states (meta["tuned_tokens"])
 TUNED_TOKENS_PREFIX = "tuned_tokens."
+VIEW_PREFIX = "view{}."  # saved weights of the model adapted to view v >= 1 of the support set (meta["views"])
 
 
 def mixed_logits(parts: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
@@ -105,8 +106,12 @@ class AdaptedModel:
 
     def __init__(self, model: MultiTaskModel, meta: dict[str, Any],
                  outlier_state: dict[str, torch.Tensor] | None = None, frozen: MultiTaskModel | None = None,
-                 tokens: TokenMatcher | None = None, tuned_tokens: TokenMatcher | None = None) -> None:
+                 tokens: TokenMatcher | None = None, tuned_tokens: TokenMatcher | None = None,
+                 views: Sequence[MultiTaskModel] = ()) -> None:
         self.model = model.eval()
+        # images: the models adapted to the support set turned by view 1, 2, ... (mtl.data.views.turned); each
+        # answers its view of an input, and their mean log-probability with the model's is the answer
+        self.views = [m.eval() for m in views]
         self.meta = meta
         self.device = next(model.parameters()).device
         self.outlier_state = outlier_state or {}  # the support set's statistics (outliers.fit)
@@ -142,12 +147,17 @@ class AdaptedModel:
     def modality(self) -> str:
         return str(self.meta["modality"])
 
+    def _own_state(self, model: MultiTaskModel) -> dict[str, torch.Tensor]:
+        """What of ``model`` an adapted model keeps: this modality's encoder and projection, the trunk, the head."""
+        return {k: v for k, v in model.state_dict().items()
+                if (k.startswith(("encoders.", "projections.")) and k.split(".")[1] == self.modality)
+                or k.startswith(("trunk.", f"heads.{HEAD}."))}
+
     def save(self, out: Path | str) -> Path:
         out = Path(out)
-        modality = self.modality
-        state = {k: v for k, v in self.model.state_dict().items()
-                 if (k.startswith(("encoders.", "projections.")) and k.split(".")[1] == modality)
-                 or k.startswith(("trunk.", f"heads.{HEAD}."))}
+        state = self._own_state(self.model)
+        for v, view in enumerate(self.views, 1):
+            state.update({VIEW_PREFIX.format(v) + k: t for k, t in self._own_state(view).items()})
         state.update({OUTLIER_PREFIX + k: v for k, v in self.outlier_state.items()})
         if self.frozen is not None and "probe" in self.meta:
             state.update({PROBE_PREFIX + k: v for k, v in self.frozen.heads[HEAD].state_dict().items()})
@@ -165,8 +175,15 @@ class AdaptedModel:
         if meta.get("kind") != "adapted":
             raise MtlError(f"{path} is a training checkpoint, not an adapted model",
                            "run `cli.py adapt` first and pass its --out folder to --model")
-        model = MultiTaskModel(ModelConfig.model_validate(meta["model_config"]), [meta["modality"]])
-        model.add_head(HEAD, len(meta["classes"]), meta.get("head", "linear"))
+        def network() -> MultiTaskModel:
+            net = MultiTaskModel(ModelConfig.model_validate(meta["model_config"]), [meta["modality"]])
+            net.add_head(HEAD, len(meta["classes"]), meta.get("head", "linear"))
+            return net
+
+        model, views = network(), [network() for _ in range(int(meta.get("views", 1)) - 1)]
+        for v, view in enumerate(views, 1):
+            prefix = VIEW_PREFIX.format(v)
+            load_into(view, {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)})
         state = {k[len(OUTLIER_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(OUTLIER_PREFIX)}
         frozen = None
         if "probe" in meta or (meta.get("rejection") or {}).get("reads") == "frozen":
@@ -181,7 +198,7 @@ class AdaptedModel:
                          for key, prefix in (("tokens", TOKENS_PREFIX), ("tuned_tokens", TUNED_TOKENS_PREFIX)))
         load_into(model, tensors)
         return cls(model.to(device or "cpu"), meta, state, frozen.to(device or "cpu") if frozen else None, tokens,
-                   tuned)
+                   tuned, [view.to(device or "cpu") for view in views])
 
     @torch.no_grad()
     def outputs(self, inputs: np.ndarray | list[Any], batch_size: int = 512, cached: bool = False
@@ -213,7 +230,7 @@ class AdaptedModel:
                 x = model_inputs(inputs[idx], self.model, self.modality, self.device, cached)
             with transformer_precision(self.model, self.device):
                 feats = self.model.features(x, self.modality).float()
-            logits.append(self.model.heads[HEAD](feats).float().cpu().numpy())
+            logits.append(self._viewed(self.model.heads[HEAD](feats).float(), x).cpu().numpy())
             read = feats  # what the rejection score is measured on
             if self.frozen is not None:
                 frozen = self.frozen.features(model_inputs(inputs[idx], self.frozen, "text", self.device, cached),
@@ -231,6 +248,17 @@ class AdaptedModel:
             sims.append(outliers.score(self.rejection.score, self.outlier_state, read).cpu().numpy())
         answers = {key: np.concatenate(p)[back] for key, p in parts.items() if p}
         return self.with_companions(np.concatenate(logits)[back], answers), np.concatenate(sims)[back]
+
+    def _viewed(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits ``z`` of images ``x`` alone, or with its views' the mean log-probability of all."""
+        if not self.views:
+            return z
+        from mtl.data.views import turned
+
+        parts = [torch.log_softmax(z, 1)]
+        parts += [torch.log_softmax(m.heads[HEAD](m.features(turned(x, v), self.modality)).float(), 1)
+                  for v, m in enumerate(self.views, 1)]
+        return torch.stack(parts).mean(0)
 
     def with_companions(self, z: np.ndarray, answers: dict[str, np.ndarray]) -> np.ndarray:
         """The model's logits ``z`` mixed with its companions' ``answers`` (by their ``meta`` key: "probe",

@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from mtl.algorithms import Algorithm
 from mtl.device import resolve_device
 from mtl.run import text_default
-from mtl.run.adapt import fit
+from mtl.run.adapt import fit, views_for
 from mtl.run.adapted import AdaptedModel
 from mtl.run.calibration import REJECT_RATE
 from mtl.run.learner import load_learner
@@ -47,6 +47,9 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         How the new head starts; ``None``: as in meta-training.
     encoder_layers : int
         Text: also fine-tune this many top layers of the sentence encoder.
+    views : int or None
+        Images: how many turned copies of the support set to adapt to, answering together (1, 4 or 8);
+        ``None``: 8 for images, 1 for texts, as ``adapt``.
     meta_only : bool
         Text: keep the meta-learned adaptation. By default, with none of the four settings above, a linear
         probe on the pretrained encoder is weighed against it on the support set's folds, as ``adapt`` does
@@ -59,7 +62,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, checkpoint: str = "", steps: int | None = None, lr: float | None = None,
                  head_init: str | None = None, encoder_layers: int = 0, device: str = "cpu", seed: int = 0,
-                 meta_only: bool = False) -> None:
+                 meta_only: bool = False, views: int | None = None) -> None:
         self.checkpoint = checkpoint
         self.steps = steps
         self.lr = lr
@@ -68,6 +71,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.device = device
         self.seed = seed
         self.meta_only = meta_only
+        self.views = views
 
     def fit(self, X: Any, y: Any) -> FewShotClassifier:
         learner = _learner(str(self.checkpoint), self.device, self.encoder_layers == 0)
@@ -75,7 +79,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         y = np.asarray(list(y))
         support = support_from_arrays(list(X), [str(v) for v in y], modality)
         self.model_: AdaptedModel = fit(learner, support, self.steps, self.lr, self.head_init, self.encoder_layers,
-                                        seed=self.seed, checkpoint=str(self.checkpoint))
+                                        seed=self.seed, checkpoint=str(self.checkpoint),
+                                        views=views_for(self.views, modality))
         if not self.meta_only and text_default.applies(support, self.steps, self.lr, self.head_init,
                                                        self.encoder_layers):
             self.model_ = text_default.choose_text(self.model_, learner, support, "distance", REJECT_RATE, "none")
