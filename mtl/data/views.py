@@ -6,6 +6,10 @@ is a like problem whose errors differ from the original's. Answering with the vi
 log-probability errs less: on Lake's within-alphabet one-shot challenge, 8 views lowered the error of
 the same checkpoint on the same episodes (docs/BENCHMARKS.md). Turning only the support drawings, or
 distorting them, blurs the prototypes instead (measured and not kept).
+
+``adapt`` does the same for a new image task by default: one model adapted to each view of the support set,
+each answering that view of an input (:class:`mtl.run.adapted.AdaptedModel`). There it helps models trained
+without rotations too, as an ensemble of like problems (docs/BENCHMARKS.md, "Eight views of a new image task").
 """
 
 from __future__ import annotations
