@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=0,
                    help="cut the pool to this many inputs of each class (drawn with seed 100 + the draw's)")
     p.add_argument("--plain", action="store_true", help="text: plain adapt (its default), not adapt --select")
+    p.add_argument("--views", type=int, default=1,
+                   help="images: views adapted to (1 as measured in stop 38; 8, adapt's default since stop 41)")
     a = p.parse_args()
     torch.set_num_threads(2)
     registry, summary = Registry(), []
@@ -51,7 +53,7 @@ def main() -> None:
         for seed in range(a.seeds):
             t0 = time.perf_counter()
             model = adapt(a.checkpoint, task, shots=int(shots), seed=seed, select=base == "select", device="cpu",
-                          views=1)  # images: one view, as the self-trained head has
+                          views=a.views)
             t1 = time.perf_counter()
             runs[base].append(model.meta["test_accuracy"])
             pool = task.train.inputs

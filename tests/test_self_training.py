@@ -78,8 +78,8 @@ def test_adapt_with_unlabeled_images(image_run, tmp_path, run_cli):  # noqa: F81
     folder.mkdir()
     for i in np.random.default_rng(0).permutation(len(task.train.inputs))[:500]:
         Image.fromarray(task.train.inputs[i]).save(folder / f"{i}.png")
-    args = ("adapt", "--task", "mnist", "--checkpoint", image_run, "--shots", 3, "--json")
-    code, out, err = run_cli(*args, "--views", 1, "--out", tmp_path / "plain")  # one head, as self-training's
+    args = ("adapt", "--task", "mnist", "--checkpoint", image_run, "--shots", 3, "--json", "--views", 1)
+    code, out, err = run_cli(*args, "--out", tmp_path / "plain")
     assert code == 0, err
     before = json.loads(out)
     code, out, err = run_cli(*args, "--unlabeled", folder, "--out", tmp_path / "m")
@@ -93,6 +93,16 @@ def test_adapt_with_unlabeled_images(image_run, tmp_path, run_cli):  # noqa: F81
     assert result["rejection"] == before["rejection"]  # the distance score reads the same features
     saved = AdaptedModel.load(tmp_path / "m")
     assert saved.meta["head"] == "linear" and saved.meta["self_training"] == st
+    code, out, err = run_cli(*args[:-2], "--out", tmp_path / "m8")  # 8 views (the default): each head refitted
+    assert code == 0, err
+    eight = json.loads(out)
+    code, out, err = run_cli(*args[:-2], "--unlabeled", folder, "--out", tmp_path / "m8u")
+    assert code == 0, err
+    both = json.loads(out)
+    assert both["self_training"]["unlabeled"] == st["unlabeled"] and both["test_accuracy"] > eight["test_accuracy"]
+    views = AdaptedModel.load(tmp_path / "m8u").views
+    assert len(views) == 7 and all(v.heads["adapted"].weight.shape == (10, saved.model.heads["adapted"].weight.shape[1])
+                                   for v in views)
     pngs = sorted(folder.iterdir())[:20]
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", *pngs)
     assert code == 0, err

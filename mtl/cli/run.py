@@ -127,7 +127,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                        "examples: `--split test` adapts to the held-out classes of a task split by classes.")] = None,
               views: Annotated[int | None, typer.Option(
                   help="Images: also adapt to the support set turned by 90-degree steps (4) and mirrored (8); "
-                       "the views answer together (default 8; 1 with --unlabeled).")] = None,
+                       "the views answer together (default 8).")] = None,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Fine-tune a learned initialization on a few labelled examples of a task and save it.
 

@@ -15,7 +15,7 @@ without rotations too, as an ensemble of like problems (docs/BENCHMARKS.md, "Eig
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,12 +36,18 @@ def episode_view(b: TaskBatch, view: int) -> TaskBatch:
     return dataclasses.replace(b, xs=turned(b.xs, view), xq=turned(b.xq, view))  # type: ignore[arg-type]
 
 
+def together(logits: Sequence[Tensor]) -> Tensor:
+    """One answer from each view's logits: the logits themselves for one view, else the views' mean
+    log-probability (unnormalised: a softmax of it, or a temperature, reads it as logits)."""
+    if len(logits) == 1:
+        return logits[0].float()
+    return torch.stack([torch.log_softmax(z.float(), 1) for z in logits]).mean(0)
+
+
 def answered(logits: Callable[[TaskBatch], Tensor], b: TaskBatch, views: int) -> Tensor:
-    """``logits`` of episode ``b``'s queries as they come (1 view), or the mean of the log-probabilities
-    of ``views`` turned copies of the whole episode."""
-    if views == 1:
-        return logits(b).float()
-    return sum(torch.log_softmax(logits(episode_view(b, v)).float(), 1) for v in range(views)) / views
+    """``logits`` of episode ``b``'s queries as they come (1 view), or :func:`together` over ``views``
+    turned copies of the whole episode."""
+    return together([logits(episode_view(b, v) if v else b) for v in range(views)])
 
 
 def check_views(views: int, modality: str) -> None:

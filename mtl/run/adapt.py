@@ -50,14 +50,10 @@ DEFAULT_VIEWS = 8  # images: the support set and its 7 other symmetries of the s
 log = logging.getLogger(__name__)  # progress of a long adaptation (the CLI shows it on a spinner)
 
 
-def views_for(views: int | None, modality: str, unlabeled: bool = False) -> int:
-    """How many views of the support set to adapt to: as given, else :data:`DEFAULT_VIEWS` for images (1 when
-    unlabeled images retrain the head, which is one) and 1 for texts."""
-    if views is None:
-        return DEFAULT_VIEWS if modality == "image" and not unlabeled else 1
-    if views > 1 and unlabeled:
-        raise MtlError("--unlabeled trains one new head; --views adapts one per view", "leave one of them out")
-    return views
+def views_for(views: int | None, modality: str) -> int:
+    """How many views of the support set to adapt to: as given, else :data:`DEFAULT_VIEWS` for images and 1
+    for texts."""
+    return views if views is not None else DEFAULT_VIEWS if modality == "image" else 1
 
 
 def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.Tensor, steps: int | None,
@@ -268,7 +264,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     file of their paths) that the adapted model labels for a self-trained linear classifier: for text a
     probe answering beside it, for images its new head (:mod:`mtl.run.self_training`; ``meta["self_training"]``).
     ``views``: for images, how many turned copies of the support set are adapted to and answer together
-    (1, 4 or 8; by default 8, or 1 with ``unlabeled``: :func:`fit`); texts have one.
+    (1, 4 or 8; by default 8: :func:`fit`; with ``unlabeled``, each view's head is refitted); texts have one.
     """
     t0 = time.perf_counter()
     if shots < 1:
@@ -312,7 +308,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     if select and support.modality != "text":
         raise MtlError("--select chooses among a linear probe and fine-tuning of a sentence encoder; this task has "
                        "images", "leave --select out for image tasks")
-    views = views_for(views, support.modality, unlabeled is not None)
+    views = views_for(views, support.modality)
     model = fit(learner, support, steps, lr, head_init, encoder_layers, encoder_epochs, encoder_lr, seed, source,
                 stored, reject_by, reject_rate, none, views)
     if select and support.shots >= 2:

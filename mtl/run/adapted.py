@@ -250,15 +250,11 @@ class AdaptedModel:
         return self.with_companions(np.concatenate(logits)[back], answers), np.concatenate(sims)[back]
 
     def _viewed(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The model's logits ``z`` of images ``x`` alone, or with its views' the mean log-probability of all."""
-        if not self.views:
-            return z
-        from mtl.data.views import turned
+        """The model's logits ``z`` of images ``x``, answering together with its views (:func:`together`)."""
+        from mtl.data.views import together, turned
 
-        parts = [torch.log_softmax(z, 1)]
-        parts += [torch.log_softmax(m.heads[HEAD](m.features(turned(x, v), self.modality)).float(), 1)
-                  for v, m in enumerate(self.views, 1)]
-        return torch.stack(parts).mean(0)
+        return together([z, *(m.heads[HEAD](m.features(turned(x, v), self.modality)) for v, m in
+                              enumerate(self.views, 1))])
 
     def with_companions(self, z: np.ndarray, answers: dict[str, np.ndarray]) -> np.ndarray:
         """The model's logits ``z`` mixed with its companions' ``answers`` (by their ``meta`` key: "probe",

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtl.data.views import together, turned
 from mtl.errors import MtlError
 from mtl.models.heads import logistic_head
 from mtl.run.adapted import HEAD, AdaptedModel, model_inputs, plain_model
@@ -112,19 +113,18 @@ def self_train(model: AdaptedModel, support: Support, unlabeled: Path | str | Se
     ``reject_rate``: as given to ``adapt``, for a threshold on the images' new probabilities."""
     k = len(model.classes)
     pool = unlabeled_pool(read_unlabeled(unlabeled, model), support, k, seed)
+    size = len(pool)
     log.info("self-training: the adapted model answers %d unlabeled %s", len(pool), support.modality + "s")
     if support.modality == "text":
         rows, labels = pseudo_labels(model.outputs(pool)[0])  # the mix of voices answers, not one head
-    else:  # one head on the model's features: they are computed once, for the answers and for the new head
-        pool = image_features(model, pool)
-        with torch.no_grad():
-            rows, labels = pseudo_labels(model.model.heads[HEAD](torch.as_tensor(pool, device=model.device))
-                                         .float().cpu().numpy())
-    model.meta["self_training"] = {"unlabeled": len(pool), "pseudo_labelled": len(rows), "fraction": FRACTION,
+    else:  # each view's head on its features: computed once, for the answers and for the new heads
+        pool = [image_features(model, pool, v) for v in range(1 + len(model.views))]
+        rows, labels = pseudo_labels(viewed_logits(model, pool))
+    model.meta["self_training"] = {"unlabeled": size, "pseudo_labelled": len(rows), "fraction": FRACTION,
                                    "per_class": int(np.bincount(labels, minlength=k).max())}
     if support.modality == "text":
         return with_text_probe(model, support, pool[rows], labels)
-    return with_image_head(model, support, pool[rows], labels, reject_rate)
+    return with_image_heads(model, support, [p[rows] for p in pool], labels, reject_rate)
 
 
 def with_text_probe(model: AdaptedModel, support: Support, texts: np.ndarray, labels: np.ndarray) -> AdaptedModel:
@@ -155,31 +155,44 @@ def with_text_probe(model: AdaptedModel, support: Support, texts: np.ndarray, la
 
 
 @torch.no_grad()
-def image_features(model: AdaptedModel, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    net = model.model
-    return np.concatenate([net.features(model_inputs(images[i:i + batch_size], net, "image", model.device), "image")
-                           .float().cpu().numpy() for i in range(0, len(images), batch_size)])
+def image_features(model: AdaptedModel, images: np.ndarray, view: int = 0, batch_size: int = 512) -> np.ndarray:
+    """Features of ``images`` turned as ``view`` says, by the network adapted to that view of the support set."""
+    net = model.model if view == 0 else model.views[view - 1]
+    return np.concatenate([net.features(turned(model_inputs(images[i:i + batch_size], net, "image", model.device),
+                                               view), "image").float().cpu().numpy()
+                           for i in range(0, len(images), batch_size)])
 
 
-def with_image_head(model: AdaptedModel, support: Support, fp: np.ndarray, labels: np.ndarray,
-                    reject_rate: float) -> AdaptedModel:
-    """``model`` with its head replaced by logistic regression on its features of the support set and of
-    the pseudo-labelled images (``fp``); the temperature (and a ``probability`` threshold) refitted on
-    out-of-fold answers for the labelled examples."""
-    k = len(model.classes)
-    fs = image_features(model, support.inputs)
+@torch.no_grad()
+def viewed_logits(model: AdaptedModel, feats: list[np.ndarray]) -> np.ndarray:
+    """The model's answer from each view's features (``feats[v]``): one view's logits, or the views' mean
+    log-probability, as :meth:`AdaptedModel.outputs` answers."""
+    nets = [model.model, *model.views]
+    return together([net.heads[HEAD](torch.as_tensor(f, device=model.device))
+                     for net, f in zip(nets, feats, strict=True)]).cpu().numpy()
+
+
+def with_image_heads(model: AdaptedModel, support: Support, fp: list[np.ndarray], labels: np.ndarray,
+                     reject_rate: float) -> AdaptedModel:
+    """``model`` with each view's head replaced by logistic regression on that view's features of the support
+    set and of the pseudo-labelled images (``fp[v]``); the temperature (and a ``probability`` threshold)
+    refitted on out-of-fold answers for the labelled examples, answered as the model answers."""
+    k, views = len(model.classes), 1 + len(model.views)
+    fs = [image_features(model, support.inputs, v) for v in range(views)]
     ys = np.asarray(support.labels)
-    log.info("self-training: a linear head on %d labelled and %d pseudo-labelled images", len(ys), len(labels))
+    log.info("self-training: %d linear head(s) on %d labelled and %d pseudo-labelled images", views, len(ys),
+             len(labels))
 
-    def fitted(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return logistic_head(torch.as_tensor(np.concatenate([fs[rows], fp])),
+    def fitted(v: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return logistic_head(torch.as_tensor(np.concatenate([fs[v][rows], fp[v]])),
                              torch.as_tensor(np.concatenate([ys[rows], labels])), k)
 
-    w, b = fitted(np.arange(len(ys)))
-    head = model.model.add_head(HEAD, k)  # a plain linear head, whatever kind the model had
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(b)
+    for v, net in enumerate([model.model, *model.views]):
+        w, b = fitted(v, np.arange(len(ys)))
+        head = net.add_head(HEAD, k)  # a plain linear head, whatever kind the model had
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
     model.meta["head"] = "linear"
     model.meta["self_training"].update(share=1.0, student="a linear head on the model's features, in its place")
     folds = min(support.shots, CALIBRATION_FOLDS)
@@ -188,12 +201,16 @@ def with_image_head(model: AdaptedModel, support: Support, fp: np.ndarray, label
         return model
     rank = class_ranks(ys)  # the folds of adapt's own calibration
     held_logits, held = [], []
-    for f in range(folds):  # each fold's head fitted without its held-out labelled examples
-        w, b = fitted(np.flatnonzero(rank % folds != f))
-        held_logits.append((torch.as_tensor(fs[rank % folds == f]) @ w.T + b).numpy())
-        held.append(ys[rank % folds == f])
+    for f in range(folds):  # each fold's heads fitted without its held-out labelled examples
+        out = rank % folds == f
+        z = []
+        for v in range(views):
+            w, b = fitted(v, np.flatnonzero(~out))
+            z.append(torch.as_tensor(fs[v][out]) @ w.T + b)
+        held_logits.append(together(z).numpy())
+        held.append(ys[out])
     r = model.rejection
-    feats = torch.as_tensor(fs)
+    feats = torch.as_tensor(fs[0])
     calibration, rejection, state = calibrate_from(
         np.concatenate(held_logits), np.concatenate(held), f"{folds}-fold cross-validation on the support set",
         feats, torch.as_tensor(ys), k, r.score, reject_rate, r.none, r.reads)
