@@ -94,6 +94,23 @@ def test_compare_outputs_are_written_and_consistent(runs, run_cli, tmp_path):
 
 
 @needs_data
+def test_compare_answers_image_episodes_in_eight_views(runs, registry):
+    """`--views 8` scores every method on the same episodes turned and mirrored, as `adapt` answers; the
+    reports say how many views answered."""
+    from mtl.errors import MtlError
+    from mtl.run.compare import compare
+
+    task = registry.load("omniglot-angelic")
+    kw = {"ways": 5, "steps": 1, "queries": 3, "device": "cpu"}
+    one, eight = (compare([task], [1], 4, {"maml": runs / "maml"}, ["maml", "centroid"], views=v, **kw)
+                  for v in (1, 8))
+    assert [r.views for r in one] == [1, 1] and [r.views for r in eight] == [8, 8]
+    assert all(0 < r.accuracy <= 1 for r in eight) and [r.accuracy for r in one] != [r.accuracy for r in eight]
+    with pytest.raises(MtlError, match="--views 3 is not a number of views"):
+        compare([task], [1], 4, {"maml": runs / "maml"}, ["maml"], views=3, **kw)
+
+
+@needs_data
 def test_compare_on_a_users_own_task_folder(runs, run_cli, tmp_path):
     text = (ROOT / "tasks" / "omniglot" / "alphabets" / "angelic.yaml").read_text()
     write(tmp_path / "mine" / "glyphs.yaml", text.replace("name: omniglot-angelic", "name: my-glyphs"))

@@ -266,6 +266,8 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
                 finetune_epochs: Annotated[int | None, typer.Option(
                     help="Epochs of the finetune baseline (default: adapt's, about 125 steps).")] = None,
                 out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.*")] = Path("runs/compare"),
+                views: Annotated[int, typer.Option(
+                    help="Image tasks: answer every episode also turned (4) and mirrored (8), as adapt does.")] = 1,
                 device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Checkpoints (MAML, ProtoNet, multi-task...) and baselines on the same episodes, with CIs and tests.
 
@@ -288,7 +290,7 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
     with progress("comparing", quiet=as_json):
         rows = compare([reg.load(t.strip()) for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways,
                        steps, queries, seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir),
-                       finetune_epochs=finetune_epochs)
+                       finetune_epochs=finetune_epochs, views=views)
     doc = write_reports(rows, out_dir)
     if as_json:
         _print_json(doc)

@@ -36,6 +36,7 @@ from mtl.data.inputs import concat
 from mtl.data.registry import Registry
 from mtl.data.stream import EpisodeStream, TaskBatch
 from mtl.data.task import Task
+from mtl.data.views import check_views, episode_view, together
 from mtl.device import resolve_device
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel
@@ -66,6 +67,7 @@ class Row:
     step_size: str = "-"  # the fine-tuning step size chosen on validation episodes ("learned": its own)
     left_out: list[str] = field(default_factory=list)  # classes too small for an episode of this setting
     ece: float | None = None  # expected calibration error of the pooled query predictions (15 bins)
+    views: int = 1  # images: each episode answered as the mean log-probability of its turned copies
 
 
 def frozen_features(learner: Algorithm, b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -113,9 +115,19 @@ def centroid_scores(learner: Algorithm, b: TaskBatch) -> Scored:
     return scored(softmax(-((fq[:, None, :] - protos[None]) ** 2).sum(-1)), b)  # ProtoNet's probabilities
 
 
-def adapted_scores(learner: Algorithm, episodes: list[TaskBatch], s: Setting) -> list[Scored]:
-    return [scored(softmax(learner.query_logits_after(b, s.steps, s.lr, s.head_init).cpu().numpy()), b)
-            for b in episodes]
+def adapted_scores(learner: Algorithm, episodes: list[TaskBatch], s: Setting, views: int = 1) -> list[Scored]:
+    return [in_views(lambda e: scored(softmax(learner.query_logits_after(e, s.steps, s.lr, s.head_init).cpu()
+                                              .numpy()), e), b, views) for b in episodes]
+
+
+def in_views(score: Callable[[TaskBatch], Scored], b: TaskBatch, views: int) -> Scored:
+    """Episode ``b`` scored as ``adapt --views`` answers: ``score`` of each turned copy of the whole episode,
+    the views' mean log-probability the answer (:func:`mtl.data.views.together`)."""
+    if views == 1:
+        return score(b)
+    logs = [torch.as_tensor(np.log(np.clip(score(episode_view(b, v) if v else b)[1], 1e-30, None)))
+            for v in range(views)]
+    return scored(softmax(together(logs).numpy()), b)
 
 
 def choose_setting(learner: Algorithm, val: list[TaskBatch], steps: int, own: bool) -> Setting:
@@ -172,12 +184,13 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
             checkpoints: dict[str, Path | str], methods: Sequence[str] | None = None, ways: int | None = None,
             steps: int = 10, queries: int = 15, seed: int = 0, device: torch.device | str = "cpu",
             on_rows: Callable[[list[Row]], None] | None = None, registry: Registry | None = None,
-            finetune_epochs: int | None = None) -> list[Row]:
+            finetune_epochs: int | None = None, views: int = 1) -> list[Row]:
     """``checkpoints``: label -> run folder (``maml=runs/a,protonet=runs/b``); ``methods``: which of
     those labels, of ``BASELINES`` (default: all of those) and of ``ON_REQUEST`` to run (``finetune``: the
     pretrained encoder fine-tuned whole as ``adapt --select`` fine-tunes it, for ``finetune_epochs``, by
-    default about 125 steps; ``setfit``: SetFit on the same encoder). ``on_rows`` gets every row so far
-    after each finished (task, shots) setting."""
+    default about 125 steps; ``setfit``: SetFit on the same encoder). ``views`` (image tasks: 4 or 8) answers
+    every method's episodes as ``adapt --views`` does. ``on_rows`` gets every row so far after each finished
+    (task, shots) setting."""
     device = resolve_device(device) if isinstance(device, str) else device
     if any(isinstance(t, str) for t in tasks):
         registry = registry or Registry()
@@ -199,6 +212,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     reference = "maml" if "maml" in checkpoints else next(iter(checkpoints))
     ref_learner, ref_meta = learners[reference]
     recipe = Recipe.model_validate(ref_meta["recipe"])
+    check_views(views, "image")  # a number of views; text tasks are answered with one
     for t in tasks:
         for m in set(methods) & set(ON_REQUEST + TEXT_BASELINES):
             if t.modality != "text" and (m in ON_REQUEST or not texts):
@@ -214,6 +228,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
         test, val = p.test.fixed(episodes), p.val.fixed(min(20, episodes))
         results: dict[str, list[Scored]] = {}
         chosen: dict[str, str] = {}
+        seen = views if p.task.modality == "image" else 1  # texts have one view
         for m in methods:
             if m in TEXT_BASELINES and p.task.modality != "text":
                 continue  # asked for the text tasks of a mixed comparison
@@ -227,11 +242,11 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
                     learner = learners[m][0]
                 setting = choose_setting(learner, val, steps, own=m != "scratch")
                 chosen[m] = setting.label()
-                results[m] = adapted_scores(learner, test, setting)
+                results[m] = adapted_scores(learner, test, setting, seen)
             elif m == "linear_probe":
-                results[m] = [probe_scores(feature_source, b) for b in test]
+                results[m] = [in_views(lambda e: probe_scores(feature_source, e), b, seen) for b in test]
             elif m == "centroid":
-                results[m] = [centroid_scores(feature_source, b) for b in test]
+                results[m] = [in_views(lambda e: centroid_scores(feature_source, e), b, seen) for b in test]
             elif m == "encoder_probe":
                 from mtl.run.adapted import plain_model
 
@@ -261,7 +276,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
             ece = expected_calibration_error(np.concatenate([r[1] for r in results[m]]),
                                              np.concatenate([r[2] for r in results[m]]))
             rows.append(Row(p.task.name, p.shots, m, mean, ci, len(values), pv, chosen.get(m, "-"), p.left_out,
-                            round(ece, 5)))
+                            round(ece, 5), seen))
         if on_rows:
             on_rows(rows)
     return rows
