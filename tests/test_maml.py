@@ -277,10 +277,16 @@ def test_episode_views_are_the_eight_symmetries_of_the_square():
     from mtl.data.stream import TaskBatch
     from mtl.data.views import episode_view, turned
 
-    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).reshape(2, 1, 3, 3)
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
     seen = {tuple(turned(x, v).flatten().tolist()) for v in range(8)}
     assert len(seen) == 8 and torch.equal(turned(x, 0), x)
     assert torch.equal(turned(turned(x, 1), 3), x) and torch.equal(turned(x, 4), x.flip(-1))
     b = TaskBatch("t", "image", x, torch.tensor([0, 1]), x[:1], torch.tensor([1]))
     v = episode_view(b, 2)  # support and queries turned alike, labels untouched
     assert torch.equal(v.xs, turned(x, 2)) and torch.equal(v.xq, turned(x[:1], 2)) and torch.equal(v.yq, b.yq)
+    rgb = torch.arange(2 * 3 * 4 * 5, dtype=torch.uint8).reshape(2, 3, 4, 5)  # (N, C, H, W)
+    hwc = rgb.permute(0, 2, 3, 1).contiguous()  # colour as decoded: the same images, channels last
+    gray = rgb[:, 0]  # (N, H, W)
+    for view in range(8):  # whatever the layout, the same turn of the same pictures
+        assert torch.equal(turned(hwc, view), turned(rgb, view).permute(0, 2, 3, 1))
+        assert torch.equal(turned(gray, view), turned(rgb, view)[:, 0])

@@ -27,8 +27,11 @@ VIEWS = (1, 4, 8)  # the original; its 4 rotations by 90 degrees; those and thei
 
 
 def turned(x: Tensor, view: int) -> Tensor:
-    """Images ``x`` (N, C, H, W) turned by 90 degrees ``view % 4`` times, mirrored first from view 4 on."""
-    return torch.rot90(x.flip(-1) if view >= 4 else x, view % 4, dims=(-2, -1))
+    """Images ``x`` turned by 90 degrees ``view % 4`` times, mirrored first from view 4 on. ``x`` is laid out
+    as the encoders read it (:func:`mtl.models.encoders.conv.pixels`): (N, H, W), (N, C, H, W), or colour
+    as decoded, (N, H, W, 3)."""
+    dims = (1, 2) if x.dim() == 4 and x.shape[-1] == 3 and x.shape[1] != 3 else (-2, -1)
+    return torch.rot90(x.flip(dims[1]) if view >= 4 else x, view % 4, dims=dims)
 
 
 def episode_view(b: TaskBatch, view: int) -> TaskBatch:
