@@ -352,6 +352,23 @@ def test_adapt_to_eight_views_of_the_images(image_run, text_run, tmp_path, run_c
     code, _, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--views", 4, "--out",
                            tmp_path / "t")
     assert code == 2 and "--views turns images; this task has texts" in err
+    from PIL import Image  # colour images, decoded (N, H, W, 3) and not square, on the grayscale checkpoint
+
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        (tmp_path / "bars" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            a = (rng.random((20, 30, 3)) * 80).astype(np.uint8)
+            a[5:15, 5 + 8 * c:12 + 8 * c] = colour
+            Image.fromarray(a).save(tmp_path / "bars" / f"c{c}" / f"{i}.png")
+    write(tmp_path / "colour" / "bars.yaml", "name: bars\nmodality: image\ndescription: coloured bars\n"
+          f"role: held_out\nsource: {{format: imagefolder, path: {tmp_path / 'bars'}}}\n"
+          "image: {size: [20, 30], grayscale: false}\n"
+          "splits: {by: examples, sizes: {train: 0.5, test: 0.5}, seed: 0}\n")
+    code, out, err = run_cli("adapt", "--task", "bars", "--tasks-dir", tmp_path / "colour", "--checkpoint", image_run,
+                             "--shots", 3, "--json", "--out", tmp_path / "bars-model")
+    assert code == 0, err
+    assert json.loads(out)["views"] == 8 and json.loads(out)["test_accuracy"] > 0.6  # 3 classes: chance 1/3
 
 
 DIGITS_BY_CLASSES = """\
