@@ -113,18 +113,18 @@ def self_train(model: AdaptedModel, support: Support, unlabeled: Path | str | Se
     ``reject_rate``: as given to ``adapt``, for a threshold on the images' new probabilities."""
     k = len(model.classes)
     pool = unlabeled_pool(read_unlabeled(unlabeled, model), support, k, seed)
-    size = len(pool)
     log.info("self-training: the adapted model answers %d unlabeled %s", len(pool), support.modality + "s")
+    feats: list[np.ndarray] = []
     if support.modality == "text":
         rows, labels = pseudo_labels(model.outputs(pool)[0])  # the mix of voices answers, not one head
     else:  # each view's head on its features: computed once, for the answers and for the new heads
-        pool = [image_features(model, pool, v) for v in range(1 + len(model.views))]
-        rows, labels = pseudo_labels(viewed_logits(model, pool))
-    model.meta["self_training"] = {"unlabeled": size, "pseudo_labelled": len(rows), "fraction": FRACTION,
+        feats = [image_features(model, pool, v) for v in range(1 + len(model.views))]
+        rows, labels = pseudo_labels(viewed_logits(model, feats))
+    model.meta["self_training"] = {"unlabeled": len(pool), "pseudo_labelled": len(rows), "fraction": FRACTION,
                                    "per_class": int(np.bincount(labels, minlength=k).max())}
     if support.modality == "text":
         return with_text_probe(model, support, pool[rows], labels)
-    return with_image_heads(model, support, [p[rows] for p in pool], labels, reject_rate)
+    return with_image_heads(model, support, [f[rows] for f in feats], labels, reject_rate)
 
 
 def with_text_probe(model: AdaptedModel, support: Support, texts: np.ndarray, labels: np.ndarray) -> AdaptedModel:
