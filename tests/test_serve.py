@@ -26,7 +26,7 @@ ROOT = Path(__file__).parents[1]
 def adapted(config: str, task: str, shots: int, out: Path):
     """A ProtoNet model (no meta-training needed for a frozen sentence encoder) adapted and saved."""
     from mtl.data.registry import Registry
-    from mtl.run.adapt import fit
+    from mtl.run.adapt import fit, views_for
     from mtl.run.adapted import AdaptedModel
     from mtl.run.learner import build_learner
     from mtl.run.recipe import load_recipe
@@ -35,7 +35,7 @@ def adapted(config: str, task: str, shots: int, out: Path):
     recipe = load_recipe(ROOT / "configs" / config, {"method": "protonet"})
     t = Registry().load(task)
     learner = build_learner(recipe, [t.modality], {})
-    fit(learner, support_from_task(t, shots, 0)).save(out)
+    fit(learner, support_from_task(t, shots, 0), views=views_for(None, t.modality)).save(out)  # as adapt does
     return AdaptedModel.load(out), t
 
 
@@ -155,6 +155,7 @@ def test_an_image_model_takes_base64_images_and_refuses_a_corrupt_one(tmp_path):
         assert code == 200 and len(body["predictions"]) == 6
         labels = [r["label"] for r in body["predictions"]]
         assert labels == model.predict(task.test.inputs[:6]).tolist()
+        assert server.call("/info")[1]["views"] == 8  # images: the 8 views answer together (adapt's default)
         code, body = server.call("/predict", {"images": [base64.b64encode(b"not an image").decode()]})
         assert code == 422 and "images[0]" in body["detail"]
         code, body = server.call("/predict", {"images": ["***"]})
