@@ -106,8 +106,22 @@ def test_several_problems_one_line_each(tmp_path, run_cli):
     path = write(tmp_path / "t.yaml", "name: x\nmodality: audio\n")
     code, _, err = run_cli("tasks", "validate", path, "--no-data")
     lines = err.strip().splitlines()
-    assert code == 1 and len(lines) >= 5  # modality + description, role, source, fields missing
+    assert code == 1 and len(lines) >= 4  # modality, role, source, fields missing (a description is optional)
     assert all(line.startswith(str(path)) for line in lines)
+
+
+def test_a_missing_field_is_answered_with_the_line_to_add(tmp_path, run_cli):
+    """A first task file can be written from the errors alone: each missing field comes with an example line."""
+    path = write(tmp_path / "t.yaml", "name: x\nsource: {path: a.csv}\n")
+    code, _, err = run_cli("tasks", "validate", path, "--no-data")
+    assert code == 1
+    for expected in ("modality: Field required. Fix: add `modality: text` (or image)",
+                     "role: Field required. Fix: add `role: held_out`",
+                     "source.format: Field required. Fix: add `format: csv`",
+                     "input_field: Field required. Fix: add `input_field: text`",
+                     "label_field: Field required. Fix: add `label_field: label`"):
+        assert expected in err, err
+    assert "description" not in err  # optional
 
 
 def test_duplicate_names_name_both_files(tmp_path, csv_file):

@@ -76,8 +76,23 @@ _SHAPES = {
 }
 
 
+# a required field left out: the line to add (and a note), so a first task file can be written from the errors
+_REQUIRED = {
+    "name": ("name: my-task", ""),
+    "modality": ("modality: text", "or image"),
+    "role": ("role: held_out", "a new task to adapt to; meta_train or meta_val to train on"),
+    "source": ("source: {format: csv, path: my_data/examples.csv}", "docs/TASKS.md lists the formats"),
+    "source.format": ("format: csv", "`python cli.py formats` lists the formats"),
+    "input_field": ("input_field: text", "the column that holds each example"),
+    "label_field": ("label_field: label", "the column that holds its class"),
+}
+
+
 def _fix_for(error_type: str, field: str) -> str:
     """How to fix one schema error: its type's usual fix, with the field's shape when it is known."""
+    if error_type == "missing" and field in _REQUIRED:
+        line, note = _REQUIRED[field]
+        return f"add `{line}`" + (f" ({note})" if note else "")
     fix = _FIXES.get(error_type, "see docs/TASKS.md for the schema")
     if error_type in ("dict_type", "list_type") and field in _SHAPES:
         fix += f", e.g. {_SHAPES[field]}"

@@ -208,7 +208,7 @@ class TaskSpec(_Strict):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.\-]*$", max_length=100)
     modality: Modality
-    description: str = Field(min_length=1, max_length=2000)
+    description: str = Field(default="", max_length=2000)  # one line for `tasks list`; optional
     role: Role
     source: Source | list[Source]
     input_field: str | list[str]  # one column, or text columns joined (a title and a body)
