@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ensemble_weights import DEV, HELD
+from ensemble_weights import DEV, HELD, accuracy
 from scipy.special import log_softmax
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -37,12 +37,14 @@ from mtl.data.registry import Registry
 from mtl.device import cpu_name
 from mtl.run.alternatives import model_features, plain_model
 from mtl.run.label_text import descriptive, with_names
+from mtl.run.mixing import FIXED
 from mtl.run.support import support_from_task
 
-SHIPPED = {"finetune": 7, "linear_probe": 3, "tokens": 3}
+SHIPPED = {v: w for v, w in FIXED.items() if w}  # 7 : 3 : 3, fine-tuning : probe : tokens
 # (voice, weight beside the shipped three, weight of the probe, temperature dividing the voice's logits)
 VARIANTS = [("lexical", w, 3, t) for t in (1, 2) for w in (1, 2, 3, 5)] + \
            [("gaussian", w, p, t) for t in (1, 10, 100) for w, p in ((3, 0), (1, 3), (3, 3))]
+TEMPERATURES = sorted({t for *_, t in VARIANTS})
 
 
 def lexical(texts: list[str], ys: np.ndarray, queries: list[str]) -> np.ndarray:
@@ -70,15 +72,6 @@ def new_voices(spec: str, seed: int, plain: torch.nn.Module) -> dict[str, np.nda
     return {"truth": truth, "lexical": lexical(texts, ys, queries), "gaussian": gaussian(x, ys, xq)}
 
 
-def accuracy(runs: list[dict[str, np.ndarray]], voice: str, weight: float, probe: float, t: float) -> float:
-    """Mean test accuracy (%) of the shipped mix with ``voice`` at ``weight`` and the probe at ``probe``."""
-    out = []
-    for r in runs:
-        z = SHIPPED["finetune"] * r["finetune"] + probe * r["linear_probe"] + SHIPPED["tokens"] * r["tokens"]
-        out.append(100 * float(((z + weight * log_softmax(r[voice] / t, 1)).argmax(1) == r["truth"]).mean()))
-    return float(np.mean(out))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, default=Path("/tmp/voices"), help="ensemble_weights.py's test logits")
@@ -94,14 +87,16 @@ def main() -> None:
             cached = np.load(a.cache / f"{spec.replace(':', '_')}_minilm_{seed}.npz")
             new = new_voices(spec, seed, plain)
             assert np.array_equal(new["truth"], cached["truth"]), "another support draw or test split than the cache's"
-            runs.setdefault(spec, []).append({**{v: log_softmax(cached[v], 1) for v in SHIPPED}, **new})
+            scaled = {f"{v}/{t}": log_softmax(new[v] / t, 1) for v in ("lexical", "gaussian") for t in TEMPERATURES}
+            runs.setdefault(spec, []).append({"truth": new["truth"], **scaled,
+                                              **{v: log_softmax(cached[v], 1) for v in SHIPPED}})
     print(json.dumps({"cpu": cpu_name(), "encoder": "minilm", "draws": a.seeds}))
     for voice in ("lexical", "gaussian"):
-        alone = {t: round(float(np.mean([100 * (r[voice].argmax(1) == r["truth"]).mean() for r in runs[t]])), 2)
-                 for t in dev + held}
+        alone = {t: round(accuracy(runs[t], {f"{voice}/1": 1}), 2) for t in dev + held}
         print(json.dumps({"alone": voice, "dev_mean": round(float(np.mean([alone[t] for t in dev])), 2), **alone}))
     for voice, weight, probe, t in [("lexical", 0, 3, 1), *VARIANTS]:
-        scores = {s: round(accuracy(runs[s], voice, weight, probe, t), 2) for s in dev + held}
+        weights = {**SHIPPED, "linear_probe": probe, f"{voice}/{t}": weight}
+        scores = {s: round(accuracy(runs[s], weights), 2) for s in dev + held}
         print(json.dumps({"voice": voice if weight else "none (shipped)", "weight": weight, "probe": probe,
                           "temperature": t, "dev_mean": round(float(np.mean([scores[s] for s in dev])), 2),
                           "held_mean": round(float(np.mean([scores[s] for s in held])), 2), **scores}))
