@@ -49,7 +49,7 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.data.registry import Registry
 from mtl.data.stream import TaskBatch
-from mtl.data.task import Task
+from mtl.data.task import Task, at_size
 from mtl.data.views import answered
 from mtl.device import cpu_name
 from mtl.run.evaluate import evaluate, mean_ci
@@ -99,13 +99,16 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
     from mtl.device import autocast
 
     dev = torch.device("cpu")
-    stream = EpisodeStream([task], task.spec.test_split, 20, 1, 4, 0, dev, None, 0, cap_ways=False)
+    sizes = {m.model.config.image_size for m, _ in learners}  # the same episodes at each model's image size
+    fixed = {s: EpisodeStream([at_size(task, s)], task.spec.test_split, 20, 1, 4, 0, dev, None, 0, cap_ways=False
+                              ).fixed(episodes) for s in sizes}
     acc = []
-    for i, b in enumerate(stream.fixed(episodes)):
-        xs = torch.cat([b.xs] + [augment("affine", b.xs, (i, j)) for j in range(copies)])
-        batch = dataclasses.replace(b, xs=xs, ys=b.ys.repeat(copies + 1))
+    for i in range(episodes):
         total = 0
         for learner, precision in learners:
+            b = fixed[learner.model.config.image_size][i]
+            xs = torch.cat([b.xs] + [augment("affine", b.xs, (i, j)) for j in range(copies)])
+            batch = dataclasses.replace(b, xs=xs, ys=b.ys.repeat(copies + 1))
             if tuning.steps:
                 learner = tuned(learner, precision, b, i, tuning)
             with autocast(dev, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps

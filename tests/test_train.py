@@ -187,6 +187,35 @@ def test_adapt_chooses_its_steps_and_step_size_without_test_data(trained, regist
     assert given.meta["selection"]["by"] == "given" and (given.meta["steps"], given.meta["lr"]) == (2, 0.1)
 
 
+def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, registry, monkeypatch):
+    """`model.image_size` decodes the training tasks at that size, and the checkpoint meets every task
+    (evaluate, adapt, and predict through the adapted model) at it too, whatever the task file says."""
+    from PIL import Image
+
+    import mtl.run.evaluate as evaluate_module
+    from mtl.run.adapt import adapt
+    from mtl.run.evaluate import evaluate
+
+    assert registry.load("digits").train.inputs.shape[1:] == (28, 28)  # the task file's size
+    r = recipe(method="protonet", tasks=["digits"], val_tasks=["digits"], iterations=2, val_every=2, val_episodes=2,
+               model={"image_size": 16})
+    trainer = Trainer(r, tmp_path / "run", registry).setup()
+    assert {t.train.inputs.shape[1:] for t in trainer.source.tasks} == {(16, 16)}
+    assert trainer.val is not None and trainer.val.tasks[0].test.inputs.shape[1:] == (16, 16)
+    trainer.run()
+    seen = []
+    real = evaluate_module.at_size
+    monkeypatch.setattr(evaluate_module, "at_size", lambda t, s: seen.append(real(t, s)) or seen[-1])
+    result = evaluate(tmp_path / "run", "digits", ways=5, shots=1, episodes=2, registry=registry)
+    assert seen[0].test.inputs.shape[1:] == (16, 16) and result["accuracy"] > 0.2
+    model = adapt(tmp_path / "run", "digits", shots=2, registry=registry, out=tmp_path / "adapted")
+    assert model.meta["image"]["size"] == 16  # what predict reads image files at
+    png = tmp_path / "digit.png"
+    Image.fromarray(registry.load("digits").test.inputs[0]).save(png)
+    images, _ = model.load_inputs([str(png)])
+    assert images.shape[1:] == (16, 16) and model.predict(images).shape == (1,)
+
+
 def test_cosine_anneals_over_the_time_budget_when_it_ends_first(tmp_path):
     """A time-limited run must still end at the low learning rate, whatever its iteration count."""
     trainer = Trainer(recipe(cosine=True, outer_lr=0.01, min_outer_lr=0.0, iterations=100_000, time_limit_minutes=1),

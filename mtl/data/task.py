@@ -83,6 +83,16 @@ def load_task(spec: TaskSpec, file: Path | None = None, data_root: Path | None =
         raise
 
 
+def at_size(task: Task, size: int | None) -> Task:
+    """``task`` with its images decoded again at ``size`` x ``size``: the size a model was trained at
+    (``model.image_size``), so a checkpoint meets every image task as it met its training tasks. The
+    same task where ``size`` is None, the task has texts, or its images already have that size."""
+    if size is None or task.modality != "image" or task.spec.image_options.hw == (size, size):
+        return task
+    options = task.spec.image_options.model_copy(update={"size": size})
+    return load_task(task.spec.model_copy(update={"image": options}), task.file)
+
+
 def _load(spec: TaskSpec, file: Path | None, root: Path) -> Task:
     raw = _decoded_source(spec, root)
     if spec.splits.by == "source" and spec.splits.map:  # unused source splits (e.g. CLINC's oos_*) drop out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from mtl.data.embeddings import TokenStates
@@ -36,6 +36,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image_encoder: str = "conv4"
     image_channels: int = 1
+    # every image task is read at this size x size for this model, in training and whenever the checkpoint
+    # meets a task (evaluate, adapt, compare); None: each task file's own `image.size`
+    image_size: int | None = Field(default=None, ge=4, le=1024)
     text_encoder: str = "minilm"  # a registered name or a transformers model folder (made absolute)
     text_trainable_layers: int = 0
     text_checkpointing: bool = False  # recompute the trained layers' activations in backward: less memory

@@ -24,7 +24,7 @@ from mtl.algorithms import Algorithm
 from mtl.data.inputs import Inputs
 from mtl.data.registry import Registry
 from mtl.data.stream import TaskBatch
-from mtl.data.task import Split, Task
+from mtl.data.task import Split, Task, at_size
 from mtl.data.views import answered, check_views, episode_view, turned
 from mtl.device import resolve_device
 from mtl.errors import MtlError
@@ -293,6 +293,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         if task is None:
             raise MtlError("no task to adapt to", "give a registry task name, or (inputs, labels)")
         loaded = task if isinstance(task, Task) else (registry or Registry()).load(task)
+        loaded = at_size(loaded, learner.model.config.image_size)
         if examples is not None:
             if split is not None:
                 raise MtlError("--split draws the shots from the task, --examples gives them", "leave one of them out")
@@ -330,7 +331,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
 
         if loaded is None:
             raise MtlError("--unknown needs a registry task to adapt to", "give --task NAME")
-        other = unknown if isinstance(unknown, Task) else (registry or Registry()).load(unknown)
+        other = at_size(unknown if isinstance(unknown, Task) else (registry or Registry()).load(unknown),
+                        learner.model.config.image_size)
         model.meta["open_set"] = open_set_on_tasks(model, loaded, other)
     if out is not None:
         model.save(out)

@@ -35,7 +35,7 @@ from mtl.data.cache import atomic_write_bytes
 from mtl.data.inputs import concat
 from mtl.data.registry import Registry
 from mtl.data.stream import EpisodeStream, TaskBatch
-from mtl.data.task import Task
+from mtl.data.task import Task, at_size
 from mtl.data.views import check_views, episode_view, together
 from mtl.device import resolve_device
 from mtl.errors import MtlError
@@ -209,6 +209,11 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     if len(set(depth.values())) > 1:  # one set of episode inputs serves every checkpoint
         raise MtlError(f"the checkpoints train different numbers of text encoder layers ({depth})",
                        "compare checkpoints trained with the same model.text_trainable_layers")
+    sizes = {k: lm[0].model.config.image_size for k, lm in learners.items()}
+    if len(set(sizes.values())) > 1:
+        raise MtlError(f"the checkpoints read images at different sizes ({sizes})",
+                       "compare checkpoints trained with the same model.image_size")
+    tasks = [at_size(t, next(iter(sizes.values()))) for t in tasks]  # type: ignore[arg-type]
     reference = "maml" if "maml" in checkpoints else next(iter(checkpoints))
     ref_learner, ref_meta = learners[reference]
     recipe = Recipe.model_validate(ref_meta["recipe"])

@@ -10,7 +10,7 @@ import numpy as np
 from scipy import stats
 
 from mtl.data.registry import Registry
-from mtl.data.task import Task
+from mtl.data.task import Task, at_size
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -44,6 +44,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     dev = resolve_device(device)
     t = task if isinstance(task, Task) else (registry or Registry()).load(task)
     learner, meta = load_learner(Path(checkpoint), dev)
+    t = at_size(t, learner.model.config.image_size)
     check_head_init(head_init)
     if t.modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
