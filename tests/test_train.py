@@ -194,6 +194,7 @@ def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, 
 
     import mtl.run.evaluate as evaluate_module
     from mtl.run.adapt import adapt
+    from mtl.run.compare import compare
     from mtl.run.evaluate import evaluate
 
     assert registry.load("digits").train.inputs.shape[1:] == (28, 28)  # the task file's size
@@ -214,6 +215,10 @@ def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, 
     Image.fromarray(registry.load("digits").test.inputs[0]).save(png)
     images, _ = model.load_inputs([str(png)])
     assert images.shape[1:] == (16, 16) and model.predict(images).shape == (1,)
+    Trainer(recipe(method="protonet", tasks=["digits"], iterations=1, val_tasks=[]), tmp_path / "at28", registry).run()
+    with pytest.raises(MtlError, match="read images at different sizes"):  # one set of episodes serves them all
+        compare(["digits"], [1], 2, {"a": tmp_path / "run", "b": tmp_path / "at28"}, methods=["a", "b"],
+                registry=registry)
 
 
 def test_cosine_anneals_over_the_time_budget_when_it_ends_first(tmp_path):
