@@ -193,6 +193,7 @@ def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, 
     from PIL import Image
 
     import mtl.run.evaluate as evaluate_module
+    from mtl.data.task import at_size
     from mtl.run.adapt import adapt
     from mtl.run.compare import compare
     from mtl.run.evaluate import evaluate
@@ -215,6 +216,9 @@ def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, 
     Image.fromarray(registry.load("digits").test.inputs[0]).save(png)
     images, _ = model.load_inputs([str(png)])
     assert images.shape[1:] == (16, 16) and model.predict(images).shape == (1,)
+    test = at_size(registry.load("digits"), 20).test  # images given as arrays are taken as they are: files too
+    mine = adapt(tmp_path / "run", (list(test.inputs[:40]), [str(v) for v in test.labels[:40]]))
+    assert mine.meta["image"]["size"] == 20 and mine.load_inputs([str(png)])[0].shape[1:] == (20, 20)
     Trainer(recipe(method="protonet", tasks=["digits"], iterations=1, val_tasks=[]), tmp_path / "at28", registry).run()
     with pytest.raises(MtlError, match="read images at different sizes"):  # one set of episodes serves them all
         compare(["digits"], [1], 2, {"a": tmp_path / "run", "b": tmp_path / "at28"}, methods=["a", "b"],

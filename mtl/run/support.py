@@ -67,5 +67,8 @@ def support_from_arrays(inputs: Any, labels: Any, modality: str, image: ImageOpt
         x = np.asarray([str(t) for t in inputs], dtype=np.str_)
     else:
         x = np.stack([np.asarray(i) for i in inputs])
+        if image is None and x.ndim in (3, 4) and all(4 <= n <= 1024 for n in x.shape[1:3]):
+            h, w = x.shape[1:3]  # image files given to `predict` later are read at the arrays' size
+            image = ImageOptions(size=h if h == w else (h, w), grayscale=x.ndim == 3)
     index = {c: i for i, c in enumerate(classes)}
     return Support(x, np.asarray([index[c] for c in labels]), classes, modality, task, image or ImageOptions())
