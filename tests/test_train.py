@@ -193,6 +193,7 @@ def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, 
     from PIL import Image
 
     import mtl.run.evaluate as evaluate_module
+    from mtl.data.registry import Registry
     from mtl.data.task import at_size
     from mtl.run.adapt import adapt
     from mtl.run.compare import compare
@@ -208,8 +209,11 @@ def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, 
     seen = []
     real = evaluate_module.at_size
     monkeypatch.setattr(evaluate_module, "at_size", lambda t, s: seen.append(real(t, s)) or seen[-1])
-    result = evaluate(tmp_path / "run", "digits", ways=5, shots=1, episodes=2, registry=registry)
+    result = evaluate(tmp_path / "run", registry.load("digits"), ways=5, shots=1, episodes=2)  # a Task
     assert seen[0].test.inputs.shape[1:] == (16, 16) and result["accuracy"] > 0.2
+    fresh = Registry()
+    evaluate(tmp_path / "run", "digits", ways=5, shots=1, episodes=2, registry=fresh)  # a name
+    assert list(fresh._loaded) == [("digits", 16)]
     model = adapt(tmp_path / "run", "digits", shots=2, registry=registry, out=tmp_path / "adapted")
     assert model.meta["image"]["size"] == 16  # what predict reads image files at
     png = tmp_path / "digit.png"

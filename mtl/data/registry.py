@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mtl import settings
 from mtl.data.schema import TaskSpec
-from mtl.data.task import Task, load_task
+from mtl.data.task import Task, load_task, sized
 from mtl.errors import MtlError, TaskFileError, TaskFileErrors
 
 MAX_TASK_FILE_BYTES = 256 * 1024
@@ -176,7 +176,7 @@ class Registry:
             dirs = [dirs]
         self.dirs = [Path(d) for d in dirs] if dirs is not None else settings.tasks_dirs()
         self.entries: dict[str, Entry] = {}
-        self._loaded: dict[str, Task] = {}
+        self._loaded: dict[tuple[str, int | None], Task] = {}
         problems: list[TaskFileError] = []
         for d in self.dirs:
             if not d.is_dir():
@@ -244,11 +244,14 @@ class Registry:
     def spec(self, name: str) -> TaskSpec:
         return self.entry(name).spec
 
-    def load(self, name: str) -> Task:
-        if name not in self._loaded:
+    def load(self, name: str, image_size: int | None = None) -> Task:
+        """``image_size``: the images at that size x size instead of the task file's (a checkpoint's
+        ``model.image_size``, :func:`mtl.data.task.at_size`)."""
+        key = (name, image_size)
+        if key not in self._loaded:
             e = self.entry(name)
-            self._loaded[name] = load_task(e.spec, e.file)
-        return self._loaded[name]
+            self._loaded[key] = load_task(sized(e.spec, image_size), e.file)
+        return self._loaded[key]
 
 
 def scan(paths: list[Path]) -> tuple[dict[str, Entry], list[TaskFileError]]:

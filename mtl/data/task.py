@@ -87,10 +87,15 @@ def at_size(task: Task, size: int | None) -> Task:
     """``task`` with its images decoded again at ``size`` x ``size``: the size a model was trained at
     (``model.image_size``), so a checkpoint meets every image task as it met its training tasks. The
     same task where ``size`` is None, the task has texts, or its images already have that size."""
-    if size is None or task.modality != "image" or task.spec.image_options.hw == (size, size):
-        return task
-    options = task.spec.image_options.model_copy(update={"size": size})
-    return load_task(task.spec.model_copy(update={"image": options}), task.file)
+    spec = sized(task.spec, size)
+    return task if spec is task.spec else load_task(spec, task.file)
+
+
+def sized(spec: TaskSpec, size: int | None) -> TaskSpec:
+    """``spec`` with its images at ``size`` x ``size`` (see :func:`at_size`)."""
+    if size is None or spec.modality != "image" or spec.image_options.hw == (size, size):
+        return spec
+    return spec.model_copy(update={"image": spec.image_options.model_copy(update={"size": size})})
 
 
 def _load(spec: TaskSpec, file: Path | None, root: Path) -> Task:

@@ -292,8 +292,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     else:
         if task is None:
             raise MtlError("no task to adapt to", "give a registry task name, or (inputs, labels)")
-        loaded = task if isinstance(task, Task) else (registry or Registry()).load(task)
-        loaded = at_size(loaded, learner.model.config.image_size)
+        size = learner.model.config.image_size  # the checkpoint meets the task at the size it was trained at
+        loaded = at_size(task, size) if isinstance(task, Task) else (registry or Registry()).load(task, size)
         if examples is not None:
             if split is not None:
                 raise MtlError("--split draws the shots from the task, --examples gives them", "leave one of them out")
@@ -331,8 +331,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
 
         if loaded is None:
             raise MtlError("--unknown needs a registry task to adapt to", "give --task NAME")
-        other = at_size(unknown if isinstance(unknown, Task) else (registry or Registry()).load(unknown),
-                        learner.model.config.image_size)
+        size = learner.model.config.image_size
+        other = at_size(unknown, size) if isinstance(unknown, Task) else (registry or Registry()).load(unknown, size)
         model.meta["open_set"] = open_set_on_tasks(model, loaded, other)
     if out is not None:
         model.save(out)

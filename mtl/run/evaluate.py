@@ -42,9 +42,9 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     from mtl.run.select import check_head_init
 
     dev = resolve_device(device)
-    t = task if isinstance(task, Task) else (registry or Registry()).load(task)
     learner, meta = load_learner(Path(checkpoint), dev)
-    t = at_size(t, learner.model.config.image_size)
+    size = learner.model.config.image_size  # the checkpoint meets the task at the size it was trained at
+    t = at_size(task, size) if isinstance(task, Task) else (registry or Registry()).load(task, size)
     check_head_init(head_init)
     if t.modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
