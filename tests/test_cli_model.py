@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from mtl.device import native_bf16
 from tests.conftest import needs_data, write
 
 pytestmark = needs_data
 ROOT = Path(__file__).parents[1]
+# adapt scores a test split with the frozen text layers read from the fp32 cache; predict runs every layer,
+# under bf16 autocast where bf16 is native (AVX-512-BF16, AMX). Exact on some such CPUs (the EPYC of stops
+# 1-43), one example of 450 apart on an AMX Xeon (stop 44); anywhere else it is exact.
+BF16_SLACK = 0.01 if native_bf16(torch.device("cpu")) else 1e-9
 
 TEXT_RECIPE = """\
 method: maml
@@ -107,7 +112,7 @@ def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_ru
     assert model.model.config.text_trainable_layers == 1
     test = Registry().load("clinc150-work").test
     acc = float((model.predict_ids(test.inputs) == test.labels).mean())  # the saved model: the same accuracy
-    assert abs(acc - res["test_accuracy"]) < 1e-9
+    assert abs(acc - res["test_accuracy"]) <= BF16_SLACK
     # the tuned encoder has seen every support example, so "none of these" is measured on the pretrained one,
     # whose leave-one-out scores are out of sample (read off the tuned one, a quarter of BANKING77 was refused)
     assert model.rejection.reads == "frozen" and res["rejection"]["reads"] == "frozen"
@@ -255,7 +260,7 @@ def test_meta_training_the_top_text_layers_moves_them_alone(text_run, tmp_path, 
     model = AdaptedModel.load(tmp_path / "m1")
     assert model.model.config.text_trainable_layers == 2
     acc = float((model.predict_ids(test.inputs) == test.labels).mean())  # strings through the whole encoder
-    assert abs(acc - json.loads(out)["test_accuracy"]) < 1e-9  # = adapt's figure from cached states
+    assert abs(acc - json.loads(out)["test_accuracy"]) <= BF16_SLACK  # = adapt's figure from cached states
     code, _, err = run_cli("compare", "--tasks", "clinc150-work", "--shots", 1, "--episodes", 2,
                            "--checkpoints", f"maml={tmp_path / 'run'},multitask={text_run}", "--out", tmp_path / "c")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "text encoder layers" in err
