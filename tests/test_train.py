@@ -192,7 +192,7 @@ def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, 
     (evaluate, adapt, and predict through the adapted model) at it too, whatever the task file says."""
     from PIL import Image
 
-    import mtl.run.evaluate as evaluate_module
+    import mtl.data.registry as registry_module
     from mtl.data.registry import Registry
     from mtl.data.task import at_size
     from mtl.run.adapt import adapt
@@ -207,8 +207,8 @@ def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, 
     assert trainer.val is not None and trainer.val.tasks[0].test.inputs.shape[1:] == (16, 16)
     trainer.run()
     seen = []
-    real = evaluate_module.at_size
-    monkeypatch.setattr(evaluate_module, "at_size", lambda t, s: seen.append(real(t, s)) or seen[-1])
+    real = registry_module.at_size
+    monkeypatch.setattr(registry_module, "at_size", lambda t, s: seen.append(real(t, s)) or seen[-1])
     result = evaluate(tmp_path / "run", registry.load("digits"), ways=5, shots=1, episodes=2)  # a Task
     assert seen[0].test.inputs.shape[1:] == (16, 16) and result["accuracy"] > 0.2
     fresh = Registry()

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mtl import settings
 from mtl.data.schema import TaskSpec
-from mtl.data.task import Task, load_task, sized
+from mtl.data.task import Task, at_size, load_task, sized
 from mtl.errors import MtlError, TaskFileError, TaskFileErrors
 
 MAX_TASK_FILE_BYTES = 256 * 1024
@@ -252,6 +252,12 @@ class Registry:
             e = self.entry(name)
             self._loaded[key] = load_task(sized(e.spec, image_size), e.file)
         return self._loaded[key]
+
+
+def task_at(task: str | Task, size: int | None, registry: Registry | None = None) -> Task:
+    """A task given by name (read from ``registry``) or as a :class:`Task`, with its images at ``size`` x
+    ``size``: a checkpoint's ``model.image_size``, so it meets the task at the size it was trained at."""
+    return at_size(task, size) if isinstance(task, Task) else (registry or Registry()).load(task, size)
 
 
 def scan(paths: list[Path]) -> tuple[dict[str, Entry], list[TaskFileError]]:

@@ -22,9 +22,9 @@ import torch
 
 from mtl.algorithms import Algorithm
 from mtl.data.inputs import Inputs
-from mtl.data.registry import Registry
+from mtl.data.registry import Registry, task_at
 from mtl.data.stream import TaskBatch
-from mtl.data.task import Split, Task, at_size
+from mtl.data.task import Split, Task
 from mtl.data.views import answered, check_views, episode_view, turned
 from mtl.device import resolve_device
 from mtl.errors import MtlError
@@ -292,8 +292,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     else:
         if task is None:
             raise MtlError("no task to adapt to", "give a registry task name, or (inputs, labels)")
-        size = learner.model.config.image_size  # the checkpoint meets the task at the size it was trained at
-        loaded = at_size(task, size) if isinstance(task, Task) else (registry or Registry()).load(task, size)
+        loaded = task_at(task, learner.model.config.image_size, registry)
         if examples is not None:
             if split is not None:
                 raise MtlError("--split draws the shots from the task, --examples gives them", "leave one of them out")
@@ -331,8 +330,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
 
         if loaded is None:
             raise MtlError("--unknown needs a registry task to adapt to", "give --task NAME")
-        size = learner.model.config.image_size
-        other = at_size(unknown, size) if isinstance(unknown, Task) else (registry or Registry()).load(unknown, size)
+        other = task_at(unknown, learner.model.config.image_size, registry)
         model.meta["open_set"] = open_set_on_tasks(model, loaded, other)
     if out is not None:
         model.save(out)

@@ -33,9 +33,9 @@ from scipy import stats
 from mtl.algorithms import Algorithm
 from mtl.data.cache import atomic_write_bytes
 from mtl.data.inputs import concat
-from mtl.data.registry import Registry
+from mtl.data.registry import Registry, task_at
 from mtl.data.stream import EpisodeStream, TaskBatch
-from mtl.data.task import Task, at_size
+from mtl.data.task import Task
 from mtl.data.views import check_views, episode_view, together
 from mtl.device import resolve_device
 from mtl.errors import MtlError
@@ -194,11 +194,12 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     device = resolve_device(device) if isinstance(device, str) else device
     if any(isinstance(t, str) for t in tasks):
         registry = registry or Registry()
-        tasks = [registry.load(t) if isinstance(t, str) else t for t in tasks]
+    modalities = {t.modality if isinstance(t, Task) else registry.spec(t).modality  # type: ignore[union-attr]
+                  for t in tasks}
     checkpoints = {k: Path(v) for k, v in checkpoints.items()}
     if not checkpoints:
         raise MtlError("compare needs at least one checkpoint", "pass --checkpoints maml=RUN_DIR[,multitask=RUN_DIR]")
-    texts = any(t.modality == "text" for t in tasks)  # type: ignore[union-attr]
+    texts = "text" in modalities
     methods = list(methods or [*checkpoints, *BASELINES, *(TEXT_BASELINES if texts else ())])
     unknown = [m for m in methods if m not in checkpoints and m not in BASELINES + TEXT_BASELINES + ON_REQUEST]
     if unknown:
@@ -213,7 +214,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     if len(set(sizes.values())) > 1:
         raise MtlError(f"the checkpoints read images at different sizes ({sizes})",
                        "compare checkpoints trained with the same model.image_size")
-    tasks = [at_size(t, next(iter(sizes.values()))) for t in tasks]  # type: ignore[arg-type]
+    tasks = [task_at(t, next(iter(sizes.values())), registry) for t in tasks]  # read once, at the models' size
     reference = "maml" if "maml" in checkpoints else next(iter(checkpoints))
     ref_learner, ref_meta = learners[reference]
     recipe = Recipe.model_validate(ref_meta["recipe"])

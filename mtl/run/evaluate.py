@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from mtl.data.registry import Registry
-from mtl.data.task import Task, at_size
+from mtl.data.registry import Registry, task_at
+from mtl.data.task import Task
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -43,8 +43,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
 
     dev = resolve_device(device)
     learner, meta = load_learner(Path(checkpoint), dev)
-    size = learner.model.config.image_size  # the checkpoint meets the task at the size it was trained at
-    t = at_size(task, size) if isinstance(task, Task) else (registry or Registry()).load(task, size)
+    t = task_at(task, learner.model.config.image_size, registry)
     check_head_init(head_init)
     if t.modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
