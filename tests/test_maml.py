@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import mtl.algorithms.inner
 from mtl.algorithms import Algorithm, InnerConfig, build_algorithm
 from mtl.data.stream import TaskBatch
-from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel, SupportBatchNorm, channel_stats
+from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel, SupportBatchNorm, channel_stats, support_statistics
 
 
 @pytest.fixture(autouse=True)
@@ -254,6 +254,47 @@ def test_support_batchnorm_gradient_is_exact(affine):
     (gx,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)  # as an inner loop would
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_support_batchnorm_and_max_pool_in_one_pass_are_exact(affine):
+    """Normalising after the max-pool (:class:`SupportNormPool`) gives the values and gradients of
+    batch norm then max-pool, odd sizes included; a negative scale, hooks or a GPU tensor take the
+    two modules instead, and a Conv-4 with support statistics gives what its modules give one by one."""
+    from mtl.models.batchnorm import EpisodicBatchNorm2d, SupportNormPool
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((7, 3, 4, 6), (7, 3, 5, 5)):
+        x = torch.randn(*shape, generator=g).requires_grad_()
+        w, b = (torch.rand(3, generator=g).add(0.1).requires_grad_(), torch.randn(3, generator=g).requires_grad_()
+                ) if affine else (None, None)
+        assert torch.autograd.gradcheck(lambda *t: SupportNormPool.apply(*t, 2, 1e-5), (x, w, b))
+        ours = SupportNormPool.apply(x, w, b, 2, 1e-5)
+        theirs = F.max_pool2d(SupportBatchNorm.apply(x, w, b, 2, 1e-5), 2)
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+        gy = torch.randn(ours.shape, generator=g)
+        inputs = (x, w, b) if affine else (x,)
+        for a, c in zip(torch.autograd.grad(ours, inputs, gy), torch.autograd.grad(theirs, inputs, gy), strict=True):
+            torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+    norm, pool, x = EpisodicBatchNorm2d(3), torch.nn.MaxPool2d(2), torch.randn(7, 3, 4, 4)
+    norm.stats_rows = 2
+    assert norm.pooled(x, pool) is not None
+    with torch.no_grad():
+        norm.weight[1] = -0.5  # max-pool and a decreasing map do not commute
+    assert norm.pooled(x, pool) is None
+    torch.manual_seed(0)
+    encoder = ConvEncoder(in_channels=1)
+    images = torch.rand(9, 28, 28)
+    layers = list(encoder.blocks)
+    with support_statistics(encoder, 3):
+        fused = encoder(images)
+        handle = layers[1].register_forward_pre_hook(lambda *_: None)
+        assert layers[1].pooled(torch.randn(9, 64, 28, 28), layers[2]) is None
+        handle.remove()
+        h = images.unsqueeze(1)
+        for layer in layers:
+            h = layer(h)
+    torch.testing.assert_close(fused, h.mean(dim=(2, 3)), atol=1e-12, rtol=0)
 
 
 def test_image_encoders_take_images_of_the_other_channel_count():

@@ -72,7 +72,13 @@ class ConvEncoder(nn.Module):
         self.out_dim = hidden
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.blocks(pixels(x, self.in_channels, self.nhwc))
+        h = pixels(x, self.in_channels, self.nhwc)
+        layers = list(self.blocks)
+        i = 0
+        while i < len(layers):  # each batch norm and the max-pool after it in one pass where it can
+            norm = isinstance(layers[i], EpisodicBatchNorm2d) and i + 1 < len(layers)
+            pooled = layers[i].pooled(h, layers[i + 1]) if norm else None
+            h, i = (layers[i](h), i + 1) if pooled is None else (pooled, i + 2)
         return h.mean(dim=(2, 3))  # global average pool: any input size gives `hidden` features
 
 
