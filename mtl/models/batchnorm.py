@@ -107,8 +107,8 @@ class SupportNormPool(torch.autograd.Function):
     """``max_pool2d(SupportBatchNorm(x), 2)`` with the normalisation after the pooling: the same function
     where every channel's scale is positive (an increasing affine map commutes with a maximum), with
     no batch-norm pass over the full-size tensor, forward or backward. On Omniglot's Conv-4 that tensor
-    is the query pass's 80 x 64 x 28 x 28 first block; a meta-iteration is 5-7% faster in bf16, 13% in fp32
-    (one CPU thread, docs/BENCHMARKS.md)."""
+    is the query pass's 80 x 64 x 28 x 28 first block; a meta-iteration is 14-16% faster on one CPU thread
+    (docs/BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor | None,
@@ -126,8 +126,10 @@ class SupportNormPool(torch.autograd.Function):
         x, pooled, where, weight, mean, var, scale = ctx.saved_tensors  # type: ignore[attr-defined]
         # the parameter sums over the pooled values equal those over the maxima's places in x
         g_pooled, sum_gx, sum_g = _affine_kernel_backward(gy, pooled, scale, ctx.eps)  # type: ignore[attr-defined]
-        # max-pooling's backward as un-pooling: the same values, 2x faster on bf16 channels-last tensors
-        gx = F.max_unpool2d(g_pooled, where, 2, output_size=x.shape[2:])
+        # max-pooling's backward as un-pooling: the same values, 2x faster on bf16 channels-last tensors.
+        # Not under autocast, which would un-pool in fp32 (twice the bytes) and cast back
+        with torch.autocast(x.device.type, enabled=False):
+            gx = F.max_unpool2d(g_pooled, where, 2, output_size=x.shape[2:])
         return _through_statistics(ctx, gx, sum_gx, sum_g, x, weight, mean, var, scale)
 
 
