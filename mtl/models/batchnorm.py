@@ -99,8 +99,9 @@ class SupportBatchNorm(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, gy: Tensor
                  ) -> tuple[Tensor, Tensor | None, Tensor | None, None, None]:
         x, weight, mean, var, scale = ctx.saved_tensors  # type: ignore[attr-defined]
-        gx, sum_gx, sum_g = _affine_kernel_backward(gy, x, scale, ctx.eps)  # type: ignore[attr-defined]
-        return _through_statistics(ctx, gx, sum_gx, sum_g, x, weight, mean, var, scale)
+        rows, eps = ctx.rows, ctx.eps  # type: ignore[attr-defined]
+        gx, sum_gx, sum_g = _affine_kernel_backward(gy, x, scale, eps)
+        return _through_statistics(ctx, gx, sum_gx, sum_g, x[:rows], weight, mean, var, scale)
 
 
 class SupportNormPool(torch.autograd.Function):
@@ -115,22 +116,23 @@ class SupportNormPool(torch.autograd.Function):
                 bias: Tensor | None, rows: int, eps: float) -> Tensor:
         mean, var, scale, shift = _support_affine(x, weight, bias, rows, eps)
         pooled, where = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
-        ctx.save_for_backward(x, pooled, where, weight, mean, var, scale)
-        ctx.rows, ctx.eps, ctx.bias_dtype = rows, eps, None if bias is None else bias.dtype
+        # the support rows only, not the whole of x, which can then be freed
+        ctx.save_for_backward(x[:rows].clone(), pooled, where, weight, mean, var, scale)
+        ctx.rows, ctx.eps, ctx.bias_dtype, ctx.size = rows, eps, None if bias is None else bias.dtype, x.shape[2:]
         return _affine_kernel(pooled, scale, shift, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, gy: Tensor
                  ) -> tuple[Tensor, Tensor | None, Tensor | None, None, None]:
-        x, pooled, where, weight, mean, var, scale = ctx.saved_tensors  # type: ignore[attr-defined]
+        support, pooled, where, weight, mean, var, scale = ctx.saved_tensors  # type: ignore[attr-defined]
         # the parameter sums over the pooled values equal those over the maxima's places in x
         g_pooled, sum_gx, sum_g = _affine_kernel_backward(gy, pooled, scale, ctx.eps)  # type: ignore[attr-defined]
         # max-pooling's backward as un-pooling: the same values, 2x faster on bf16 channels-last tensors.
         # Not under autocast, which would un-pool in fp32 (twice the bytes) and cast back
-        with torch.autocast(x.device.type, enabled=False):
-            gx = F.max_unpool2d(g_pooled, where, 2, output_size=x.shape[2:])
-        return _through_statistics(ctx, gx, sum_gx, sum_g, x, weight, mean, var, scale)
+        with torch.autocast(gy.device.type, enabled=False):
+            gx = F.max_unpool2d(g_pooled, where, 2, output_size=ctx.size)  # type: ignore[attr-defined]
+        return _through_statistics(ctx, gx, sum_gx, sum_g, support, weight, mean, var, scale)
 
 
 def _support_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, rows: int, eps: float
@@ -159,23 +161,23 @@ def _affine_kernel_backward(gy: Tensor, x: Tensor, scale: Tensor, eps: float) ->
 
 
 def _through_statistics(ctx: torch.autograd.function.FunctionCtx, gx: Tensor, sum_gx: Tensor, sum_g: Tensor,
-                        x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, scale: Tensor
+                        support: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, scale: Tensor
                         ) -> tuple[Tensor, Tensor | None, Tensor | None, None, None]:
     """The gradients of a support-statistics batch norm from those of its per-channel affine map
     (``gx``, and ``sum_gx``, ``sum_g`` for scale and shift): the statistics' share is added to the
-    support rows of ``gx``, and the parameters' gradients follow from the sums."""
+    ``support`` rows' part of ``gx``, and the parameters' gradients follow from the sums."""
     rows, eps, bias_dtype = ctx.rows, ctx.eps, ctx.bias_dtype  # type: ignore[attr-defined]
     invstd = torch.rsqrt(var + eps)
     sum_gx, sum_g = _wide(sum_gx), _wide(sum_g)
     sum_g_centred = sum_gx - mean * sum_g  # sum(gy * (x - mean))
     w = weight if weight is not None else torch.ones_like(invstd)
     # through the statistics of the support rows: d mean / d x_i = 1/n, d var / d x_i = 2 (x_i - mean)/n
-    n = rows * x.shape[2] * x.shape[3]
+    n = rows * support.shape[2] * support.shape[3]
     d_mean = -sum_g * scale
     d_var = (sum_g_centred * w * -0.5 * invstd.pow(3)) * (var > 0)  # var is clamped at 0
     shape = (1, -1, 1, 1)
-    support = _wide(x[:rows]) - mean.view(shape)
-    gx[:rows] += (d_mean.view(shape) / n + support * (2 * d_var / n).view(shape)).to(gx.dtype)
+    centred = _wide(support) - mean.view(shape)
+    gx[:rows] += (d_mean.view(shape) / n + centred * (2 * d_var / n).view(shape)).to(gx.dtype)
     needs = ctx.needs_input_grad  # type: ignore[attr-defined]
     g_weight = (sum_g_centred * invstd).to(weight.dtype) if weight is not None and needs[1] else None
     g_bias = sum_g.to(bias_dtype) if bias_dtype is not None and needs[2] else None
