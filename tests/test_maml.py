@@ -259,8 +259,8 @@ def test_support_batchnorm_gradient_is_exact(affine):
 @pytest.mark.parametrize("affine", [True, False])
 def test_support_batchnorm_and_max_pool_in_one_pass_are_exact(affine):
     """Normalising after the max-pool (:class:`SupportNormPool`) gives the values and gradients of
-    batch norm then max-pool, odd sizes included; a negative scale, hooks or a GPU tensor take the
-    two modules instead, and a Conv-4 with support statistics gives what its modules give one by one."""
+    batch norm then max-pool, odd sizes included; a negative scale or hooks take the two modules
+    instead, and a Conv-4 with support statistics gives what its modules give one by one."""
     from mtl.models.batchnorm import EpisodicBatchNorm2d, SupportNormPool
 
     g = torch.Generator().manual_seed(0)

@@ -52,10 +52,7 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
                 self.step_stats[1].lerp_(var.detach().to(self.step_stats[1].dtype), self.momentum_of_steps)
         else:
             mean, var = self.running_mean, self.running_var  # type: ignore[assignment]
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale + (self.bias if self.bias is not None else 0.0)
+        scale, shift = _scale_shift(mean, var, self.weight, self.bias, self.eps)
         # scale and shift are the kernel's affine parameters: differentiable, twice too, and its fused
         # backward and double backward are faster than addcmul's
         return _affine_kernel(x, scale, shift, self.eps)
@@ -140,10 +137,16 @@ def _support_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, rows:
     """The statistics of the first ``rows`` rows of ``x`` and the per-channel (scale, shift) that
     normalise with them."""
     mean, var = channel_stats(x[:rows])
+    return mean, var, *_scale_shift(mean, var, weight, bias, eps)
+
+
+def _scale_shift(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                 ) -> tuple[Tensor, Tensor]:
+    """The per-channel (scale, shift) of batch norm with these statistics: ``x * scale + shift``."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
-    return mean, var, scale, -mean * scale + (bias if bias is not None else 0.0)
+    return scale, -mean * scale + (bias if bias is not None else 0.0)
 
 
 def _affine_kernel(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
@@ -186,10 +189,7 @@ def _through_statistics(ctx: torch.autograd.function.FunctionCtx, gx: Tensor, su
 
 def _affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """``x`` normalised with ``mean`` and ``var`` per channel, in plain tensor ops."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale + (bias if bias is not None else 0.0)
+    scale, shift = _scale_shift(mean, var, weight, bias, eps)
     return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
 
 
