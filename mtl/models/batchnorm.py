@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtl.models.batchnorm_twice import batch_statistics_norm
+
 
 class EpisodicBatchNorm2d(nn.BatchNorm2d):
     """Batch norm whose statistics come from the first ``stats_rows`` rows of the batch.
@@ -19,9 +21,10 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
     statistics (no transductive leak). With ``stats_rows = None`` it uses the whole batch (the
     transductive MAML default). In ``eval()`` it uses the running statistics, which
     :func:`calibrate_batchnorm` sets from an adapted model's support set. Gradients through the
-    statistics are exact: the whole-batch mode is the native kernel, differentiable twice (MAML's
-    support pass); support statistics go through :class:`SupportBatchNorm`, differentiable once
-    (the query pass); MAML++'s per-step statistics are plain tensor ops.
+    statistics are exact: the whole-batch mode is differentiable twice (MAML's support pass, with a
+    fused double backward: :mod:`mtl.models.batchnorm_twice`); support statistics go through
+    :class:`SupportBatchNorm`, differentiable once (the query pass); MAML++'s per-step statistics are
+    plain tensor ops.
     """
 
     stats_rows: int | None = None
@@ -42,8 +45,9 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
                 mean, var = channel_stats(x if self.stats_rows is None else x[: self.stats_rows])
                 return _affine(x, mean, var, self.weight, self.bias, self.eps)
             if self.step_stats is None and self.stats_rows is None:
-                # transductive: the native kernel (fewer memory passes; exact double backward)
-                return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                # the whole batch's statistics: MAML's support pass (differentiated twice) and the
+                # transductive query pass; one kernel each way, and a fused double backward
+                return batch_statistics_norm(x, self.weight, self.bias, self.eps)
             if self.step_stats is None:
                 return SupportBatchNorm.apply(x, self.weight, self.bias, self.stats_rows, self.eps)
             mean, var = channel_stats(x[: self.stats_rows])  # and collect them, MAML++'s per-step statistics

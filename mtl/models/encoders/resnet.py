@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
