@@ -374,3 +374,24 @@ def test_batch_statistics_norm_is_the_native_kernel_to_the_second_derivative(aff
         norm.register_forward_hook(lambda m, i, out: seen.append(out.grad_fn.name()))
     encoder(torch.rand(5, 28, 28, dtype=torch.float64))
     assert seen == ["BatchStatisticsNormBackward"] * 4
+
+
+def test_nchw_max_pool_through_a_channels_last_copy_is_max_pool_to_the_second_derivative():
+    """:class:`MaxPoolNCHW` gives max-pooling's values, gradients and second derivatives, odd sizes
+    included, and the Conv-4 takes it in the NCHW pass that second-order MAML differentiates twice."""
+    from mtl.models.encoders.conv import MaxPoolNCHW, nchw_for_double_backward
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 4, 6, 6), (2, 3, 7, 5)):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+        assert torch.autograd.gradgradcheck(MaxPoolNCHW.apply, (x,))
+        torch.testing.assert_close(MaxPoolNCHW.apply(x), F.max_pool2d(x, 2), atol=0, rtol=0)
+    encoder, seen = ConvEncoder(in_channels=1), []
+    with nchw_for_double_backward(encoder):
+        out = encoder(torch.rand(5, 28, 28, dtype=torch.float64))
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        seen.append(node.name())
+        stack += [n for n, _ in node.next_functions if n is not None]
+    assert seen.count("MaxPoolNCHWBackward") == 4
