@@ -36,6 +36,10 @@ class BatchStatisticsNorm(torch.autograd.Function):
                  ) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
         x, weight, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
         eps, has_bias = ctx.eps, ctx.has_bias  # type: ignore[attr-defined]
+        # the outer backward of a channels-last pass brings some gradients in NCHW, and in mixed layouts the
+        # kernels take a slow path: a Conv-4 pass differentiated twice channels-last, 15.3 -> 13.6 ms with the copy
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        gy = gy.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         gx, g_weight, g_bias = BatchStatisticsNormBackward.apply(gy, x, weight, mean, invstd, eps)
         return gx, g_weight if weight is not None else None, g_bias if has_bias else None, None
 

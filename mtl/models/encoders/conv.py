@@ -114,7 +114,9 @@ class MaxPoolNCHW(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, gy: Tensor) -> Tensor:
         x, where = ctx.saved_tensors  # type: ignore[attr-defined]
-        return torch.ops.aten.max_pool2d_with_indices_backward(gy, x, [2, 2], [2, 2], [0, 0], [1, 1], False, where)
+        # x detached: the gradient for it is zero, and autograd would build and add a zero tensor (4% of the pass)
+        return torch.ops.aten.max_pool2d_with_indices_backward(gy, x.detach(), [2, 2], [2, 2], [0, 0], [1, 1], False,
+                                                               where)
 
 
 @register_encoder("conv4", "image")
