@@ -5,8 +5,10 @@ For each batch size, times one pass of the Conv-4 (bf16 autocast, 2 threads) wit
 gradient, once (``first``: forward + backward, as for MAML's query pass) and twice (``second``:
 the gradient taken with ``create_graph`` and a loss of it differentiated again, as for the support
 pass of second-order MAML), in channels-last (NHWC) and in NCHW. Prints one JSON line per case; the
-ratio ``nchw_over_nhwc`` below 1 means NCHW is faster. ``mtl.models.nchw_for_double_backward``
-follows from these figures (docs/BENCHMARKS.md).
+ratio ``nchw_over_nhwc`` below 1 means NCHW is faster. Until stop 46 the pass differentiated twice ran
+NCHW, 1.4-2.5x faster then; since batch norm's double backward is written out
+(:mod:`mtl.models.batchnorm_twice`) the two layouts are even there, and every pass runs channels-last
+(docs/BENCHMARKS.md).
 
     python benchmarks/layout_double_backward.py [--batches 5,10,20,25,40,80] [--repeats 15]
 """
@@ -22,7 +24,7 @@ import torch
 from torch.func import functional_call
 
 from mtl.device import set_threads
-from mtl.models import ConvEncoder, nchw_for_double_backward
+from mtl.models import ConvEncoder, setting
 
 
 def one_pass(encoder: ConvEncoder, params: dict[str, torch.Tensor], x: torch.Tensor, twice: bool) -> None:
@@ -35,7 +37,7 @@ def one_pass(encoder: ConvEncoder, params: dict[str, torch.Tensor], x: torch.Ten
 
 def seconds(encoder: ConvEncoder, x: torch.Tensor, twice: bool, nchw: bool, repeats: int) -> float:
     params = dict(encoder.named_parameters())
-    with nchw_for_double_backward(encoder) if nchw else contextlib.nullcontext():
+    with setting(encoder, ConvEncoder, "nhwc", False) if nchw else contextlib.nullcontext():
         for _ in range(3):
             one_pass(encoder, params, x, twice)
         t0 = time.perf_counter()

@@ -3,13 +3,10 @@ MAML++ behave as they should; batch norm does not leak between queries."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-import mtl.algorithms.inner
 from mtl.algorithms import Algorithm, InnerConfig, build_algorithm
 from mtl.data.stream import TaskBatch
 from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel, SupportBatchNorm, channel_stats, support_statistics
@@ -216,21 +213,21 @@ def test_conv4_runs_channels_last_throughout(channels):
     assert keep_freed_memory()  # glibc's allocator tuned (Linux)
 
 
-def test_second_order_support_pass_runs_nchw(monkeypatch):
-    """The pass differentiated twice runs NCHW (faster double backward), the query pass channels-last;
-    the layout does not change the meta-gradient."""
+def test_support_pass_runs_channels_last_and_layout_does_not_change_the_meta_gradient():
+    """Both passes run channels-last (since batch norm's double backward is written out, NCHW no longer
+    pays for the pass differentiated twice), and an NCHW pass gives the same meta-gradient."""
+    from mtl.models import setting
+
     learner, b = tiny_learner(), batch()
     layouts: list[tuple[int, bool]] = []
     learner.model.encoders["image"].blocks[4].register_forward_pre_hook(  # the second conv
         lambda m, inp: layouts.append((len(inp[0]), inp[0].is_contiguous(memory_format=torch.channels_last))))
-    nchw = meta_grads(learner, [b])
-    assert layouts == [(6, False), (15, True)]  # support alone; then [support; query] for support statistics
-    monkeypatch.setattr(mtl.algorithms.inner, "nchw_for_double_backward", lambda model: contextlib.nullcontext())
     nhwc = meta_grads(learner, [b])
-    assert layouts[2:] == [(6, True), (15, True)]
+    assert layouts == [(6, True), (15, True)]  # support alone; then [support; query] for support statistics
+    with setting(learner.model, ConvEncoder, "nhwc", False):
+        nchw = meta_grads(learner, [b])
+    assert layouts[2:] == [(6, False), (15, False)]
     assert all(torch.allclose(nchw[n], nhwc[n], atol=1e-12) for n in nchw)
-    learner.adapt(b, 1, create_graph=False)  # a first-order pass stays channels-last
-    assert layouts[4] == (6, True)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -376,22 +373,27 @@ def test_batch_statistics_norm_is_the_native_kernel_to_the_second_derivative(aff
     assert seen == ["BatchStatisticsNormBackward"] * 4
 
 
-def test_nchw_max_pool_through_a_channels_last_copy_is_max_pool_to_the_second_derivative():
-    """:class:`MaxPoolNCHW` gives max-pooling's values, gradients and second derivatives, odd sizes
-    included, and the Conv-4 takes it in the NCHW pass that second-order MAML differentiates twice."""
-    from mtl.models.encoders.conv import MaxPoolNCHW, nchw_for_double_backward
+def test_max_pool_2x2_is_max_pool_to_the_second_derivative_without_a_zero_gradient():
+    """:class:`MaxPool2x2` gives max-pooling's values, gradients and second derivatives, odd sizes and both
+    layouts included; its double backward leaves the pooled input's values out (the native one adds a zero
+    tensor for them), and the Conv-4 pools through it."""
+    from mtl.models.encoders.conv import MaxPool2x2
 
     g = torch.Generator().manual_seed(0)
     for shape in ((3, 4, 6, 6), (2, 3, 7, 5)):
-        x = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
-        assert torch.autograd.gradgradcheck(MaxPoolNCHW.apply, (x,))
-        torch.testing.assert_close(MaxPoolNCHW.apply(x), F.max_pool2d(x, 2), atol=0, rtol=0)
+        for x in (torch.randn(*shape, generator=g, dtype=torch.float64),
+                  torch.randn(*shape, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)):
+            x.requires_grad_()
+            assert torch.autograd.gradgradcheck(MaxPool2x2.apply, (x,))
+            torch.testing.assert_close(MaxPool2x2.apply(x), F.max_pool2d(x, 2), atol=0, rtol=0)
+            gy = torch.randn(MaxPool2x2.apply(x).shape, dtype=torch.float64, requires_grad=True)
+            (gx,) = torch.autograd.grad(MaxPool2x2.apply(x), x, gy, create_graph=True)
+            assert torch.autograd.grad(gx.pow(2).sum(), x, allow_unused=True)[0] is None
     encoder, seen = ConvEncoder(in_channels=1), []
-    with nchw_for_double_backward(encoder):
-        out = encoder(torch.rand(5, 28, 28, dtype=torch.float64))
+    out = encoder(torch.rand(5, 28, 28, dtype=torch.float64))
     stack = [out.grad_fn]
     while stack:
         node = stack.pop()
         seen.append(node.name())
         stack += [n for n, _ in node.next_functions if n is not None]
-    assert seen.count("MaxPoolNCHWBackward") == 4
+    assert seen.count("MaxPool2x2Backward") == 4

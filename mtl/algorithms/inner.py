@@ -38,7 +38,6 @@ from mtl.models import (
     MultiTaskModel,
     head_key,
     logistic_head,
-    nchw_for_double_backward,
     step_statistics,
     support_statistics,
 )
@@ -301,8 +300,7 @@ class Algorithm(nn.Module):
             elif encoded is not None:
                 feats = self.episode_features(fast, encoded, b.modality, step, None, encoded=True)
             else:
-                with nchw_for_double_backward(self.model) if create_graph else contextlib.nullcontext():
-                    feats = self.episode_features(fast, b.xs, b.modality, step, None)
+                feats = self.episode_features(fast, b.xs, b.modality, step, None)
         finally:
             self.replaying = False
         loss = F.cross_entropy(self.head_logits(feats, fast["head.weight"], fast["head.bias"]), b.ys)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from mtl.models.batchnorm import POOL_2X2, EpisodicBatchNorm2d, setting
+from mtl.models.batchnorm import POOL_2X2, EpisodicBatchNorm2d
 from mtl.models.encoders.registry import register_encoder
 
 if TYPE_CHECKING:
@@ -46,18 +45,10 @@ def pixels(x: Tensor, channels: int, nhwc: bool) -> Tensor:
     return channels_last(x) if nhwc else x.contiguous()  # NHWC: 2x faster conv and pooling on CPU
 
 
-def nchw_for_double_backward(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Within the block, convolutional encoders run NCHW: the layout for a pass whose graph is
-    differentiated twice (second-order MAML's support pass). On CPU such a pass runs 1.25-2x faster
-    NCHW (batch norm's double backward above all), while channels-last makes a pass differentiated
-    once 1.5-1.8x faster (docs/BENCHMARKS.md)."""
-    return setting(model, ConvEncoder, "nhwc", False)
-
-
 class ConvEncoder(nn.Module):
     """The Conv-4 of the MAML paper: blocks of 3x3 conv, batch norm, ReLU, 2x2 max-pool."""
 
-    nhwc: bool = True  # channels-last activations (see :func:`nchw_for_double_backward`)
+    nhwc: bool = True  # channels-last activations (NCHW in a pass batched over tasks with vmap)
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4) -> None:
         super().__init__()
@@ -81,40 +72,37 @@ class ConvEncoder(nn.Module):
             pooled = layer.pooled(h, layers[i + 1]) if norm_then_pool else None
             if pooled is not None:  # each batch norm and the max-pool after it in one pass where it can
                 h, i = pooled, i + 2
-            elif not self.nhwc and _pools_2x2(layer, h):
-                h, i = MaxPoolNCHW.apply(h), i + 1
+            elif _pools_2x2(layer, h):
+                h, i = MaxPool2x2.apply(h), i + 1
             else:
                 h, i = layer(h), i + 1
         return h.mean(dim=(2, 3))  # global average pool: any input size gives `hidden` features
 
 
 def _pools_2x2(layer: nn.Module, x: Tensor) -> bool:
-    """Whether ``layer`` is a hook-free 2 x 2 max-pool of a CPU tensor, what :class:`MaxPoolNCHW` computes;
-    not under ``torch.func`` transforms (the tasks batched with ``vmap``), where a channels-last copy has no
-    batched form."""
+    """Whether ``layer`` is a hook-free 2 x 2 max-pool of a CPU tensor, what :class:`MaxPool2x2` computes;
+    not under ``torch.func`` transforms (the tasks batched with ``vmap``), which need a batching rule."""
     return (isinstance(layer, nn.MaxPool2d) and x.device.type == "cpu" and x.dim() == 4
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not (layer._forward_hooks or layer._forward_pre_hooks)
             and (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode) in POOL_2X2)
 
 
-class MaxPoolNCHW(torch.autograd.Function):
-    """A 2 x 2 max-pool of an NCHW tensor, found on a channels-last copy: the CPU's NCHW kernel is 4x slower
-    than that copy and the channels-last kernel together (5 x 64 x 28 x 28 in bf16: 1.1 ms against 0.29).
-    Its backward is the native NCHW one, differentiable again (second-order MAML's support pass runs NCHW:
-    :func:`nchw_for_double_backward`)."""
+class MaxPool2x2(torch.autograd.Function):
+    """A 2 x 2 max-pool whose backward is max-pooling's, differentiable again with respect to the incoming
+    gradient only. Autograd's double backward of the native pool also "differentiates" with respect to the
+    pooled input, whose share is zero, by building a zero tensor of the input's size and adding it to that
+    input's gradient: in second-order MAML's support pass, 5-8% of a 5-step meta-iteration (docs/BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
-        pooled, where = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last),
-                                                               [2, 2], [2, 2])
-        ctx.save_for_backward(x, where.contiguous())
-        return pooled.contiguous()
+        pooled, where = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
+        ctx.save_for_backward(x, where)
+        return pooled
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, gy: Tensor) -> Tensor:
         x, where = ctx.saved_tensors  # type: ignore[attr-defined]
-        # x detached: the gradient for it is zero, and autograd would build and add a zero tensor (4% of the pass)
         return torch.ops.aten.max_pool2d_with_indices_backward(gy, x.detach(), [2, 2], [2, 2], [0, 0], [1, 1], False,
                                                                where)
 
