@@ -80,9 +80,10 @@ class ConvEncoder(nn.Module):
 
 
 def _pools_2x2(layer: nn.Module, x: Tensor) -> bool:
-    """Whether ``layer`` is a hook-free 2 x 2 max-pool of a CPU tensor, what :class:`MaxPool2x2` computes;
-    not under ``torch.func`` transforms (the tasks batched with ``vmap``), which need a batching rule."""
-    return (isinstance(layer, nn.MaxPool2d) and x.device.type == "cpu" and x.dim() == 4
+    """Whether ``layer`` is a hook-free 2 x 2 max-pool of a CPU tensor with a backward to come, what
+    :class:`MaxPool2x2` computes; not under ``torch.func`` transforms (the tasks batched with ``vmap``),
+    which need a batching rule."""
+    return (isinstance(layer, nn.MaxPool2d) and x.device.type == "cpu" and x.dim() == 4 and torch.is_grad_enabled()
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not (layer._forward_hooks or layer._forward_pre_hooks)
             and (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode) in POOL_2X2)
@@ -92,7 +93,7 @@ class MaxPool2x2(torch.autograd.Function):
     """A 2 x 2 max-pool whose backward is max-pooling's, differentiable again with respect to the incoming
     gradient only. Autograd's double backward of the native pool also "differentiates" with respect to the
     pooled input, whose share is zero, by building a zero tensor of the input's size and adding it to that
-    input's gradient: in second-order MAML's support pass, 5-8% of a 5-step meta-iteration (docs/BENCHMARKS.md)."""
+    input's gradient: about 4% of second-order MAML's support pass on Omniglot's Conv-4 (docs/BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
