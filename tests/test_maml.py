@@ -330,13 +330,12 @@ def test_episode_views_are_the_eight_symmetries_of_the_square():
         assert torch.equal(turned(gray, view), turned(rgb, view)[:, 0])
 
 
-
-
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_statistics_norm_is_the_native_kernel_to_the_second_derivative(affine):
     """:class:`BatchStatisticsNorm`'s hand-written double backward gives the native kernel's second
-    derivatives (as second-order MAML takes them) to 1e-12 in float64, odd sizes included, and float64's
-    within bf16's precision on bf16 activations; a Conv-4's batch norms take it with whole-batch statistics."""
+    derivatives (as second-order MAML takes them) to 1e-12 in float64, odd sizes included, and on bf16
+    activations comes as close to float64 as the native kernel does; a Conv-4's batch norms take it with
+    whole-batch statistics."""
     from mtl.models.batchnorm import EpisodicBatchNorm2d
     from mtl.models.batchnorm_twice import BatchStatisticsNorm
 
@@ -397,3 +396,4 @@ def test_max_pool_2x2_is_max_pool_to_the_second_derivative_without_a_zero_gradie
         seen.append(node.name())
         stack += [n for n, _ in node.next_functions if n is not None]
     assert seen.count("MaxPool2x2Backward") == 4
+
