@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl.models.batchnorm_twice import batch_statistics_norm
+from mtl.models.batchnorm_twice import affine_kernel, affine_kernel_backward, batch_statistics_norm
 
 
 class EpisodicBatchNorm2d(nn.BatchNorm2d):
@@ -59,7 +59,7 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
         scale, shift = _scale_shift(mean, var, self.weight, self.bias, self.eps)
         # scale and shift are the kernel's affine parameters: differentiable, twice too, and its fused
         # backward and double backward are faster than addcmul's
-        return _affine_kernel(x, scale, shift, self.eps)
+        return affine_kernel(x, scale, shift, self.eps)
 
     def pooled(self, x: Tensor, pool: nn.Module) -> Tensor | None:
         """``pool(self(x))`` through :class:`SupportNormPool` where that is the same function and faster:
@@ -67,14 +67,19 @@ class EpisodicBatchNorm2d(nn.BatchNorm2d):
         (the signs' check would make a GPU wait). None where it is not: call the two modules."""
         fits = (x.device.type == "cpu" and x.dim() == 4 and (self.training or self.running_mean is None)
                 and self.stats_rows is not None and self.step_stats is None and not self.plain_ops
-                and not (self._forward_hooks or self._forward_pre_hooks)
-                and isinstance(pool, nn.MaxPool2d) and not pool._forward_pre_hooks and not pool._forward_hooks
-                and (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) in POOL_2X2
+                and not (self._forward_hooks or self._forward_pre_hooks) and plain_max_pool_2x2(pool)
                 and (self.weight is None or bool((self.weight > 0).all())))
         return SupportNormPool.apply(x, self.weight, self.bias, self.stats_rows, self.eps) if fits else None
 
 
 POOL_2X2 = {(2, 2, 0, 1, False), ((2, 2), (2, 2), (0, 0), (1, 1), False)}  # what SupportNormPool computes
+
+
+def plain_max_pool_2x2(pool: nn.Module) -> bool:
+    """Whether ``pool`` is a 2 x 2 max-pool of stride 2 without padding or hooks: what the fused passes
+    (:class:`SupportNormPool`, the Conv-4's ``MaxPool2x2``) compute in its place."""
+    return (isinstance(pool, nn.MaxPool2d) and not (pool._forward_hooks or pool._forward_pre_hooks)
+            and (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) in POOL_2X2)
 
 
 class SupportBatchNorm(torch.autograd.Function):
@@ -93,7 +98,7 @@ class SupportBatchNorm(torch.autograd.Function):
         mean, var, scale, shift = _support_affine(x, weight, bias, rows, eps)
         ctx.save_for_backward(x, weight, mean, var, scale)
         ctx.rows, ctx.eps, ctx.bias_dtype = rows, eps, None if bias is None else bias.dtype
-        return _affine_kernel(x, scale, shift, eps)
+        return affine_kernel(x, scale, shift, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -101,7 +106,7 @@ class SupportBatchNorm(torch.autograd.Function):
                  ) -> tuple[Tensor, Tensor | None, Tensor | None, None, None]:
         x, weight, mean, var, scale = ctx.saved_tensors  # type: ignore[attr-defined]
         rows, eps = ctx.rows, ctx.eps  # type: ignore[attr-defined]
-        gx, sum_gx, sum_g = _affine_kernel_backward(gy, x, scale, eps)
+        gx, sum_gx, sum_g = affine_kernel_backward(gy, x, scale, eps)
         return _through_statistics(ctx, gx, sum_gx, sum_g, x[:rows], weight, mean, var, scale)
 
 
@@ -120,7 +125,7 @@ class SupportNormPool(torch.autograd.Function):
         # the support rows only, not the whole of x, which can then be freed
         ctx.save_for_backward(x[:rows].clone(), pooled, where, weight, mean, var, scale)
         ctx.rows, ctx.eps, ctx.bias_dtype, ctx.size = rows, eps, None if bias is None else bias.dtype, x.shape[2:]
-        return _affine_kernel(pooled, scale, shift, eps)
+        return affine_kernel(pooled, scale, shift, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -128,7 +133,7 @@ class SupportNormPool(torch.autograd.Function):
                  ) -> tuple[Tensor, Tensor | None, Tensor | None, None, None]:
         support, pooled, where, weight, mean, var, scale = ctx.saved_tensors  # type: ignore[attr-defined]
         # the parameter sums over the pooled values equal those over the maxima's places in x
-        g_pooled, sum_gx, sum_g = _affine_kernel_backward(gy, pooled, scale, ctx.eps)  # type: ignore[attr-defined]
+        g_pooled, sum_gx, sum_g = affine_kernel_backward(gy, pooled, scale, ctx.eps)  # type: ignore[attr-defined]
         # max-pooling's backward as un-pooling: the same values, 2x faster on bf16 channels-last tensors.
         # Not under autocast, which would un-pool in fp32 (twice the bytes) and cast back
         with torch.autocast(gy.device.type, enabled=False):
@@ -151,20 +156,6 @@ def _scale_shift(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor 
     if weight is not None:
         scale = scale * weight
     return scale, -mean * scale + (bias if bias is not None else 0.0)
-
-
-def _affine_kernel(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
-    """``x * scale + shift`` per channel as an eval-mode batch norm with mean 0 and variance 1 - eps:
-    the native kernel, ~20% faster per meta-iteration than addcmul."""
-    return F.batch_norm(x, torch.zeros_like(scale), torch.full_like(scale, 1.0 - eps), scale, shift, False, 0.0, eps)
-
-
-def _affine_kernel_backward(gy: Tensor, x: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``gy * scale`` for every row, sum(gy * x) and sum(gy) per channel, in one pass. The saved mean
-    and inverse std (0 and 1) must be given: CUDA's kernel reduces with them even in eval mode."""
-    zero, unit = torch.zeros_like(scale), torch.full_like(scale, 1.0 - eps)
-    return torch.ops.aten.native_batch_norm_backward(
-        gy, x, scale, zero, unit, zero, torch.ones_like(scale), False, eps, [True, True, True])
 
 
 def _through_statistics(ctx: torch.autograd.function.FunctionCtx, gx: Tensor, sum_gx: Tensor, sum_g: Tensor,

@@ -7,7 +7,8 @@ element-wise products and sums over the whole activation: on Omniglot's Conv-4 i
 backward is written out by hand: every term is a per-channel coefficient times one of ``ggx``,
 ``gy`` or ``x``, so it takes three per-channel sums (two fused passes) and three element-wise passes.
 Exact: values, gradients and second derivatives equal the native kernel's to 1e-12 in float64
-(tests/test_maml.py).
+(tests/test_maml.py). The eval-mode kernel as a per-channel affine map (:func:`affine_kernel` and its
+backward) lives here too; the support-statistics passes of :mod:`mtl.models.batchnorm` use it as well.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ class BatchStatisticsNormBackward(torch.autograd.Function):
         gg_bias = zero if gg_bias is None else gg_bias
         if ggx is None:
             s_gg_gy = s_gg = s_gg_x = zero
-        else:
-            s_gg_gy, s_gg = _channel_sums(ggx, gy)
-            s_gg_x, _ = _channel_sums(ggx, x)
+        else:  # sum(ggx * gy), sum(ggx), sum(ggx * x): the eval-mode backward's sums with a unit scale
+            one = torch.ones_like(invstd)
+            _, s_gg_gy, s_gg = affine_kernel_backward(ggx, gy, one, 0.0, scaled=False)
+            _, s_gg_x, _ = affine_kernel_backward(ggx, x, one, 0.0, scaled=False)
         s_gg_xh = invstd * (s_gg_x - mean * s_gg)  # sum(ggx * xh)
         mean_gy, mean_gg = g_bias / m, s_gg / m
         # the gradient for xh (direct) is a1 * ggx + a2 * gy, the one for invstd (direct) is through_invstd
@@ -89,15 +91,15 @@ class BatchStatisticsNormBackward(torch.autograd.Function):
         c_one = -invstd * (a1 * mean_gg + a2 * mean_gy)
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         g_gy = g_x = g_w = None
+        a2_invstd = a2 * invstd  # also the coefficient of x in gy's gradient below
         with torch.autocast(x.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
             if needs[1]:  # c_xh * xh + c_one + invstd * (a1 * ggx + a2 * gy), xh written through x
-                g_x = _affine(x, c_xh * invstd, c_one - c_xh * invstd * mean)
+                g_x = affine_kernel(x, c_xh * invstd, c_one - c_xh * invstd * mean, 0.0)
                 if ggx is not None:
                     g_x.addcmul_(ggx, (invstd * a1).view(_CHANNEL).to(g_x.dtype))
-                g_x.addcmul_(gy, (invstd * a2).view(_CHANNEL).to(g_x.dtype))
+                g_x.addcmul_(gy, a2_invstd.view(_CHANNEL).to(g_x.dtype))
             if needs[0]:  # gg_bias + gg_weight * xh + w * invstd * (ggx - mean(ggx) - xh * mean(ggx * xh))
-                c = (gg_weight - wi * s_gg_xh / m) * invstd
-                g_gy = _affine(x, c, gg_bias - wi * mean_gg - c * mean).to(gy.dtype)
+                g_gy = affine_kernel(x, a2_invstd, gg_bias - wi * mean_gg - a2_invstd * mean, 0.0).to(gy.dtype)
                 if ggx is not None:
                     g_gy.addcmul_(ggx, wi.view(_CHANNEL).to(g_gy.dtype))
         if weight is not None and needs[2]:
@@ -113,17 +115,17 @@ def batch_statistics_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
 
 
-def _channel_sums(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """``sum(a * b)`` and ``sum(a)`` per channel in one pass: an eval-mode batch-norm backward with mean 0
-    and inverse std 1 (given, as CUDA's kernel reduces with them), in at least single precision."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    zero = torch.zeros(a.shape[1], dtype=dtype, device=a.device)
-    one = torch.ones_like(zero)
-    _, s_ab, s_a = torch.ops.aten.native_batch_norm_backward(
-        a, b, one, zero, one, zero, one, False, 0.0, [False, True, True])
-    return s_ab, s_a
+def affine_kernel(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
+    """``x * scale + shift`` per channel, in ``x``'s dtype, as an eval-mode batch norm with mean 0 and variance
+    1 - eps: the native kernel, ~20% faster per meta-iteration than addcmul."""
+    return F.batch_norm(x, torch.zeros_like(scale), torch.full_like(scale, 1.0 - eps), scale, shift, False, 0.0, eps)
 
 
-def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``x * scale + shift`` per channel in ``x``'s dtype: the native eval-mode batch-norm kernel."""
-    return F.batch_norm(x, torch.zeros_like(scale), torch.ones_like(scale), scale, shift, False, 0.0, 0.0)
+def affine_kernel_backward(gy: Tensor, x: Tensor, scale: Tensor, eps: float, scaled: bool = True
+                           ) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``gy * scale`` for every row (None unless ``scaled``), sum(gy * x) and sum(gy) per channel, in one
+    pass. The saved mean and inverse std (0 and 1) must be given: CUDA's kernel reduces with them even in
+    eval mode."""
+    zero, unit = torch.zeros_like(scale), torch.full_like(scale, 1.0 - eps)
+    return torch.ops.aten.native_batch_norm_backward(
+        gy, x, scale, zero, unit, zero, torch.ones_like(scale), False, eps, [scaled, True, True])

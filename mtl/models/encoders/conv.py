@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from mtl.models.batchnorm import POOL_2X2, EpisodicBatchNorm2d
+from mtl.models.batchnorm import EpisodicBatchNorm2d, plain_max_pool_2x2
 from mtl.models.encoders.registry import register_encoder
 
 if TYPE_CHECKING:
@@ -80,13 +80,11 @@ class ConvEncoder(nn.Module):
 
 
 def _pools_2x2(layer: nn.Module, x: Tensor) -> bool:
-    """Whether ``layer`` is a hook-free 2 x 2 max-pool of a CPU tensor with a backward to come, what
+    """Whether ``layer`` is a plain 2 x 2 max-pool of a CPU tensor with a backward to come, what
     :class:`MaxPool2x2` computes; not under ``torch.func`` transforms (the tasks batched with ``vmap``),
     which need a batching rule."""
-    return (isinstance(layer, nn.MaxPool2d) and x.device.type == "cpu" and x.dim() == 4 and torch.is_grad_enabled()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and not (layer._forward_hooks or layer._forward_pre_hooks)
-            and (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode) in POOL_2X2)
+    return (plain_max_pool_2x2(layer) and x.device.type == "cpu" and x.dim() == 4 and torch.is_grad_enabled()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 class MaxPool2x2(torch.autograd.Function):
