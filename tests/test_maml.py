@@ -213,21 +213,29 @@ def test_conv4_runs_channels_last_throughout(channels):
     assert keep_freed_memory()  # glibc's allocator tuned (Linux)
 
 
-def test_support_pass_runs_channels_last_and_layout_does_not_change_the_meta_gradient():
+def test_support_pass_runs_channels_last_and_layout_does_not_change_the_meta_gradient(monkeypatch):
     """Both passes run channels-last (since batch norm's double backward is written out, NCHW no longer
-    pays for the pass differentiated twice), and an NCHW pass gives the same meta-gradient."""
+    pays for the pass differentiated twice), with the fast weights in that layout too (oneDNN would copy
+    them into it at every call), and NCHW activations or weights give the same meta-gradient."""
+    from mtl.algorithms import inner
     from mtl.models import setting
 
     learner, b = tiny_learner(), batch()
-    layouts: list[tuple[int, bool]] = []
+    layouts: list[tuple[int, bool, bool]] = []
     learner.model.encoders["image"].blocks[4].register_forward_pre_hook(  # the second conv
-        lambda m, inp: layouts.append((len(inp[0]), inp[0].is_contiguous(memory_format=torch.channels_last))))
+        lambda m, inp: layouts.append((len(inp[0]), inp[0].is_contiguous(memory_format=torch.channels_last),
+                                       m.weight.is_contiguous(memory_format=torch.channels_last))))
     nhwc = meta_grads(learner, [b])
-    assert layouts == [(6, True), (15, True)]  # support alone; then [support; query] for support statistics
+    assert layouts == [(6, True, True), (15, True, True)]  # support alone; then [support; query]
+    assert learner.model.encoders["image"].blocks[4].weight.is_contiguous()  # the parameter itself is left as it is
     with setting(learner.model, ConvEncoder, "nhwc", False):
         nchw = meta_grads(learner, [b])
-    assert layouts[2:] == [(6, False), (15, False)]
+    assert [x[:2] for x in layouts[2:]] == [(6, False), (15, False)]
     assert all(torch.allclose(nchw[n], nhwc[n], atol=1e-12) for n in nchw)
+    monkeypatch.setattr(inner, "channels_last_weight", lambda p: p)
+    nchw_weights = meta_grads(learner, [b])
+    assert layouts[4:] == [(6, True, False), (15, True, False)]
+    assert all(torch.allclose(nchw_weights[n], nhwc[n], atol=1e-12) for n in nhwc)
 
 
 @pytest.mark.parametrize("affine", [True, False])

@@ -36,6 +36,7 @@ from mtl.data.stream import TaskBatch
 from mtl.models import (
     EpisodicBatchNorm2d,
     MultiTaskModel,
+    channels_last_weight,
     head_key,
     logistic_head,
     step_statistics,
@@ -256,7 +257,7 @@ class Algorithm(nn.Module):
         head only."""
         names = self.adapted_names(b.modality)
         all_params = dict(self.model.named_parameters())
-        fast = {n: all_params[n] for n in names}
+        fast = {n: channels_last_weight(all_params[n]) for n in names}  # the activations' layout
         encoded = None
         per_step = self.inner.per_step_bn or self.inner.per_step_bn_stats
         if not (per_step and self.norms()) and not any(n.startswith("encoders.") for n in names):
