@@ -58,6 +58,27 @@ def test_pool_of_classes_across_tasks():
     assert set(ep.support_src[:, 0].tolist()) == {0, 1} and ep.tasks == ("a", "b")
 
 
+def test_episodes_within_groups_draw_one_group_of_classes_at_a_time():
+    """``within_groups``: that share of episodes takes its classes from one group (the name before "/",
+    Omniglot's alphabet); groups too small for the ways are never drawn alone; at 0 the episodes are
+    exactly those drawn before the option existed."""
+    from mtl.data.episodes import class_groups
+
+    task = toy_task(per_class=[4] * 12)
+    task.classes[:] = [f"{a}/c{i}" for a, n in (("A", 5), ("B", 4), ("C", 3)) for i in range(n)]
+    assert [g.tolist() for g in class_groups(task.classes)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
+    assert [g.tolist() for g in class_groups(["x", "y/1", "y/2", "z"])] == [[0], [1, 2], [3]]
+    within = EpisodeSampler(task, ways=4, shots=1, queries=1, seed=3, within_groups=1.0)
+    groups = [{c.split("/")[0] for c in within.sample(i).classes} for i in range(40)]
+    assert all(len(g) == 1 for g in groups) and {g.pop() for g in groups} == {"A", "B"}  # C has 3 < 4 classes
+    mixed = EpisodeSampler(task, ways=4, shots=1, queries=1, seed=3, within_groups=0.5)
+    spread = [len({c.split("/")[0] for c in mixed.sample(i).classes}) for i in range(60)]
+    assert 10 < spread.count(1) < 50 and max(spread) > 1
+    off = EpisodeSampler(task, ways=4, shots=1, queries=1, seed=3, within_groups=0.0)
+    before = EpisodeSampler(task, ways=4, shots=1, queries=1, seed=3)
+    assert all(off.sample(i).classes == before.sample(i).classes for i in range(10))
+
+
 def test_text_episode_inputs_are_strings():
     ep = EpisodeSampler(toy_task(modality="text"), ways=3, shots=2, queries=1).sample(0)
     assert ep.support_x.dtype.kind == "U" and ep.support_x[0].startswith("example")

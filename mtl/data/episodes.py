@@ -40,9 +40,10 @@ class EpisodeSampler:
     """Draws episodes from one split of one task, or from the pooled classes of several tasks."""
 
     def __init__(self, tasks: Task | Sequence[Task], split: str = "train", ways: int = 5, shots: int = 1,
-                 queries: int = 15, seed: int = 0, skip_small: bool = False) -> None:
+                 queries: int = 15, seed: int = 0, skip_small: bool = False, within_groups: float = 0.0) -> None:
         """``skip_small``: leave out classes with fewer than ``shots + queries`` examples (listed in
-        ``left_out``) instead of refusing the split; an error only if fewer than ``ways`` remain."""
+        ``left_out``) instead of refusing the split; an error only if fewer than ``ways`` remain.
+        ``within_groups``: the share of episodes whose classes all come from one group (see :func:`class_groups`)."""
         self.tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
         if not self.tasks:
             raise MtlError("no tasks to draw episodes from", "name at least one task")
@@ -83,13 +84,20 @@ class EpisodeSampler:
                                f"ask for at most {len(members)} shots + queries in all"
                                + (f", e.g. --queries {len(members) - shots}" if len(members) > shots else ""))
 
+        self.within_groups = within_groups
+        groups = class_groups([f"{p}:{self.tasks[p].classes[c]}" for p, c in self._classes])
+        self._groups = [g for g in groups if len(g) >= ways]  # those that can fill an episode
+
     @property
     def num_classes(self) -> int:
         return len(self._classes)
 
     def sample(self, index: int) -> Episode:
         rng = np.random.default_rng([self.seed, index])
-        chosen = rng.choice(len(self._classes), self.ways, replace=False)
+        if self.within_groups and self._groups and rng.random() < self.within_groups:
+            chosen = rng.choice(self._groups[int(rng.integers(len(self._groups)))], self.ways, replace=False)
+        else:
+            chosen = rng.choice(len(self._classes), self.ways, replace=False)
         sup: list[tuple[int, int]] = []
         qry: list[tuple[int, int]] = []
         for k in chosen.tolist():
@@ -124,6 +132,18 @@ class EpisodeSampler:
 
     def take(self, n: int, start: int = 0) -> list[Episode]:
         return [self.sample(i) for i in range(start, start + n)]
+
+
+def class_groups(names: Sequence[str]) -> list[np.ndarray]:
+    """The classes (positions in ``names``) of each group: a group is the part of a class's name before
+    its first ``/`` (Omniglot's ``Alphabet/character07``: its alphabet, whatever its rotation suffix).
+    Classes without one form a group each. Few-shot problems are often drawn within a group: Lake et
+    al.'s one-shot challenge asks for the characters of one alphabet, and Meta-Dataset draws Omniglot's
+    training episodes one alphabet at a time, so that what separates look-alike classes gets learned."""
+    keys = [n.split("/", 1)[0] if "/" in n else n for n in names]
+    order = np.argsort(keys, kind="stable")
+    _, starts = np.unique(np.asarray(keys)[order], return_index=True)
+    return [np.sort(g) for g in np.split(order, starts[1:])]
 
 
 def describe_episode(task: Task, split: str, ways: int, shots: int, queries: int, seed: int, index: int

@@ -41,11 +41,12 @@ class EpisodeStream:
     def __init__(self, tasks: Sequence[Task], split: str | dict[str, str] | None, ways: int, shots: int,
                  queries: int, seed: int, device: torch.device, text_encoder: str = "minilm",
                  text_layers: int = 0, cap_ways: bool = True, skip_small: bool = False,
-                 augment: str | None = None) -> None:
+                 augment: str | None = None, within_groups: float = 0.0) -> None:
         """``split``: one split name, or one per task; ``None`` uses each task's train split.
         ``cap_ways`` lowers ``ways`` for tasks with fewer classes (training on mixed registries);
         ``skip_small`` leaves out classes too small for an episode (see :class:`EpisodeSampler`);
-        ``augment``: distort the images of drawn episodes (:mod:`mtl.data.augment`; not ``fixed`` ones)."""
+        ``augment``: distort the images of drawn episodes (:mod:`mtl.data.augment`; not ``fixed`` ones);
+        ``within_groups``: the share of episodes drawn within one group of classes (:class:`EpisodeSampler`)."""
         self.tasks = list(tasks)
         self.seed = seed
         self.augment = augment
@@ -56,7 +57,7 @@ class EpisodeStream:
             n_classes = len(t.split(name).class_ids())
             n_ways = min(ways, n_classes) if cap_ways else ways
             self.samplers.append(EpisodeSampler(t, name, n_ways, shots, queries, seed=seed * 1000 + i,
-                                                skip_small=skip_small))
+                                                skip_small=skip_small, within_groups=within_groups))
             self.inputs.append(SplitInputs(t.split(name), t.modality, device, text_encoder, text_layers))
         self.device = device
 

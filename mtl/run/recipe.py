@@ -35,6 +35,9 @@ class Recipe(BaseModel):
     inner: InnerConfig = InnerConfig()
     model: ModelConfig = ModelConfig()
     augment: str | None = None  # distort training images: a name in mtl.data.augment.AUGMENTATIONS ("affine")
+    # the share of training episodes whose classes all come from one group: the part of their names before
+    # a "/" (Omniglot's alphabets), as the test problems may be (mtl.data.episodes.class_groups)
+    within_groups: float = Field(default=0.0, ge=0.0, le=1.0)
     val_every: int = Field(default=100, ge=1)
     val_episodes: int = Field(default=100, ge=1)
     val_ways: int | None = None

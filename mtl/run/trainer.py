@@ -103,7 +103,8 @@ class Trainer:
             self.heads = {t.name: len(t.classes) for t in tasks}
         else:
             self.source = EpisodeStream(tasks, None, r.ways, r.shots, r.queries, r.seed, self.device,
-                                        r.model.text_encoder, layers, augment=r.augment)
+                                        r.model.text_encoder, layers, augment=r.augment,
+                                        within_groups=r.within_groups)
             self.heads = {t.name: self.source.ways_of(t.name) for t in tasks}
         self.val: EpisodeStream | None = None
         if r.val_tasks:
