@@ -242,3 +242,15 @@ def test_cosine_anneals_over_the_time_budget_when_it_ends_first(tmp_path):
     assert trainer.lr_at(20) == pytest.approx(0.0)
     trainer.elapsed = 0.0  # iterations still count when they run out first
     assert trainer.lr_at(50_000) == pytest.approx(0.005)
+
+
+def test_a_recipe_draws_its_share_of_episodes_within_one_alphabet(registry, tmp_path):
+    """``within_groups`` reaches the training episodes (the omniglot task's classes are ``Alphabet/character``)
+    and nothing else; a share outside [0, 1] is refused with the field's name."""
+    trainer = Trainer(recipe(within_groups=1.0), tmp_path / "run", registry).setup()
+    sampler = trainer.source.samplers[0]
+    assert sampler.within_groups == 1.0 and len(sampler._groups) > 20  # Omniglot's training alphabets
+    assert all(len({c.split("/")[0] for c in sampler.sample(i).classes}) == 1 for i in range(5))
+    assert trainer.val is not None and trainer.val.samplers[0].within_groups == 0.0
+    with pytest.raises(MtlError, match="within_groups"):
+        recipe(within_groups=1.5)
