@@ -85,7 +85,7 @@ class EpisodeSampler:
                                + (f", e.g. --queries {len(members) - shots}" if len(members) > shots else ""))
 
         self.within_groups = within_groups
-        groups = class_groups([f"{p}:{self.tasks[p].classes[c]}" for p, c in self._classes])
+        groups = class_groups([f"{p}:{self.tasks[p].classes[c]}" for p, c in self._classes]) if within_groups else []
         self._groups = [g for g in groups if len(g) >= ways]  # those that can fill an episode
 
     @property
