@@ -6,6 +6,7 @@
 ``python ../shared/peer/l2l_bench.py`` run in the same session (see ../shared/peer/INSTALL.md).
 
     python benchmarks/speed_maml.py [--variants fp32-support,bf16-support,bf16-transductive] [--windows 5]
+    python benchmarks/speed_maml.py --variants bf16-support --steps 5 --stack-tasks 1   # tasks one at a time
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--stack-tasks", type=int, help="inner.stack_tasks (default: the automatic size)")
     a = ap.parse_args()
     set_threads(a.threads)  # as `cli.py train` does
     T, N, K, Q = a.meta_batch, a.ways, a.shots, a.query
@@ -50,8 +52,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = MultiTaskModel(ModelConfig(), ["image"])
         method = "maml" if a.order == "second" else "fomaml"
-        learner = build_algorithm(method, model, InnerConfig(steps=a.steps, lr=0.4, head_init="learned", bn=bn),
-                              heads={"omniglot": N})
+        inner = InnerConfig(steps=a.steps, lr=0.4, head_init="learned", bn=bn, stack_tasks=a.stack_tasks)
+        learner = build_algorithm(method, model, inner, heads={"omniglot": N})
         opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
         def step(learner: Algorithm = learner, opt: torch.optim.Optimizer = opt, bf16: bool = precision == "bf16"
@@ -69,7 +71,7 @@ def main() -> None:
             step()
             rates.append(1.0 / (time.perf_counter() - t0))
         print(json.dumps({"impl": "mtl", "variant": variant, "ways": N, "shots": K, "query": Q, "meta_batch": T,
-                          "steps": a.steps, "order": a.order, "threads": a.threads,
+                          "steps": a.steps, "order": a.order, "threads": a.threads, "stack_tasks": a.stack_tasks,
                           "it_per_s": round(statistics.median(rates), 4),
                           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                           "torch": torch.__version__}), flush=True)

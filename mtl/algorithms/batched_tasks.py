@@ -71,6 +71,8 @@ def _plain_layers(model: nn.Module) -> contextlib.ExitStack:
 def meta_backward(alg: Algorithm, batches: Sequence[TaskBatch], iteration: int, n: int) -> tuple[float, float] | None:
     """:meth:`Algorithm.meta_backward` with ``inner.batch_tasks`` tasks per batched pass; None (and a
     warning, once) when these tasks cannot be batched, for the caller's loop."""
+    if alg.inner.batch_tasks < 2:
+        return None
     why = obstacle(alg, batches)
     if why is not None:
         if why not in _warned:

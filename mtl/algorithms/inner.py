@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mtl.algorithms import batched_tasks
+from mtl.algorithms import batched_tasks, stacked_tasks
 from mtl.algorithms.inner_config import InnerConfig
 from mtl.algorithms.query_chunks import query_loss_in_pieces
 from mtl.algorithms.recompute import recomputed_step
@@ -356,8 +356,9 @@ class Algorithm(nn.Module):
         ``total_tasks``: the whole meta-batch when ``batches`` is one process's share of it, so that
         gradients summed over processes equal the single-process mean."""
         n = total_tasks or len(batches)
-        if self.inner.batch_tasks > 1 and (done := batched_tasks.meta_backward(self, batches, iteration, n)):
-            return done
+        for together in (batched_tasks, stacked_tasks):  # several tasks in one pass, where asked and they fit
+            if (done := together.meta_backward(self, batches, iteration, n)) is not None:
+                return done
         weights = self.msl_weights(iteration)
         create_graph = self.second_order(iteration)
         total, correct, count = 0.0, 0, 0

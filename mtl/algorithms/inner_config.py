@@ -33,6 +33,10 @@ class InnerConfig(BaseModel):
     # adapt this many tasks of a meta-batch at once, in one pass batched with torch.func.vmap: much
     # faster on a GPU, slower on a CPU (mtl/algorithms/batched_tasks.py); 1: one task at a time
     batch_tasks: int = Field(default=1, ge=1, le=4096)
+    # on a CPU, run this many tasks' inner loops as one pass, stacked along the channels of a Conv-4
+    # (mtl/algorithms/stacked_tasks.py): the loop's meta-gradient in fewer, larger calls. None: as many
+    # as pay (up to 8 tasks of small support sets); 1: one task at a time
+    stack_tasks: int | None = Field(default=None, ge=1, le=4096)
     # a text encoder's trainable layers: None, they learn in the outer loop only; a step size, they
     # adapt in the inner loop too (with ``adapt: all``): FOMAML, Reptile or MAML over the whole encoder
     encoder_lr: float | None = Field(default=None, gt=0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl.models.batchnorm import EpisodicBatchNorm2d, plain_max_pool_2x2
@@ -57,6 +59,9 @@ class ConvEncoder(nn.Module):
     """The Conv-4 of the MAML paper: blocks of 3x3 conv, batch norm, ReLU, 2x2 max-pool."""
 
     nhwc: bool = True  # channels-last activations (NCHW in a pass batched over tasks with vmap)
+    # tasks side by side along the channels, each with its own weights stacked along their first dimension:
+    # every convolution grouped by task (mtl/algorithms/stacked_tasks.py); the input from `stacked_input`
+    tasks: int = 1
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, depth: int = 4) -> None:
         super().__init__()
@@ -70,8 +75,12 @@ class ConvEncoder(nn.Module):
         self.in_channels = in_channels
         self.out_dim = hidden
 
+    def stacked_input(self, xs: Sequence[Tensor]) -> Tensor:
+        """Several tasks' images (as many of each) side by side along the channels, for ``tasks = len(xs)``."""
+        return torch.cat([pixels(x, self.in_channels, False) for x in xs], 1)
+
     def forward(self, x: Tensor) -> Tensor:
-        h = pixels(x, self.in_channels, self.nhwc)
+        h = pixels(x, self.in_channels * self.tasks, self.nhwc)  # several tasks': already their channels
         layers = list(self.blocks)
         i = 0
         while i < len(layers):
@@ -82,6 +91,9 @@ class ConvEncoder(nn.Module):
                 h, i = pooled, i + 2
             elif _pools_2x2(layer, h):
                 h, i = MaxPool2x2.apply(h), i + 1
+            elif isinstance(layer, nn.Conv2d) and self.tasks > 1:
+                h, i = F.conv2d(h, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+                                layer.groups * self.tasks), i + 1
             else:
                 h, i = layer(h), i + 1
         return h.mean(dim=(2, 3))  # global average pool: any input size gives `hidden` features
