@@ -89,16 +89,19 @@ def omniglot_like(ways: int, shots: int, size: int = 28, channels: int = 1) -> T
     return TaskBatch("t", "image", images, ys, images[:ways], torch.arange(ways))
 
 
-@pytest.mark.parametrize("encoder, channels, ways, shots, size, together", [
-    ("conv4", 1, 5, 1, 28, 8),  # Omniglot 5-way 1-shot: 8 tasks a pass
-    ("conv4", 1, 20, 1, 28, 2),  # 20-way: 2
-    ("conv4-32", 3, 5, 1, 84, 2),  # mini-ImageNet-shaped 1-shot: 2
-    ("conv4-32", 3, 5, 5, 84, 0),  # 5-shot: the loop
+@pytest.mark.parametrize("encoder, channels, ways, shots, size, steps, together", [
+    ("conv4", 1, 5, 1, 28, 5, 8),  # Omniglot 5-way 1-shot: 8 tasks a pass
+    ("conv4", 1, 5, 1, 28, 10, 4),  # as many tasks' inner loops stored together as 4 at 10 steps
+    ("conv4", 1, 20, 1, 28, 1, 2),  # 20-way: 2
+    ("conv4-32", 3, 5, 1, 84, 1, 2),  # mini-ImageNet-shaped 1-shot: 2
+    ("conv4-32", 3, 5, 5, 84, 1, 0),  # 5-shot: the loop
 ])
-def test_the_automatic_size_stacks_only_where_it_pays(encoder, channels, ways, shots, size, together):
-    learner = tiny_learner("maml")
+def test_the_automatic_size_stacks_only_where_it_pays(encoder, channels, ways, shots, size, steps, together):
+    learner = tiny_learner("maml", steps=steps)
     learner.model = MultiTaskModel(ModelConfig(image_encoder=encoder, image_channels=channels), ["image"])
     assert stacked_tasks.tasks_per_pass(learner, [omniglot_like(ways, shots, size, channels)] * 8) == together
+    learner.inner = learner.inner.model_copy(update={"query_chunks": 3})  # memory first: the loop
+    assert stacked_tasks.tasks_per_pass(learner, [omniglot_like(ways, shots, size, channels)] * 8) <= 1
 
 
 def test_what_cannot_be_stacked_runs_the_loop_and_says_why_only_when_asked():

@@ -63,21 +63,27 @@ def obstacle(alg: Algorithm, batches: Sequence[TaskBatch]) -> str | None:
     return None
 
 
-# Automatic size (``inner.stack_tasks: null``): tasks are stacked while the stacked support batch's widest
-# activation holds at most this many values. One thread, 5 inner steps, ms per task against the loop
-# (docs/BENCHMARKS.md): Omniglot 5-way 1-shot (0.25 M values a task) 8 tasks 1.33x; 20-way 1-shot (1 M) 2 tasks
-# 1.06x, 8 tasks 1.0x; 84 x 84 Conv-4-32 1-shot (1.1 M) 2 tasks 1.08x; 5-shot (5.6 M) 4 tasks 0.92x.
-STACKED_VALUES = 2_500_000
-MOST_TASKS = 8  # 16 gained nothing more on Omniglot
+# The automatic size (``inner.stack_tasks: null``). One thread, 5 inner steps, ms per task against the loop
+# (docs/BENCHMARKS.md): Omniglot 5-way 1-shot (a task's support pass: 0.25 M values per activation of the first
+# block) 8 tasks 1.33x, 16 no more; 20-way 1-shot (1 M) 2 tasks 1.06x, 8 tasks 1.0x; 84 x 84 Conv-4-32 1-shot (1.1 M)
+# 2 tasks 1.08x; 5-shot (5.6 M) 4 tasks 0.92x. So a stacked step holds at most STEP_VALUES; and since the stacked
+# tasks' inner loops are stored together until the outer backward, all its steps at most GRAPH_VALUES (8 Omniglot
+# tasks at 5 steps: 233 MB more peak memory than the loop), so that memory does not grow with the steps.
+STEP_VALUES = 2_500_000
+GRAPH_VALUES = 12_500_000
+MOST_TASKS = 8
 
 
 def tasks_per_pass(alg: Algorithm, batches: Sequence[TaskBatch]) -> int:
     """How many tasks each stacked pass takes: the recipe's number, or as many as pay."""
     if alg.inner.stack_tasks is not None:
         return alg.inner.stack_tasks
+    if alg.inner.query_chunks > 1:  # a recipe that asks for memory before speed: the stacks' graphs are alive together
+        return 1
     encoder = alg.model.encoders["image"]
     _, _, height, width = encoder.stacked_input([batches[0].xs]).shape
-    return min(MOST_TASKS, STACKED_VALUES // (len(batches[0].xs) * height * width * encoder.out_dim))
+    values = len(batches[0].xs) * height * width * encoder.out_dim
+    return min(MOST_TASKS, STEP_VALUES // values, GRAPH_VALUES // (values * alg.train_steps))
 
 
 def meta_backward(alg: Algorithm, batches: Sequence[TaskBatch], iteration: int, n: int) -> tuple[float, float] | None:
