@@ -116,3 +116,20 @@ def test_what_cannot_be_stacked_runs_the_loop_and_says_why_only_when_asked():
         warnings.simplefilter("error")
         learner = tiny_learner("maml")  # the automatic default: silent
         learner.meta_backward(tasks, 0)
+
+
+def test_a_method_with_an_inner_step_of_its_own_keeps_it():
+    tasks = [batch(0), batch(1)]
+    learner = tiny_learner("maml", stack_tasks=2)
+    seen = []
+
+    class Own(type(learner)):
+        def inner_step(self, *args, **kwargs):
+            seen.append(1)
+            return super().inner_step(*args, **kwargs)
+
+    learner.__class__ = Own
+    stacked_tasks._warned.clear()
+    with pytest.warns(UserWarning, match="Own has an inner loop of its own"):
+        learner.meta_backward(tasks, 0)
+    assert len(seen) == 2

@@ -42,7 +42,11 @@ _warned: set[str] = set()  # each reason not to stack is said once per process, 
 
 def obstacle(alg: Algorithm, batches: Sequence[TaskBatch]) -> str | None:
     """Why these tasks cannot be stacked, or None when they can."""
+    from mtl.algorithms import inner as shared  # at call time: inner imports this module
+
     first, model, inner = batches[0], alg.model, alg.inner
+    if any(getattr(type(alg), hook) is not getattr(shared.Algorithm, hook) for hook in ("adapt", "inner_step")):
+        return f"{type(alg).__name__} has an inner loop of its own"
     if any(b.modality != "image" for b in batches) or "image" not in model.encoders:
         return "the tasks are not all image tasks"
     if not hasattr(model.encoders["image"], "stacked_input"):
