@@ -10,8 +10,9 @@
 # recompute tests; 4. benchmarks/gpu_checks.py: Conv-4 throughput against learn2learn on the same GPU
 # (Omniglot- and mini-ImageNet-shaped), tasks looped and batched (inner.batch_tasks), fp32/bf16 autocast,
 # ResNet-12 throughput and memory, memory against inner steps; then benchmarks/vmap_tasks.py (a plain
-# functional Conv-4's tasks looped or batched with vmap); 5. cli.py train on synthetic tasks, tasks looped
-# and batched, and on two NCCL ranks (torchrun) when there are two GPUs (with DEVICE=cpu, this part runs on a CPU).
+# functional Conv-4's tasks looped or batched with vmap); 5. cli.py train on synthetic tasks, tasks looped,
+# batched, and stacked along the channels (inner.stack_tasks), and on two NCCL ranks (torchrun) when there
+# are two GPUs (with DEVICE=cpu, this part runs on a CPU).
 # Figures go to stdout and, as JSON lines, to $OUT (the device tool's output folder) when it is set.
 # The first run took 281 s on an H200 (docs/BENCHMARKS.md).
 set -uo pipefail
@@ -58,7 +59,7 @@ timeout 300 $PY benchmarks/gpu_checks.py --peer "$peer" | tee "$OUT/gpu_checks.j
 say "a plain functional Conv-4's tasks looped or batched with vmap (benchmarks/vmap_tasks.py)"
 timeout 60 $PY benchmarks/vmap_tasks.py --device cuda --rounds 2
 
-say "the trainer (cli.py train) on synthetic tasks: tasks looped, batched, and two NCCL ranks with two GPUs"
+say "the trainer (cli.py train) on synthetic tasks: tasks looped, batched, stacked, and two NCCL ranks with two GPUs"
 work=$(mktemp -d)
 $PY - "$work" "${DEVICE:-cuda}" <<'PY'
 import sys
@@ -78,12 +79,13 @@ import json, sys
 rows = [json.loads(x) for x in open(sys.argv[1]) if '"loss"' in x]
 rate = (len(rows) - 5) / (rows[-1]["seconds"] - rows[4]["seconds"])
 print(json.dumps({"setting": "cli.py train, synthetic 5-way 1-shot, 5 queries, meta-batch 32, bf16, support BN",
-                  "processes": int(sys.argv[2]), "batch_tasks": int(sys.argv[3]), "it_per_s": round(rate, 2),
-                  "last_loss": rows[-1].get("loss")}))
+                  "run": sys.argv[1].split("/")[-2], "processes": int(sys.argv[2]), "tasks_together": int(sys.argv[3]),
+                  "it_per_s": round(rate, 2), "last_loss": rows[-1].get("loss")}))
 PY
 }
 timeout 120 $PY "${common[@]}" --out "$work/loop" >/dev/null && rate loop 1 1
 timeout 120 $PY "${common[@]}" --set inner.batch_tasks=32 --out "$work/batched" >/dev/null && rate batched 1 32
+timeout 120 $PY "${common[@]}" --set inner.stack_tasks=32 --out "$work/stacked" >/dev/null && rate stacked 1 32
 gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge 2 ]; then
   timeout 150 $PY -m torch.distributed.run --nproc_per_node 2 "${common[@]}" --out "$work/p2" >/dev/null && rate p2 2 1

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
 METHODS = [("maml", {"steps": 2}), ("maml", {"steps": 3, "recompute": True}), ("maml++", {"steps": 2}),
            ("metasgd", {"steps": 1}), ("anil", {"steps": 2}), ("fomaml", {"steps": 2}),
            ("maml", {"steps": 2, "head_init": "proto", "bn": "transductive"}),
-           ("maml", {"steps": 2, "head_init": "proto", "batch_tasks": 2})]
+           ("maml", {"steps": 2, "head_init": "proto", "batch_tasks": 2}), ("maml", {"steps": 2, "stack_tasks": 2})]
 
 
 @pytest.mark.parametrize("method, inner", METHODS, ids=[f"{m}-{i}" for m, i in METHODS])
