@@ -12,6 +12,7 @@ import torch
 from mtl.algorithms import stacked_tasks
 from mtl.data.stream import TaskBatch
 from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel, setting
+from tests.test_batched_tasks import outer
 from tests.test_maml import batch, float64, tiny_learner  # noqa: F401
 
 VARIANTS = [("maml", {"steps": 1}), ("maml", {"steps": 3}), ("fomaml", {"steps": 2}), ("metasgd", {"steps": 2}),
@@ -21,20 +22,13 @@ VARIANTS = [("maml", {"steps": 1}), ("maml", {"steps": 3}), ("fomaml", {"steps":
             ("maml++", {"steps": 2, "per_step_bn": False, "per_step_bn_stats": False})]
 
 
-def outer(method: str, inner: dict, tasks: list, stack: int) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
-    learner = tiny_learner(method, **inner, stack_tasks=stack)
-    learner.zero_grad(set_to_none=True)
-    result = learner.meta_backward(tasks, 3)
-    return {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}, result
-
-
 @pytest.mark.parametrize("method, inner", VARIANTS, ids=[f"{m}-{'-'.join(map(str, i.values()))}" for m, i in VARIANTS])
 def test_stacked_tasks_give_the_loops_meta_gradient(method, inner):
     tasks = [batch(seed) for seed in range(5)]
-    want, (want_loss, want_acc) = outer(method, inner, tasks, 1)
+    want, (want_loss, want_acc) = outer(method, inner, tasks, stack_tasks=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every variant here is stacked, not sent back to the loop
-        got, (loss, acc) = outer(method, inner, tasks, 2)  # passes of 2, 2 and 1 tasks
+        got, (loss, acc) = outer(method, inner, tasks, stack_tasks=2)  # passes of 2, 2 and 1 tasks
     assert got.keys() == want.keys() and want
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-12, rtol=1e-9), name
@@ -106,10 +100,10 @@ def test_the_automatic_size_stacks_only_where_it_pays(encoder, channels, ways, s
 
 def test_what_cannot_be_stacked_runs_the_loop_and_says_why_only_when_asked():
     tasks = [batch(0), batch(1, ways=4)]  # 3-way and 4-way tasks: no common shape
-    want, _ = outer("maml", {}, tasks, 1)
+    want, _ = outer("maml", {}, tasks, stack_tasks=1)
     stacked_tasks._warned.clear()
     with pytest.warns(UserWarning, match="differ in ways"):
-        got, _ = outer("maml", {}, tasks, 2)
+        got, _ = outer("maml", {}, tasks, stack_tasks=2)
     assert all(torch.equal(got[n], want[n]) for n in want)
     stacked_tasks._warned.clear()
     with warnings.catch_warnings():
