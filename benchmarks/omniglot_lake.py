@@ -49,7 +49,7 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.data.registry import Registry
 from mtl.data.stream import TaskBatch
-from mtl.data.task import Task, at_size
+from mtl.data.task import Task, read_as
 from mtl.data.views import answered
 from mtl.device import cpu_name
 from mtl.run.evaluate import evaluate, mean_ci
@@ -99,14 +99,17 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
     from mtl.device import autocast
 
     dev = torch.device("cpu")
-    sizes = {m.model.config.image_size for m, _ in learners}  # the same episodes at each model's image size
-    fixed = {s: EpisodeStream([at_size(task, s)], task.spec.test_split, 20, 1, 4, 0, dev, None, 0, cap_ways=False
-                              ).fixed(episodes) for s in sizes}
+
+    def reads(learner: Algorithm) -> tuple:  # the same episodes, read as each model reads images
+        return tuple(sorted(learner.model.config.image_overrides.items()))
+
+    fixed = {r: EpisodeStream([read_as(task, dict(r))], task.spec.test_split, 20, 1, 4, 0, dev, None, 0, cap_ways=False
+                              ).fixed(episodes) for r in {reads(m) for m, _ in learners}}
     acc = []
     for i in range(episodes):
         total = 0
         for learner, precision in learners:
-            b = fixed[learner.model.config.image_size][i]
+            b = fixed[reads(learner)][i]
             xs = torch.cat([b.xs] + [augment("affine", b.xs, (i, j)) for j in range(copies)])
             batch = dataclasses.replace(b, xs=xs, ys=b.ys.repeat(copies + 1))
             if tuning.steps:

@@ -252,3 +252,26 @@ def test_rotations_and_flips_are_new_classes(tmp_path):
         base = [task.classes[y] for y in task.train.labels[:n]]
         suffix = ["@rot90", "@flip", "@fliprot90"][j - 1]
         assert names == [b + suffix for b in base]
+
+
+def test_fit_content_centres_and_fills_the_frame(tmp_path):
+    """A small drawing off in a corner, dark on light or light on dark, grey or colour, comes out centred and
+    filling the frame but for the margin; a blank page comes out as it went in."""
+    from mtl.data.images import CONTENT_MARGIN, prepare_images
+
+    def page(ink: int, paper: int, channels: int = 0) -> np.ndarray:
+        a = np.full((60, 80), paper, np.uint8)
+        a[5:15, 50:70] = ink  # a 10 x 20 stroke in the top right corner
+        return np.repeat(a[..., None], channels, 2) if channels else a
+
+    for ink, paper, grey in [(0, 255, True), (255, 0, True), (30, 220, False)]:
+        out = prepare_images([page(ink, paper, 0 if grey else 3)], ImageOptions(size=24, grayscale=grey,
+                                                                               fit_content=True))[0]
+        mask = np.abs(out.astype(int) - paper) > 64
+        mask = mask if grey else mask.any(-1)
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        width = round(24 / (1 + 2 * CONTENT_MARGIN))  # the longer side fills all but the margins
+        assert abs(len(cols) - width) <= 1 and abs(len(rows) - width // 2) <= 1
+        assert abs((cols[0] + cols[-1]) / 2 - 11.5) <= 0.5 and abs((rows[0] + rows[-1]) / 2 - 11.5) <= 0.5
+    blank = np.full((60, 80), 200, np.uint8)
+    np.testing.assert_array_equal(prepare_images([blank], ImageOptions(size=(60, 80), fit_content=True))[0], blank)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,44 +190,50 @@ def test_adapt_chooses_its_steps_and_step_size_without_test_data(trained, regist
     assert given.meta["selection"]["by"] == "given" and (given.meta["steps"], given.meta["lr"]) == (2, 0.1)
 
 
-def test_a_model_reads_every_image_task_at_the_size_it_was_trained_at(tmp_path, registry, monkeypatch):
-    """`model.image_size` decodes the training tasks at that size, and the checkpoint meets every task
-    (evaluate, adapt, and predict through the adapted model) at it too, whatever the task file says."""
+def test_a_model_reads_every_image_task_as_it_was_trained(tmp_path, registry, monkeypatch):
+    """`model.image_size` and `model.image_fit_content` decode the training tasks so, and the checkpoint
+    meets every task (evaluate, adapt, and predict through the adapted model) so too, whatever the task
+    file says."""
     from PIL import Image
 
     import mtl.data.registry as registry_module
+    from mtl.data.images import fit_to_content
     from mtl.data.registry import Registry
-    from mtl.data.task import at_size
+    from mtl.data.task import read_as
     from mtl.run.adapt import adapt
     from mtl.run.compare import compare
     from mtl.run.evaluate import evaluate
 
     assert registry.load("digits").train.inputs.shape[1:] == (28, 28)  # the task file's size
     r = recipe(method="protonet", tasks=["digits"], val_tasks=["digits"], iterations=2, val_every=2, val_episodes=2,
-               model={"image_size": 16})
+               model={"image_size": 16, "image_fit_content": True})
     trainer = Trainer(r, tmp_path / "run", registry).setup()
     assert {t.train.inputs.shape[1:] for t in trainer.source.tasks} == {(16, 16)}
+    assert trainer.source.tasks[0].spec.image_options.fit_content
     assert trainer.val is not None and trainer.val.tasks[0].test.inputs.shape[1:] == (16, 16)
     trainer.run()
     seen = []
-    real = registry_module.at_size
-    monkeypatch.setattr(registry_module, "at_size", lambda t, s: seen.append(real(t, s)) or seen[-1])
+    real = registry_module.read_as
+    monkeypatch.setattr(registry_module, "read_as", lambda t, r: seen.append(real(t, r)) or seen[-1])
     result = evaluate(tmp_path / "run", registry.load("digits"), ways=5, shots=1, episodes=2)  # a Task
     assert seen[0].test.inputs.shape[1:] == (16, 16) and result["accuracy"] > 0.2
     fresh = Registry()
     evaluate(tmp_path / "run", "digits", ways=5, shots=1, episodes=2, registry=fresh)  # a name
-    assert list(fresh._loaded) == [("digits", 16)]
+    assert list(fresh._loaded) == [("digits", ("fit_content", True), ("size", 16))]
     model = adapt(tmp_path / "run", "digits", shots=2, registry=registry, out=tmp_path / "adapted")
-    assert model.meta["image"]["size"] == 16  # what predict reads image files at
+    assert model.meta["image"]["size"] == 16 and model.meta["image"]["fit_content"]  # how predict reads files
     png = tmp_path / "digit.png"
-    Image.fromarray(registry.load("digits").test.inputs[0]).save(png)
+    digit = registry.load("digits").test.inputs[0]
+    Image.fromarray(digit).save(png)
     images, _ = model.load_inputs([str(png)])
-    assert images.shape[1:] == (16, 16) and model.predict(images).shape == (1,)
-    test = at_size(registry.load("digits"), 20).test  # images given as arrays are taken as they are: files too
+    expected = np.asarray(fit_to_content(Image.fromarray(digit), (16, 16)).resize((16, 16), Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(images[0], expected)
+    assert model.predict(images).shape == (1,)
+    test = read_as(registry.load("digits"), {"size": 20}).test  # arrays are taken as they are: files too
     mine = adapt(tmp_path / "run", (list(test.inputs[:40]), [str(v) for v in test.labels[:40]]))
     assert mine.meta["image"]["size"] == 20 and mine.load_inputs([str(png)])[0].shape[1:] == (20, 20)
     Trainer(recipe(method="protonet", tasks=["digits"], iterations=1, val_tasks=[]), tmp_path / "at28", registry).run()
-    with pytest.raises(MtlError, match="read images at different sizes"):  # one set of episodes serves them all
+    with pytest.raises(MtlError, match="read images differently"):  # one set of episodes serves them all
         compare(["digits"], [1], 2, {"a": tmp_path / "run", "b": tmp_path / "at28"}, methods=["a", "b"],
                 registry=registry)
 

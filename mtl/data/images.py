@@ -47,6 +47,34 @@ def _to_pil(value: object, where: str) -> Image.Image:
     return Image.fromarray(arr)
 
 
+CONTENT_MARGIN = 0.1  # of the content's longer side, on each side: room for the training distortions
+CONTENT_CONTRAST = 32  # grey levels from the border's colour that count as content (not scanner noise)
+
+
+def fit_to_content(img: Image.Image, hw: tuple[int, int]) -> Image.Image:
+    """``img`` cropped to the box around its content, widened to the aspect of ``hw`` plus a margin and
+    filled with the border's colour where it leaves the page; the image as it was if it is blank.
+
+    The background is the median of the border pixels, so dark-on-light and light-on-dark alike work."""
+    a = np.asarray(img.convert("L"), dtype=np.int16)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    ink = np.abs(a - int(np.median(border))) > CONTENT_CONTRAST
+    if not ink.any():
+        return img
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    h, w = hw
+    scale = max((bottom - top) / h, (right - left) / w) * (1 + 2 * CONTENT_MARGIN)
+    box_h, box_w = max(1, round(h * scale)), max(1, round(w * scale))
+    y0, x0 = round((top + bottom - box_h) / 2), round((left + right - box_w) / 2)
+    fill = tuple(int(np.median(np.concatenate([c[0], c[-1], c[:, 0], c[:, -1]])))
+                 for c in np.atleast_3d(np.asarray(img)).transpose(2, 0, 1))
+    canvas = Image.new(img.mode, (box_w, box_h), fill if len(fill) > 1 else fill[0])
+    canvas.paste(img.crop((max(x0, 0), max(y0, 0), min(x0 + box_w, img.width), min(y0 + box_h, img.height))),
+                 (max(-x0, 0), max(-y0, 0)))
+    return canvas
+
+
 def prepare_images(values: Iterable[object], options: ImageOptions, names: Sequence[str] | None = None
                    ) -> np.ndarray:
     """Decode, convert and resize every image; (N, H, W) if grayscale, else (N, H, W, 3)."""
@@ -56,6 +84,8 @@ def prepare_images(values: Iterable[object], options: ImageOptions, names: Seque
         where = repr(names[i]) if names is not None else f"#{i}"
         img = _to_pil(value, where)
         img = img.convert("L" if options.grayscale else "RGB")
+        if options.fit_content:
+            img = fit_to_content(img, (h, w))
         if img.size != (w, h):
             img = img.resize((w, h), Image.Resampling.LANCZOS)
         arr = np.asarray(img, dtype=np.uint8)

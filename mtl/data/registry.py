@@ -7,7 +7,7 @@ is reported once with its path, field and fix; ``Registry.load(name)`` reads the
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mtl import settings
 from mtl.data.schema import TaskSpec
-from mtl.data.task import Task, at_size, load_task, sized
+from mtl.data.task import Task, load_task, read_as, spec_read_as
 from mtl.errors import MtlError, TaskFileError, TaskFileErrors
 
 MAX_TASK_FILE_BYTES = 256 * 1024
@@ -244,20 +244,20 @@ class Registry:
     def spec(self, name: str) -> TaskSpec:
         return self.entry(name).spec
 
-    def load(self, name: str, image_size: int | None = None) -> Task:
-        """``image_size``: the images at that size x size instead of the task file's (a checkpoint's
-        ``model.image_size``, :func:`mtl.data.task.at_size`)."""
-        key = (name, image_size)
+    def load(self, name: str, image: Mapping[str, object] | None = None) -> Task:
+        """``image``: image options in place of the task file's (a checkpoint's
+        ``model.image_overrides``, :func:`mtl.data.task.read_as`)."""
+        key = (name, *sorted((image or {}).items()))
         if key not in self._loaded:
             e = self.entry(name)
-            self._loaded[key] = load_task(sized(e.spec, image_size), e.file)
+            self._loaded[key] = load_task(spec_read_as(e.spec, image), e.file)
         return self._loaded[key]
 
 
-def task_at(task: str | Task, size: int | None, registry: Registry | None = None) -> Task:
-    """A task given by name (read from ``registry``) or as a :class:`Task`, with its images at ``size`` x
-    ``size``: a checkpoint's ``model.image_size``, so it meets the task at the size it was trained at."""
-    return at_size(task, size) if isinstance(task, Task) else (registry or Registry()).load(task, size)
+def task_read_as(task: str | Task, image: Mapping[str, object] | None, registry: Registry | None = None) -> Task:
+    """A task given by name (read from ``registry``) or as a :class:`Task`, its images read with ``image``'s
+    options: a checkpoint's ``model.image_overrides``, so it meets the task as it met its training tasks."""
+    return read_as(task, image) if isinstance(task, Task) else (registry or Registry()).load(task, image)
 
 
 def scan(paths: list[Path]) -> tuple[dict[str, Entry], list[TaskFileError]]:

@@ -181,7 +181,10 @@ class Labels(_Strict):
 
 class ImageOptions(_Strict):
     """Decoding options; ``rotations`` adds a rotated copy of every class as a new class, and ``flips``
-    a mirrored copy of each of those (a mirrored character is another character, as a rotated one is)."""
+    a mirrored copy of each of those (a mirrored character is another character, as a rotated one is).
+    ``fit_content`` crops each image to its content (the pixels unlike its border), widened to the output's
+    shape with a margin, before resizing: a drawing then fills the frame whatever its size and place on the
+    page, and a small one keeps its strokes (:func:`mtl.data.images.fit_to_content`)."""
 
     size: int | tuple[int, int] = 28
     grayscale: bool = True
@@ -189,6 +192,7 @@ class ImageOptions(_Strict):
     rotations: list[Literal[0, 90, 180, 270]] = [0]
     flips: bool = False
     rotate_splits: list[str] | None = None
+    fit_content: bool = False
 
     @field_validator("size")
     @classmethod

@@ -7,7 +7,7 @@ images. Labels are int64 indices into :attr:`Task.classes`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from mtl import settings
 from mtl.data.cache import cached_arrays
 from mtl.data.formats import read_source, source_fingerprint
 from mtl.data.images import prepare_images
-from mtl.data.schema import FIELD_SEP, Source, TaskSpec
+from mtl.data.schema import FIELD_SEP, ImageOptions, Source, TaskSpec
 from mtl.errors import TaskFileError
 
 
@@ -83,19 +83,24 @@ def load_task(spec: TaskSpec, file: Path | None = None, data_root: Path | None =
         raise
 
 
-def at_size(task: Task, size: int | None) -> Task:
-    """``task`` with its images decoded again at ``size`` x ``size``: the size a model was trained at
-    (``model.image_size``), so a checkpoint meets every image task as it met its training tasks. The
-    same task where ``size`` is None, the task has texts, or its images already have that size."""
-    spec = sized(task.spec, size)
+def read_as(task: Task, image: Mapping[str, object] | None) -> Task:
+    """``task`` with its images decoded again with the options in ``image`` (``size``, ``fit_content``) in
+    place of the task file's: a model's :attr:`~mtl.models.multitask.ModelConfig.image_overrides`, so a
+    checkpoint meets every image task as it met its training tasks. The same task where nothing changes."""
+    spec = spec_read_as(task.spec, image)
     return task if spec is task.spec else load_task(spec, task.file)
 
 
-def sized(spec: TaskSpec, size: int | None) -> TaskSpec:
-    """``spec`` with its images at ``size`` x ``size`` (see :func:`at_size`)."""
-    if size is None or spec.modality != "image" or spec.image_options.hw == (size, size):
+def spec_read_as(spec: TaskSpec, image: Mapping[str, object] | None) -> TaskSpec:
+    """``spec`` with its image options overridden by ``image`` (see :func:`read_as`)."""
+    if not image or spec.modality != "image":
         return spec
-    return spec.model_copy(update={"image": spec.image_options.model_copy(update={"size": size})})
+    options = spec.image_options
+    size = image.get("size", options.size)
+    changed = {k: v for k, v in image.items() if k != "size" and getattr(options, k) != v}
+    if ImageOptions(size=size).hw != options.hw:  # type: ignore[arg-type]
+        changed["size"] = size
+    return spec.model_copy(update={"image": options.model_copy(update=changed)}) if changed else spec
 
 
 def _load(spec: TaskSpec, file: Path | None, root: Path) -> Task:
@@ -181,9 +186,10 @@ def joined_texts(columns: Sequence[Sequence[object]]) -> list[str]:
 
 def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str, np.ndarray]]:
     image = spec.image_options if spec.modality == "image" else None
+    # `fit_content` is left out of the key when off, so arrays decoded before it existed stay valid
+    skip = {"rotations", "flips", "rotate_splits"} | (set() if image and image.fit_content else {"fit_content"})
     parts = [DECODE_VERSION, src.model_dump(mode="json"), spec.input_field, spec.label_field,
-             image.model_dump(mode="json", exclude={"rotations", "flips", "rotate_splits"}) if image else None,
-             source_fingerprint(src, root)]
+             image.model_dump(mode="json", exclude=skip) if image else None, source_fingerprint(src, root)]
 
     def build() -> dict[str, np.ndarray]:
         raw = read_source(src, root)

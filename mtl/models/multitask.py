@@ -39,12 +39,20 @@ class ModelConfig(BaseModel):
     # every image task is read at this size x size for this model, in training and whenever the checkpoint
     # meets a task (evaluate, adapt, compare); None: each task file's own `image.size`
     image_size: int | None = Field(default=None, ge=4, le=1024)
+    # the same for cropping every image to its content first (`image.fit_content` of a task file)
+    image_fit_content: bool | None = None
     text_encoder: str = "minilm"  # a registered name or a transformers model folder (made absolute)
     text_trainable_layers: int = 0
     text_checkpointing: bool = False  # recompute the trained layers' activations in backward: less memory
     projection: int | None = None  # per-modality linear map to a common width before the trunk
     trunk: list[int] = []  # hidden widths of the shared MLP trunk; [] = none
     normalize_text: bool = True
+
+    @property
+    def image_overrides(self) -> dict[str, object]:
+        """The image options this model reads every image task with, in place of the task files' own."""
+        return {k: v for k, v in (("size", self.image_size), ("fit_content", self.image_fit_content))
+                if v is not None}
 
     @field_validator("text_encoder")
     @classmethod

@@ -22,7 +22,7 @@ import torch
 
 from mtl.algorithms import Algorithm
 from mtl.data.inputs import Inputs
-from mtl.data.registry import Registry, task_at
+from mtl.data.registry import Registry, task_read_as
 from mtl.data.stream import TaskBatch
 from mtl.data.task import Split, Task
 from mtl.data.views import answered, check_views, episode_view, turned
@@ -292,7 +292,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     else:
         if task is None:
             raise MtlError("no task to adapt to", "give a registry task name, or (inputs, labels)")
-        loaded = task_at(task, learner.model.config.image_size, registry)
+        loaded = task_read_as(task, learner.model.config.image_overrides, registry)
         if examples is not None:
             if split is not None:
                 raise MtlError("--split draws the shots from the task, --examples gives them", "leave one of them out")
@@ -330,7 +330,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
 
         if loaded is None:
             raise MtlError("--unknown needs a registry task to adapt to", "give --task NAME")
-        other = task_at(unknown, learner.model.config.image_size, registry)
+        other = task_read_as(unknown, learner.model.config.image_overrides, registry)
         model.meta["open_set"] = open_set_on_tasks(model, loaded, other)
     if out is not None:
         model.save(out)

@@ -33,7 +33,7 @@ from scipy import stats
 from mtl.algorithms import Algorithm
 from mtl.data.cache import atomic_write_bytes
 from mtl.data.inputs import concat
-from mtl.data.registry import Registry, task_at
+from mtl.data.registry import Registry, task_read_as
 from mtl.data.stream import EpisodeStream, TaskBatch
 from mtl.data.task import Task
 from mtl.data.views import check_views, episode_view, together
@@ -210,11 +210,11 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     if len(set(depth.values())) > 1:  # one set of episode inputs serves every checkpoint
         raise MtlError(f"the checkpoints train different numbers of text encoder layers ({depth})",
                        "compare checkpoints trained with the same model.text_trainable_layers")
-    sizes = {k: lm[0].model.config.image_size for k, lm in learners.items()}
-    if len(set(sizes.values())) > 1:
-        raise MtlError(f"the checkpoints read images at different sizes ({sizes})",
-                       "compare checkpoints trained with the same model.image_size")
-    tasks = [task_at(t, next(iter(sizes.values())), registry) for t in tasks]  # read once, at the models' size
+    reads = {k: lm[0].model.config.image_overrides for k, lm in learners.items()}
+    if len({tuple(sorted(r.items())) for r in reads.values()}) > 1:
+        raise MtlError(f"the checkpoints read images differently ({reads})",
+                       "compare checkpoints trained with the same model.image_size and model.image_fit_content")
+    tasks = [task_read_as(t, next(iter(reads.values())), registry) for t in tasks]  # read once, as the models do
     reference = "maml" if "maml" in checkpoints else next(iter(checkpoints))
     ref_learner, ref_meta = learners[reference]
     recipe = Recipe.model_validate(ref_meta["recipe"])

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from mtl.data.registry import Registry, task_at
+from mtl.data.registry import Registry, task_read_as
 from mtl.data.task import Task
 
 
@@ -43,7 +43,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
 
     dev = resolve_device(device)
     learner, meta = load_learner(Path(checkpoint), dev)
-    t = task_at(task, learner.model.config.image_size, registry)
+    t = task_read_as(task, learner.model.config.image_overrides, registry)
     check_head_init(head_init)
     if t.modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")

@@ -93,7 +93,7 @@ class Trainer:
         set_threads(r.threads)
         self.rank, self.world, self.device = init_distributed(r.device)
         self.registry = self.registry or Registry(_dirs(r))
-        tasks = [self.registry.load(n, r.model.image_size) for n in r.tasks]
+        tasks = [self.registry.load(n, r.model.image_overrides) for n in r.tasks]
         layers = r.model.text_trainable_layers
         # the training data: episodes (meta-learning) or task-balanced batches over all classes (joint)
         self.source: EpisodeStream | ClassBatches
@@ -108,7 +108,7 @@ class Trainer:
             self.heads = {t.name: self.source.ways_of(t.name) for t in tasks}
         self.val: EpisodeStream | None = None
         if r.val_tasks:
-            vt = [self.registry.load(n, r.model.image_size) for n in r.val_tasks]
+            vt = [self.registry.load(n, r.model.image_overrides) for n in r.val_tasks]
             split = {t.name: t.spec.val_split or t.spec.test_split for t in vt}
             self.val = EpisodeStream(vt, split, r.val_ways or r.ways, r.val_shots or r.shots, r.queries,
                                      r.seed + 7919, self.device, r.model.text_encoder, layers)
