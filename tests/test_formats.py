@@ -275,3 +275,18 @@ def test_fit_content_centres_and_fills_the_frame(tmp_path):
         assert abs((cols[0] + cols[-1]) / 2 - 11.5) <= 0.5 and abs((rows[0] + rows[-1]) / 2 - 11.5) <= 0.5
     blank = np.full((60, 80), 200, np.uint8)
     np.testing.assert_array_equal(prepare_images([blank], ImageOptions(size=(60, 80), fit_content=True))[0], blank)
+
+
+def test_a_model_s_image_options_replace_the_task_file_s_only_where_they_differ():
+    """A checkpoint's `model.image_overrides` re-decode a task only when they change how it is read: the
+    decoded arrays (and their cache) are shared otherwise."""
+    from mtl.data.task import spec_read_as
+
+    images = spec("image", "image", "label", format="npz", path="x.npz")  # size 8
+    for same in (None, {}, {"size": 8}, {"size": (8, 8)}, {"fit_content": False}):
+        assert spec_read_as(images, same) is images
+    assert spec_read_as(images, {"size": 16}).image_options.hw == (16, 16)
+    both = spec_read_as(images, {"size": 8, "fit_content": True}).image_options
+    assert both.fit_content and both.hw == (8, 8)
+    texts = spec(format="csv", path="x.csv")
+    assert spec_read_as(texts, {"size": 16, "fit_content": True}) is texts
