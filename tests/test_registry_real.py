@@ -91,5 +91,5 @@ def test_a_pickled_registry_carries_its_task_files_not_their_data(registry):
 
     registry.load("omniglot-angelic")
     copy = pickle.loads(pickle.dumps(registry))
-    assert copy.names() == registry.names() and not copy._loaded and ("omniglot-angelic", None) in registry._loaded
+    assert copy.names() == registry.names() and not copy._loaded and ("omniglot-angelic",) in registry._loaded
     assert len(copy.load("omniglot-angelic").classes) == len(registry.load("omniglot-angelic").classes)
