@@ -49,7 +49,7 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.data.registry import Registry
 from mtl.data.stream import TaskBatch
-from mtl.data.task import Task, read_as
+from mtl.data.task import Task, read_as, reading
 from mtl.data.views import answered
 from mtl.device import cpu_name
 from mtl.run.evaluate import evaluate, mean_ci
@@ -101,7 +101,7 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
     dev = torch.device("cpu")
 
     def reads(learner: Algorithm) -> tuple:  # the same episodes, read as each model reads images
-        return tuple(sorted(learner.model.config.image_overrides.items()))
+        return reading(learner.model.config.image_overrides)
 
     fixed = {r: EpisodeStream([read_as(task, dict(r))], task.spec.test_split, 20, 1, 4, 0, dev, None, 0, cap_ways=False
                               ).fixed(episodes) for r in {reads(m) for m, _ in learners}}

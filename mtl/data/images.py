@@ -51,14 +51,17 @@ CONTENT_MARGIN = 0.1  # of the content's longer side, on each side: room for the
 CONTENT_CONTRAST = 32  # grey levels from the border's colour that count as content (not scanner noise)
 
 
+def _border_colour(a: np.ndarray) -> int:
+    return int(np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])))
+
+
 def fit_to_content(img: Image.Image, hw: tuple[int, int]) -> Image.Image:
     """``img`` cropped to the box around its content, widened to the aspect of ``hw`` plus a margin and
     filled with the border's colour where it leaves the page; the image as it was if it is blank.
 
     The background is the median of the border pixels, so dark-on-light and light-on-dark alike work."""
     a = np.asarray(img.convert("L"), dtype=np.int16)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    ink = np.abs(a - int(np.median(border))) > CONTENT_CONTRAST
+    ink = np.abs(a - _border_colour(a)) > CONTENT_CONTRAST
     if not ink.any():
         return img
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
@@ -67,8 +70,7 @@ def fit_to_content(img: Image.Image, hw: tuple[int, int]) -> Image.Image:
     scale = max((bottom - top) / h, (right - left) / w) * (1 + 2 * CONTENT_MARGIN)
     box_h, box_w = max(1, round(h * scale)), max(1, round(w * scale))
     y0, x0 = round((top + bottom - box_h) / 2), round((left + right - box_w) / 2)
-    fill = tuple(int(np.median(np.concatenate([c[0], c[-1], c[:, 0], c[:, -1]])))
-                 for c in np.atleast_3d(np.asarray(img)).transpose(2, 0, 1))
+    fill = tuple(_border_colour(c) for c in np.atleast_3d(np.asarray(img)).transpose(2, 0, 1))
     canvas = Image.new(img.mode, (box_w, box_h), fill if len(fill) > 1 else fill[0])
     canvas.paste(img.crop((max(x0, 0), max(y0, 0), min(x0 + box_w, img.width), min(y0 + box_h, img.height))),
                  (max(-x0, 0), max(-y0, 0)))

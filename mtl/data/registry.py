@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mtl import settings
 from mtl.data.schema import TaskSpec
-from mtl.data.task import Task, load_task, read_as, spec_read_as
+from mtl.data.task import Task, load_task, read_as, reading, spec_read_as
 from mtl.errors import MtlError, TaskFileError, TaskFileErrors
 
 MAX_TASK_FILE_BYTES = 256 * 1024
@@ -247,7 +247,7 @@ class Registry:
     def load(self, name: str, image: Mapping[str, object] | None = None) -> Task:
         """``image``: image options in place of the task file's (a checkpoint's
         ``model.image_overrides``, :func:`mtl.data.task.read_as`)."""
-        key = (name, *sorted((image or {}).items()))
+        key = (name, *reading(image))
         if key not in self._loaded:
             e = self.entry(name)
             self._loaded[key] = load_task(spec_read_as(e.spec, image), e.file)

@@ -91,6 +91,11 @@ def read_as(task: Task, image: Mapping[str, object] | None) -> Task:
     return task if spec is task.spec else load_task(spec, task.file)
 
 
+def reading(image: Mapping[str, object] | None) -> tuple:
+    """``image``'s options as a hashable key: tasks read alike share one decoded copy."""
+    return tuple(sorted((image or {}).items()))
+
+
 def spec_read_as(spec: TaskSpec, image: Mapping[str, object] | None) -> TaskSpec:
     """``spec`` with its image options overridden by ``image`` (see :func:`read_as`)."""
     if not image or spec.modality != "image":

@@ -35,7 +35,7 @@ from mtl.data.cache import atomic_write_bytes
 from mtl.data.inputs import concat
 from mtl.data.registry import Registry, task_read_as
 from mtl.data.stream import EpisodeStream, TaskBatch
-from mtl.data.task import Task
+from mtl.data.task import Task, reading
 from mtl.data.views import check_views, episode_view, together
 from mtl.device import resolve_device
 from mtl.errors import MtlError
@@ -211,7 +211,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
         raise MtlError(f"the checkpoints train different numbers of text encoder layers ({depth})",
                        "compare checkpoints trained with the same model.text_trainable_layers")
     reads = {k: lm[0].model.config.image_overrides for k, lm in learners.items()}
-    if len({tuple(sorted(r.items())) for r in reads.values()}) > 1:
+    if len({reading(r) for r in reads.values()}) > 1:
         raise MtlError(f"the checkpoints read images differently ({reads})",
                        "compare checkpoints trained with the same model.image_size and model.image_fit_content")
     tasks = [task_read_as(t, next(iter(reads.values())), registry) for t in tasks]  # read once, as the models do
