@@ -63,6 +63,23 @@ def test_protonet_classifies_by_the_nearest_prototype():
     assert loss > 0 and learner.model.encoders["image"].blocks[0].weight.grad.abs().sum() > 0
 
 
+def test_a_prototype_head_answers_in_float32_under_bf16_autocast():
+    # features far from the origin, classes close together: 2 f.c - |c|^2 rounded to bf16's 8-bit mantissa
+    # picks the wrong class for 6 of these 20 queries; the head computes in float32 and picks the nearest
+    g = torch.Generator().manual_seed(0)
+    protos = (3 * torch.rand(1, 160, generator=g) + 0.1 * torch.randn(20, 160, generator=g)).bfloat16()
+    queries = (protos.float() + 0.05 * torch.randn(20, 160, generator=g)).bfloat16()
+    nearest = torch.cdist(queries.float(), protos.float()).argmin(1)
+    learner = tiny("protonet")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = queries @ (2 * protos).T - (protos * protos).sum(1)  # the head in bf16, as it was
+        logits = learner.head_logits(queries, *learner.head_from_prototypes(protos))
+    assert not torch.equal(rounded.argmax(1), nearest)
+    assert logits.dtype == torch.float32 and torch.equal(logits.argmax(1), nearest)
+    # float64 stays float64, for the finite-difference checks of the meta-gradient
+    assert learner.head_logits(queries.double(), *learner.head_from_prototypes(protos.double())).dtype == torch.float64
+
+
 def test_baseline_pp_heads_are_cosine_classifiers():
     learner = tiny("baseline_pp", adapt="head")
     b = episode(1)

@@ -38,9 +38,11 @@ from mtl.models import (
     MultiTaskModel,
     channels_last_weight,
     head_key,
+    linear_logits,
     logistic_head,
     step_statistics,
     support_statistics,
+    widened,
 )
 
 if TYPE_CHECKING:
@@ -106,8 +108,8 @@ class Algorithm(nn.Module):
         return False
 
     def head_logits(self, feats: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        """Logits of an episode head (``weight``, ``bias``) on features: linear by default."""
-        return feats @ weight.T + bias
+        """Logits of an episode head (``weight``, ``bias``) on features: linear by default, in float32."""
+        return linear_logits(feats, weight, bias)
 
     @property
     def train_steps(self) -> int:
@@ -233,6 +235,7 @@ class Algorithm(nn.Module):
                 feats = self.episode_features(params, encoded, b.modality, 0, None, encoded=True)
             if head_init == "logistic":  # fitted, not differentiated: ``adapt`` copies it for any steps after
                 return logistic_head(feats, b.ys, ways)
+            feats = widened(feats)  # class means summed in float32, as the head's logits are computed
             protos = torch.zeros(ways, dim, device=feats.device, dtype=feats.dtype).index_add(0, b.ys, feats)
             protos = protos / torch.bincount(b.ys, minlength=ways).clamp_min(1).unsqueeze(1).to(feats.dtype)
             return self.head_from_prototypes(protos)
@@ -241,7 +244,9 @@ class Algorithm(nn.Module):
                 torch.zeros(ways, device=device, requires_grad=True))
 
     def head_from_prototypes(self, protos: Tensor) -> tuple[Tensor, Tensor]:
-        """A linear head whose logits are -|f - c|^2 + const (Proto-MAML, prototypical networks)."""
+        """A linear head whose logits are -|f - c|^2 + const (Proto-MAML, prototypical networks); in float32,
+        as :func:`linear_logits` says why."""
+        protos = widened(protos)
         return 2 * protos, -(protos * protos).sum(1)
 
     def adapt(self, b: TaskBatch, steps: int, create_graph: bool, track_query: bool = True, detach: bool = False,

@@ -31,8 +31,22 @@ class CosineLinear(nn.Linear):
         return cosine_logits(x, self.weight, self.scale)
 
 
+def linear_logits(feats: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``feats @ weight.T + bias`` in float32, under bf16 autocast too: a prototype head's logits are
+    differences of large squared norms, which bf16's 8-bit mantissa rounds away (Lake's challenge, one
+    view: 8.37% error with a bf16 head, 7.87% with this one; docs/BENCHMARKS.md)."""
+    with torch.autocast(feats.device.type, enabled=False):
+        return widened(feats) @ widened(weight).T + widened(bias)
+
+
+def widened(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is of a narrower float type (float64 stays, for the exact gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def cosine_logits(feats: Tensor, weight: Tensor, scale: float) -> Tensor:
-    return scale * F.normalize(feats, dim=-1) @ F.normalize(weight, dim=-1).T
+    with torch.autocast(feats.device.type, enabled=False):  # as linear_logits: the head in float32
+        return scale * F.normalize(widened(feats), dim=-1) @ F.normalize(widened(weight), dim=-1).T
 
 
 def make_head(kind: str, in_features: int, out_features: int) -> nn.Linear:
