@@ -38,12 +38,11 @@ from mtl.models import (
     MultiTaskModel,
     channels_last_weight,
     head_key,
-    linear_logits,
     logistic_head,
     step_statistics,
     support_statistics,
-    widened,
 )
+from mtl.models.heads import class_means, linear_logits, widened
 
 if TYPE_CHECKING:
     from mtl.data.stream import EpisodeStream
@@ -235,17 +234,13 @@ class Algorithm(nn.Module):
                 feats = self.episode_features(params, encoded, b.modality, 0, None, encoded=True)
             if head_init == "logistic":  # fitted, not differentiated: ``adapt`` copies it for any steps after
                 return logistic_head(feats, b.ys, ways)
-            feats = widened(feats)  # class means summed in float32, as the head's logits are computed
-            protos = torch.zeros(ways, dim, device=feats.device, dtype=feats.dtype).index_add(0, b.ys, feats)
-            protos = protos / torch.bincount(b.ys, minlength=ways).clamp_min(1).unsqueeze(1).to(feats.dtype)
-            return self.head_from_prototypes(protos)
+            return self.head_from_prototypes(class_means(feats, b.ys, ways))
         device = b.ys.device
         return (torch.zeros(ways, dim, device=device, requires_grad=True),
                 torch.zeros(ways, device=device, requires_grad=True))
 
     def head_from_prototypes(self, protos: Tensor) -> tuple[Tensor, Tensor]:
-        """A linear head whose logits are -|f - c|^2 + const (Proto-MAML, prototypical networks); in float32,
-        as :func:`linear_logits` says why."""
+        """A linear head, logits -|f - c|^2 + const, in float32 (:func:`linear_logits`; Proto-MAML, ProtoNets)."""
         protos = widened(protos)
         return 2 * protos, -(protos * protos).sum(1)
 

@@ -12,10 +12,10 @@ from mtl.models.batchnorm import (
 from mtl.models.encoders import ENCODERS, build_encoder
 from mtl.models.encoders.conv import ConvEncoder, channels_last, channels_last_weight
 from mtl.models.encoders.text import HeldState, TextEncoder
-from mtl.models.heads import linear_logits, logistic_head, widened
+from mtl.models.heads import logistic_head
 from mtl.models.multitask import ModelConfig, MultiTaskModel, head_key, mlp
 
 __all__ = ["ENCODERS", "ConvEncoder", "EpisodicBatchNorm2d", "HeldState", "ModelConfig", "MultiTaskModel",
            "SupportBatchNorm", "TextEncoder", "build_encoder", "calibrate_batchnorm", "channel_stats",
-           "channels_last", "channels_last_weight", "head_key", "linear_logits", "logistic_head", "mlp", "setting",
-           "step_statistics", "support_statistics", "widened"]
+           "channels_last", "channels_last_weight", "head_key", "logistic_head", "mlp", "setting",
+           "step_statistics", "support_statistics"]

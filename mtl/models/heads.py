@@ -44,6 +44,13 @@ def widened(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def class_means(feats: Tensor, ys: Tensor, ways: int) -> Tensor:
+    """Each class's mean feature (the prototypes), summed in float32 as :func:`linear_logits` computes."""
+    feats = widened(feats)
+    sums = torch.zeros(ways, feats.shape[1], device=feats.device, dtype=feats.dtype).index_add(0, ys, feats)
+    return sums / torch.bincount(ys, minlength=ways).clamp_min(1).unsqueeze(1).to(feats.dtype)
+
+
 def cosine_logits(feats: Tensor, weight: Tensor, scale: float) -> Tensor:
     with torch.autocast(feats.device.type, enabled=False):  # as linear_logits: the head in float32
         return scale * F.normalize(widened(feats), dim=-1) @ F.normalize(widened(weight), dim=-1).T
