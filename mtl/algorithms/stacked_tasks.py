@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from mtl.data.stream import TaskBatch
 from mtl.models import channels_last_weight, setting
+from mtl.models.heads import class_means
 
 if TYPE_CHECKING:
     from mtl.algorithms.inner import Algorithm
@@ -141,11 +142,7 @@ def stacked_pass(alg: Algorithm, batches: Sequence[TaskBatch], iteration: int, n
         return h.view(len(xs), tasks, dim).transpose(0, 1)  # (tasks, support, dim)
 
     if alg.inner.head_init == "proto":  # each task's class means, differentiable like the loop's
-        onehot = (ys.unsqueeze(-1) == torch.arange(ways, device=ys.device))
-        f = features(fast, 0)
-        protos = onehot.transpose(1, 2).to(f.dtype) @ f
-        heads = [alg.head_from_prototypes(p / c.clamp_min(1).unsqueeze(1).to(p.dtype))
-                 for p, c in zip(protos, onehot.sum(1), strict=True)]
+        heads = [alg.head_from_prototypes(class_means(f, y, ways)) for f, y in zip(features(fast, 0), ys, strict=True)]
     else:
         heads = [alg.init_head(b, {}) for b in batches]
     fast["head.weight"], fast["head.bias"] = (torch.stack(h) for h in zip(*heads, strict=True))
