@@ -8,7 +8,8 @@
 # their own (the machine's Python is left as it is); 3. the CUDA tests (tests/test_cuda.py: CPU-vs-CUDA
 # meta-gradient agreement for every method, train -> adapt -> predict with --device cuda) and the
 # recompute tests; 4. benchmarks/gpu_checks.py: Conv-4 throughput against learn2learn on the same GPU
-# (Omniglot- and mini-ImageNet-shaped), tasks looped and batched (inner.batch_tasks), fp32/bf16 autocast,
+# (Omniglot- and mini-ImageNet-shaped), tasks looped, vmapped (inner.batch_tasks) and stacked along the channels
+# (inner.stack_tasks), fp32/bf16 autocast,
 # ResNet-12 throughput and memory, memory against inner steps; then benchmarks/vmap_tasks.py (a plain
 # functional Conv-4's tasks looped or batched with vmap); 5. cli.py train on synthetic tasks, tasks looped,
 # batched, and stacked along the channels (inner.stack_tasks), and on two NCCL ranks (torchrun) when there

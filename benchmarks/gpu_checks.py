@@ -3,8 +3,10 @@
 
 - meta-training throughput of second-order MAML, Conv-4, 5-way 1-shot, 15 queries, meta-batch 32,
   Omniglot-shaped (1x28x28, 64 channels) and mini-ImageNet-shaped (3x84x84, 32 channels), 1 and 5
-  inner steps, with the default (support-statistics) batch norm, one task at a time and all 32 in
-  one vmapped pass (``inner.batch_tasks``), in fp32 and under bf16 autocast (fp16 ran no faster than
+  inner steps, with the default (support-statistics) batch norm, one task at a time, all 32 in
+  one vmapped pass (``inner.batch_tasks``) and all 32 stacked along the channels (``inner.stack_tasks``:
+  grouped convolutions, the CPU's fastest way; on a GPU few large kernels instead of a few hundred
+  small ones per task), in fp32 and under bf16 autocast (fp16 ran no faster than
   bf16 on an H200, and training in it would need loss scaling); and learn2learn's MAML on the same
   tensors and GPU, run as ../shared/peer/l2l_bench.py runs it, when learn2learn can be imported;
 - ResNet-12 (first-order MAML, Proto-MAML heads, 5-way 5-shot, 84x84): throughput and peak memory,
@@ -152,7 +154,7 @@ def main() -> None:
     device = torch.device(a.device)
     card = device_name(device)
     quick = a.quick
-    meta_batch, warmup, windows = (4, 1, 2) if quick else (32, 3, 7)
+    meta_batch, warmup, windows = (4, 1, 2) if quick else (32, 2, 5)
 
     def emit(row: dict[str, Any], measure: Callable[..., dict[str, Any]], *args: Any) -> None:
         """One figure's JSON line: ``row`` and what ``measure(*args)`` returns. A failure is printed as
@@ -182,11 +184,13 @@ def main() -> None:
         for steps in (1, 5):
             theirs = peer_step(device, batches, a.peer, shape[0], hidden, steps)
             peer_rate = rate(theirs, device, warmup, windows) if theirs else None
-            for precision, together in itertools.product(("fp32", "bf16"), (1, meta_batch)):
+            grouping = {"loop": {"stack_tasks": 1}, "vmap": {"batch_tasks": meta_batch},
+                        "stack": {"stack_tasks": meta_batch}}
+            for precision, (how, together) in itertools.product(("fp32", "bf16"), grouping.items()):
                 # the default, leak-free batch norm (support statistics); learn2learn's is transductive
-                inner = {"steps": steps, "lr": 0.4, "head_init": "learned", "batch_tasks": together}
+                inner = {"steps": steps, "lr": 0.4, "head_init": "learned", **together}
                 emit({"setting": setting, "method": "maml (second order)", "steps": steps, "meta_batch": meta_batch,
-                      "batch_tasks": together, "precision": precision},
+                      "tasks": how, "precision": precision},
                      throughput, batches, encoder, shape[0], "maml", inner, precision, peer_rate)
 
     batches = episodes(device, 1 if quick else 4, 5, 5, 15, (3, 84, 84))
