@@ -177,6 +177,7 @@ def main() -> None:
         step()
         return {"peak_mb": peak_memory(device, step)}
 
+    grouping = {"loop": {"stack_tasks": 1}, "vmap": {"batch_tasks": meta_batch}, "stack": {"stack_tasks": meta_batch}}
     shapes = {"omniglot 1x28x28, conv4 (64)": ((1, 28, 28), "conv4", 64),
               "mini-imagenet 3x84x84, conv4-32": ((3, 84, 84), "conv4-32", 32)}
     for setting, (shape, encoder, hidden) in shapes.items():
@@ -184,8 +185,6 @@ def main() -> None:
         for steps in (1, 5):
             theirs = peer_step(device, batches, a.peer, shape[0], hidden, steps)
             peer_rate = rate(theirs, device, warmup, windows) if theirs else None
-            grouping = {"loop": {"stack_tasks": 1}, "vmap": {"batch_tasks": meta_batch},
-                        "stack": {"stack_tasks": meta_batch}}
             for precision, (how, together) in itertools.product(("fp32", "bf16"), grouping.items()):
                 # the default, leak-free batch norm (support statistics); learn2learn's is transductive
                 inner = {"steps": steps, "lr": 0.4, "head_init": "learned", **together}
