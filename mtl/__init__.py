@@ -10,6 +10,7 @@ adapted model. The public API (docs/API.md)::
     model.predict(x); model.predict_proba(x); model.score(x, y); model.save("models/m")
     mtl.evaluate("runs/a", task="omniglot", ways=5, shots=1)
     mtl.compare(["omniglot"], [1, 5], 100, {"maml": "runs/a"})
+    mtl.whiten("runs/a")                                   # distances that weigh what tells classes apart
     clf = mtl.FewShotClassifier(checkpoint="runs/a").fit(X, y)   # scikit-learn estimator
 
 Names are imported on first use, so ``import mtl`` (and the CLI) stays fast.
@@ -31,6 +32,7 @@ _LAZY = {
     "AdaptedModel": "mtl.run.adapted",
     "evaluate": "mtl.run.evaluate",
     "compare": "mtl.run.compare",
+    "whiten": "mtl.run.whitening",
     "FewShotClassifier": "mtl.run.estimator",
     "algorithm": "mtl.algorithms",
     "ALGORITHMS": "mtl.algorithms",

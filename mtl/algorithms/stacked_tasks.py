@@ -58,8 +58,9 @@ def obstacle(alg: Algorithm, batches: Sequence[TaskBatch]) -> str | None:
     names = alg.adapted_names("image")
     if not any(n.startswith("encoders.image.") for n in names):
         return "the encoder is not adapted in the inner loop (the loop encodes each episode once)"
-    if any(not n.startswith("encoders.image.") for n in names) or not isinstance(model.trunk, nn.Identity):
-        return "a shared trunk or projection follows the encoder"
+    if (any(not n.startswith("encoders.image.") for n in names) or not isinstance(model.trunk, nn.Identity)
+            or hasattr(model, "whitening")):
+        return "a shared trunk, projection or feature whitening follows the encoder"
     if inner.per_step_bn or inner.per_step_bn_stats:
         return "per-step batch norm (MAML++) reads its own weights and statistics per step"
     if inner.recompute:

@@ -251,6 +251,30 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
                   f"temperature {info['temperature']:.2f} ({info['ece_uncalibrated']:.3f} at 1)", highlight=False)
 
 
+@app.command("whiten")
+def whiten_cmd(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run folder of `cli.py train`.")],
+               tasks: Annotated[str | None, typer.Option(
+                   help="Tasks to estimate on, comma-separated (default: the recipe's training tasks).")] = None,
+               shrink: Annotated[float, typer.Option(
+                   help="0 whitens fully, 1 leaves the features as they are.")] = 0.5,
+               episodes: int = 200,
+               views: Annotated[int, typer.Option(help="Images: each episode also turned and mirrored.")] = 8,
+               within_groups: Annotated[float, typer.Option(
+                   help="Share of episodes drawn within one group of classes (the part of their names before a /: "
+                        "Omniglot's alphabets), as the new tasks will be.")] = 0.0,
+               tasks_dir: TasksDir = None, as_json: Json = False) -> None:
+    """Whiten a checkpoint's features by their within-class covariance (nearest-prototype models)."""
+    from mtl.run.whitening import whiten
+
+    info = whiten(checkpoint, tasks.split(",") if tasks else None, shrink, episodes, views, within_groups,
+                  _registry(tasks_dir))
+    if as_json:
+        _print_json(info)
+    else:
+        out.print(f"whitened {info['checkpoint']}: within-class covariance of {episodes} episodes of "
+                  f"{', '.join(info['tasks'])}, shrunk {shrink} towards the identity", highlight=False)
+
+
 @app.command("compare")
 def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tasks, comma-separated.")],
                 checkpoints: Annotated[str, typer.Option(

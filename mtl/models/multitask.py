@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mtl.data.embeddings import TokenStates
 from mtl.errors import MtlError
 from mtl.models.encoders import ENCODERS, build_encoder
-from mtl.models.heads import make_head
+from mtl.models.heads import make_head, widened
 
 
 def mlp(in_dim: int, hidden: Sequence[int]) -> tuple[nn.Module, int]:
@@ -47,6 +47,9 @@ class ModelConfig(BaseModel):
     projection: int | None = None  # per-modality linear map to a common width before the trunk
     trunk: list[int] = []  # hidden widths of the shared MLP trunk; [] = none
     normalize_text: bool = True
+    # features whitened by the within-class covariance estimated after training, shrunk by this much towards
+    # the identity (`cli.py whiten`, :mod:`mtl.run.whitening`); None: features as trained
+    feature_whitening: float | None = Field(default=None, ge=0, le=1)
 
     @property
     def image_overrides(self) -> dict[str, object]:
@@ -90,6 +93,8 @@ class MultiTaskModel(nn.Module):
         # an empty buffer that moves with .to(): a model of a frozen encoder alone (adapt --select's probe) has no
         # parameters, and a head added to it must still land on its device
         self.register_buffer("anchor", torch.empty(0), persistent=False)
+        if config.feature_whitening is not None:
+            self.register_buffer("whitening", torch.eye(self.feature_dim))
 
     def features(self, x: Tensor | Sequence[str] | TokenStates, modality: str) -> Tensor:
         return self.from_encoding(self.encoders[modality](x), modality)
@@ -100,7 +105,11 @@ class MultiTaskModel(nn.Module):
             h = F.normalize(h, dim=-1) * 10.0  # unit-norm sentence embeddings, scaled for a linear head
         if modality in self.projections:
             h = F.relu(self.projections[modality](h))
-        return self.trunk(h)
+        h = self.trunk(h)
+        if hasattr(self, "whitening"):
+            with torch.autocast(h.device.type, enabled=False):  # as the heads: look-alikes differ in small digits
+                h = widened(h) @ self.whitening
+        return h
 
     def forward(self, x: Tensor | Sequence[str] | TokenStates, modality: str, task: str | None = None,
                 encoded: bool = False) -> Tensor:

@@ -1,0 +1,70 @@
+"""Feature whitening (`cli.py whiten`): the matrix's algebra, and a checkpoint whitened end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl.run.evaluate import evaluate
+from mtl.run.learner import load_learner
+from mtl.run.recipe import load_recipe
+from mtl.run.trainer import Trainer
+from mtl.run.whitening import whiten, whitening_matrix
+from tests.conftest import needs_data
+
+
+def test_whitening_matrix_makes_the_covariance_isotropic_at_its_mean_variance():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    cov = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    scale = torch.trace(cov) / 6
+    w = whitening_matrix(cov, 0.0).double()
+    assert torch.allclose(w, w.T, atol=1e-6)
+    assert torch.allclose(w @ cov @ w, scale * torch.eye(6, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(whitening_matrix(cov, 1.0), torch.eye(6), atol=1e-6)  # features left as they are
+    half = whitening_matrix(cov, 0.5).double()  # in between: less spread than `cov`, more than isotropic
+    spread = torch.linalg.eigvalsh(half @ cov @ half)
+    assert torch.linalg.eigvalsh(cov)[-1] / torch.linalg.eigvalsh(cov)[0] > spread[-1] / spread[0] > 1.01
+
+
+@needs_data
+def test_a_whitened_checkpoint_answers_through_whitened_features(tmp_path, registry, run_cli):
+    doc = {"method": "protonet", "tasks": ["digits"], "val_tasks": [], "ways": 5, "shots": 1, "queries": 5,
+           "meta_batch": 2, "iterations": 4, "threads": 2, "device": "cpu", "choose_adaptation": False}
+    run = tmp_path / "run"
+    Trainer(load_recipe(None, doc), run, registry).run()
+    before = evaluate(run, "digits", ways=5, shots=1, episodes=6, registry=registry)
+
+    code, out, _ = run_cli("whiten", "--checkpoint", run, "--shrink", "1", "--episodes", "4", "--views", "1", "--json")
+    assert code == 0 and '"shrink": 1.0' in out
+    assert evaluate(run, "digits", ways=5, shots=1, episodes=6, registry=registry)["accuracy"] == before["accuracy"]
+
+    info = whiten(run, shrink=0.3, episodes=6, views=2, registry=registry)
+    learner, meta = load_learner(Path(info["checkpoint"]), torch.device("cpu"))
+    assert meta["recipe"]["model"]["feature_whitening"] == 0.3
+    assert meta["whitening"] == {"tasks": ["digits"], "shrink": 0.3, "episodes": 6, "views": 2, "within_groups": 0.0}
+    w = learner.model.whitening.clone()
+    assert not torch.allclose(w, torch.eye(len(w)), atol=1e-3) and torch.allclose(w, w.T, atol=1e-5)
+    x = torch.as_tensor(registry.load("digits").test.inputs[:10])
+    params = dict(learner.model.named_parameters())
+    with torch.no_grad():
+        whitened = learner.episode_features(params, x, "image", 0, len(x))
+        learner.model.whitening.copy_(torch.eye(len(w)))
+        plain = learner.episode_features(params, x, "image", 0, len(x))
+    assert torch.allclose(whitened, plain @ w, atol=1e-4)
+
+    again = whiten(run, shrink=0.3, episodes=6, views=2, registry=registry)  # from the unwhitened features again
+    assert torch.allclose(load_learner(Path(again["checkpoint"]), torch.device("cpu"))[0].model.whitening, w)
+    assert 0.2 < evaluate(run, "digits", ways=5, shots=1, episodes=6, registry=registry)["accuracy"] <= 1.0
+
+    code, _, err = run_cli("whiten", "--checkpoint", run, "--shrink", "2")
+    assert code == 2 and "outside [0, 1]" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("shrink", [0.0, 0.5])
+def test_whitening_keeps_the_mean_variance(shrink):
+    cov = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    w = whitening_matrix(cov, shrink).double()
+    assert torch.trace(w @ cov @ w) == pytest.approx(float(torch.trace(cov)), rel=0.35)
