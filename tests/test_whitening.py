@@ -41,10 +41,10 @@ def test_a_whitened_checkpoint_answers_through_whitened_features(tmp_path, regis
     assert code == 0 and '"shrink": 1.0' in out
     assert evaluate(run, "digits", ways=5, shots=1, episodes=6, registry=registry)["accuracy"] == before["accuracy"]
 
-    info = whiten(run, shrink=0.3, episodes=6, views=2, registry=registry)
+    info = whiten(run, shrink=0.3, episodes=6, views=4, registry=registry)
     learner, meta = load_learner(Path(info["checkpoint"]), torch.device("cpu"))
     assert meta["recipe"]["model"]["feature_whitening"] == 0.3
-    assert meta["whitening"] == {"tasks": ["digits"], "shrink": 0.3, "episodes": 6, "views": 2, "within_groups": 0.0}
+    assert meta["whitening"] == {"tasks": ["digits"], "shrink": 0.3, "episodes": 6, "views": 4, "within_groups": 0.0}
     w = learner.model.whitening.clone()
     assert not torch.allclose(w, torch.eye(len(w)), atol=1e-3) and torch.allclose(w, w.T, atol=1e-5)
     x = torch.as_tensor(registry.load("digits").test.inputs[:10])
@@ -55,12 +55,13 @@ def test_a_whitened_checkpoint_answers_through_whitened_features(tmp_path, regis
         plain = learner.episode_features(params, x, "image", 0, len(x))
     assert torch.allclose(whitened, plain @ w, atol=1e-4)
 
-    again = whiten(run, shrink=0.3, episodes=6, views=2, registry=registry)  # from the unwhitened features again
+    again = whiten(run, shrink=0.3, episodes=6, views=4, registry=registry)  # from the unwhitened features again
     assert torch.allclose(load_learner(Path(again["checkpoint"]), torch.device("cpu"))[0].model.whitening, w)
     assert 0.2 < evaluate(run, "digits", ways=5, shots=1, episodes=6, registry=registry)["accuracy"] <= 1.0
 
-    code, _, err = run_cli("whiten", "--checkpoint", run, "--shrink", "2")
-    assert code == 2 and "outside [0, 1]" in err and "Traceback" not in err
+    for bad in (("--shrink", "2"), ("--within-groups", "-1"), ("--views", "3")):
+        code, _, err = run_cli("whiten", "--checkpoint", run, *bad)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (bad, err)
 
 
 @pytest.mark.parametrize("shrink", [0.0, 0.5])

@@ -88,11 +88,15 @@ def whiten(run: Path | str, tasks: Sequence[str] | None = None, shrink: float = 
     """Write the whitening of :func:`whitening_matrix` into the checkpoint that ``evaluate`` and ``adapt`` read
     in ``run`` (best, else last), estimated on ``tasks`` (default: the recipe's training tasks); returns what
     was done. Running it again re-estimates from the unwhitened features."""
+    from mtl.data.views import check_views
     from mtl.run.checkpoint import load_checkpoint, save_checkpoint
     from mtl.run.learner import load_learner
 
     if not 0.0 <= shrink <= 1.0:
         raise MtlError(f"--shrink {shrink} is outside [0, 1]", "use 0 (whiten fully) to 1 (leave the features)")
+    if not 0.0 <= within_groups <= 1.0:
+        raise MtlError(f"--within-groups {within_groups} is outside [0, 1]", "give the share of such episodes")
+    check_views(views, "image")  # the count only: text tasks take one view whatever it says
     tensors, meta = load_checkpoint(Path(run))
     path = Path(meta.pop("path"))
     learner, _ = load_learner(path, torch.device("cpu"))
