@@ -7,6 +7,7 @@ import functools
 
 import torch
 
+from mtl import settings
 from mtl.errors import MtlError
 
 
@@ -61,9 +62,11 @@ def cpu_name() -> str:
 
 
 def set_threads(threads: int | None) -> None:
+    """A recipe's ``threads``, capped by ``MTL_MAX_THREADS``."""
     keep_freed_memory()
-    if threads:
-        torch.set_num_threads(threads)
+    cap = settings.max_threads()
+    if threads or cap:
+        torch.set_num_threads(min(n for n in (threads, cap) if n))
 
 
 def keep_freed_memory() -> bool:

@@ -8,6 +8,8 @@
 ``MTL_OFFLINE``    never download; a missing file is one line saying where to put it.
 ``MTL_TASKS_DIRS`` extra registry folders, separated by ``os.pathsep``.
 ``MTL_SAFE``       when set, task files cannot point outside ``MTL_DATA_DIR`` nor at the hub.
+``MTL_MAX_THREADS`` at most this many CPU threads per process, whatever a recipe's ``threads`` asks
+                   (several jobs sharing a machine; the test suite's parallel workers).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ def data_dir() -> Path:
 def safe_mode() -> bool:
     """``MTL_SAFE=1`` (or ``cli.py --safe``): task files may only name files inside the data directory."""
     return os.environ.get("MTL_SAFE", "") not in ("", "0", "false")
+
+
+def max_threads() -> int | None:
+    """A cap on CPU threads: processes sharing cores each spinning up all of them run several times slower."""
+    env = os.environ.get("MTL_MAX_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else None
 
 
 def cache_dir() -> Path:

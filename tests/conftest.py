@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded while 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MTL_OFFLINE", "1")  # a data file missing here is an error, never a download
+if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers share the cores: one thread each, subprocesses too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MTL_MAX_THREADS", "1")
 
 from mtl import settings
 from mtl.cli import main

@@ -26,3 +26,20 @@ def test_overrides_and_errors(tmp_path):
         load_recipe(CONFIGS[0], {"inner.bogus": 1})
     with pytest.raises(MtlError, match="method"):
         load_recipe(CONFIGS[0], {"method": "magic"})
+
+
+def test_max_threads_caps_a_recipes_threads(monkeypatch):
+    import torch
+
+    from mtl.device import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("MTL_MAX_THREADS", "1")
+        set_threads(2)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("MTL_MAX_THREADS", "0")  # not a cap: the recipe's count stands
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
