@@ -52,7 +52,8 @@ fi
 peer=.gpu/l2l_bench.py; [ -f "$peer" ] || peer=../shared/peer/l2l_bench.py
 
 say "CUDA tests"
-timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_recompute.py 2>&1 | tail -15
+# one process on the one GPU: pyproject's `-n auto` would need pytest-xdist, which that machine lacks
+timeout 180 $PY -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_cuda.py tests/test_recompute.py 2>&1 | tail -15
 
 say "figures (benchmarks/gpu_checks.py)"
 timeout 300 $PY benchmarks/gpu_checks.py --peer "$peer" | tee "$OUT/gpu_checks.jsonl"
