@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mtl.errors import MtlError
+
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
 # a checkout keeps them at its top level; an installed wheel carries them as mtl/_shipped/ (setup.py)
@@ -47,8 +49,13 @@ def safe_mode() -> bool:
 
 def max_threads() -> int | None:
     """A cap on CPU threads: processes sharing cores each spinning up all of them run several times slower."""
-    env = os.environ.get("MTL_MAX_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else None
+    env = os.environ.get("MTL_MAX_THREADS", "").strip()
+    if not env.isdigit():
+        if env:
+            raise MtlError(f"MTL_MAX_THREADS={env!r} is not a number of threads. Fix: set it to a whole number "
+                           "such as 1 or 2, or unset it (0 or unset: no cap).")
+        return None
+    return int(env) or None
 
 
 def cache_dir() -> Path:

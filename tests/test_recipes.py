@@ -41,5 +41,8 @@ def test_max_threads_caps_a_recipes_threads(monkeypatch):
         monkeypatch.setenv("MTL_MAX_THREADS", "0")  # not a cap: the recipe's count stands
         set_threads(2)
         assert torch.get_num_threads() == 2
+        monkeypatch.setenv("MTL_MAX_THREADS", "two")
+        with pytest.raises(MtlError, match=r"MTL_MAX_THREADS='two'.*Fix"):
+            set_threads(2)
     finally:
         torch.set_num_threads(before)
