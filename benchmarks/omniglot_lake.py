@@ -13,7 +13,9 @@ four to classify. Prints each alphabet's error and the mean over alphabets with 
 
 Several checkpoints, comma-separated, are scored as an ensemble: each query's answer is the sum of
 their log-probabilities (docs/BENCHMARKS.md: two 8-minute models err 1.5-2 points less than either,
-three err more than one 30-minute model).
+three err more than one 30-minute model). The last line also gives the mean error of every member and every
+smaller ensemble on the same episodes (``subsets_mean_error_pct``, members numbered as given: "1", "1+3", ...),
+at no extra cost.
 
 ``--tasks`` scores other alphabets instead: the five background alphabets that
 ``benchmarks/lake_validation`` keeps out of training, to choose a recipe without looking at the
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -89,11 +92,12 @@ def tuned(learner: Algorithm, precision: str, b: TaskBatch, episode: int, t: Tun
 
 
 def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, copies: int,
-           tuning: Tuning = Tuning(), views: int = 1) -> float:
+           tuning: Tuning = Tuning(), views: int = 1) -> dict[tuple[int, ...], float]:
     """Mean accuracy of 20-way 1-shot episodes (the same as ``evaluate``'s, on CPU), each answered by the
     sum of the ``learners``' log-probabilities (an ensemble) over ``views`` turned copies of the whole
     episode (:mod:`mtl.data.views`), adapted to each support drawing and ``copies`` distorted copies of it,
-    after ``tuning``."""
+    after ``tuning``; for every subset of the learners (by their indices), so that one pass over the
+    episodes scores each member and each smaller ensemble on the same episodes as the whole."""
     from mtl.data.augment import augment
     from mtl.data.stream import EpisodeStream
     from mtl.device import autocast
@@ -105,9 +109,10 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
 
     fixed = {r: EpisodeStream([read_as(task, dict(r))], task.spec.test_split, 20, 1, 4, 0, dev, None, 0, cap_ways=False
                               ).fixed(episodes) for r in {reads(m) for m, _ in learners}}
-    acc = []
+    subsets = [c for k in range(1, len(learners) + 1) for c in itertools.combinations(range(len(learners)), k)]
+    acc: dict[tuple[int, ...], list[float]] = {c: [] for c in subsets}
     for i in range(episodes):
-        total = 0
+        logp = []
         for learner, precision in learners:
             b = fixed[reads(learner)][i]
             xs = torch.cat([b.xs] + [augment("affine", b.xs, (i, j)) for j in range(copies)])
@@ -115,10 +120,11 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
             if tuning.steps:
                 learner = tuned(learner, precision, b, i, tuning)
             with autocast(dev, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps
-                total = total + torch.log_softmax(answered(lambda e, m=learner: m.query_logits_after(e, None), batch,
-                                                           views), 1)
-        acc.append(float((total.argmax(1) == b.yq).float().mean()))
-    return float(np.mean(acc))
+                logp.append(torch.log_softmax(answered(lambda e, m=learner: m.query_logits_after(e, None), batch,
+                                                       views), 1))
+        for c in subsets:
+            acc[c].append(float((sum(logp[j] for j in c).argmax(1) == b.yq).float().mean()))
+    return {c: float(np.mean(a)) for c, a in acc.items()}
 
 
 def main() -> None:
@@ -147,11 +153,13 @@ def main() -> None:
             learner, meta = load_learner(Path(run), torch.device("cpu"))
             learners.append((learner, meta["recipe"].get("precision", "fp32")))
     t0 = time.perf_counter()
-    errors = {}
+    errors, parts = {}, {}
     for name in alphabets:
         if learners:
-            errors[name] = 1.0 - scored(learners, registry.load(name), a.episodes, a.support_copies, tuning,
-                                        a.views)
+            acc = scored(learners, registry.load(name), a.episodes, a.support_copies, tuning, a.views)
+            errors[name] = 1.0 - acc[tuple(range(len(learners)))]
+            for c, v in acc.items():
+                parts.setdefault("+".join(str(j + 1) for j in c), []).append(1.0 - v)
         else:
             r = evaluate(a.checkpoint, name, ways=20, shots=1, queries=4, episodes=a.episodes, registry=registry,
                          device=a.device, views=a.views)
@@ -165,6 +173,8 @@ def main() -> None:
                       "mean_error_pct": round(100 * m, 2), "ci95_pct": round(100 * ci, 2),
                       "worst": max(errors, key=errors.get), "worst_error_pct": round(100 * max(errors.values()), 2),
                       "best_error_pct": round(100 * float(np.min(list(errors.values()))), 2),
+                      **({"subsets_mean_error_pct": {k: round(100 * float(np.mean(v)), 2) for k, v in parts.items()}}
+                         if len(learners) > 1 else {}),
                       "seconds": round(time.perf_counter() - t0, 1)}))
 
 

@@ -65,6 +65,8 @@ def test_resnet12_is_registered_and_meta_learns():
     torch.manual_seed(0)
     model = MultiTaskModel(ModelConfig(image_encoder="resnet12-small", image_channels=3), ["image"])
     assert model.feature_dim == 160
+    half = MultiTaskModel(ModelConfig(image_encoder="resnet12-half", image_channels=3), ["image"])
+    assert half.feature_dim == 320 and 3.0e6 < sum(p.numel() for p in half.parameters()) < 3.2e6
     full = MultiTaskModel(ModelConfig(image_encoder="resnet12", image_channels=3), ["image"])
     assert full.feature_dim == 640 and 12.3e6 < sum(p.numel() for p in full.parameters()) < 12.5e6
     maml_paper = MultiTaskModel(ModelConfig(image_encoder="conv4-32", image_channels=3), ["image"])

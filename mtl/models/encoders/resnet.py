@@ -62,3 +62,9 @@ def resnet12(config: ModelConfig) -> ResNet12:
 def resnet12_small(config: ModelConfig) -> ResNet12:
     """ResNet-12 at a quarter of the width (16-40-80-160): the same shape for CPU runs and tests."""
     return ResNet12(config.image_channels, (16, 40, 80, 160))
+
+
+@register_encoder("resnet12-half", "image")
+def resnet12_half(config: ModelConfig) -> ResNet12:
+    """ResNet-12 at half the width (32-80-160-320): four times the quarter width's work, for long CPU runs."""
+    return ResNet12(config.image_channels, (32, 80, 160, 320))
