@@ -13,9 +13,9 @@ four to classify. Prints each alphabet's error and the mean over alphabets with 
 
 Several checkpoints, comma-separated, are scored as an ensemble: each query's answer is the sum of
 their log-probabilities (docs/BENCHMARKS.md: two 8-minute models err 1.5-2 points less than either,
-three err more than one 30-minute model). The last line also gives the mean error of every member and every
-smaller ensemble on the same episodes (``subsets_mean_error_pct``, members numbered as given: "1", "1+3", ...),
-at no extra cost.
+three err more than one 30-minute model). Each alphabet's line, and the last line as means
+(``subsets_mean_error_pct``), also give the error of every member and every smaller ensemble on the same episodes,
+at no extra cost; members are numbered as given ("1", "1+3", ...).
 
 ``--tasks`` scores other alphabets instead: the five background alphabets that
 ``benchmarks/lake_validation`` keeps out of training, to choose a recipe without looking at the
@@ -164,7 +164,8 @@ def main() -> None:
             r = evaluate(a.checkpoint, name, ways=20, shots=1, queries=4, episodes=a.episodes, registry=registry,
                          device=a.device, views=a.views)
             errors[name] = 1.0 - r["accuracy"]
-        print(f"{name}: error {100 * errors[name]:.2f}% ({a.episodes} episodes of 20-way 1-shot)", flush=True)
+        each = "; " + ", ".join(f"{k}: {100 * v[-1]:.2f}%" for k, v in parts.items()) if len(parts) > 1 else ""
+        print(f"{name}: error {100 * errors[name]:.2f}% ({a.episodes} episodes of 20-way 1-shot{each})", flush=True)
     m, ci = mean_ci(list(errors.values()))
     print(json.dumps({"device": cpu_name() if not torch.cuda.is_available() else torch.cuda.get_device_name(),
                       "checkpoint": a.checkpoint, "alphabets": len(errors), "episodes_per_alphabet": a.episodes,
