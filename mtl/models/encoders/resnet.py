@@ -66,5 +66,5 @@ def resnet12_small(config: ModelConfig) -> ResNet12:
 
 @register_encoder("resnet12-half", "image")
 def resnet12_half(config: ModelConfig) -> ResNet12:
-    """ResNet-12 at half the width (32-80-160-320): four times the quarter width's work, for long CPU runs."""
+    """ResNet-12 at half the width (32-80-160-320): four times the quarter width's work per image."""
     return ResNet12(config.image_channels, (32, 80, 160, 320))
