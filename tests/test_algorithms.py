@@ -4,6 +4,7 @@ without touching library code; adaptation never changes the loaded model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,8 +14,10 @@ import torch
 import mtl
 from mtl.algorithms import ALGORITHMS, Algorithm, InnerConfig, algorithm, build_algorithm
 from mtl.data.stream import TaskBatch
+from mtl.errors import MtlError
 from mtl.models import ConvEncoder, ModelConfig, MultiTaskModel
 from mtl.run.compare import centroid_scores
+from mtl.run.recipe import load_recipe
 from tests.conftest import needs_data, write
 
 EXPECTED = {"maml", "fomaml", "anil", "metasgd", "reptile", "maml++", "protonet", "baseline_pp", "multitask"}
@@ -61,6 +64,36 @@ def test_protonet_classifies_by_the_nearest_prototype():
     learner.zero_grad()
     loss, _ = learner.meta_backward([episode(0)], 0)
     assert loss > 0 and learner.model.encoders["image"].blocks[0].weight.grad.abs().sum() > 0
+
+
+def test_protonet_cycle_support_trains_on_every_turn_of_the_support_set():
+    ways, shots, queries = 4, 2, 3
+    b = episode(3, ways, shots, queries)
+    plain, cycled = tiny("protonet"), tiny("protonet", cycle_support=True)
+    # the loss it reports is the plain one, of the support set as drawn; its gradient, every turn's
+    assert cycled.meta_backward([b], 0)[0] == pytest.approx(plain.meta_backward([b], 0)[0], rel=1e-5)
+    cycled.zero_grad()
+    cycled.meta_backward([b], 0)
+    # by hand: each class's 5 examples in turn, 2 of them the support and 3 the queries, the distances
+    # measured in features normalised with the drawn support set's statistics
+    feats = cycled.episode_features({}, torch.cat([b.xs, b.xq]), "image", 0, len(b.ys))
+    per = feats[torch.argsort(torch.cat([b.ys, b.yq]), stable=True)].view(ways, shots + queries, -1)
+    losses = []
+    for turn in range(shots + queries):
+        held = [turn, (turn + 1) % (shots + queries)]
+        rest = [i for i in range(shots + queries) if i not in held]
+        q = per[:, rest].reshape(ways * queries, -1)
+        logits = -torch.cdist(q, per[:, held].mean(1)) ** 2
+        losses.append(torch.nn.functional.cross_entropy(logits, torch.arange(ways).repeat_interleave(queries)))
+    w = cycled.model.encoders["image"].blocks[0].weight
+    expected = torch.autograd.grad(torch.stack(losses).mean(), w, retain_graph=True)[0]
+    assert w.grad is not None and torch.allclose(w.grad, expected, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(w.grad, torch.autograd.grad(losses[0], w)[0], rtol=1e-2)
+    # episodes without as many examples of every class, and methods without prototypes, are refused
+    with pytest.raises(MtlError, match="as many examples of every class"):
+        cycled.meta_backward([dataclasses.replace(b, xq=b.xq[1:], yq=b.yq[1:])], 0)
+    with pytest.raises(MtlError, match=r"does not train with inner\.cycle_support"):
+        load_recipe({"method": "maml", "tasks": ["omniglot"], "inner": {"cycle_support": True}})
 
 
 def test_a_prototype_head_answers_in_float32_under_bf16_autocast():

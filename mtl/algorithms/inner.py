@@ -58,15 +58,15 @@ class Algorithm(nn.Module):
 
     Class attributes a subclass may set: ``training_data`` (``"episodes"``: N-way K-shot meta-batches;
     ``"classes"``: task-balanced batches over all of a task's classes, as joint training uses),
-    ``learned_lrs`` (``"per_parameter"``: Meta-SGD's learned step size per weight) and
-    ``compare_steps`` (the adaptation steps ``compare`` gives the method's own settings; ``None``: its
-    ``--steps``).
-    """
+    ``learned_lrs`` (``"per_parameter"``: Meta-SGD's learned step size per weight), ``compare_steps`` (the
+    adaptation steps ``compare`` gives the method's own settings; ``None``: its ``--steps``) and
+    ``cycles_support`` (it honours ``inner.cycle_support``)."""
 
     name: ClassVar[str] = ""
     training_data: ClassVar[Literal["episodes", "classes"]] = "episodes"
     learned_lrs: ClassVar[Literal["none", "per_parameter"]] = "none"
     compare_steps: ClassVar[int | None] = None
+    cycles_support: ClassVar[bool] = False
     head_kind: ClassVar[str] = "linear"  # what :meth:`head_logits` computes, for the saved model's head
 
     @classmethod

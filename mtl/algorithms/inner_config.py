@@ -40,6 +40,9 @@ class InnerConfig(BaseModel):
     # a text encoder's trainable layers: None, they learn in the outer loop only; a step size, they
     # adapt in the inner loop too (with ``adapt: all``): FOMAML, Reptile or MAML over the whole encoder
     encoder_lr: float | None = Field(default=None, gt=0)
+    # method protonet: every example of a class takes its turn as the support set, the others as the
+    # queries, and the loss is the turns' mean: more comparisons from the same encoded episode
+    cycle_support: bool = False
 
     @model_validator(mode="after")
     def _independent_queries(self) -> InnerConfig:

@@ -73,7 +73,11 @@ class Recipe(BaseModel):
     def _configured(self) -> Recipe:
         """The inner loop as the algorithm runs it (ANIL adapts the head only...), stored so that a
         checkpoint's recipe rebuilds the same state."""
-        inner = get_algorithm(self.method).configure(self.inner)
+        method = get_algorithm(self.method)
+        if self.inner.cycle_support and not method.cycles_support:
+            raise ValueError(f"method {self.method} does not train with inner.cycle_support; "
+                             "use method: protonet or leave it out")
+        inner = method.configure(self.inner)
         if inner != self.inner:
             object.__setattr__(self, "inner", InnerConfig.model_validate(inner.model_dump()))
         return self
