@@ -111,7 +111,8 @@ def _resume_with_lr(out: Path, registry) -> None:
 
 @pytest.mark.parametrize("method,inner", [("fomaml", {}), ("fomaml", {"head_init": "proto"}), ("anil", {}),
                                           ("metasgd", {}), ("reptile", {"steps": 2}), ("protonet", {}),
-                                          ("baseline_pp", {}), ("multitask", {}), ("maml++", {"steps": 2}),
+                                          ("protonet", {"cycle_support": True}), ("baseline_pp", {}),
+                                          ("multitask", {}), ("maml++", {"steps": 2}),
                                           ("maml", {"steps": 2, "msl": True, "lslr": True, "per_step_bn": True,
                                                     "per_step_bn_stats": True, "second_order_from": 1})])
 def test_every_method_trains_and_improves(tmp_path, registry, method, inner):

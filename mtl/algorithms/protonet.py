@@ -66,15 +66,11 @@ class ProtoNet(Algorithm):
                            "leave inner.cycle_support out for this task")
         per = feats[torch.argsort(labels, stable=True)].view(ways, -1, feats.shape[1])  # class, example, feature
         m = per.shape[1]
-        losses: list[Tensor] = []
-        first: tuple[Tensor, Tensor] | None = None
+        turns = []
         for turn in range(m):
             held = [(turn + j) % m for j in range(shots)]
             rest = [i for i in range(m) if i not in held]
             weight, bias = self.head_from_prototypes(per[:, held].float().mean(1))
             logits = self.head_logits(per[:, rest].reshape(-1, per.shape[2]), weight, bias)
-            y = torch.arange(ways, device=logits.device).repeat_interleave(len(rest))
-            losses.append(F.cross_entropy(logits, y))
-            first = first or (logits, y)
-        assert first is not None
-        return losses, *first
+            turns.append((logits, torch.arange(ways, device=logits.device).repeat_interleave(len(rest))))
+        return [F.cross_entropy(logits, y) for logits, y in turns], *turns[0]
