@@ -61,7 +61,7 @@ class ProtoNet(Algorithm):
         feats = torch.cat([self.episode_features({}, e, b.modality, 0, None, encoded=True) for e in (es, eq)])
         labels = torch.cat([b.ys, b.yq])
         ways, shots = b.ways, len(b.ys) // b.ways
-        if len(b.ys) % ways or len(set(torch.bincount(labels, minlength=ways).tolist())) > 1:
+        if any(len(set(torch.bincount(y, minlength=ways).tolist())) > 1 for y in (b.ys, b.yq)):
             raise MtlError(f"inner.cycle_support needs as many examples of every class in an episode ({b.task})",
                            "leave inner.cycle_support out for this task")
         per = feats[torch.argsort(labels, stable=True)].view(ways, -1, feats.shape[1])  # class, example, feature
