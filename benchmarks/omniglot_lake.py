@@ -15,7 +15,9 @@ Several checkpoints, comma-separated, are scored as an ensemble: each query's an
 their log-probabilities (docs/BENCHMARKS.md: two 8-minute models err 1.5-2 points less than either,
 three err more than one 30-minute model). Each alphabet's line, and the last line as means
 (``subsets_mean_error_pct``), also give the error of every member and every smaller ensemble on the same episodes,
-at no extra cost; members are numbered as given ("1", "1+3", ...).
+at no extra cost; members are numbered as given ("1", "1+3", ...). ``--answers DIR`` keeps every member's
+log-probabilities there (named by its weights' hash, the alphabet, episodes, views and copies), so that an
+ensemble scored again with one more member costs that member's time alone.
 
 ``--tasks`` scores other alphabets instead: the five background alphabets that
 ``benchmarks/lake_validation`` keeps out of training, to choose a recipe without looking at the
@@ -41,6 +43,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
+import io
 import itertools
 import json
 import time
@@ -92,15 +96,17 @@ def tuned(learner: Algorithm, precision: str, b: TaskBatch, episode: int, t: Tun
 
 
 def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, copies: int,
-           tuning: Tuning = Tuning(), views: int = 1) -> dict[tuple[int, ...], float]:
+           tuning: Tuning = Tuning(), views: int = 1, answers: list[Path | None] | None = None
+           ) -> dict[tuple[int, ...], float]:
     """Mean accuracy of 20-way 1-shot episodes (the same as ``evaluate``'s, on CPU), each answered by the
     sum of the ``learners``' log-probabilities (an ensemble) over ``views`` turned copies of the whole
     episode (:mod:`mtl.data.views`), adapted to each support drawing and ``copies`` distorted copies of it,
     after ``tuning``; for every subset of the learners (by their indices), so that one pass over the
-    episodes scores each member and each smaller ensemble on the same episodes as the whole."""
-    from mtl.data.augment import augment
+    episodes scores each member and each smaller ensemble on the same episodes as the whole.
+    ``answers``: per learner, a file that keeps its log-probabilities for these episodes, read when it is
+    there and written when it is not, so that a new member is scored without scoring the others again."""
+    from mtl.data.cache import atomic_write_bytes
     from mtl.data.stream import EpisodeStream
-    from mtl.device import autocast
 
     dev = torch.device("cpu")
 
@@ -109,22 +115,42 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
 
     fixed = {r: EpisodeStream([read_as(task, dict(r))], task.spec.test_split, 20, 1, 4, 0, dev, None, 0, cap_ways=False
                               ).fixed(episodes) for r in {reads(m) for m, _ in learners}}
+    logp = []  # per learner: (episodes, queries, 20)
+    for (learner, precision), file in zip(learners, answers or [None] * len(learners), strict=True):
+        if file is not None and file.exists():
+            logp.append(torch.load(file))
+            continue
+        logp.append(torch.stack([answer(learner, precision, fixed[reads(learner)][i], i, copies, tuning, views)
+                                 for i in range(episodes)]))
+        if file is not None:
+            buf = io.BytesIO()
+            torch.save(logp[-1], buf)
+            atomic_write_bytes(file, buf.getvalue())
+    labels = next(iter(fixed.values()))
     subsets = [c for k in range(1, len(learners) + 1) for c in itertools.combinations(range(len(learners)), k)]
-    acc: dict[tuple[int, ...], list[float]] = {c: [] for c in subsets}
-    for i in range(episodes):
-        logp = []
-        for learner, precision in learners:
-            b = fixed[reads(learner)][i]
-            xs = torch.cat([b.xs] + [augment("affine", b.xs, (i, j)) for j in range(copies)])
-            batch = dataclasses.replace(b, xs=xs, ys=b.ys.repeat(copies + 1))
-            if tuning.steps:
-                learner = tuned(learner, precision, b, i, tuning)
-            with autocast(dev, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps
-                logp.append(torch.log_softmax(answered(lambda e, m=learner: m.query_logits_after(e, None), batch,
-                                                       views), 1))
-        for c in subsets:
-            acc[c].append(float((sum(logp[j] for j in c).argmax(1) == b.yq).float().mean()))
-    return {c: float(np.mean(a)) for c, a in acc.items()}
+    return {c: float(np.mean([float((sum(logp[j][i] for j in c).argmax(1) == labels[i].yq).float().mean())
+                              for i in range(episodes)])) for c in subsets}
+
+
+def answer(learner: Algorithm, precision: str, b: TaskBatch, i: int, copies: int, tuning: Tuning,
+           views: int) -> torch.Tensor:
+    """Episode ``i``'s query log-probabilities by one learner (see :func:`scored`)."""
+    from mtl.data.augment import augment
+    from mtl.device import autocast
+
+    xs = torch.cat([b.xs] + [augment("affine", b.xs, (i, j)) for j in range(copies)])
+    batch = dataclasses.replace(b, xs=xs, ys=b.ys.repeat(copies + 1))
+    if tuning.steps:
+        learner = tuned(learner, precision, b, i, tuning)
+    with autocast(b.xs.device, precision):  # no no_grad: a MAML checkpoint adapts by gradient steps
+        return torch.log_softmax(answered(lambda e: learner.query_logits_after(e, None), batch, views), 1)
+
+
+def answers_file(folder: Path, meta: dict, task: str, episodes: int, views: int, copies: int) -> Path:
+    """Where a member's answers are kept: named by its weights' hash, so a changed checkpoint (e.g. after
+    ``whiten``) is scored afresh."""
+    digest = hashlib.sha256(Path(meta["path"]).read_bytes()).hexdigest()[:16]
+    return folder / f"{digest}-{task}-{episodes}e-{views}v-{copies}c.pt"
 
 
 def main() -> None:
@@ -141,22 +167,31 @@ def main() -> None:
                     help="answer with the episode turned by 90-degree steps (8: mirrored too) as well")
     ap.add_argument("--tasks", default=None, help="comma-separated alphabet tasks instead of the 20 evaluation "
                     "alphabets, e.g. background alphabets held out of training to choose a recipe on")
+    ap.add_argument("--answers", type=Path, default=None, help="a folder that keeps each member's answers, so that "
+                    "scoring an ensemble again with one more member scores that member alone")
     a = ap.parse_args()
     registry = Registry()
     alphabets = a.tasks.split(",") if a.tasks else [
         n for n in registry.names(role="held_out")
         if n.startswith("omniglot-") and "images_evaluation" in registry.spec(n).description]
-    learners = []
+    learners, metas = [], []
     tuning = Tuning(a.tune_steps, a.tune_lr, a.tune_params)
-    if a.support_copies or tuning.steps or "," in a.checkpoint:
+    if a.support_copies or tuning.steps or "," in a.checkpoint or a.answers:
         for run in a.checkpoint.split(","):
             learner, meta = load_learner(Path(run), torch.device("cpu"))
             learners.append((learner, meta["recipe"].get("precision", "fp32")))
+            metas.append(meta)
+    if a.answers:
+        if tuning.steps:
+            raise SystemExit("--answers keeps the checkpoints' own answers: leave out --tune-steps")
+        a.answers.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     errors, parts = {}, {}
     for name in alphabets:
         if learners:
-            acc = scored(learners, registry.load(name), a.episodes, a.support_copies, tuning, a.views)
+            files = [answers_file(a.answers, m, name, a.episodes, a.views, a.support_copies) for m in metas
+                     ] if a.answers else None
+            acc = scored(learners, registry.load(name), a.episodes, a.support_copies, tuning, a.views, files)
             errors[name] = 1.0 - acc[tuple(range(len(learners)))]
             for c, v in acc.items():
                 parts.setdefault("+".join(str(j + 1) for j in c), []).append(1.0 - v)
