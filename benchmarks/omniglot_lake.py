@@ -146,11 +146,10 @@ def answer(learner: Algorithm, precision: str, b: TaskBatch, i: int, copies: int
         return torch.log_softmax(answered(lambda e: learner.query_logits_after(e, None), batch, views), 1)
 
 
-def answers_file(folder: Path, meta: dict, task: str, episodes: int, views: int, copies: int) -> Path:
-    """Where a member's answers are kept: named by its weights' hash, so a changed checkpoint (e.g. after
-    ``whiten``) is scored afresh."""
-    digest = hashlib.sha256(Path(meta["path"]).read_bytes()).hexdigest()[:16]
-    return folder / f"{digest}-{task}-{episodes}e-{views}v-{copies}c.pt"
+def weights_digest(meta: dict) -> str:
+    """What names a member's answers (``--answers``): its weights' hash, so that a changed checkpoint (e.g.
+    after ``whiten``) is scored afresh."""
+    return hashlib.sha256(Path(meta["path"]).read_bytes()).hexdigest()[:16]
 
 
 def main() -> None:
@@ -174,13 +173,13 @@ def main() -> None:
     alphabets = a.tasks.split(",") if a.tasks else [
         n for n in registry.names(role="held_out")
         if n.startswith("omniglot-") and "images_evaluation" in registry.spec(n).description]
-    learners, metas = [], []
+    learners, digests = [], []
     tuning = Tuning(a.tune_steps, a.tune_lr, a.tune_params)
     if a.support_copies or tuning.steps or "," in a.checkpoint or a.answers:
         for run in a.checkpoint.split(","):
             learner, meta = load_learner(Path(run), torch.device("cpu"))
             learners.append((learner, meta["recipe"].get("precision", "fp32")))
-            metas.append(meta)
+            digests.append(weights_digest(meta) if a.answers else "")
     if a.answers:
         if tuning.steps:
             raise SystemExit("--answers keeps the checkpoints' own answers: leave out --tune-steps")
@@ -189,7 +188,7 @@ def main() -> None:
     errors, parts = {}, {}
     for name in alphabets:
         if learners:
-            files = [answers_file(a.answers, m, name, a.episodes, a.views, a.support_copies) for m in metas
+            files = [a.answers / f"{d}-{name}-{a.episodes}e-{a.views}v-{a.support_copies}c.pt" for d in digests
                      ] if a.answers else None
             acc = scored(learners, registry.load(name), a.episodes, a.support_copies, tuning, a.views, files)
             errors[name] = 1.0 - acc[tuple(range(len(learners)))]
