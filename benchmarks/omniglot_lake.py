@@ -15,9 +15,9 @@ Several checkpoints, comma-separated, are scored as an ensemble: each query's an
 their log-probabilities (docs/BENCHMARKS.md: two 8-minute models err 1.5-2 points less than either,
 three err more than one 30-minute model). Each alphabet's line, and the last line as means
 (``subsets_mean_error_pct``), also give the error of every member and every smaller ensemble on the same episodes,
-at no extra cost; members are numbered as given ("1", "1+3", ...). ``--answers DIR`` keeps every member's
-log-probabilities there (named by its weights' hash, the alphabet, episodes, views and copies), so that an
-ensemble scored again with one more member costs that member's time alone.
+at no extra cost; members are numbered as given ("1", "1+3", ...). ``--keep-answers`` keeps every member's
+log-probabilities in the cache (``MTL_CACHE_DIR/lake_answers``, keyed by its weights' hash, the alphabet, episodes,
+views and copies), so that an ensemble scored again with one more member costs that member's time alone.
 
 ``--tasks`` scores other alphabets instead: the five background alphabets that
 ``benchmarks/lake_validation`` keeps out of training, to choose a recipe without looking at the
@@ -44,7 +44,6 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import time
@@ -96,16 +95,16 @@ def tuned(learner: Algorithm, precision: str, b: TaskBatch, episode: int, t: Tun
 
 
 def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, copies: int,
-           tuning: Tuning = Tuning(), views: int = 1, answers: list[Path | None] | None = None
+           tuning: Tuning = Tuning(), views: int = 1, keys: list[str] | None = None
            ) -> dict[tuple[int, ...], float]:
     """Mean accuracy of 20-way 1-shot episodes (the same as ``evaluate``'s, on CPU), each answered by the
     sum of the ``learners``' log-probabilities (an ensemble) over ``views`` turned copies of the whole
     episode (:mod:`mtl.data.views`), adapted to each support drawing and ``copies`` distorted copies of it,
     after ``tuning``; for every subset of the learners (by their indices), so that one pass over the
     episodes scores each member and each smaller ensemble on the same episodes as the whole.
-    ``answers``: per learner, a file that keeps its log-probabilities for these episodes, read when it is
-    there and written when it is not, so that a new member is scored without scoring the others again."""
-    from mtl.data.cache import atomic_write_bytes
+    ``keys``: per learner, what names its log-probabilities for these episodes in the cache
+    (:func:`mtl.data.cache.cached_arrays`), so that a new member is scored without scoring the others again."""
+    from mtl.data.cache import cached_arrays
     from mtl.data.stream import EpisodeStream
 
     dev = torch.device("cpu")
@@ -116,16 +115,13 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
     fixed = {r: EpisodeStream([read_as(task, dict(r))], task.spec.test_split, 20, 1, 4, 0, dev, None, 0, cap_ways=False
                               ).fixed(episodes) for r in {reads(m) for m, _ in learners}}
     logp = []  # per learner: (episodes, queries, 20)
-    for (learner, precision), file in zip(learners, answers or [None] * len(learners), strict=True):
-        if file is not None and file.exists():
-            logp.append(torch.load(file))
-            continue
-        logp.append(torch.stack([answer(learner, precision, fixed[reads(learner)][i], i, copies, tuning, views)
-                                 for i in range(episodes)]))
-        if file is not None:
-            buf = io.BytesIO()
-            torch.save(logp[-1], buf)
-            atomic_write_bytes(file, buf.getvalue())
+    for (learner, precision), key in zip(learners, keys or [None] * len(learners), strict=True):
+        def build(learner: Algorithm = learner, precision: str = precision) -> dict[str, np.ndarray]:
+            return {"logp": torch.stack([answer(learner, precision, fixed[reads(learner)][i], i, copies, tuning,
+                                                views) for i in range(episodes)]).float().numpy()}
+        arrays = build() if key is None else cached_arrays("lake_answers", [key, task.name, episodes, views, copies],
+                                                            build)
+        logp.append(torch.from_numpy(arrays["logp"]))
     labels = next(iter(fixed.values()))
     subsets = [c for k in range(1, len(learners) + 1) for c in itertools.combinations(range(len(learners)), k)]
     return {c: float(np.mean([float((sum(logp[j][i] for j in c).argmax(1) == labels[i].yq).float().mean())
@@ -147,8 +143,8 @@ def answer(learner: Algorithm, precision: str, b: TaskBatch, i: int, copies: int
 
 
 def weights_digest(meta: dict) -> str:
-    """What names a member's answers (``--answers``): its weights' hash, so that a changed checkpoint (e.g.
-    after ``whiten``) is scored afresh."""
+    """What names a member's answers (``--keep-answers``): its weights' hash, so that a changed checkpoint
+    (e.g. after ``whiten``) is scored afresh."""
     return hashlib.sha256(Path(meta["path"]).read_bytes()).hexdigest()[:16]
 
 
@@ -166,7 +162,7 @@ def main() -> None:
                     help="answer with the episode turned by 90-degree steps (8: mirrored too) as well")
     ap.add_argument("--tasks", default=None, help="comma-separated alphabet tasks instead of the 20 evaluation "
                     "alphabets, e.g. background alphabets held out of training to choose a recipe on")
-    ap.add_argument("--answers", type=Path, default=None, help="a folder that keeps each member's answers, so that "
+    ap.add_argument("--keep-answers", action="store_true", help="keep each member's answers in the cache, so that "
                     "scoring an ensemble again with one more member scores that member alone")
     a = ap.parse_args()
     registry = Registry()
@@ -175,22 +171,20 @@ def main() -> None:
         if n.startswith("omniglot-") and "images_evaluation" in registry.spec(n).description]
     learners, digests = [], []
     tuning = Tuning(a.tune_steps, a.tune_lr, a.tune_params)
-    if a.support_copies or tuning.steps or "," in a.checkpoint or a.answers:
+    if a.keep_answers and tuning.steps:
+        raise SystemExit("--keep-answers keeps the checkpoints' own answers: leave out --tune-steps")
+    if a.support_copies or tuning.steps or "," in a.checkpoint or a.keep_answers:
         for run in a.checkpoint.split(","):
             learner, meta = load_learner(Path(run), torch.device("cpu"))
             learners.append((learner, meta["recipe"].get("precision", "fp32")))
-            digests.append(weights_digest(meta) if a.answers else "")
-    if a.answers:
-        if tuning.steps:
-            raise SystemExit("--answers keeps the checkpoints' own answers: leave out --tune-steps")
-        a.answers.mkdir(parents=True, exist_ok=True)
+            if a.keep_answers:
+                digests.append(weights_digest(meta))
     t0 = time.perf_counter()
     errors, parts = {}, {}
     for name in alphabets:
         if learners:
-            files = [a.answers / f"{d}-{name}-{a.episodes}e-{a.views}v-{a.support_copies}c.pt" for d in digests
-                     ] if a.answers else None
-            acc = scored(learners, registry.load(name), a.episodes, a.support_copies, tuning, a.views, files)
+            acc = scored(learners, registry.load(name), a.episodes, a.support_copies, tuning, a.views,
+                         digests if a.keep_answers else None)
             errors[name] = 1.0 - acc[tuple(range(len(learners)))]
             for c, v in acc.items():
                 parts.setdefault("+".join(str(j + 1) for j in c), []).append(1.0 - v)
