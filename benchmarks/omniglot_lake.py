@@ -163,14 +163,12 @@ def support_view_statistics(learner: Algorithm, precision: str, xs: torch.Tensor
     from mtl.models.batchnorm import EpisodicBatchNorm2d, setting
 
     model = learner.model
-    rows = {n: (torch.zeros(m.num_features), torch.ones(m.num_features)) for n, m in model.named_modules()
-            if isinstance(m, EpisodicBatchNorm2d)}
-    was = model.training
-    model.train()  # batch norms collect in training mode only (in eval mode they read their running statistics)
+    rows = {n: (torch.zeros(m.num_features, device=xs.device), torch.ones(m.num_features, device=xs.device))
+            for n, m in model.named_modules() if isinstance(m, EpisodicBatchNorm2d)}
+    # batch norms collect in training mode only (in eval mode they read their running statistics)
     with autocast(xs.device, precision), setting(model, EpisodicBatchNorm2d, "momentum_of_steps", 1.0), \
-            step_statistics(model, rows, "collect"):
+            setting(model, EpisodicBatchNorm2d, "training", True), step_statistics(model, rows, "collect"):
         model.encoders["image"](torch.cat([turned(xs, v) for v in range(views)]))
-    model.train(was)
     return rows
 
 
