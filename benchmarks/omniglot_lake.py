@@ -32,9 +32,10 @@ the error from 21.1% to 25.8% with 4 copies; docs/BENCHMARKS.md).
 every rotation of the background characters as a class of its own, so each view is a like problem
 whose errors differ. Test-time augmentation that turns the whole episode, not the support drawings alone.
 
-``--view-statistics`` normalises every view of an episode with the batch-norm statistics of the support set in
-all its views (8 x 20 drawings instead of 20; the support set only, so nothing transductive): measured, not shipped
-(docs/BENCHMARKS.md, stop 61).
+With views, every view of an episode is normalised with the batch-norm statistics of the support set in all its
+views (8 x 20 drawings instead of 20; the support set only, so nothing transductive), as ``evaluate`` and ``adapt`` do
+since stop 62 (:mod:`mtl.run.view_norms`); ``--own-norms`` normalises each view with its own support set's, as
+every figure before stop 62 did (docs/BENCHMARKS.md).
 
 ``--tune-steps N`` first trains a copy of each checkpoint on the episode itself for N steps: the clean
 support drawings as its examples, 4 distorted copies of each as its queries, the outer loss, Adam at
@@ -45,7 +46,6 @@ block). Test-time training, measured and not shipped (docs/BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -100,7 +100,7 @@ def tuned(learner: Algorithm, precision: str, b: TaskBatch, episode: int, t: Tun
 
 
 def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, copies: int,
-           tuning: Tuning = Tuning(), views: int = 1, keys: list[str] | None = None, view_statistics: bool = False
+           tuning: Tuning = Tuning(), views: int = 1, keys: list[str] | None = None, shared_norms: bool = True
            ) -> dict[tuple[int, ...], float]:
     """Mean accuracy of 20-way 1-shot episodes (the same as ``evaluate``'s, on CPU), each answered by the
     sum of the ``learners``' log-probabilities (an ensemble) over ``views`` turned copies of the whole
@@ -123,8 +123,8 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
     for (learner, precision), key in zip(learners, keys or [None] * len(learners), strict=True):
         def build(learner: Algorithm = learner, precision: str = precision) -> dict[str, np.ndarray]:
             return {"logp": torch.stack([answer(learner, precision, fixed[reads(learner)][i], i, copies, tuning,
-                                                views, view_statistics) for i in range(episodes)]).float().numpy()}
-        name = [key, task.name, episodes, views, copies] + (["view statistics"] if view_statistics else [])
+                                                views, shared_norms) for i in range(episodes)]).float().numpy()}
+        name = [key, task.name, episodes, views, copies] + (["view statistics"] if shared_norms and views > 1 else [])
         arrays = build() if key is None else cached_arrays("lake_answers", name, build)
         logp.append(torch.from_numpy(arrays["logp"]))
     labels = next(iter(fixed.values()))
@@ -134,42 +134,19 @@ def scored(learners: list[tuple[Algorithm, str]], task: Task, episodes: int, cop
 
 
 def answer(learner: Algorithm, precision: str, b: TaskBatch, i: int, copies: int, tuning: Tuning,
-           views: int, view_statistics: bool = False) -> torch.Tensor:
+           views: int, shared_norms: bool = True) -> torch.Tensor:
     """Episode ``i``'s query log-probabilities by one learner (see :func:`scored`)."""
     from mtl.data.augment import augment
     from mtl.device import autocast
-    from mtl.models import step_statistics
+    from mtl.run.view_norms import episode_shared
 
     xs = torch.cat([b.xs] + [augment("affine", b.xs, (i, j)) for j in range(copies)])
     batch = dataclasses.replace(b, xs=xs, ys=b.ys.repeat(copies + 1))
     if tuning.steps:
         learner = tuned(learner, precision, b, i, tuning)
-    stats = contextlib.nullcontext()
-    if view_statistics:
-        stats = step_statistics(learner.model, support_view_statistics(learner, precision, batch.xs, views), "use")
-    with autocast(b.xs.device, precision), stats:  # no no_grad: a MAML checkpoint adapts by gradient steps
+    # no no_grad: a MAML checkpoint adapts by gradient steps
+    with autocast(b.xs.device, precision), episode_shared(learner, batch.xs, views, shared_norms):
         return torch.log_softmax(answered(lambda e: learner.query_logits_after(e, None), batch, views), 1)
-
-
-@torch.no_grad()
-def support_view_statistics(learner: Algorithm, precision: str, xs: torch.Tensor, views: int
-                            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every batch norm's (mean, variance) over the support drawings ``xs`` in all ``views`` turns, each layer's from
-    the layer below normalised with its own: MAML++'s per-step statistics collected at once (momentum 1), for
-    :func:`mtl.models.step_statistics` to normalise every view with."""
-    from mtl.data.views import turned
-    from mtl.device import autocast
-    from mtl.models import step_statistics
-    from mtl.models.batchnorm import EpisodicBatchNorm2d, setting
-
-    model = learner.model
-    rows = {n: (torch.zeros(m.num_features, device=xs.device), torch.ones(m.num_features, device=xs.device))
-            for n, m in model.named_modules() if isinstance(m, EpisodicBatchNorm2d)}
-    # batch norms collect in training mode only (in eval mode they read their running statistics)
-    with autocast(xs.device, precision), setting(model, EpisodicBatchNorm2d, "momentum_of_steps", 1.0), \
-            setting(model, EpisodicBatchNorm2d, "training", True), step_statistics(model, rows, "collect"):
-        model.encoders["image"](torch.cat([turned(xs, v) for v in range(views)]))
-    return rows
 
 
 def weights_digest(meta: dict) -> str:
@@ -192,8 +169,8 @@ def main() -> None:
                     help="answer with the episode turned by 90-degree steps (8: mirrored too) as well")
     ap.add_argument("--tasks", default=None, help="comma-separated alphabet tasks instead of the 20 evaluation "
                     "alphabets, e.g. background alphabets held out of training to choose a recipe on")
-    ap.add_argument("--view-statistics", action="store_true", help="batch-norm statistics from the support set "
-                    "in all its views, for every view (measured, not shipped)")
+    ap.add_argument("--own-norms", action="store_true", help="normalise each view with its own support set's "
+                    "batch-norm statistics (every figure before stop 62), not those of all views together")
     ap.add_argument("--keep-answers", action="store_true", help="keep each member's answers in the cache, so that "
                     "scoring an ensemble again with one more member scores that member alone")
     a = ap.parse_args()
@@ -205,29 +182,24 @@ def main() -> None:
     tuning = Tuning(a.tune_steps, a.tune_lr, a.tune_params)
     if a.keep_answers and tuning.steps:
         raise SystemExit("--keep-answers keeps the checkpoints' own answers: leave out --tune-steps")
-    if a.view_statistics and (a.views == 1 or a.support_copies or tuning.steps):
-        raise SystemExit("--view-statistics pools the support set's views: give --views 4 or 8, without "
-                         "--support-copies or --tune-steps")
-    if a.support_copies or tuning.steps or "," in a.checkpoint or a.keep_answers or a.view_statistics:
+    if a.support_copies or tuning.steps or "," in a.checkpoint or a.keep_answers:
         for run in a.checkpoint.split(","):
             learner, meta = load_learner(Path(run), torch.device("cpu"))
             learners.append((learner, meta["recipe"].get("precision", "fp32")))
             if a.keep_answers:
                 digests.append(weights_digest(meta))
-            if a.view_statistics and learner.inner.per_step_bn_stats:
-                raise SystemExit(f"--view-statistics: {run} normalises with MAML++'s per-step statistics instead")
     t0 = time.perf_counter()
     errors, parts = {}, {}
     for name in alphabets:
         if learners:
             acc = scored(learners, registry.load(name), a.episodes, a.support_copies, tuning, a.views,
-                         digests if a.keep_answers else None, a.view_statistics)
+                         digests if a.keep_answers else None, not a.own_norms)
             errors[name] = 1.0 - acc[tuple(range(len(learners)))]
             for c, v in acc.items():
                 parts.setdefault("+".join(str(j + 1) for j in c), []).append(1.0 - v)
         else:
             r = evaluate(a.checkpoint, name, ways=20, shots=1, queries=4, episodes=a.episodes, registry=registry,
-                         device=a.device, views=a.views)
+                         device=a.device, views=a.views, shared_norms=not a.own_norms)
             errors[name] = 1.0 - r["accuracy"]
         each = "; " + ", ".join(f"{k}: {100 * v[-1]:.2f}%" for k, v in parts.items()) if len(parts) > 1 else ""
         print(f"{name}: error {100 * errors[name]:.2f}% ({a.episodes} episodes of 20-way 1-shot{each})", flush=True)
@@ -235,8 +207,7 @@ def main() -> None:
     print(json.dumps({"device": cpu_name() if not torch.cuda.is_available() else torch.cuda.get_device_name(),
                       "checkpoint": a.checkpoint, "alphabets": len(errors), "episodes_per_alphabet": a.episodes,
                       **({"tune": dataclasses.asdict(tuning)} if tuning.steps else {}),
-                      **({"views": a.views} if a.views > 1 else {}),
-                      **({"view_statistics": True} if a.view_statistics else {}),
+                      **({"views": a.views, "shared_norms": not a.own_norms} if a.views > 1 else {}),
                       "mean_error_pct": round(100 * m, 2), "ci95_pct": round(100 * ci, 2),
                       "worst": max(errors, key=errors.get), "worst_error_pct": round(100 * max(errors.values()), 2),
                       "best_error_pct": round(100 * float(np.min(list(errors.values()))), 2),

@@ -344,6 +344,7 @@ def test_adapt_to_eight_views_of_the_images(image_run, text_run, tmp_path, run_c
     assert code == 0, err
     one = json.loads(out)
     assert eight["views"] == 8 and one["views"] == 1 and eight["test_accuracy"] != one["test_accuracy"]
+    assert eight["shared_norms"] and not one["shared_norms"]  # the views share the support set's statistics
     assert eight["selection"] == one["selection"]  # chosen once, on the images as they are
     m8, m1 = AdaptedModel.load(tmp_path / "m8"), AdaptedModel.load(tmp_path / "m1")
     assert len(m8.views) == 7 and not m1.views

@@ -74,6 +74,9 @@ def _jsonable(o: object) -> object:
 
 
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+SharedNorms = Annotated[bool, typer.Option(
+    "--shared-norms/--own-norms", help="Images with views: normalise every view with the batch-norm statistics of "
+    "the support set in all views (default), or each view with its own.")]
 
 
 class _StatusHandler(logging.Handler):

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mtl.cli.common import Device, Json, TasksDir, _print_json, _registry, app, err, out, progress
+from mtl.cli.common import Device, Json, SharedNorms, TasksDir, _print_json, _registry, app, err, out, progress
 from mtl.errors import MtlError
 
 
@@ -128,6 +128,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               views: Annotated[int | None, typer.Option(
                   help="Images: also adapt to the support set turned by 90-degree steps (4) and mirrored (8); "
                        "the views answer together (default 8).")] = None,
+              shared_norms: SharedNorms = True,
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Fine-tune a learned initialization on a few labelled examples of a task and save it.
 
@@ -141,12 +142,13 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   device=device, out=out_dir,
                   registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
                   none=none_label, unknown=unknown, select=select, unlabeled=unlabeled, meta_only=meta_only,
-                  split=split, views=views, **({} if reject_rate is None else {"reject_rate": reject_rate}))
+                  split=split, views=views, shared_norms=shared_norms,
+                  **({} if reject_rate is None else {"reject_rate": reject_rate}))
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
                                             "test_examples", "test_split", "test_ece", "test_ece_uncalibrated",
                                             "calibration", "rejection", "open_set", "choice", "self_training",
-                                            "views", "seconds")}}
+                                            "views", "shared_norms", "seconds")}}
     if as_json:
         _print_json(result)
         return
@@ -236,12 +238,14 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
              views: Annotated[int, typer.Option(
                  help="Images: also answer each episode turned by 90-degree steps (4) and mirrored (8), "
                       "averaging the views (for models trained with rotations as classes).")] = 1,
+             shared_norms: SharedNorms = True,
              seed: int = 0, device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Episodic accuracy: mean and 95% confidence interval over seeded episodes."""
     from mtl.run.evaluate import evaluate as run_evaluation
 
     info = run_evaluation(checkpoint, task, ways, shots, queries, episodes, split, steps, seed=seed, device=device,
-                          registry=_registry(tasks_dir), head_init=head_init, views=views)
+                          registry=_registry(tasks_dir), head_init=head_init, views=views,
+                          shared_norms=shared_norms)
     if as_json:
         _print_json(info)
     else:
@@ -292,6 +296,7 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
                 out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.*")] = Path("runs/compare"),
                 views: Annotated[int, typer.Option(
                     help="Image tasks: answer every episode also turned (4) and mirrored (8), as adapt does.")] = 1,
+                shared_norms: SharedNorms = True,
                 device: Device = "auto", tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Checkpoints (MAML, ProtoNet, multi-task...) and baselines on the same episodes, with CIs and tests.
 
@@ -314,7 +319,7 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
     with progress("comparing", quiet=as_json):
         rows = compare([reg.load(t.strip()) for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways,
                        steps, queries, seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir),
-                       finetune_epochs=finetune_epochs, views=views)
+                       finetune_epochs=finetune_epochs, views=views, shared_norms=shared_norms)
     doc = write_reports(rows, out_dir)
     if as_json:
         _print_json(doc)

@@ -45,6 +45,7 @@ from mtl.run.learner import load_learner
 from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, check_head_init, choose, support_folds
 from mtl.run.support import Support, support_from_arrays, support_from_task
 from mtl.run.text_finetune import encoder_lr_for, layer_count, tune_text_encoder
+from mtl.run.view_norms import Rows, episode_shared, keep_statistics, normalising_with, shared_rows
 
 DEFAULT_VIEWS = 8  # images: the support set and its 7 other symmetries of the square (mtl.data.views)
 log = logging.getLogger(__name__)  # progress of a long adaptation (the CLI shows it on a spinner)
@@ -84,7 +85,7 @@ def choose_setting(learner: Algorithm, support: Support, xs: Inputs, ys: torch.T
 
 def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inputs, ys: torch.Tensor,
               selection: dict[str, Any], stored: dict[str, Any] | None, reject_by: str, reject_rate: float,
-              none: str, reads: str = "model", views: int = 1
+              none: str, reads: str = "model", views: int = 1, shared_norms: bool = False
               ) -> tuple[dict[str, Any], Rejection, dict[str, torch.Tensor]]:
     """The temperature, the rejection threshold and the out-of-scope score's statistics, from the
     support set alone.
@@ -93,7 +94,8 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
     at a time, up to 5 folds) fit the temperature and give the in-scope scores whose low quantile is
     the threshold; with one, the temperature fitted on meta-validation episodes at the end of training
     is used and nothing is refused unless the user sets a threshold. With ``views``, each fold is answered
-    as the adapted model will answer, by the mean log-probability of its turned copies."""
+    as the adapted model will answer, by the mean log-probability of its turned copies (normalised alike where
+    ``shared_norms``: :mod:`mtl.run.view_norms`)."""
     if support.shots < 2:  # a temperature fitted on meta-validation episodes for the head in use, if any
         key = "logistic_temperature" if selection.get("head_init") == "logistic" else "temperature"
         t = float((stored or {}).get(key, 1.0))
@@ -102,18 +104,25 @@ def calibrate(learner: Algorithm, feats: torch.Tensor, support: Support, xs: Inp
         return {"temperature": t, "by": by}, off, outliers.fit(reject_by, feats, ys, len(support.classes))
     folds = support_folds(support.task, support.modality, xs, ys, folds=min(support.shots, CALIBRATION_FOLDS))
     steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
-    logits = torch.cat([answered(lambda e: learner.query_logits_after(e, steps, lr, head_init), b, views)
+    logits = torch.cat([fold_answers(learner, b, steps, lr, head_init, views, shared_norms)
                         for b in folds]).cpu().numpy()
     held = torch.cat([b.yq for b in folds]).cpu().numpy()
     return calibrate_from(logits, held, f"{len(folds)}-fold cross-validation on the support set", feats, ys,
                           len(support.classes), reject_by, reject_rate, none, reads)
 
 
+def fold_answers(learner: Algorithm, b: TaskBatch, steps: int, lr: float | None, head_init: str | None, views: int,
+                 shared_norms: bool) -> torch.Tensor:
+    """Fold ``b``'s held-out logits, answered in ``views`` as the adapted model answers."""
+    with episode_shared(learner, b.xs, views, shared_norms, steps):  # type: ignore[arg-type]
+        return answered(lambda e: learner.query_logits_after(e, steps, lr, head_init), b, views)
+
+
 def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: float | None = None,
         head_init: str | None = None, encoder_layers: int = 0, encoder_epochs: int | None = None,
         encoder_lr: float | None = None, seed: int = 0, checkpoint: str | None = None,
         stored: dict[str, Any] | None = None, reject_by: str = "distance", reject_rate: float = REJECT_RATE,
-        none: str = "none", views: int = 1) -> AdaptedModel:
+        none: str = "none", views: int = 1, shared_norms: bool = True) -> AdaptedModel:
     """Adapt a copy of ``learner``'s initialization to ``support``; ``learner`` is left unchanged.
 
     The algorithm's inner loop adapts first: ``steps`` and ``lr`` (replacing the learned step sizes)
@@ -123,7 +132,9 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     set (:func:`calibrate`). ``views`` (images, 4 or 8): a model is also adapted to each turned copy of the
     support set (:mod:`mtl.data.views`), with the same setting, and the adapted model answers with their mean
     log-probability over the input's copies: MNIST, the digits, faces and held-out Omniglot alphabets from
-    four checkpoints, 1 to 5 shots, ahead in 67 of 69 draws by 5.2 points on average (docs/BENCHMARKS.md)."""
+    four checkpoints, 1 to 5 shots, ahead in 67 of 69 draws by 5.2 points on average (docs/BENCHMARKS.md).
+    With ``shared_norms``, every view is normalised with the batch-norm statistics of the support set in all
+    views (:mod:`mtl.run.view_norms`), else each with its own view's."""
     check_views(views, support.modality)
     device = learner.model.anchor.device  # a frozen encoder with no trunk has no parameters
     modality = support.modality
@@ -138,35 +149,40 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     selection = choose_setting(learner, support, xs, ys, steps, lr, head_init, stored)
     steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
     batch = TaskBatch(support.task, modality, xs, ys, xs, ys)
-    model = adapted_network(learner, batch, steps, lr, head_init)
+    shared = shared_rows(learner, xs, views, shared_norms, steps) if modality == "image" \
+        else None  # type: ignore[arg-type]
+    model = adapted_network(learner, batch, steps, lr, head_init, shared=shared)
     if encoder_layers:
         tune_text_encoder(model, support.inputs.tolist(), ys, encoder_layers, encoder_epochs,
                           encoder_lr_for(model.config.text_encoder, encoder_lr), seed)
-    set_norm_statistics(learner, model, xs, modality, steps)
+    if shared is None:
+        set_norm_statistics(learner, model, xs, modality, steps)
     model.eval()
-    others = [adapted_network(learner, episode_view(batch, v), steps, lr, head_init, norms_from=turned(xs, v))
-              for v in range(1, views)]  # type: ignore[arg-type]
+    others = [adapted_network(learner, episode_view(batch, v), steps, lr, head_init, norms_from=turned(xs, v),
+                              shared=shared) for v in range(1, views)]  # type: ignore[arg-type]
     frozen = plain_model(model.config.text_encoder, device) if encoder_layers and reject_by != "probability" \
         else None  # a tuned encoder has seen the support set: the rejection score reads the pretrained one
     with torch.no_grad():
         feats = text_features(model if frozen is None else frozen, support.inputs, device) if encoder_layers \
             else model.features(xs, modality)
     calibration, rejection, state = calibrate(learner, feats, support, xs, ys, selection, stored, reject_by,
-                                              reject_rate, none, "frozen" if frozen else "model", views)
+                                              reject_rate, none, "frozen" if frozen else "model", views,
+                                              shared is not None)
     return AdaptedModel(model, {
         "model_config": model.config.model_dump(mode="json"), "modality": modality, "classes": support.classes,
         "task": support.task, "image": support.image.model_dump(mode="json"), "shots": support.shots,
         "steps": steps, "lr": lr, "selection": selection, "head": learner.head_kind, "algorithm": learner.name,
-        "checkpoint": checkpoint, "calibration": calibration, "rejection": rejection.as_dict(), "views": views},
+        "checkpoint": checkpoint, "calibration": calibration, "rejection": rejection.as_dict(), "views": views,
+        "shared_norms": shared is not None},
         state, frozen, views=others)
 
 
 def adapted_network(learner: Algorithm, batch: TaskBatch, steps: int, lr: float | None, head_init: str | None,
-                    norms_from: Inputs | None = None) -> MultiTaskModel:
+                    norms_from: Inputs | None = None, shared: Rows | None = None) -> MultiTaskModel:
     """A copy of the learner's network after its inner loop on ``batch``'s support set, with the adapted
-    head; its batch-norm statistics are set from ``norms_from`` when given (else by the caller, after any
-    encoder fine-tuning)."""
-    with torch.enable_grad(), learner.evaluation():
+    head; its batch-norm statistics are ``shared`` (:mod:`mtl.run.view_norms`) in the inner loop and after
+    when given, else set from ``norms_from`` when given (else by the caller, after any encoder fine-tuning)."""
+    with torch.enable_grad(), learner.evaluation(), normalising_with(learner, shared):
         _, fast, _ = learner.adapt(batch, steps, create_graph=False, track_query=False, detach=True, lr=lr,
                                    head_init=head_init)
     model: MultiTaskModel = copy.deepcopy(learner.model)
@@ -182,7 +198,9 @@ def adapted_network(learner: Algorithm, batch: TaskBatch, steps: int, lr: float 
         head = model.add_head(HEAD, fast["head.weight"].shape[0], learner.head_kind)
         head.weight.copy_(fast["head.weight"])
         head.bias.copy_(fast["head.bias"])
-    if norms_from is not None:
+    if shared is not None:
+        keep_statistics(model, shared)
+    elif norms_from is not None:
         set_norm_statistics(learner, model, norms_from, batch.modality, steps)
     return model.eval()
 
@@ -239,7 +257,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
           unknown: str | Task | None = None, select: bool = False,
           unlabeled: Path | str | Sequence[str] | None = None, meta_only: bool = False,
-          split: str | None = None, views: int | None = None) -> AdaptedModel:
+          split: str | None = None, views: int | None = None, shared_norms: bool = True) -> AdaptedModel:
     """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
 
     ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
@@ -265,6 +283,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     probe answering beside it, for images its new head (:mod:`mtl.run.self_training`; ``meta["self_training"]``).
     ``views``: for images, how many turned copies of the support set are adapted to and answer together
     (1, 4 or 8; by default 8: :func:`fit`; with ``unlabeled``, each view's head is refitted); texts have one.
+    ``shared_norms``: the views normalised with the batch-norm statistics of the support set in all of them
+    (:mod:`mtl.run.view_norms`), else each with its own.
     """
     t0 = time.perf_counter()
     if shots < 1:
@@ -310,7 +330,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
                        "images", "leave --select out for image tasks")
     views = views_for(views, support.modality)
     model = fit(learner, support, steps, lr, head_init, encoder_layers, encoder_epochs, encoder_lr, seed, source,
-                stored, reject_by, reject_rate, none, views)
+                stored, reject_by, reject_rate, none, views, shared_norms)
     if select and support.shots >= 2:
         from mtl.run.alternatives import select as choose_method
 

@@ -16,6 +16,7 @@ in a long run loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -45,6 +46,7 @@ from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe
 from mtl.run.select import LR_GRID, Setting, choose
+from mtl.run.view_norms import episode_shared
 
 log = logging.getLogger(__name__)  # which setting and method is running (the CLI shows it on a spinner)
 
@@ -115,18 +117,25 @@ def centroid_scores(learner: Algorithm, b: TaskBatch) -> Scored:
     return scored(softmax(-((fq[:, None, :] - protos[None]) ** 2).sum(-1)), b)  # ProtoNet's probabilities
 
 
-def adapted_scores(learner: Algorithm, episodes: list[TaskBatch], s: Setting, views: int = 1) -> list[Scored]:
+def adapted_scores(learner: Algorithm, episodes: list[TaskBatch], s: Setting, views: int = 1,
+                   shared_norms: bool = False) -> list[Scored]:
     return [in_views(lambda e: scored(softmax(learner.query_logits_after(e, s.steps, s.lr, s.head_init).cpu()
-                                              .numpy()), e), b, views) for b in episodes]
+                                              .numpy()), e), b, views, learner if shared_norms else None, s.steps)
+            for b in episodes]
 
 
-def in_views(score: Callable[[TaskBatch], Scored], b: TaskBatch, views: int) -> Scored:
+def in_views(score: Callable[[TaskBatch], Scored], b: TaskBatch, views: int,
+             shared_by: Algorithm | None = None, steps: int = 0) -> Scored:
     """Episode ``b`` scored as ``adapt --views`` answers: ``score`` of each turned copy of the whole episode,
-    the views' mean log-probability the answer (:func:`mtl.data.views.together`)."""
+    the views' mean log-probability the answer (:func:`mtl.data.views.together`); every view normalised with
+    the batch-norm statistics of the support set in all views of ``shared_by``'s network, when given and its
+    ``steps`` leave the encoder as it is (:mod:`mtl.run.view_norms`)."""
     if views == 1:
         return score(b)
-    logs = [torch.as_tensor(np.log(np.clip(score(episode_view(b, v) if v else b)[1], 1e-30, None)))
-            for v in range(views)]
+    shared = contextlib.nullcontext() if shared_by is None else episode_shared(shared_by, b.xs, views, True, steps)
+    with shared:
+        logs = [torch.as_tensor(np.log(np.clip(score(episode_view(b, v) if v else b)[1], 1e-30, None)))
+                for v in range(views)]
     return scored(softmax(together(logs).numpy()), b)
 
 
@@ -184,13 +193,13 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
             checkpoints: dict[str, Path | str], methods: Sequence[str] | None = None, ways: int | None = None,
             steps: int = 10, queries: int = 15, seed: int = 0, device: torch.device | str = "cpu",
             on_rows: Callable[[list[Row]], None] | None = None, registry: Registry | None = None,
-            finetune_epochs: int | None = None, views: int = 1) -> list[Row]:
+            finetune_epochs: int | None = None, views: int = 1, shared_norms: bool = True) -> list[Row]:
     """``checkpoints``: label -> run folder (``maml=runs/a,protonet=runs/b``); ``methods``: which of
     those labels, of ``BASELINES`` (default: all of those) and of ``ON_REQUEST`` to run (``finetune``: the
     pretrained encoder fine-tuned whole as ``adapt --select`` fine-tunes it, for ``finetune_epochs``, by
     default about 125 steps; ``setfit``: SetFit on the same encoder). ``views`` (image tasks: 4 or 8) answers
-    every method's episodes as ``adapt --views`` does. ``on_rows`` gets every row so far after each finished
-    (task, shots) setting."""
+    every method's episodes as ``adapt --views`` does (``shared_norms``: :mod:`mtl.run.view_norms`). ``on_rows``
+    gets every row so far after each finished (task, shots) setting."""
     device = resolve_device(device) if isinstance(device, str) else device
     if any(isinstance(t, str) for t in tasks):
         registry = registry or Registry()
@@ -229,6 +238,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
                            f"compare on tasks of the checkpoints' modalities ({', '.join(ref_learner.model.encoders)})")
     plans = plan(tasks, shots_list, ways, queries, seed, recipe, device)
     feature_source = learners.get("multitask", learners[reference])[0]
+    shared = feature_source if shared_norms else None
     rows: list[Row] = []
     for p in plans:
         test, val = p.test.fixed(episodes), p.val.fixed(min(20, episodes))
@@ -248,11 +258,11 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
                     learner = learners[m][0]
                 setting = choose_setting(learner, val, steps, own=m != "scratch")
                 chosen[m] = setting.label()
-                results[m] = adapted_scores(learner, test, setting, seen)
+                results[m] = adapted_scores(learner, test, setting, seen, shared_norms)
             elif m == "linear_probe":
-                results[m] = [in_views(lambda e: probe_scores(feature_source, e), b, seen) for b in test]
+                results[m] = [in_views(lambda e: probe_scores(feature_source, e), b, seen, shared) for b in test]
             elif m == "centroid":
-                results[m] = [in_views(lambda e: centroid_scores(feature_source, e), b, seen) for b in test]
+                results[m] = [in_views(lambda e: centroid_scores(feature_source, e), b, seen, shared) for b in test]
             elif m == "encoder_probe":
                 from mtl.run.adapted import plain_model
 

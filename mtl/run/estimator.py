@@ -50,6 +50,9 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     views : int or None
         Images: how many turned copies of the support set to adapt to, answering together (1, 4 or 8);
         ``None``: 8 for images, 1 for texts, as ``adapt``.
+    shared_norms : bool
+        Images with views: every view normalised with the batch-norm statistics of the support set in all
+        views (:mod:`mtl.run.view_norms`), else each with its own.
     meta_only : bool
         Text: keep the meta-learned adaptation. By default, with none of the four settings above, a linear
         probe on the pretrained encoder is weighed against it on the support set's folds, as ``adapt`` does
@@ -62,7 +65,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, checkpoint: str = "", steps: int | None = None, lr: float | None = None,
                  head_init: str | None = None, encoder_layers: int = 0, device: str = "cpu", seed: int = 0,
-                 meta_only: bool = False, views: int | None = None) -> None:
+                 meta_only: bool = False, views: int | None = None, shared_norms: bool = True) -> None:
         self.checkpoint = checkpoint
         self.steps = steps
         self.lr = lr
@@ -72,6 +75,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.seed = seed
         self.meta_only = meta_only
         self.views = views
+        self.shared_norms = shared_norms
 
     def fit(self, X: Any, y: Any) -> FewShotClassifier:
         learner = _learner(str(self.checkpoint), self.device, self.encoder_layers == 0)
@@ -80,7 +84,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         support = support_from_arrays(list(X), [str(v) for v in y], modality)
         self.model_: AdaptedModel = fit(learner, support, self.steps, self.lr, self.head_init, self.encoder_layers,
                                         seed=self.seed, checkpoint=str(self.checkpoint),
-                                        views=views_for(self.views, modality))
+                                        views=views_for(self.views, modality), shared_norms=self.shared_norms)
         if not self.meta_only and text_default.applies(support, self.steps, self.lr, self.head_init,
                                                        self.encoder_layers):
             self.model_ = text_default.choose_text(self.model_, learner, support, "distance", REJECT_RATE, "none")

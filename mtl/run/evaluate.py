@@ -25,14 +25,15 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
 def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int = 1, queries: int = 15,
              episodes: int = 600, split: str | None = None, steps: int | None = None, lr: float | None = None,
              seed: int = 0, device: str = "auto", registry: Registry | None = None,
-             head_init: str | None = None, views: int = 1) -> dict[str, Any]:
+             head_init: str | None = None, views: int = 1, shared_norms: bool = True) -> dict[str, Any]:
     """Mean query accuracy and its 95% CI over ``episodes`` seeded N-way K-shot episodes of ``task``,
     each adapted with the checkpoint's own inner loop (``steps``, ``lr``, ``head_init``: replace its
     settings; ``head_init="logistic"`` with ``steps=0`` scores ``adapt``'s image default); and the
     expected calibration error of the pooled query predictions, as they come and under the temperature
     the checkpoint stored at the end of training (fitted on meta-validation episodes). ``views`` (images:
     4 or 8): each episode is also answered turned by 90-degree steps (and mirrored), and the views' mean
-    log-probabilities answer (:mod:`mtl.data.views`)."""
+    log-probabilities answer (:mod:`mtl.data.views`), every view normalised with the batch-norm statistics
+    of the support set in all views where ``shared_norms`` (:mod:`mtl.run.view_norms`)."""
     from mtl.data.stream import EpisodeStream
     from mtl.data.views import answered, check_views
     from mtl.device import autocast, resolve_device
@@ -40,6 +41,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     from mtl.run.calibration import expected_calibration_error, softmax
     from mtl.run.learner import load_learner
     from mtl.run.select import check_head_init
+    from mtl.run.view_norms import episode_shared, shares
 
     dev = resolve_device(device)
     learner, meta = load_learner(Path(checkpoint), dev)
@@ -55,7 +57,8 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     logits, labels = [], []
     with autocast(dev, meta["recipe"].get("precision", "fp32")):
         for b in stream.fixed(episodes):
-            z = answered(lambda e: learner.query_logits_after(e, steps, lr=lr, head_init=head_init), b, views)
+            with episode_shared(learner, b.xs, views, shared_norms, steps):  # type: ignore[arg-type]
+                z = answered(lambda e: learner.query_logits_after(e, steps, lr=lr, head_init=head_init), b, views)
             logits.append(z.cpu().numpy())
             labels.append(b.yq.cpu().numpy())
     mean, ci = mean_ci([float((z.argmax(1) == y).mean()) for z, y in zip(logits, labels, strict=True)])
@@ -65,4 +68,5 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     return {"task": t.name, "split": name, "ways": stream.samplers[0].ways, "shots": shots, "queries": queries,
             "episodes": episodes, "accuracy": round(mean, 5), "ci95": round(ci, 5),
             "ece_uncalibrated": round(ece[0], 5), "ece": round(ece[1], 5), "temperature": temperature,
-            "checkpoint": meta["path"], "algorithm": learner.name, "head_init": head_init, "views": views}
+            "checkpoint": meta["path"], "algorithm": learner.name, "head_init": head_init, "views": views,
+            "shared_norms": shared_norms and shares(learner, views, steps)}

@@ -47,8 +47,9 @@ def model_card(model: AdaptedModel, folder: str) -> dict[str, Any]:
     """What a caller needs to trust the answers: the task and labels, how the model was adapted and
     from which checkpoint, its measured accuracy and calibration, and when it answers ``none``."""
     m = model.meta
-    keys = ("task", "modality", "shots", "algorithm", "checkpoint", "selection", "views", "calibration", "rejection",
-            "test_accuracy", "test_ci95", "test_examples", "test_ece", "test_ece_uncalibrated", "open_set")
+    keys = ("task", "modality", "shots", "algorithm", "checkpoint", "selection", "views", "shared_norms",
+            "calibration", "rejection", "test_accuracy", "test_ci95", "test_examples", "test_ece",
+            "test_ece_uncalibrated", "open_set")
     return {"model": folder, "labels": model.classes, **{k: m.get(k) for k in keys}}
 
 
