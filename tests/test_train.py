@@ -78,6 +78,24 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, registr
     assert [json.loads(r)["iteration"] for r in rows] == list(range(6))
 
 
+def test_a_run_killed_between_validations_resumes_from_its_timed_checkpoint(tmp_path, registry):
+    """`save_every_minutes` writes last.safetensors between validations (here after every iteration), so a run
+    killed long before its first validation resumes where it was, as if never stopped."""
+    over = {"val_every": 1000, "val_episodes": 4, "save_every_minutes": 1e-9}
+    Trainer(recipe(iterations=6, **over), tmp_path / "full", registry).run()
+
+    def kill(row: dict) -> None:
+        if row["iteration"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(recipe(iterations=6, **over), tmp_path / "part", registry).run(on_step=kill)
+    assert load_checkpoint(tmp_path / "part" / "last.safetensors")[1]["iteration"] == 3
+    Trainer(recipe(iterations=6, **over), tmp_path / "part", registry).run(resume=True)
+    a, b = params(tmp_path / "full" / "last.safetensors"), params(tmp_path / "part" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_same_seed_same_result(tmp_path, registry):
     runs = []
     for name in ("a", "b"):

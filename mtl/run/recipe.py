@@ -50,6 +50,8 @@ class Recipe(BaseModel):
     # on a CPU each gets threads // workers threads, which is faster than one process with them all
     workers: int = Field(default=1, ge=1)
     time_limit_minutes: float | None = None  # stop (and keep the best checkpoint) after this wall time
+    # write last.safetensors at least this often, whatever val_every says: a killed run resumes from it
+    save_every_minutes: float | None = Field(default=10.0, gt=0)
     log: list[Literal["tensorboard", "mlflow"]] = []  # experiment trackers, beside metrics.jsonl
     choose_adaptation: bool = True  # at the end, pick adapt's steps and step size on validation episodes
 

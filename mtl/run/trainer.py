@@ -148,8 +148,8 @@ class Trainer:
         if not path.exists():
             raise MtlError(f"nothing to resume in {self.out} (no last.safetensors)", "run without --resume")
         tensors, meta = load_checkpoint(path, self.device)
-        old = Recipe.model_validate(meta["recipe"]).model_dump(exclude={"iterations", "time_limit_minutes", "device"})
-        if old != self.recipe.model_dump(exclude={"iterations", "time_limit_minutes", "device"}):
+        free = {"iterations", "time_limit_minutes", "device", "save_every_minutes"}
+        if Recipe.model_validate(meta["recipe"]).model_dump(exclude=free) != self.recipe.model_dump(exclude=free):
             raise MtlError(f"the recipe differs from the one {self.out} was started with",
                            "resume with the same config and overrides (only iterations may change)")
         load_into(self.learner, tensors, "learner.")
@@ -266,6 +266,7 @@ class Trainer:
             trackers = open_trackers(r.log, self.out, r.model_dump(mode="json")) if lead else []
             t0 = time.perf_counter() - self.elapsed
             last_val: tuple[float, float] | None = None
+            saved = self.elapsed  # when last.safetensors was last written (seconds of the run)
             it = self.start - 1
             try:
                 for it in range(self.start, r.iterations):
@@ -285,6 +286,10 @@ class Trainer:
                         else:
                             self.save("best", it, with_optimizer=False)
                         self.save("last", it, with_optimizer=True)
+                        saved = self.elapsed
+                    elif lead and r.save_every_minutes and self.elapsed - saved > 60 * r.save_every_minutes:
+                        self.save("last", it, with_optimizer=True)  # no validation: what --resume needs
+                        saved = self.elapsed
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                     for tracker in trackers:
