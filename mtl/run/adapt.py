@@ -149,8 +149,7 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     selection = choose_setting(learner, support, xs, ys, steps, lr, head_init, stored)
     steps, lr, head_init = int(selection["steps"]), selection.get("lr"), selection.get("head_init")
     batch = TaskBatch(support.task, modality, xs, ys, xs, ys)
-    shared = shared_rows(learner, xs, views, shared_norms, steps) if modality == "image" \
-        else None  # type: ignore[arg-type]
+    shared = shared_rows(learner, xs, views, shared_norms, steps)  # type: ignore[arg-type]  # None for 1 view
     model = adapted_network(learner, batch, steps, lr, head_init, shared=shared)
     if encoder_layers:
         tune_text_encoder(model, support.inputs.tolist(), ys, encoder_layers, encoder_epochs,
@@ -208,12 +207,8 @@ def adapted_network(learner: Algorithm, batch: TaskBatch, steps: int, lr: float 
 def set_norm_statistics(learner: Algorithm, model: MultiTaskModel, xs: Inputs, modality: str, steps: int) -> None:
     """Batch-norm running statistics: the meta-learned ones of the last inner step (MAML++), else the
     support set's ``xs``."""
-    norms = dict(model.named_modules())
     if learner.inner.per_step_bn_stats:
-        with torch.no_grad():
-            for name, (mean, var) in learner.step_stats(steps).items():
-                norms[name].running_mean.copy_(mean)  # type: ignore[union-attr]
-                norms[name].running_var.copy_(var)  # type: ignore[union-attr]
+        keep_statistics(model, learner.step_stats(steps))
     else:
         calibrate_batchnorm(model, lambda: model.features(xs, modality))
 
