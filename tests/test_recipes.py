@@ -20,6 +20,7 @@ def test_shipped_recipe_is_valid(path, registry):
 
 
 def test_overrides_and_errors(tmp_path):
+    assert load_recipe(str(CONFIGS[0])) == load_recipe(CONFIGS[0])  # a path given as text reads the same
     r = load_recipe(CONFIGS[0], {"inner.steps": 5, "method": "anil", "seed": None})
     assert r.inner.steps == 5 and r.method == "anil"
     with pytest.raises(MtlError, match=r"inner\.bogus"):

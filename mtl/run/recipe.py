@@ -85,7 +85,7 @@ class Recipe(BaseModel):
         return self
 
 
-def load_recipe(path: Path | dict[str, Any] | Recipe | None, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(path: Path | str | dict[str, Any] | Recipe | None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read a recipe file (or take a dict or a recipe) and apply ``overrides`` (dotted keys, e.g.
     ``inner.steps``; ``None`` values are ignored)."""
     doc: dict[str, Any] = {}
@@ -96,6 +96,7 @@ def load_recipe(path: Path | dict[str, Any] | Recipe | None, overrides: dict[str
     elif path is not None:
         from mtl import settings
 
+        path = Path(path)
         shipped = settings.BUILTIN_CONFIGS_DIR / path.name
         if not path.exists() and not path.is_absolute() and shipped.exists():  # `--config smoke.yaml`, installed
             path = shipped
