@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mtl.run.evaluate import evaluate
 from mtl.run.learner import load_learner
@@ -69,3 +70,42 @@ def test_whitening_keeps_the_mean_variance(shrink):
     cov = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
     w = whitening_matrix(cov, shrink).double()
     assert torch.trace(w @ cov @ w) == pytest.approx(float(torch.trace(cov)), rel=0.35)
+
+
+@needs_data
+def test_a_recipe_that_whitens_ends_with_the_checkpoint_whiten_would_write(tmp_path, registry, run_cli):
+    doc = {"method": "protonet", "tasks": ["digits"], "val_tasks": [], "ways": 5, "shots": 1, "queries": 5,
+           "meta_batch": 2, "iterations": 3, "threads": 2, "device": "cpu", "choose_adaptation": False,
+           "whiten": {"shrink": 0.3, "episodes": 6, "views": 4}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    run = tmp_path / "run"
+    code, out, err = run_cli("train", "--config", tmp_path / "r.yaml", "--out", run,
+                             "--set", "whiten.within_groups=0.5")
+    assert code == 0, err
+    assert "whitened" in out and "within-class covariance of 6 episodes of digits, shrunk 0.3" in out
+    learner, meta = load_learner(run / "best.safetensors", torch.device("cpu"))
+    assert meta["whitening"] == {"tasks": ["digits"], "shrink": 0.3, "episodes": 6, "views": 4, "within_groups": 0.5}
+    w = learner.model.whitening.clone()
+    assert not torch.allclose(w, torch.eye(len(w)), atol=1e-3)
+    whiten(run, shrink=0.3, episodes=6, views=4, within_groups=0.5, registry=registry)  # by hand, once more
+    assert torch.allclose(load_learner(run / "best.safetensors", torch.device("cpu"))[0].model.whitening, w)
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"whiten": {"views": 3}}, "whiten.views"),
+    ({"whiten": {"shrink": 2}}, "whiten.shrink"),
+    ({"method": "maml", "whiten": {}}, "prototypes"),
+])
+def test_a_recipe_whose_whitening_cannot_run_is_refused_before_training(change, says):
+    from mtl.errors import MtlError
+
+    with pytest.raises(MtlError, match=says):
+        load_recipe(None, {"method": "protonet", "tasks": ["digits"], **change})
+
+
+def test_a_recipes_whitening_is_switched_on_and_off_from_the_command_line():
+    lake = Path(__file__).parents[1] / "configs" / "omniglot_lake_50min.yaml"
+    assert load_recipe(lake).whiten.within_groups == 1
+    assert load_recipe(lake, {"whiten": False}).whiten is None
+    assert load_recipe(lake, {"whiten.shrink": 0.3}).whiten.shrink == 0.3
+    assert load_recipe(None, {"method": "protonet", "tasks": ["digits"], "whiten": True}).whiten.views == 8

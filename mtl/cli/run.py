@@ -64,6 +64,8 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
     val = result["best_val_accuracy"]
     best = f"; best validation accuracy {val:.4f}" if val is not None else ""
     out.print(f"trained {result['iterations']} iterations in {result['seconds']} s{best}", highlight=False)
+    if result["whitening"]:
+        out.print(_whitened(result["whitening"]), highlight=False)
     out.print(f"run folder: {out_dir} (best.safetensors, last.safetensors, metrics.jsonl, curve.png)",
               highlight=False)
 
@@ -275,8 +277,12 @@ def whiten_cmd(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Ru
     if as_json:
         _print_json(info)
     else:
-        out.print(f"whitened {info['checkpoint']}: within-class covariance of {episodes} episodes of "
-                  f"{', '.join(info['tasks'])}, shrunk {shrink} towards the identity", highlight=False)
+        out.print(_whitened(info), highlight=False)
+
+
+def _whitened(info: dict[str, Any]) -> str:
+    return (f"whitened {info['checkpoint']}: within-class covariance of {info['episodes']} episodes of "
+            f"{', '.join(info['tasks'])}, shrunk {info['shrink']} towards the identity")
 
 
 @app.command("compare")

@@ -16,6 +16,18 @@ from mtl.errors import MtlError
 from mtl.models import ModelConfig
 
 
+class Whitening(BaseModel):
+    """``cli.py whiten``'s options, by the same names, for whitening the finished checkpoint's features
+    (:mod:`mtl.run.whitening`) as the last step of training, so that a recipe whose figures were measured whitened
+    gives a whitened model by itself."""
+
+    model_config = ConfigDict(extra="forbid")
+    shrink: float = Field(default=0.5, ge=0.0, le=1.0)  # 0 whitens fully, 1 leaves the features as they are
+    episodes: int = Field(default=200, ge=1)
+    views: Literal[1, 4, 8] = 8  # images: each episode also turned (4) and mirrored (8)
+    within_groups: float = Field(default=0.0, ge=0.0, le=1.0)  # as the new tasks will be: one alphabet each
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str = "maml"  # a registered algorithm (`cli.py algorithms`)
@@ -54,6 +66,7 @@ class Recipe(BaseModel):
     save_every_minutes: float | None = Field(default=10.0, gt=0)
     log: list[Literal["tensorboard", "mlflow"]] = []  # experiment trackers, beside metrics.jsonl
     choose_adaptation: bool = True  # at the end, pick adapt's steps and step size on validation episodes
+    whiten: Whitening | None = None  # at the very end, whiten the features (nearest-prototype heads only)
 
     @field_validator("method")
     @classmethod
@@ -71,6 +84,12 @@ class Recipe(BaseModel):
             raise ValueError(f"unknown augmentation '{name}'; known: {', '.join(AUGMENTATIONS)}")
         return name
 
+    @field_validator("whiten", mode="before")
+    @classmethod
+    def _whiten_switch(cls, value: Any) -> Any:
+        """``whiten: true`` whitens with the defaults; ``--set whiten=false`` turns a recipe's whitening off."""
+        return {True: {}, False: None}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _configured(self) -> Recipe:
         """The inner loop as the algorithm runs it (ANIL adapts the head only...), stored so that a
@@ -82,6 +101,9 @@ class Recipe(BaseModel):
         inner = method.configure(self.inner)
         if inner != self.inner:
             object.__setattr__(self, "inner", InnerConfig.model_validate(inner.model_dump()))
+        if self.whiten is not None and self.inner.head_init != "proto":
+            raise ValueError("whitening serves a head that starts from the class prototypes; use method: protonet "
+                             "or inner.head_init: proto, or leave whiten out")
         return self
 
 

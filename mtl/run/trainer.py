@@ -266,6 +266,7 @@ class Trainer:
             trackers = open_trackers(r.log, self.out, r.model_dump(mode="json")) if lead else []
             t0 = time.perf_counter() - self.elapsed
             last_val: tuple[float, float] | None = None
+            whitened: dict[str, Any] | None = None  # what the recipe's whitening did
             saved = self.elapsed  # when last.safetensors was last written (seconds of the run)
             it = self.start - 1
             try:
@@ -304,12 +305,18 @@ class Trainer:
                     tracker.close()
             if lead:
                 plot_curve(self.out)
+                if r.whiten is not None:  # first, so that the adaptation is chosen on the features as answered
+                    from mtl.run.whitening import whiten
+
+                    whitened = whiten(self.out, shrink=r.whiten.shrink, episodes=r.whiten.episodes,
+                                      views=r.whiten.views, within_groups=r.whiten.within_groups,
+                                      registry=self.registry)
                 if self.val is not None and r.choose_adaptation and (self.out / "best.safetensors").exists():
                     self.choose_adaptation()
         barrier()  # every rank returns once rank 0 has written the checkpoints
         return {"iterations": it + 1, "best_val_accuracy": self.best if self.val else None,
                 "last_val": last_val, "seconds": round(self.elapsed, 1), "out": str(self.out), "rank": self.rank,
-                "algorithm": r.method}
+                "algorithm": r.method, "whitening": whitened}
 
 
 def train(recipe: Recipe | Path | str | dict[str, Any], out: Path | str, *, resume: bool = False,

@@ -12,10 +12,10 @@ On Lake's within-alphabet one-shot challenge (``--within-groups 1``, shrink 0.5,
 (40 x 40, five background alphabets kept out of training) erred 6.13% -> 5.67%; the shipped 8-minute recipe on the
 20 evaluation alphabets 11.19% -> 10.81%, and a 50-minute 40 x 40 model 8.77% -> 8.33% (paired standard
 error 0.24): 0.30-0.43 points in each of three runs, with large gains on the alphabets of look-alikes (Ulog 20.40%
--> 16.10%) and losses on others (docs/BENCHMARKS.md). A step of its own after training, not a default.
-``cli.py whiten`` writes the matrix into the checkpoint
-(:attr:`~mtl.models.multitask.ModelConfig.feature_whitening`), so ``evaluate``, ``adapt`` and the benchmarks
-read whitened features with no option of their own.
+-> 16.10%) and losses on others (docs/BENCHMARKS.md). A step of its own after training, not a default: a recipe's
+``whiten:`` (:class:`~mtl.run.recipe.Whitening`) makes it training's last step. ``cli.py whiten`` writes the matrix
+into the checkpoint (:attr:`~mtl.models.multitask.ModelConfig.feature_whitening`), so ``evaluate``, ``adapt`` and
+the benchmarks read whitened features with no option of their own.
 """
 
 from __future__ import annotations
