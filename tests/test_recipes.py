@@ -19,6 +19,15 @@ def test_shipped_recipe_is_valid(path, registry):
         registry.entry(name)
 
 
+def test_the_recipes_command_lists_every_shipped_recipe_with_what_it_is_for(run_cli):
+    code, out, _ = run_cli("recipes")
+    assert code == 0 and all(p.stem in out for p in CONFIGS)
+    lake = out[out.index("omniglot_lake_50min"):].splitlines()
+    assert "protonet" in lake[0] and "10,313 it." in lake[0] and "omniglot-lake" in lake[0]
+    assert lake[1].strip().startswith("Lake et al.'s one-shot challenge at its best so far")
+    assert "8 min" in out[out.index("omniglot_8min "):].splitlines()[0]
+
+
 def test_overrides_and_errors(tmp_path):
     assert load_recipe(str(CONFIGS[0])) == load_recipe(CONFIGS[0])  # a path given as text reads the same
     r = load_recipe(CONFIGS[0], {"inner.steps": 5, "method": "anil", "seed": None})

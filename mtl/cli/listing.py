@@ -1,4 +1,4 @@
-"""``models``, ``algorithms``, ``formats``: what the registries hold."""
+"""``models``, ``algorithms``, ``formats``, ``recipes``: what the registries and ``configs/`` hold."""
 
 from __future__ import annotations
 
@@ -32,3 +32,14 @@ def formats() -> None:
     for name, fn in sorted(READERS.items()):
         doc = (fn.__doc__ or "").strip().splitlines()
         out.print(f"{name:12s} {doc[0] if doc else ''}", highlight=False, markup=False)
+
+
+@app.command("recipes")
+def recipes() -> None:
+    """The shipped recipes `train --config NAME.yaml` can start from: method, tasks, length, what each is for."""
+    from mtl.run.recipe import shipped_recipes
+
+    for r in shipped_recipes():
+        tasks = ", ".join(r["tasks"][:3]) + (f" +{len(r['tasks']) - 3}" if len(r["tasks"]) > 3 else "")
+        out.print(f"{r['name']:26s} {r['method']:12s}{r['budget']:>10s}  {tasks}\n{'':28s}{r['summary']}",
+                  highlight=False, markup=False)

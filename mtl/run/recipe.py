@@ -146,3 +146,28 @@ def load_recipe(path: Path | str | dict[str, Any] | Recipe | None, overrides: di
         more = f" ({len(e.errors())} problems)" if len(e.errors()) > 1 else ""
         msg = err["msg"].removeprefix("Value error, ")
         raise MtlError(f"{path or 'recipe'}: {where}: {msg}", "see configs/ for valid recipes" + more) from None
+
+
+def shipped_recipes() -> list[dict[str, Any]]:
+    """The recipes in ``configs/`` (a checkout's, or the installed wheel's), each with its method, tasks, length and
+    the first sentence of its notes, so that ``cli.py recipes`` can say which to start from."""
+    from mtl import settings
+
+    found = []
+    for path in sorted(settings.BUILTIN_CONFIGS_DIR.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        recipe = load_recipe(path)
+        notes = " ".join(line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#"))
+        budget = (f"{recipe.time_limit_minutes:g} min" if recipe.time_limit_minutes and
+                  recipe.iterations > 10 * recipe.time_limit_minutes else f"{recipe.iterations:,} it.")
+        found.append({"name": path.stem, "path": str(path), "method": recipe.method, "tasks": recipe.tasks,
+                      "budget": budget, "summary": _first_sentence(notes)})
+    return found
+
+
+def _first_sentence(notes: str, width: int = 110) -> str:
+    """The notes up to the first full stop (not an abbreviation's), cut at a word within ``width``."""
+    ends = (i for i, ch in enumerate(notes) if ch == "." and notes[i + 1:i + 2] in ("", " ")
+            and not notes[:i].endswith((" al", "e.g", "i.e", " vs")))
+    sentence = notes[:next(ends, len(notes) - 1) + 1]
+    return sentence if len(sentence) <= width else sentence[:width - 4].rsplit(" ", 1)[0] + " ..."
