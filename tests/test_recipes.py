@@ -36,6 +36,10 @@ def test_overrides_and_errors(tmp_path):
         load_recipe(CONFIGS[0], {"inner.bogus": 1})
     with pytest.raises(MtlError, match="method"):
         load_recipe(CONFIGS[0], {"method": "magic"})
+    with pytest.raises(MtlError, match=r"--set inner\.steps: inner is 5, not a section"):
+        load_recipe(CONFIGS[0], {"inner": 5, "inner.steps": 3})
+    on = load_recipe(None, {"method": "protonet", "tasks": ["digits"], "whiten": True, "whiten.episodes": 4})
+    assert on.whiten.episodes == 4 and on.whiten.views == 8  # a section switched on, then one of its settings
 
 
 def test_max_threads_caps_a_recipes_threads(monkeypatch):

@@ -135,8 +135,15 @@ def load_recipe(path: Path | str | dict[str, Any] | Recipe | None, overrides: di
             continue
         node = doc
         *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            child = node.get(p)
+            if child is None or child is True:  # absent, or on with its defaults: a section of its own now
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                section = ".".join(parents[:i + 1])
+                raise MtlError(f"--set {key}: {section} is {child!r}, not a section of settings",
+                               f"drop --set {section}=..., or set {section} as a whole")
+            node = child
         node[leaf] = value
     try:
         return Recipe.model_validate(doc)
