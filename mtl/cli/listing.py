@@ -41,5 +41,5 @@ def recipes() -> None:
 
     for r in shipped_recipes():
         tasks = ", ".join(r["tasks"][:3]) + (f" +{len(r['tasks']) - 3}" if len(r["tasks"]) > 3 else "")
-        out.print(f"{r['name']:26s} {r['method']:12s}{r['budget']:>10s}  {tasks}\n{'':28s}{r['summary']}",
+        out.print(f"{r['name']:24s} {r['method']:12s}{r['budget']:>20s}  {tasks}\n{'':27s}{r['summary']}",
                   highlight=False, markup=False)

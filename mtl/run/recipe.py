@@ -165,8 +165,8 @@ def shipped_recipes() -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
         recipe = load_recipe(path)
         notes = " ".join(line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#"))
-        budget = (f"{recipe.time_limit_minutes:g} min" if recipe.time_limit_minutes and
-                  recipe.iterations > 10 * recipe.time_limit_minutes else f"{recipe.iterations:,} it.")
+        limit = f"{recipe.time_limit_minutes:g} min" if recipe.time_limit_minutes else ""
+        budget = " or ".join(x for x in (f"{recipe.iterations:,} it.", limit) if x)  # whichever ends the run first
         found.append({"name": path.stem, "path": str(path), "method": recipe.method, "tasks": recipe.tasks,
                       "budget": budget, "summary": _first_sentence(notes)})
     return found
