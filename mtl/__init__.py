@@ -5,7 +5,7 @@ adapted model. The public API (docs/API.md)::
 
     import mtl
     reg = mtl.Registry()                                   # list, load, validate task files
-    run = mtl.train("configs/smoke.yaml", out="runs/a")    # meta-train a recipe
+    run = mtl.train("configs/smoke.yaml", out="runs/a")    # meta-train a recipe (mtl.shipped_recipes() lists them)
     model = mtl.adapt("runs/a", task="mnist", shots=5)      # -> AdaptedModel
     model.predict(x); model.predict_proba(x); model.score(x, y); model.save("models/m")
     mtl.evaluate("runs/a", task="omniglot", ways=5, shots=1)
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Registry": "mtl.data.registry",
     "train": "mtl.run.trainer",
+    "shipped_recipes": "mtl.run.recipe",
     "adapt": "mtl.run.adapt",
     "AdaptedModel": "mtl.run.adapted",
     "evaluate": "mtl.run.evaluate",

@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[1]
 def test_import_mtl_is_light_and_exposes_the_api():
     code = ("import sys, mtl; assert 'torch' not in sys.modules; "
             "names = ['Registry', 'train', 'adapt', 'AdaptedModel', 'evaluate', 'compare', 'whiten', "
-            "'FewShotClassifier']; "
+            "'FewShotClassifier', 'shipped_recipes']; "
             "assert all(callable(getattr(mtl, n)) for n in names); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.stdout.strip() == "ok", proc.stderr
