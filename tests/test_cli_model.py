@@ -451,7 +451,10 @@ def test_train_resume_through_the_cli_process(tmp_path):
     assert first.returncode == 0, first.stderr
     again = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
-    resumed = subprocess.run([*run, "--resume", "--iterations", "4"], capture_output=True, text=True, cwd=ROOT)
+    other = subprocess.run([*run, "--resume", "--set", "outer_lr=0.5"], capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode == 2 and "differs" in other.stderr and "outer_lr was 0.001, now 0.5" in other.stderr
+    resumed = subprocess.run([*run, "--resume", "--iterations", "4", "--set", "choose_adaptation=false"],
+                             capture_output=True, text=True, cwd=ROOT)  # the length and the end-of-run steps may
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["iterations"] == 4
 

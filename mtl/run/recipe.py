@@ -155,6 +155,27 @@ def load_recipe(path: Path | str | dict[str, Any] | Recipe | None, overrides: di
         raise MtlError(f"{path or 'recipe'}: {where}: {msg}", "see configs/ for valid recipes" + more) from None
 
 
+# what may change when a run is resumed: its length, where it runs, and what happens after its last iteration
+RESUMABLE = {"iterations", "time_limit_minutes", "device", "save_every_minutes", "log", "choose_adaptation", "whiten"}
+
+
+def changed_settings(before: Recipe, now: Recipe) -> list[str]:
+    """The settings (dotted names) in which ``now`` differs from ``before``, a run's recipe when it was started, other
+    than those in :data:`RESUMABLE`: each as ``name was X, now Y``."""
+    return _changes(before.model_dump(mode="json", exclude=RESUMABLE), now.model_dump(mode="json", exclude=RESUMABLE))
+
+
+def _changes(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(before.keys() | now.keys()):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} was {a!r}, now {b!r}")
+    return out
+
+
 def shipped_recipes() -> list[dict[str, Any]]:
     """The recipes in ``configs/`` (a checkout's, or the installed wheel's), each with its method, tasks, length and
     the first sentence of its notes, so that ``cli.py recipes`` can say which to start from."""

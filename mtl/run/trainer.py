@@ -30,7 +30,7 @@ from mtl.run.calibration import fit_temperature
 from mtl.run.checkpoint import load_checkpoint, load_into, optimizer_tensors, restore_optimizer, save_checkpoint
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
-from mtl.run.recipe import Recipe, load_recipe
+from mtl.run.recipe import Recipe, changed_settings, load_recipe
 from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, choose, episode_logits
 from mtl.run.tracking import open_trackers
 
@@ -148,10 +148,11 @@ class Trainer:
         if not path.exists():
             raise MtlError(f"nothing to resume in {self.out} (no last.safetensors)", "run without --resume")
         tensors, meta = load_checkpoint(path, self.device)
-        free = {"iterations", "time_limit_minutes", "device", "save_every_minutes"}
-        if Recipe.model_validate(meta["recipe"]).model_dump(exclude=free) != self.recipe.model_dump(exclude=free):
-            raise MtlError(f"the recipe differs from the one {self.out} was started with",
-                           "resume with the same config and overrides (only iterations may change)")
+        changed = changed_settings(Recipe.model_validate(meta["recipe"]), self.recipe)
+        if changed:
+            raise MtlError(f"the recipe differs from the one {self.out} was started with: {'; '.join(changed[:3])}",
+                           "resume with the same config and overrides (only the length, the device and the "
+                           "end-of-run steps may change)")
         load_into(self.learner, tensors, "learner.")
         restore_optimizer(self.opt, tensors, meta["optimizer"])
         self.start = int(meta["iteration"]) + 1
