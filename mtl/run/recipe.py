@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mtl.algorithms import ALGORITHMS, InnerConfig, get_algorithm
 from mtl.errors import MtlError
 from mtl.models import ModelConfig
+from mtl.run.whitening import SHRINK
 
 
 class Whitening(BaseModel):
@@ -22,7 +23,7 @@ class Whitening(BaseModel):
     gives a whitened model by itself."""
 
     model_config = ConfigDict(extra="forbid")
-    shrink: float = Field(default=0.5, ge=0.0, le=1.0)  # 0 whitens fully, 1 leaves the features as they are
+    shrink: float = Field(default=SHRINK, ge=0.0, le=1.0)  # 0 whitens fully, 1 leaves the features as they are
     episodes: int = Field(default=200, ge=1)
     views: Literal[1, 4, 8] = 8  # images: each episode also turned (4) and mirrored (8)
     within_groups: float = Field(default=0.0, ge=0.0, le=1.0)  # as the new tasks will be: one alphabet each
@@ -88,7 +89,9 @@ class Recipe(BaseModel):
     @classmethod
     def _whiten_switch(cls, value: Any) -> Any:
         """``whiten: true`` whitens with the defaults; ``--set whiten=false`` turns a recipe's whitening off."""
-        return {True: {}, False: None}.get(value, value) if isinstance(value, bool) else value
+        if value is True:
+            return {}
+        return None if value is False else value
 
     @model_validator(mode="after")
     def _configured(self) -> Recipe:

@@ -309,9 +309,7 @@ class Trainer:
                 if r.whiten is not None:  # first, so that the adaptation is chosen on the features as answered
                     from mtl.run.whitening import whiten
 
-                    whitened = whiten(self.out, shrink=r.whiten.shrink, episodes=r.whiten.episodes,
-                                      views=r.whiten.views, within_groups=r.whiten.within_groups,
-                                      registry=self.registry)
+                    whitened = whiten(self.out, **r.whiten.model_dump(), registry=self.registry)
                 if self.val is not None and r.choose_adaptation and (self.out / "best.safetensors").exists():
                     self.choose_adaptation()
         barrier()  # every rank returns once rank 0 has written the checkpoints
