@@ -165,6 +165,27 @@ def test_compare_leaves_out_small_classes_and_hands_over_each_setting(runs, regi
 
 
 @needs_data
+def test_compare_chooses_on_a_train_split_of_only_a_few_examples(runs, registry):
+    """A user's task often has only the few examples to adapt from in its train split (and no validation
+    split): step sizes are still chosen there, on fewer queries, or not at all where none are left."""
+    import dataclasses
+
+    from mtl.run.compare import compare, val_queries
+
+    task = registry.load("omniglot-angelic")
+    train = task.train
+    keep = np.concatenate([np.flatnonzero(train.labels == c)[:3] for c in np.unique(train.labels)])
+    few = dataclasses.replace(task, splits={**task.splits, "train": dataclasses.replace(
+        train, inputs=train.inputs[keep], labels=train.labels[keep])})
+    assert (val_queries(few, "train", 5, 1, 15), val_queries(few, "train", 5, 3, 15)) == (2, 0)
+    rows = compare([few], [1, 3], 3, {"maml": runs / "maml"}, ["maml", "scratch"], ways=5, steps=1, queries=2)
+    chosen = {(r.shots, r.method): r.step_size for r in rows}
+    assert not any("no validation" in chosen[1, m] for m in ("maml", "scratch"))
+    assert all(chosen[3, m].endswith("(no validation episodes)") for m in ("maml", "scratch"))
+    assert all(0 <= r.accuracy <= 1 for r in rows)
+
+
+@needs_data
 def test_compare_checks_every_setting_before_the_first_episode(runs, registry):
     from mtl.errors import MtlError
     from mtl.run.compare import compare

@@ -6,7 +6,8 @@ Every method sees identical episodes (same seeds), so differences are paired; th
 mean accuracy with a 95% confidence interval and a paired t-test of the reference checkpoint
 (``maml`` when given, else the first) against each other method. Fine-tuned methods get the same
 number of steps, and each its step size chosen on episodes of the task's validation split (never on
-test queries): from a grid, or a checkpoint's own (learned) settings.
+test queries): from a grid, or a checkpoint's own (learned) settings. Without a validation split, the train
+split's episodes serve, with fewer queries where it holds only a few examples per class.
 
 Every task and setting is checked before the first episode; classes of a split with too few
 examples for ``shots + queries`` are left out of the draw (and reported); each finished setting's
@@ -147,7 +148,7 @@ def choose_setting(learner: Algorithm, val: list[TaskBatch], steps: int, own: bo
         options = [Setting(own_steps)] + [Setting(steps, lr) for lr in LR_GRID]
     else:
         options = [Setting(steps, lr, "zero") for lr in LR_GRID]
-    return choose(learner, val, options)[0]  # ties: the first (its own settings)
+    return choose(learner, val, options)[0] if val else options[0]  # ties: the first (its own settings)
 
 
 @dataclass
@@ -157,7 +158,7 @@ class Plan:
     task: Task
     shots: int
     test: EpisodeStream
-    val: EpisodeStream
+    val: EpisodeStream | None  # None: too few examples to choose on, so every method adapts with its first setting
 
     @property
     def left_out(self) -> list[str]:
@@ -183,10 +184,19 @@ def plan(tasks: Sequence[Task], shots_list: Sequence[int], ways: int | None, que
                                "use fewer --shots or --queries, or leave the task out")
             test = EpisodeStream([task], task.spec.test_split, n_ways, shots, queries, seed, device, encoder, layers,
                                  cap_ways=False, skip_small=True)
-            val = EpisodeStream([task], val_split, n_ways, shots, queries, seed + 1, device, encoder, layers,
-                                cap_ways=False, skip_small=True)
+            q = val_queries(task, val_split, n_ways, shots, queries)
+            val = EpisodeStream([task], val_split, n_ways, shots, q, seed + 1, device, encoder, layers,
+                                cap_ways=False, skip_small=True) if q else None
             out.append(Plan(task, shots, test, val))
     return out
+
+
+def val_queries(task: Task, split: str, ways: int, shots: int, queries: int) -> int:
+    """How many queries the validation episodes can have, at most ``queries``: a user's task whose train split
+    holds only a few examples per class (the ones to adapt from) still has its step sizes chosen there, on fewer
+    queries; 0 when ``ways`` of its classes cannot give even one beyond the shots."""
+    counts = sorted(task.split(split).counts().values(), reverse=True)
+    return 0 if len(counts) < ways else max(0, min(queries, counts[ways - 1] - shots))
 
 
 def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: int,
@@ -241,7 +251,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     shared = feature_source if shared_norms else None
     rows: list[Row] = []
     for p in plans:
-        test, val = p.test.fixed(episodes), p.val.fixed(min(20, episodes))
+        test, val = p.test.fixed(episodes), p.val.fixed(min(20, episodes)) if p.val else []
         results: dict[str, list[Scored]] = {}
         chosen: dict[str, str] = {}
         seen = views if p.task.modality == "image" else 1  # texts have one view
@@ -257,7 +267,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
                 else:
                     learner = learners[m][0]
                 setting = choose_setting(learner, val, steps, own=m != "scratch")
-                chosen[m] = setting.label()
+                chosen[m] = setting.label() + ("" if val else " (no validation episodes)")
                 results[m] = adapted_scores(learner, test, setting, seen, shared_norms)
             elif m == "linear_probe":
                 results[m] = [in_views(lambda e: probe_scores(feature_source, e), b, seen, shared) for b in test]
