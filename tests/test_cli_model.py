@@ -276,7 +276,12 @@ def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
     assert json.loads(out)["classes"] == 2
     code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", f,
                              "--out", tmp_path / "m1")  # on a terminal, a text task is pointed to --select
-    assert code == 0 and "adapted to clinc150-banking: 2 classes" in out and err.startswith("tip: --select"), err
+    assert code == 0 and "adapted to clinc150-banking: 2 classes x 2 shots," in out, out
+    assert err.startswith("tip: --select"), err
+    uneven = write(tmp_path / "uneven.csv", "text,label\n" + "".join(f"{t},{y}\n" for t, y in rows[:3]))
+    code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", uneven,
+                             "--out", tmp_path / "m4")  # two of one class, one of the other
+    assert code == 0 and "2 classes, 3 examples (at least 1 each)" in out, err
     other = write(tmp_path / "other.csv", "sentence,intent\n" + "".join(f"{t},{y}\n" for t, y in rows))
     code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", other,
                              "--out", tmp_path / "m3", "--json")  # two columns of other names: text, then label

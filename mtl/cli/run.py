@@ -191,7 +191,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     refuse = (f"answers '{rej['none']}' below {rej['score']}{on} {rej['threshold']:.3f} ({rej['by']})"
               if rej["threshold"] is not None else f"never answers '{rej['none']}' ({rej['by']})")
     views = f", one per view of the images ({m.meta['views']}: turned, mirrored)" if m.meta.get("views", 1) > 1 else ""
-    out.print(f"adapted to {task}: {len(m.classes)} classes x {m.meta['shots']} shots, {how} ({why}){views}"
+    out.print(f"adapted to {task}: {labelled(len(m.classes), m.meta['shots'], m.meta.get('examples'))}, {how} "
+              f"({why}){views}"
               f"{self_trained}; {acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; "
               f"saved {out_dir} ({m.meta['seconds']:.2f} s)", highlight=False)
     if m.meta.get("modality") == "text" and not select and layer_count(encoder_layers) == 0:
@@ -204,6 +205,13 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   f"{o['oos_recall']:.3f}, precision {o['oos_precision']:.3f}, AUROC {o['auroc']:.3f}; in-scope "
                   f"accuracy {o['in_scope_accuracy_with_rejection']:.4f} with refusals ({o['in_scope_accuracy']:.4f} "
                   "without)", highlight=False)
+
+
+def labelled(classes: int, shots: int, examples: int | None) -> str:
+    """"5 classes x 5 shots", or for a user's own uneven examples "4 classes, 5 examples (at least 1 each)"."""
+    if examples is None or examples == classes * shots:
+        return f"{classes} classes x {shots} shot{'s' * (shots != 1)}"
+    return f"{classes} classes, {examples} examples (at least {shots} each)"
 
 
 @app.command("predict")

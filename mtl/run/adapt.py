@@ -170,7 +170,8 @@ def fit(learner: Algorithm, support: Support, steps: int | None = None, lr: floa
     return AdaptedModel(model, {
         "model_config": model.config.model_dump(mode="json"), "modality": modality, "classes": support.classes,
         "task": support.task, "image": support.image.model_dump(mode="json"), "shots": support.shots,
-        "steps": steps, "lr": lr, "selection": selection, "head": learner.head_kind, "algorithm": learner.name,
+        "examples": len(support.labels), "steps": steps, "lr": lr, "selection": selection, "head": learner.head_kind,
+        "algorithm": learner.name,
         "checkpoint": checkpoint, "calibration": calibration, "rejection": rejection.as_dict(), "views": views,
         "shared_norms": shared is not None},
         state, frozen, views=others)
