@@ -89,6 +89,9 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     for below, label in ((1e6, "none"), (-1e6, "payday")):  # the user's threshold replaces the chosen one
         code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", "--reject-below", below, texts[1])
         assert code == 0 and json.loads(out)["predictions"][0]["label"] == label, err
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8")  # an image file given to a text model: said, not classified
+    code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "photo.jpg")
+    assert code == 2 and "is an image, and this model reads texts" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("evaluate", "--checkpoint", text_run, "--task", "clinc150-work", "--views", 4)
     assert code == 2 and "--views turns images; this task has texts" in err
 

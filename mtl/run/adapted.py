@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtl.data.formats import IMAGE_SUFFIXES
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
 from mtl.device import autocast, native_bf16
@@ -312,6 +313,9 @@ class AdaptedModel:
                 expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
             elif self.modality == "image" and p.is_dir():
                 expanded += image_files(p)
+            elif self.modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                raise MtlError(f"{item} is an image, and this model reads texts (adapted to {self.meta['task']})",
+                               "give it texts, or predict with a model adapted to an image task")
             else:
                 expanded.append(item)
         if not expanded:
