@@ -92,6 +92,8 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8")  # an image file given to a text model: said, not classified
     code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "photo.jpg")
     assert code == 2 and "is an image, and this model reads texts" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("predict", "--model", tmp_path / "m", "when is my next paycheck", " ")
+    assert code == 2 and "input 2 is empty" in err, err
     code, _, err = run_cli("evaluate", "--checkpoint", text_run, "--task", "clinc150-work", "--views", 4)
     assert code == 2 and "--views turns images; this task has texts" in err
 

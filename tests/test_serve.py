@@ -110,6 +110,7 @@ def test_health_info_and_predict_answer_as_the_model_does(text_server):
     ({"inputs": ["x"]}, 422, 'inputs: Extra inputs are not permitted (the body takes `texts`, a list, and `top`'),
     ({"texts": ["x"] * 300}, 413, "300 inputs in one request; the limit is 256"),
     ({"texts": ["x" * 20_000]}, 413, "texts[0] has 20,000 characters"),
+    ({"texts": ["book a table", "  "]}, 422, "texts[1] is empty"),
     (b"{not json", 422, "JSON decode error"),
 ])
 def test_bad_requests_get_a_4xx_with_one_line(text_server, body, status, says):

@@ -321,6 +321,9 @@ class AdaptedModel:
         if not expanded:
             raise MtlError("no inputs to predict", "give texts, image paths or a .txt file of them")
         if self.modality == "text":
+            blank = next((i for i, t in enumerate(expanded) if not t.strip()), None)
+            if blank is not None:  # it would get a label all the same, from nothing
+                raise MtlError(f"input {blank + 1} is empty", "give the text to label")
             return np.asarray(expanded, dtype=np.str_), expanded
         blobs = []
         for f in expanded:

@@ -127,6 +127,9 @@ def _inputs(model: AdaptedModel, texts: list[str] | None, images: list[str] | No
         long = next((i for i, t in enumerate(given) if len(t) > MAX_TEXT), None)
         if long is not None:
             raise http_error(413, f"texts[{long}] has {len(given[long]):,} characters; the limit is {MAX_TEXT:,}")
+        blank = next((i for i, t in enumerate(given) if not t.strip()), None)
+        if blank is not None:  # it would get a label all the same, from nothing
+            raise http_error(422, f"texts[{blank}] is empty: send the text to label")
         return np.asarray(given, dtype=np.str_), list(given)
     blobs = []
     for i, b64 in enumerate(given):
