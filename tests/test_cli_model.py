@@ -94,6 +94,9 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     assert code == 2 and "is an image, and this model reads texts" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("predict", "--model", tmp_path / "m", "when is my next paycheck", " ")
     assert code == 2 and "input 2 is empty" in err, err
+    long = "when is my next paycheck " * 20 + "notes.txt"  # too long to be a file name: a text all the same
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", long)
+    assert code == 0 and json.loads(out)["predictions"][0]["label"] == "payday", err
     code, _, err = run_cli("evaluate", "--checkpoint", text_run, "--task", "clinc150-work", "--views", 4)
     assert code == 2 and "--views turns images; this task has texts" in err
 

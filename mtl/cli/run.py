@@ -208,7 +208,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
 
 
 def labelled(classes: int, shots: int, examples: int | None) -> str:
-    """"5 classes x 5 shots", or for a user's own uneven examples "4 classes, 5 examples (at least 1 each)"."""
+    """How many labelled examples: "5 classes x 5 shots", or for a user's own uneven ones "4 classes, 5 examples
+    (at least 1 each)"."""
     if examples is None or examples == classes * shots:
         return f"{classes} classes x {shots} shot{'s' * (shots != 1)}"
     return f"{classes} classes, {examples} examples (at least {shots} each)"

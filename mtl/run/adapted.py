@@ -309,11 +309,15 @@ class AdaptedModel:
         expanded: list[str] = []
         for item in items:
             p = Path(item)
-            if p.suffix == ".txt" and p.is_file():
+            try:
+                is_file, is_dir = p.is_file(), p.is_dir()
+            except OSError:  # a text too long to be a file name
+                is_file = is_dir = False
+            if p.suffix == ".txt" and is_file:
                 expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-            elif self.modality == "image" and p.is_dir():
+            elif self.modality == "image" and is_dir:
                 expanded += image_files(p)
-            elif self.modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            elif self.modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and is_file:
                 raise MtlError(f"{item} is an image, and this model reads texts (adapted to {self.meta['task']})",
                                "give it texts, or predict with a model adapted to an image task")
             else:
