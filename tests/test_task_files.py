@@ -51,6 +51,8 @@ CASES = {
     "misspelt field": (lambda g: g.replace("  format: csv", "  format: csv\n  heder: true"), "source.heder",
                        "did you mean `header`?"),
     "missing file": (lambda g: g.replace("tiny.csv", "nope.csv"), "source.path", "not found"),
+    "a path no file system takes": (lambda g: g.replace("tiny.csv", "n" * 300 + ".csv"), "source.path",
+                                    "cannot be a path (File name too long)"),
     "label field absent": (lambda g: g.replace("label_field: label", "label_field: intent"), "label_field",
                            "column 'intent' is not in the data"),
     "empty task": (lambda g: g + "labels:\n  pattern: 'zzz*'\n", "labels.pattern", "matches no label"),

@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MTL_DEBUG"):
             raise
         first = str(e).splitlines()[0] if str(e) else ""
+        if isinstance(e, OSError) and e.filename is not None:  # the file system refused a path: not a bug
+            name = str(e.filename)
+            name = name if len(name) <= 80 else name[:77] + "..."
+            err.print(f"error: {e.strerror or first}: '{name}'. Fix: check the path, its permissions and the free "
+                      "disk space", highlight=False, markup=False, soft_wrap=True)
+            return 2
         if _out_of_memory(e):
             err.print(f"error: out of memory ({first}). Fix: {MEMORY_FIX}", highlight=False, markup=False,
                       soft_wrap=True)

@@ -44,6 +44,11 @@ def resolve(path: str, root: Path, field: str, source: Source | None = None) -> 
     missing there is looked for in the download cache, then fetched if ``source`` says from where."""
     p = Path(path).expanduser()
     full = p if p.is_absolute() else root / p
+    try:
+        full.exists()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise TaskFileError(None, field, f"'{path[:80]}{'...' if len(path) > 80 else ''}' cannot be a path "
+                            f"({e.strerror})", "correct the path") from None
     if settings.safe_mode() and not full.resolve().is_relative_to(root.resolve()):
         raise TaskFileError(None, field, f"'{path}' is outside the data directory {root} (safe mode)",
                             "move the data under MTL_DATA_DIR, or run without --safe if you trust this file")
