@@ -793,6 +793,7 @@ def test_progress_shows_the_library_messages_on_a_terminal_only(monkeypatch):
      "error: out of memory (DefaultCPUAllocator"),
     (PermissionError(13, "Permission denied", "/data/runs/a/best.safetensors"), 2,
      "error: Permission denied: '/data/runs/a/best.safetensors'. Fix: check the path, its permissions"),
+    (OSError(28, "No space left on device"), 2, "error: No space left on device. Fix: check the path"),
     (RuntimeError("a bug"), 1, "error: internal error RuntimeError: a bug. Fix: run again with MTL_DEBUG=1")])
 def test_running_out_of_memory_is_a_setting_to_change_and_a_bug_is_one_line(monkeypatch, run_cli, raised, code, says):
     import mtl.algorithms

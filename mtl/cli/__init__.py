@@ -8,6 +8,7 @@ Every command turns :class:`~mtl.errors.MtlError` into one line on stderr and ex
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -70,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MTL_DEBUG"):
             raise
         first = str(e).splitlines()[0] if str(e) else ""
-        if isinstance(e, OSError) and e.filename is not None:  # the file system refused a path: not a bug
-            name = str(e.filename)
-            name = name if len(name) <= 80 else name[:77] + "..."
-            err.print(f"error: {e.strerror or first}: '{name}'. Fix: check the path, its permissions and the free "
+        if isinstance(e, OSError) and (e.filename is not None or e.errno == errno.ENOSPC):  # the file system's
+            name = str(e.filename)  # refusal (a path too long, no permission, a full disk): not a bug
+            where = "" if e.filename is None else f": '{name if len(name) <= 80 else name[:77] + '...'}'"
+            err.print(f"error: {e.strerror or first}{where}. Fix: check the path, its permissions and the free "
                       "disk space", highlight=False, markup=False, soft_wrap=True)
             return 2
         if _out_of_memory(e):
