@@ -19,7 +19,8 @@ class MtlError(Exception):
     def _line(self) -> str:
         text = self.problem + "."
         if self.fix:
-            text += f" Fix: {self.fix.rstrip('.')}."
+            fix = self.fix.rstrip(".")
+            text += f" Fix: {fix}" + ("" if fix.endswith(("?", "!")) else ".")
         return " ".join(text.split())
 
 

@@ -32,8 +32,12 @@ def test_overrides_and_errors(tmp_path):
     assert load_recipe(str(CONFIGS[0])) == load_recipe(CONFIGS[0])  # a path given as text reads the same
     r = load_recipe(CONFIGS[0], {"inner.steps": 5, "method": "anil", "seed": None})
     assert r.inner.steps == 5 and r.method == "anil"
-    with pytest.raises(MtlError, match=r"inner\.bogus"):
+    with pytest.raises(MtlError, match=r"inner\.bogus: unknown setting\. Fix: see configs/"):
         load_recipe(CONFIGS[0], {"inner.bogus": 1})
+    for typo, meant in (("inner.stepz", "inner.steps"), ("itterations", "iterations"), ("whiten.shrinkk",
+                                                                                       "whiten.shrink")):
+        with pytest.raises(MtlError, match=rf"Fix: did you mean `{meant}`\? Otherwise"):  # a misspelt setting
+            load_recipe(None, {"method": "protonet", "tasks": ["digits"], "whiten": True, typo: 3})
     with pytest.raises(MtlError, match="method"):
         load_recipe(CONFIGS[0], {"method": "magic"})
     with pytest.raises(MtlError, match=r"--set inner\.steps: inner is 5, not a section"):

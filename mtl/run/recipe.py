@@ -5,6 +5,7 @@ See ``configs/`` for the shipped recipes.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,7 +156,24 @@ def load_recipe(path: Path | str | dict[str, Any] | Recipe | None, overrides: di
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         more = f" ({len(e.errors())} problems)" if len(e.errors()) > 1 else ""
         msg = err["msg"].removeprefix("Value error, ")
-        raise MtlError(f"{path or 'recipe'}: {where}: {msg}", "see configs/ for valid recipes" + more) from None
+        fix = "see configs/ for valid recipes"
+        if err["type"] == "extra_forbidden":  # a misspelt setting: name the one meant
+            msg = "unknown setting"
+            near = difflib.get_close_matches(str(err["loc"][-1]), settings_at(err["loc"][:-1]), n=1, cutoff=0.6)
+            fix = f"did you mean `{'.'.join(map(str, (*err['loc'][:-1], near[0])))}`? Otherwise {fix}" if near else fix
+        raise MtlError(f"{path or 'recipe'}: {where}: {msg}", fix + more) from None
+
+
+def settings_at(loc: tuple[Any, ...]) -> list[str]:
+    """The setting names of the recipe's section at ``loc`` (``("inner",)``: the inner loop's), for suggestions."""
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        kinds = (getattr(field.annotation, "__args__", None) or (field.annotation,)) if field else ()  # X | None
+        model = next((t for t in kinds if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
 
 
 # what may change when a run is resumed: its length, where it runs, and what happens after its last iteration
