@@ -185,6 +185,18 @@ def test_compare_chooses_on_a_train_split_of_only_a_few_examples(runs, registry)
     assert all(0 <= r.accuracy <= 1 for r in rows)
 
 
+@pytest.mark.parametrize("args, says", [
+    (["evaluate", "--task", "omniglot-angelic", "--episodes", 0], "--episodes 0 leaves nothing to measure"),
+    (["evaluate", "--task", "omniglot-angelic", "--queries", 0], "--queries 0 leaves nothing to measure"),
+    (["evaluate", "--task", "omniglot-angelic", "--ways", 1], "--ways 1 leaves nothing to measure. Fix: use --ways 2"),
+    (["compare", "--tasks", "omniglot-angelic", "--shots", "0,1"], "--shots 0 leaves nothing to measure"),
+    (["compare", "--tasks", "omniglot-angelic", "--episodes", 0], "--episodes 0 leaves nothing to measure")])
+def test_episodes_that_measure_nothing_are_refused_first(args, says, run_cli, tmp_path):
+    flag = "--checkpoint" if args[0] == "evaluate" else "--checkpoints"  # refused before the checkpoint is read
+    code, _, err = run_cli(*args, flag, tmp_path / "no-such-run" if flag == "--checkpoint" else "maml=nowhere")
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 @needs_data
 def test_compare_checks_every_setting_before_the_first_episode(runs, registry):
     from mtl.errors import MtlError

@@ -43,7 +43,7 @@ from mtl.device import resolve_device
 from mtl.errors import MtlError
 from mtl.models import MultiTaskModel
 from mtl.run.calibration import expected_calibration_error, softmax
-from mtl.run.evaluate import mean_ci
+from mtl.run.evaluate import check_episodes, mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe
 from mtl.run.select import LR_GRID, Setting, choose
@@ -210,6 +210,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     default about 125 steps; ``setfit``: SetFit on the same encoder). ``views`` (image tasks: 4 or 8) answers
     every method's episodes as ``adapt --views`` does (``shared_norms``: :mod:`mtl.run.view_norms`). ``on_rows``
     gets every row so far after each finished (task, shots) setting."""
+    check_episodes(ways, shots_list, queries, episodes)
     device = resolve_device(device) if isinstance(device, str) else device
     if any(isinstance(t, str) for t in tasks):
         registry = registry or Registry()

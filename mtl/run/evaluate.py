@@ -22,6 +22,16 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
     return float(v.mean()), float(half)
 
 
+def check_episodes(ways: int | None, shots: Sequence[int], queries: int, episodes: int) -> None:
+    """Refuses episodes that would measure nothing (no query, one class, none at all) before any is drawn."""
+    from mtl.errors import MtlError
+
+    for value, flag, least in ((ways, "--ways", 2), (min(shots, default=1), "--shots", 1), (queries, "--queries", 1),
+                               (episodes, "--episodes", 1)):
+        if value is not None and value < least:
+            raise MtlError(f"{flag} {value} leaves nothing to measure", f"use {flag} {least} or more")
+
+
 def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int = 1, queries: int = 15,
              episodes: int = 600, split: str | None = None, steps: int | None = None, lr: float | None = None,
              seed: int = 0, device: str = "auto", registry: Registry | None = None,
@@ -43,6 +53,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     from mtl.run.select import check_head_init
     from mtl.run.view_norms import episode_shared, shares
 
+    check_episodes(ways, [shots], queries, episodes)
     dev = resolve_device(device)
     learner, meta = load_learner(Path(checkpoint), dev)
     t = task_read_as(task, learner.model.config.image_overrides, registry)
