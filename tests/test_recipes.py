@@ -40,6 +40,9 @@ def test_overrides_and_errors(tmp_path):
             load_recipe(None, {"method": "protonet", "tasks": ["digits"], "whiten": True, typo: 3})
     with pytest.raises(MtlError, match="method"):
         load_recipe(CONFIGS[0], {"method": "magic"})
+    for bad in ("time_limit_minutes", "threads", "val_shots"):  # 0 was read as "no limit" / crashed / drew nothing
+        with pytest.raises(MtlError, match=rf"{bad}: Input should be greater than"):
+            load_recipe(CONFIGS[0], {bad: 0})
     with pytest.raises(MtlError, match=r"--set inner\.steps: inner is 5, not a section"):
         load_recipe(CONFIGS[0], {"inner": 5, "inner.steps": 3})
     on = load_recipe(None, {"method": "protonet", "tasks": ["digits"], "whiten": True, "whiten.episodes": 4})

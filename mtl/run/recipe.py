@@ -54,16 +54,17 @@ class Recipe(BaseModel):
     within_groups: float = Field(default=0.0, ge=0.0, le=1.0)
     val_every: int = Field(default=100, ge=1)
     val_episodes: int = Field(default=100, ge=1)
-    val_ways: int | None = None
-    val_shots: int | None = None
+    val_ways: int | None = Field(default=None, ge=2)
+    val_shots: int | None = Field(default=None, ge=1)
     seed: int = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
-    threads: int | None = None
+    threads: int | None = Field(default=None, ge=1)
     # processes sharing each meta-batch's tasks, started by `train` (torchrun's ranks, on this machine):
     # on a CPU each gets threads // workers threads, which is faster than one process with them all
     workers: int = Field(default=1, ge=1)
-    time_limit_minutes: float | None = None  # stop (and keep the best checkpoint) after this wall time
+    # stop (and keep the best checkpoint) after this wall time
+    time_limit_minutes: float | None = Field(default=None, gt=0)
     # write last.safetensors at least this often, whatever val_every says: a killed run resumes from it
     save_every_minutes: float | None = Field(default=10.0, gt=0)
     log: list[Literal["tensorboard", "mlflow"]] = []  # experiment trackers, beside metrics.jsonl
