@@ -434,6 +434,10 @@ def test_adapt_to_the_held_out_classes_of_a_task_split_by_classes(image_run, tmp
     (["adapt", "--task", "clinc150-work", "--shots", "1"], "no text encoder"),
     (["adapt", "--task", "olivetti", "--device", "cuda"], "no CUDA GPU"),
     (["evaluate", "--task", "omniglot", "--ways", "500"], "fewer than the 500 ways"),
+    (["adapt", "--task", "olivetti", "--steps", "-1"], "--steps -1 is not a number of steps"),
+    (["adapt", "--task", "olivetti", "--lr", "-0.5"], "--lr -0.5 is not a step size"),  # it would climb the loss
+    (["adapt", "--task", "olivetti", "--encoder-lr", "0"], "--encoder-lr 0.0 is not a learning rate"),
+    (["evaluate", "--task", "omniglot", "--steps", "-3"], "--steps -3 is not a number of steps"),
 ])
 def test_bad_inputs_get_one_line(image_run, tmp_path, run_cli, args, words):
     full = [*args, "--checkpoint", image_run]

@@ -42,7 +42,7 @@ from mtl.run.calibration import (
 )
 from mtl.run.examples import read_examples
 from mtl.run.learner import load_learner
-from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, check_head_init, choose, support_folds
+from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, check_setting, choose, support_folds
 from mtl.run.support import Support, support_from_arrays, support_from_task
 from mtl.run.text_finetune import encoder_lr_for, layer_count, tune_text_encoder
 from mtl.run.view_norms import Rows, episode_shared, keep_statistics, normalising_with, shared_rows
@@ -285,7 +285,9 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     t0 = time.perf_counter()
     if shots < 1:
         raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
-    check_head_init(head_init)
+    check_setting(steps, lr, head_init)
+    if encoder_lr is not None and not encoder_lr > 0:
+        raise MtlError(f"--encoder-lr {encoder_lr} is not a learning rate", "use one above 0, e.g. --encoder-lr 1e-4")
     if reject_by not in outliers.SCORES:
         raise MtlError(f"--reject-by {reject_by} is unknown", f"use one of {', '.join(outliers.SCORES)}")
     if not 0 <= reject_rate < 1:

@@ -46,7 +46,7 @@ from mtl.run.calibration import expected_calibration_error, softmax
 from mtl.run.evaluate import check_episodes, mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe
-from mtl.run.select import LR_GRID, Setting, choose
+from mtl.run.select import LR_GRID, Setting, check_setting, choose
 from mtl.run.view_norms import episode_shared
 
 log = logging.getLogger(__name__)  # which setting and method is running (the CLI shows it on a spinner)
@@ -211,6 +211,7 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     every method's episodes as ``adapt --views`` does (``shared_norms``: :mod:`mtl.run.view_norms`). ``on_rows``
     gets every row so far after each finished (task, shots) setting."""
     check_episodes(ways, shots_list, queries, episodes)
+    check_setting(steps, None, None)
     device = resolve_device(device) if isinstance(device, str) else device
     if any(isinstance(t, str) for t in tasks):
         registry = registry or Registry()

@@ -50,14 +50,14 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     from mtl.errors import MtlError
     from mtl.run.calibration import expected_calibration_error, softmax
     from mtl.run.learner import load_learner
-    from mtl.run.select import check_head_init
+    from mtl.run.select import check_setting
     from mtl.run.view_norms import episode_shared, shares
 
     check_episodes(ways, [shots], queries, episodes)
     dev = resolve_device(device)
     learner, meta = load_learner(Path(checkpoint), dev)
     t = task_read_as(task, learner.model.config.image_overrides, registry)
-    check_head_init(head_init)
+    check_setting(steps, lr, head_init)
     if t.modality not in learner.model.encoders:
         raise MtlError(f"the checkpoint has no {t.modality} encoder", f"use a checkpoint trained on {t.modality} tasks")
     check_views(views, t.modality)

@@ -59,7 +59,13 @@ LOGISTIC = Setting(0, None, "logistic")  # a head fitted by logistic regression 
 HEAD_INITS = ("zero", "proto", "logistic")  # what a new task's head may start from at adaptation
 
 
-def check_head_init(head_init: str | None) -> None:
+def check_setting(steps: int | None, lr: float | None, head_init: str | None) -> None:
+    """Refuses an adaptation setting given by hand that is not one: a negative step count, a step size of 0 or
+    below (which would climb the loss), an unknown head."""
+    if steps is not None and steps < 0:
+        raise MtlError(f"--steps {steps} is not a number of steps", "use --steps 0 or more")
+    if lr is not None and not lr > 0:
+        raise MtlError(f"--lr {lr} is not a step size", "use a step size above 0, e.g. --lr 0.1")
     if head_init not in (None, *HEAD_INITS):
         raise MtlError(f"--head-init {head_init} is unknown", f"use {', '.join(HEAD_INITS[:-1])} or {HEAD_INITS[-1]}")
 
