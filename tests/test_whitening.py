@@ -60,7 +60,7 @@ def test_a_whitened_checkpoint_answers_through_whitened_features(tmp_path, regis
     assert torch.allclose(load_learner(Path(again["checkpoint"]), torch.device("cpu"))[0].model.whitening, w)
     assert 0.2 < evaluate(run, "digits", ways=5, shots=1, episodes=6, registry=registry)["accuracy"] <= 1.0
 
-    for bad in (("--shrink", "2"), ("--within-groups", "-1"), ("--views", "3")):
+    for bad in (("--shrink", "2"), ("--within-groups", "-1"), ("--views", "3"), ("--episodes", "0")):
         code, _, err = run_cli("whiten", "--checkpoint", run, *bad)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (bad, err)
 

@@ -97,6 +97,8 @@ def whiten(run: Path | str, tasks: Sequence[str] | None = None, shrink: float = 
         raise MtlError(f"--shrink {shrink} is outside [0, 1]", "use 0 (whiten fully) to 1 (leave the features)")
     if not 0.0 <= within_groups <= 1.0:
         raise MtlError(f"--within-groups {within_groups} is outside [0, 1]", "give the share of such episodes")
+    if episodes < 1:
+        raise MtlError(f"--episodes {episodes} estimates nothing", "use --episodes 1 or more (200 by default)")
     check_views(views, "image")  # the count only: text tasks take one view whatever it says
     tensors, meta = load_checkpoint(Path(run))
     path = Path(meta.pop("path"))
