@@ -165,3 +165,14 @@ def test_an_image_model_takes_base64_images_and_refuses_a_corrupt_one(tmp_path):
         server.stop()
     # the inference thread ends with the server: left alive, its OpenMP team would halve later training's speed
     assert not server.app.state.batcher.worker.is_alive()
+
+
+def test_a_port_already_in_use_is_one_line_before_the_model_loads(tmp_path, run_cli):
+    import socket
+
+    with socket.socket() as taken:  # a listener of this test's own, on 127.0.0.1
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run_cli("serve", "--model", tmp_path / "not-loaded-yet", "--port", port)
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1, err

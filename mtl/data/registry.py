@@ -10,13 +10,13 @@ import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import ValidationError
 
 from mtl import settings
-from mtl.data.schema import TaskSpec
+from mtl.data.schema import Modality, Role, TaskSpec
 from mtl.data.task import Task, load_task, read_as, reading, spec_read_as
 from mtl.errors import MtlError, TaskFileError, TaskFileErrors
 
@@ -199,6 +199,9 @@ class Registry:
         return len(self.entries)
 
     def names(self, role: str | None = None, modality: str | None = None) -> list[str]:
+        for value, flag, allowed in ((role, "--role", get_args(Role)), (modality, "--modality", get_args(Modality))):
+            if value is not None and value not in allowed:
+                raise MtlError(f"{flag} {value} is not a {flag[2:]}", f"use {', '.join(allowed[:-1])} or {allowed[-1]}")
         return [e.spec.name for e in self
                 if (role is None or e.spec.role == role) and (modality is None or e.spec.modality == modality)]
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +146,23 @@ def _inputs(model: AdaptedModel, texts: list[str] | None, images: list[str] | No
     return arr, [f"images[{i}]" for i in range(len(blobs))]
 
 
-def serve(folder: Path | str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto") -> None:
-    """Load the adapted model in ``folder`` once and serve it until interrupted."""
+def serve(folder: Path | str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          ready: Callable[[], None] | None = None) -> None:
+    """Load the adapted model in ``folder`` once and serve it until interrupted; ``ready`` is called once the
+    address is free and the model loaded (the CLI says where it serves)."""
     _require_fastapi()
     import uvicorn
 
     from mtl.device import resolve_device
 
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # as uvicorn will bind
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise MtlError(f"cannot listen on {host}:{port} ({e.strerror})",
+                           "use another --host or --port, or stop what listens there") from None
     model = AdaptedModel.load(folder, resolve_device(device))
+    if ready:
+        ready()
     uvicorn.run(create_app(model, str(folder)), host=host, port=port, log_level="warning")
