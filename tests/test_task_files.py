@@ -149,6 +149,10 @@ def test_user_folder_and_env_var(tmp_path, csv_file, run_cli, monkeypatch):
 def test_unknown_task_suggests_close_names(run_cli):
     code, _, err = run_cli("tasks", "show", "clinc150-bankin")
     assert code == 2 and "did you mean clinc150-banking" in err and len(err.strip().splitlines()) == 1
+    for option, value, says in (("--role", "heldout", "--role heldout is not a role. Fix: use meta_train, meta_val or "
+                                 "held_out"), ("--modality", "audio", "--modality audio is not a modality")):
+        code, _, err = run_cli("tasks", "list", option, value)  # it listed no task, as if there were none
+        assert code == 2 and says in err, err
 
 
 def test_cli_process_prints_no_traceback(tmp_path):
