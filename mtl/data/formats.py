@@ -45,18 +45,18 @@ def resolve(path: str, root: Path, field: str, source: Source | None = None) -> 
     p = Path(path).expanduser()
     full = p if p.is_absolute() else root / p
     try:
-        full.exists()
+        exists = full.exists()
     except OSError as e:  # e.g. a name longer than the file system allows
         raise TaskFileError(None, field, f"'{path[:80]}{'...' if len(path) > 80 else ''}' cannot be a path "
                             f"({e.strerror})", "correct the path") from None
     if settings.safe_mode() and not full.resolve().is_relative_to(root.resolve()):
         raise TaskFileError(None, field, f"'{path}' is outside the data directory {root} (safe mode)",
                             "move the data under MTL_DATA_DIR, or run without --safe if you trust this file")
-    if not full.exists() and not p.is_absolute():
+    if not exists and not p.is_absolute():
         fetched = locate(path, source.download if source else None)
         if fetched is not None:
             return fetched
-    if not full.exists():
+    if not exists:
         raise TaskFileError(None, field, f"'{path}' not found (looked at {full})",
                             "correct the path, or point MTL_DATA_DIR at the folder that holds it")
     return full

@@ -49,6 +49,19 @@ def plain_model(encoder: str, device: torch.device | str) -> MultiTaskModel:
     return MultiTaskModel(ModelConfig(text_encoder=encoder), ["text"]).to(device).eval()
 
 
+def is_a(path: Path, kind: str) -> bool:
+    """Whether ``path`` is a ``"file"`` or a ``"dir"``; False for a text too long to be a file name."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except OSError:
+        return False
+
+
+def first_blank(texts: Sequence[str]) -> int | None:
+    """The position of the first empty (or all-space) text, which would get a label all the same, from nothing."""
+    return next((i for i, t in enumerate(texts) if not t.strip()), None)
+
+
 def image_files(folder: Path) -> list[str]:
     """Every image file below ``folder``, in a stable order; other files (notes, ``.DS_Store``) are
     skipped, since a folder of class folders is how users keep images."""
@@ -309,15 +322,11 @@ class AdaptedModel:
         expanded: list[str] = []
         for item in items:
             p = Path(item)
-            try:
-                is_file, is_dir = p.is_file(), p.is_dir()
-            except OSError:  # a text too long to be a file name
-                is_file = is_dir = False
-            if p.suffix == ".txt" and is_file:
+            if p.suffix == ".txt" and is_a(p, "file"):  # a text is looked up on disk only where it may be a path
                 expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-            elif self.modality == "image" and is_dir:
+            elif self.modality == "image" and is_a(p, "dir"):
                 expanded += image_files(p)
-            elif self.modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and is_file:
+            elif self.modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and is_a(p, "file"):
                 raise MtlError(f"{item} is an image, and this model reads texts (adapted to {self.meta['task']})",
                                "give it texts, or predict with a model adapted to an image task")
             else:
@@ -325,8 +334,8 @@ class AdaptedModel:
         if not expanded:
             raise MtlError("no inputs to predict", "give texts, image paths or a .txt file of them")
         if self.modality == "text":
-            blank = next((i for i, t in enumerate(expanded) if not t.strip()), None)
-            if blank is not None:  # it would get a label all the same, from nothing
+            blank = first_blank(expanded)
+            if blank is not None:
                 raise MtlError(f"input {blank + 1} is empty", "give the text to label")
             return np.asarray(expanded, dtype=np.str_), expanded
         blobs = []

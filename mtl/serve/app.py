@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtl.errors import MtlError
-from mtl.run.adapted import AdaptedModel
+from mtl.run.adapted import AdaptedModel, first_blank
 
 MAX_BATCH = 256  # inputs in one request
 MAX_TEXT = 10_000  # characters of one text
@@ -128,8 +128,8 @@ def _inputs(model: AdaptedModel, texts: list[str] | None, images: list[str] | No
         long = next((i for i, t in enumerate(given) if len(t) > MAX_TEXT), None)
         if long is not None:
             raise http_error(413, f"texts[{long}] has {len(given[long]):,} characters; the limit is {MAX_TEXT:,}")
-        blank = next((i for i, t in enumerate(given) if not t.strip()), None)
-        if blank is not None:  # it would get a label all the same, from nothing
+        blank = first_blank(given)
+        if blank is not None:
             raise http_error(422, f"texts[{blank}] is empty: send the text to label")
         return np.asarray(given, dtype=np.str_), list(given)
     blobs = []
