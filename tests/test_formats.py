@@ -155,6 +155,36 @@ def test_imagefolder_and_image_zip(tmp_path):
     check_images(load_task(spec("image", "image", "label", format="image_zip", path=str(tmp_path / "imgs.zip"))))
 
 
+def test_a_table_of_image_paths_reads_the_images(tmp_path, monkeypatch):
+    """A CSV (or JSON lines) of image file paths and labels, the form many image data sets come in: paths
+    relative to the table's own folder, or to the data directory, or absolute; a missing one is named."""
+    monkeypatch.setenv("MTL_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "data" / "shared").mkdir(parents=True)
+    (tmp_path / "t" / "pics").mkdir(parents=True)
+    rows = []
+    for i, y in enumerate(LABELS):
+        where = ["t/pics", "data/shared", "t/pics"][i % 3]
+        (tmp_path / where / f"{i}.png").write_bytes(png(60 * (ord(y) - 96)))
+        rows.append([f"pics/{i}.png", f"shared/{i}.png", str(tmp_path / where / f"{i}.png")][i % 3] + f",{y}")
+    (tmp_path / "t" / "x.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    check_images(load_task(spec("image", "file", "label", format="csv", path=str(tmp_path / "t" / "x.csv"))))
+    (tmp_path / "t" / "x.jsonl").write_text("".join(json.dumps({"file": r.split(",")[0], "label": r.split(",")[1]})
+                                                    + "\n" for r in rows))
+    check_images(load_task(spec("image", "file", "label", format="jsonl", path=str(tmp_path / "t" / "x.jsonl"))))
+    from mtl.run.examples import read_examples  # `adapt --examples` takes the same table
+
+    xs, ys, classes = read_examples(tmp_path / "t" / "x.csv", "image", ImageOptions(size=8))
+    assert classes == ["a", "b", "c"] and [int(x.mean()) // 60 - 1 for x in xs] == ys.tolist()
+    (tmp_path / "t" / "pics" / "3.png").write_bytes(png(60 * 3))  # an edited image is read again
+    task = load_task(spec("image", "file", "label", format="csv", path=str(tmp_path / "t" / "x.csv")))
+    a_means = {int(x.mean()) for s in task.splits.values() for x, y in zip(s.inputs, s.labels, strict=True) if y == 0}
+    assert 180 in a_means
+    (tmp_path / "t" / "pics" / "3.png").unlink()
+    with pytest.raises(TaskFileError, match=r"input_field: image file 'pics/3.png' not found \(looked for "
+                       + str(tmp_path / "t" / "pics" / "3.png")):
+        load_task(spec("image", "file", "label", format="csv", path=str(tmp_path / "t" / "x.csv")))
+
+
 def test_formats_that_name_their_columns_need_no_fields(tmp_path):
     """An image folder's columns are `image` and `label` whatever the task file says; a first task file
     need not know that. A csv's columns are the user's, so there the fields stay required."""

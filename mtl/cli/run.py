@@ -91,7 +91,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               lr: Annotated[float | None, typer.Option(help="Step size (default: the learned ones).")] = None,
               examples: Annotated[Path | None, typer.Option(
                   help="Your labelled examples: CSV/JSONL with text,label (or the task file's field names, or any "
-                  "two columns: text, then label), or a folder label/image.")] = None,
+                  "two columns: text, then label); for images the same with each image file's path, or a folder "
+                  "label/image.")] = None,
               head_init: Annotated[str | None, typer.Option(
                   help="zero, proto or logistic (a head fitted by logistic regression).")] = None,
               encoder_layers: Annotated[str, typer.Option(

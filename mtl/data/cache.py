@@ -42,14 +42,17 @@ def atomic_write_bytes(path: Path, data: bytes | Callable[[BinaryIO], object]) -
         raise
 
 
-def cached_arrays(kind: str, parts: object, build: Callable[[], dict[str, np.ndarray]]
-                  ) -> dict[str, np.ndarray]:
-    """Return the arrays cached under ``parts``, building and storing them on a miss."""
+def cached_arrays(kind: str, parts: object, build: Callable[[], dict[str, np.ndarray]],
+                  valid: Callable[[dict[str, np.ndarray]], bool] | None = None) -> dict[str, np.ndarray]:
+    """Return the arrays cached under ``parts``, building and storing them on a miss, or where ``valid``
+    says the cached arrays are out of date (files they were built from that ``parts`` cannot name)."""
     path = settings.cache_dir() / kind / f"{key_of(parts)}.npz"
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+                arrays = {k: z[k] for k in z.files}
+            if valid is None or valid(arrays):
+                return arrays
         except (OSError, ValueError, EOFError):
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
     arrays = build()

@@ -4,17 +4,55 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mtl import settings
 from mtl.data.schema import ImageOptions
 from mtl.errors import TaskFileError
+
+
+def image_path(value: str | Path, folders: Sequence[Path], where: str) -> Path:
+    """An image file named in a table (a CSV's ``filepath`` column): absolute, or relative to the first of
+    ``folders`` (the table's own folder, then the data directory) that holds it."""
+    p = Path(value).expanduser()
+    tried = [p] if p.is_absolute() else [f / p for f in folders]
+    for full in tried:
+        try:
+            found = full.is_file()
+        except OSError as e:  # a name longer than the file system allows
+            raise TaskFileError(None, "input_field", f"image {where} cannot be a path ({e.strerror})",
+                                "correct the path") from None
+        if found:
+            if settings.safe_mode() and not full.resolve().is_relative_to(settings.data_dir().resolve()):
+                raise TaskFileError(None, "input_field", f"image {where} is outside the data directory (safe mode)",
+                                    "move the images under MTL_DATA_DIR, or run without --safe")
+            return full
+    looked = " and ".join(map(str, tried))
+    raise TaskFileError(None, "input_field", f"image file {where} not found (looked for {looked})",
+                        "give paths relative to the table's own folder, or absolute ones")
+
+
+def file_stamp(path: Path) -> str:
+    """What identifies a file's bytes for a cache (path, size, mtime); empty if it is gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    return f"{path}\t{st.st_size}\t{st.st_mtime_ns}"
 
 
 def _to_pil(value: object, where: str) -> Image.Image:
     if isinstance(value, Image.Image):
         return value
+    if isinstance(value, Path):
+        try:
+            value = value.read_bytes()
+        except OSError as e:
+            raise TaskFileError(None, "input_field", f"cannot read image {where} ({e.strerror})",
+                                "correct the file's permissions") from None
     if isinstance(value, dict) and "bytes" in value:  # `datasets` Image feature, undecoded
         value = value["bytes"]
     if isinstance(value, bytes | bytearray):
@@ -77,13 +115,19 @@ def fit_to_content(img: Image.Image, hw: tuple[int, int]) -> Image.Image:
     return canvas
 
 
-def prepare_images(values: Iterable[object], options: ImageOptions, names: Sequence[str] | None = None
-                   ) -> np.ndarray:
-    """Decode, convert and resize every image; (N, H, W) if grayscale, else (N, H, W, 3)."""
+def prepare_images(values: Iterable[object], options: ImageOptions, names: Sequence[str] | None = None,
+                   folders: Sequence[Path] = (), read: list[str] | None = None) -> np.ndarray:
+    """Decode, convert and resize every image; (N, H, W) if grayscale, else (N, H, W, 3). A value that is a
+    string is an image file's path, relative to the first of ``folders`` that holds it; ``read`` collects
+    those files' :func:`file_stamp`, so a cache of the result can tell when one changes."""
     h, w = options.hw
     out: list[np.ndarray] = []
     for i, value in enumerate(values):
-        where = repr(names[i]) if names is not None else f"#{i}"
+        where = repr(names[i]) if names is not None else repr(value) if isinstance(value, str) else f"#{i}"
+        if isinstance(value, str):  # a path in a table of image files and labels
+            value = image_path(value, folders, where)
+            if read is not None:
+                read.append(file_stamp(value))
         img = _to_pil(value, where)
         img = img.convert("L" if options.grayscale else "RGB")
         if options.fit_content:

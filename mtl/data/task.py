@@ -15,8 +15,8 @@ import numpy as np
 
 from mtl import settings
 from mtl.data.cache import cached_arrays
-from mtl.data.formats import read_source, source_fingerprint
-from mtl.data.images import prepare_images
+from mtl.data.formats import located, read_source, source_fingerprint
+from mtl.data.images import file_stamp, prepare_images
 from mtl.data.schema import FIELD_SEP, ImageOptions, Source, TaskSpec
 from mtl.errors import TaskFileError
 
@@ -198,7 +198,9 @@ def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str,
 
     def build() -> dict[str, np.ndarray]:
         raw = read_source(src, root)
+        folders = _folders(src, root) if image is not None else {}
         arrays: dict[str, np.ndarray] = {}
+        read: list[str] = []  # image files named in a table, whose changes the cache key cannot see
         for split, cols in raw.items():
             for role, col in [*(("input", c) for c in spec.input_fields), ("label", spec.label_field)]:
                 if col not in cols:
@@ -216,7 +218,7 @@ def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str,
             fields = spec.input_fields
             values = cols[fields[0]] if len(fields) == 1 else joined_texts([cols[c] for c in fields])
             if image is not None:
-                inputs = prepare_images(values, image, cols.get("_names"))
+                inputs = prepare_images(values, image, cols.get("_names"), folders.get(split, [root]), read)
             else:
                 bad = next((i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()), None)
                 if bad is not None:
@@ -226,17 +228,34 @@ def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str,
                                         "remove empty rows")
                 inputs = np.asarray(values, dtype=np.str_)
             arrays[f"{split}/input"], arrays[f"{split}/label"] = inputs, labels
+        if read:
+            arrays[_READ] = np.asarray(read, dtype=np.str_)
         return arrays
 
     arrays = _memo(parts, build)
     out: dict[str, dict[str, np.ndarray]] = {}
     for key, arr in arrays.items():
+        if key == _READ:
+            continue
         split, role = key.rsplit("/", 1)
         out.setdefault(split, {})[role] = arr
     return out
 
 
+def _folders(src: Source, root: Path) -> dict[str, list[Path]]:
+    """Where each split's table of image paths is read from: its own files' folders, then the data directory."""
+    files = located(src, root) if src.path is not None or src.files is not None else {}
+    return {split: [*dict.fromkeys(p if p.is_dir() else p.parent for p in paths), root]
+            for split, paths in files.items()}
+
+
 _MEMO: dict[str, dict[str, np.ndarray]] = {}
+_READ = "_files"  # the cached arrays' list of image files read through a table's paths
+
+
+def _unchanged(arrays: dict[str, np.ndarray]) -> bool:
+    """Whether every image file a table named is as it was when the arrays were decoded."""
+    return all(file_stamp(Path(s.split("\t")[0])) == s for s in arrays.get(_READ, np.empty(0, np.str_)).tolist())
 
 
 def _memo(parts: object, build: object) -> dict[str, np.ndarray]:
@@ -244,8 +263,8 @@ def _memo(parts: object, build: object) -> dict[str, np.ndarray]:
     from mtl.data.cache import key_of
 
     k = key_of(parts)
-    if k not in _MEMO:
-        _MEMO[k] = cached_arrays("examples", parts, build)  # type: ignore[arg-type]
+    if k not in _MEMO or not _unchanged(_MEMO[k]):
+        _MEMO[k] = cached_arrays("examples", parts, build, _unchanged)  # type: ignore[arg-type]
     return _MEMO[k]
 
 

@@ -257,8 +257,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
 
     ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
-    examples per class (or ``examples``: a CSV/JSONL of text,label or a folder label/image) and whose
-    test split scores the result (``meta["test_accuracy"]``, ``meta["test_ece"]``); or ``(inputs, labels)``
+    examples per class (or ``examples``: a CSV/JSONL of text (or image path),label or a folder label/image)
+    and whose test split scores the result (``meta["test_accuracy"]``, ``meta["test_ece"]``); or ``(inputs, labels)``
     of your own. ``split``: draw the shots from this split instead, and score on its other examples (the
     held-out classes of a task split ``by: classes``, which meta-training never saw). ``predict`` answers
     ``none`` for inputs whose ``reject_by`` score (``distance``: relative Mahalanobis distance to the

@@ -1,5 +1,5 @@
-"""A user's own labelled examples, read from a file: a CSV or JSON lines of ``text``, ``label``, or a
-folder of ``label/image`` files (``cli.py adapt --examples``)."""
+"""A user's own labelled examples, read from a file: a CSV or JSON lines of ``text``, ``label`` (for images,
+each image file's path and its label), or a folder of ``label/image`` files (``cli.py adapt --examples``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from mtl import settings
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
 from mtl.data.task import joined_texts
-from mtl.errors import MtlError
+from mtl.errors import MtlError, TaskFileError
 
 
 def columns(keys: list[str], fields: tuple[list[str], str] | None) -> tuple[list[str], str] | None:
@@ -61,9 +62,13 @@ def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: 
             if not texts[-1]:
                 raise MtlError(f"{path} row {n} has no text", "fill in its text, or delete the row")
             labels.append(str(row[pair[1]]))
-        if modality != "text":
-            raise MtlError(f"{path} holds texts but the task is images", "give a folder of label/image files")
-        inputs = np.asarray(texts, dtype=np.str_)
+        if modality == "image":  # a table of image files and labels, paths relative to the table's folder
+            try:
+                inputs = prepare_images(texts, image, folders=[path.parent, settings.data_dir()])
+            except TaskFileError as e:  # located in the examples file, not a task file's field
+                raise MtlError(f"{path}: {e.problem}", e.fix) from None
+        else:
+            inputs = np.asarray(texts, dtype=np.str_)
     if not labels:
         raise MtlError(f"{path} holds no examples", "add at least one example per class")
     classes = sorted(set(labels))
