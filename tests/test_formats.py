@@ -129,6 +129,24 @@ def test_json_rows_split_lines_line_pairs(tmp_path):
     check_text(load_task(spec(format="line_pairs", path=str(tmp_path / "pairs"))))
 
 
+def test_textfolder_reads_one_example_per_file(tmp_path):
+    """A folder per class of text files (IMDB's layout), fields left out as for an image folder; a file in
+    another encoding is named with the fix; an image format's options do not fit a text folder."""
+    for i, (t, y) in enumerate(zip(TEXTS, LABELS, strict=True)):
+        (tmp_path / "docs" / y).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "docs" / y / f"{i}.txt").write_text(f"  {t}\n")
+    (tmp_path / "docs" / "README").write_text("not an example")  # beside the class folders: skipped
+    (tmp_path / "docs" / "a" / ".hidden").write_text("not an example")
+    doc = {"name": "t", "modality": "text", "role": "held_out", "source": {"format": "textfolder",
+           "path": str(tmp_path / "docs")}, "splits": {"by": "examples", "sizes": {"train": 0.5, "test": 0.5}}}
+    check_text(load_task(TaskSpec.model_validate(doc)))
+    (tmp_path / "docs" / "b" / "x.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(TaskFileError, match=r"source: cannot read x.txt .*Fix: set `encoding`"):
+        load_task(TaskSpec.model_validate(doc))
+    with pytest.raises(ValueError, match="holds texts; set `modality: text`"):
+        TaskSpec.model_validate({**doc, "modality": "image"})
+
+
 def png(value: int, size: int = 10) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((size, size), value, np.uint8)).save(buf, format="PNG")

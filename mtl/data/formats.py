@@ -293,6 +293,31 @@ def read_line_pairs(source: Source, root: Path) -> Raw:
     return out
 
 
+@reader("textfolder")
+def read_textfolder(source: Source, root: Path) -> Raw:
+    """A folder per class of text files, each file one example: ``folder/<label>/<file>`` (IMDB's aclImdb)."""
+    out: Raw = {}
+    for split, folders in located(source, root).items():
+        cols: Columns = {"text": [], "label": []}
+        for folder in folders:
+            if not folder.is_dir():
+                raise TaskFileError(None, "source", f"{folder} is a file; `textfolder` reads a folder of class "
+                                    "folders", "give the folder that holds one folder per class")
+            files = sorted(f for f in folder.glob("*/*") if f.is_file() and not f.name.startswith((".", "_")))
+            if not files:
+                raise TaskFileError(None, "source", f"{folder} holds no class folders of files",
+                                    "put each class's texts in a folder named for the class: FOLDER/<label>/<file>")
+            for f in files:
+                try:
+                    cols["text"].append(f.read_text(encoding=source.encoding).strip())
+                except UnicodeDecodeError as e:
+                    raise _bad_file(f, "source", e, f"set `encoding` to the file's (e.g. latin-1), or save it as "
+                                    f"{source.encoding}") from None
+                cols["label"].append(f.parent.name)
+        out[split] = cols
+    return out
+
+
 def _read_lines(path: Path, field: str, encoding: str = "utf-8") -> list[str]:
     try:
         return path.read_text(encoding=encoding).splitlines()

@@ -16,11 +16,13 @@ Format = Literal[
     # read through the `datasets` library
     "csv", "tsv", "json", "jsonl", "parquet", "imagefolder", "hub",
     # formats of the shipped data that `datasets` has no builder for
-    "json_rows", "split_lines", "line_pairs", "image_zip", "image_tar", "cifar_binary", "npz", "idx", "mat", "sklearn",
+    "json_rows", "split_lines", "line_pairs", "textfolder",
+    "image_zip", "image_tar", "cifar_binary", "npz", "idx", "mat", "sklearn",
 ]
 IMAGE_FORMATS = {"imagefolder", "image_zip", "image_tar", "cifar_binary", "npz", "idx", "mat", "sklearn"}
 # Formats whose reader names the columns itself: a task file may leave `input_field`/`label_field` out.
-FIXED_COLUMNS = {**{f: ("image", "label") for f in IMAGE_FORMATS}, "line_pairs": ("text", "label")}
+FIXED_COLUMNS = {**{f: ("image", "label") for f in IMAGE_FORMATS}, "line_pairs": ("text", "label"),
+                 "textfolder": ("text", "label")}
 
 Paths = str | list[str]
 FIELD_SEP = "\n"  # between the columns of a text task's `input_field: [title, body]`: whitespace to a tokenizer
@@ -261,6 +263,8 @@ class TaskSpec(_Strict):
         for src in self.sources:
             if self.modality == "text" and src.format in IMAGE_FORMATS - {"npz"}:
                 raise ValueError(f"format '{src.format}' holds images; set `modality: image`")
+            if self.modality == "image" and src.format in ("textfolder", "line_pairs", "json_rows", "split_lines"):
+                raise ValueError(f"format '{src.format}' holds texts; set `modality: text`")
         return self
 
     @property
