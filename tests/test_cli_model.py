@@ -328,6 +328,22 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
     code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "broken.png")
     assert code == 2 and "broken.png" in err and "Traceback" not in err
+    # in Python, `predict` takes what the command line takes: image paths, PIL images, or arrays of any size,
+    # each read as the task's images were; arrays already of the model's shape are taken as they are
+    from mtl import AdaptedModel, MtlError
+
+    model, faces = AdaptedModel.load(tmp_path / "m"), Registry().load("olivetti").test.inputs[:2]
+    expected = model.predict(faces)
+    big = [np.asarray(Image.fromarray(f).resize((90, 90)).convert("RGB")) for f in faces]
+    for given in ([tmp_path / "imgs" / "a" / "x.png", str(tmp_path / "imgs" / "b" / "c" / "x.png")],
+                  [Image.fromarray(f) for f in faces], list(faces)):
+        assert (model.predict(given) == expected).all()
+    assert (model.predict(big) == model.predict(np.stack(big))).all() and set(model.predict(big)) <= {
+        *model.classes, "none"}
+    with pytest.raises(MtlError, match="predict takes a list of inputs, not one str"):
+        model.predict(str(tmp_path / "face.png"))
+    with pytest.raises(MtlError, match=r"image nowhere\.png not found"):
+        model.predict(["nowhere.png"])
     code, out, err = run_cli("evaluate", "--checkpoint", image_run, "--task", "omniglot", "--ways", 5, "--shots", 1,
                              "--episodes", 20, "--json")
     assert code == 0, err

@@ -60,7 +60,7 @@ def test_unlabeled_errors_are_one_line(text_run, image_run, tmp_path, run_cli): 
     cases = [(text_run, "clinc150-work", tmp_path / "missing.txt", "no such file"),
              (text_run, "clinc150-work", write(tmp_path / "few.txt", "\n".join(f"text {i}" for i in range(60))),
               "gives 60 texts beyond the support set, fewer than 5 per class (75 for 15 classes)"),
-             (image_run, "mnist", write(tmp_path / "some.txt", "a\nb\n"), "image a cannot be read"),
+             (image_run, "mnist", write(tmp_path / "some.txt", "a\nb\n"), "image a not found"),
              (image_run, "mnist", tmp_path / "nothing", "no such file or folder")]
     for run, task, pool, message in cases:
         code, _, err = run_cli("adapt", "--task", task, "--checkpoint", run, "--shots", 2, "--unlabeled", pool,

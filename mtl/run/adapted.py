@@ -17,7 +17,7 @@ from mtl.data.formats import IMAGE_SUFFIXES
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
 from mtl.device import autocast, native_bf16
-from mtl.errors import MtlError
+from mtl.errors import MtlError, TaskFileError
 from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run import outliers
 from mtl.run.calibration import Rejection
@@ -310,11 +310,36 @@ class AdaptedModel:
         return float(np.mean(self.predict(inputs) == np.asarray(labels, dtype=object)))
 
     def _array(self, inputs: np.ndarray | list[Any]) -> np.ndarray:
-        if isinstance(inputs, np.ndarray):
-            return inputs
+        if isinstance(inputs, str | Path):  # a text is a sequence too: it would be labelled letter by letter
+            raise MtlError(f"predict takes a list of inputs, not one {type(inputs).__name__}",
+                           "wrap it in a list: predict([x])")
         if self.modality == "text":
-            return np.asarray([str(x) for x in inputs], dtype=np.str_)
-        return np.stack([np.asarray(x) for x in inputs]) if len(inputs) else np.zeros((0, 1, 1), np.uint8)
+            return inputs if isinstance(inputs, np.ndarray) else np.asarray([str(x) for x in inputs], dtype=np.str_)
+        return self._images(inputs)
+
+    def _images(self, items: np.ndarray | Sequence[Any]) -> np.ndarray:
+        """Images as the model takes them: arrays of the model's own shape as they are (a task's decoded images);
+        image files, PIL images and arrays of another shape read as the task's images were (resized, grey or
+        colour, inverted where the task file says)."""
+        options = ImageOptions.model_validate(self.meta["image"])
+        shape = options.hw if options.grayscale else (*options.hw, 3)
+        if isinstance(items, np.ndarray) and items.dtype.kind not in "OUS" and items.shape[1:] == shape:
+            return items
+        items = list(items)
+        if all(isinstance(x, np.ndarray) and x.shape == shape for x in items):
+            return np.stack(items) if items else np.zeros((0, *shape), np.uint8)
+        values: list[Any] = []
+        for x in items:
+            if isinstance(x, str | Path):
+                if not is_a(Path(x), "file"):
+                    raise MtlError(f"image {x} not found", "check the path")
+                x = Path(x)
+            values.append(x)
+        names = [str(x) if isinstance(x, Path) else f"#{i}" for i, x in enumerate(values)]
+        try:
+            return prepare_images(values, options, names)
+        except TaskFileError as e:  # about an input, not a task file's field
+            raise MtlError(e.problem, e.fix) from None
 
     def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str]]:
         """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line, and a folder
@@ -338,14 +363,7 @@ class AdaptedModel:
             if blank is not None:
                 raise MtlError(f"input {blank + 1} is empty", "give the text to label")
             return np.asarray(expanded, dtype=np.str_), expanded
-        blobs = []
-        for f in expanded:
-            try:
-                blobs.append(Path(f).read_bytes())
-            except OSError:
-                raise MtlError(f"image {f} cannot be read", "check the path") from None
-        images = prepare_images(blobs, ImageOptions.model_validate(self.meta["image"]), expanded)
-        return images, expanded
+        return self._images(expanded), expanded
 
     def predictions(self, items: list[str], top: int = 1) -> list[dict[str, Any]]:
         """``predict``'s rows: for each input its label (or ``none``), calibrated probability, the
