@@ -358,6 +358,34 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
     assert code == 2 and "--views 3 is not a number of views" in err
 
 
+def test_adapt_in_python_to_image_files_and_pil_images(image_run, tmp_path):
+    """``mtl.adapt(ckpt, task=(paths, labels))`` and ``FewShotClassifier.fit(paths, y)`` on an image checkpoint:
+    the strings are image files, read (as PIL images are) like the checkpoint's training task's images, here
+    Omniglot's, inverted; arrays already so read give the same model."""
+    import numpy as np
+    from PIL import Image
+
+    import mtl
+    from mtl.data.registry import Registry
+
+    faces = Registry().load("olivetti").train
+    keep = np.concatenate([np.flatnonzero(faces.labels == c)[:2] for c in range(6)])
+    paths = []
+    for i in keep:
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(255 - faces.inputs[i]).save(paths[-1])  # as Omniglot's files are: inverted when read
+    labels = [f"person{faces.labels[i]}" for i in keep]
+    by_path = mtl.adapt(image_run, task=([str(p) for p in paths], labels), views=1)
+    assert by_path.meta["image"]["invert"] and by_path.classes == sorted(set(labels))
+    by_pil = mtl.adapt(image_run, task=([Image.open(p) for p in paths], labels), views=1)
+    by_array = mtl.adapt(image_run, task=(faces.inputs[keep], labels), views=1)
+    test = faces.inputs[:20]
+    answers = [m.predict(test) for m in (by_path, by_pil, by_array)]
+    assert (answers[0] == answers[1]).all() and (answers[0] == answers[2]).all()
+    clf = mtl.FewShotClassifier(checkpoint=str(image_run), views=1).fit(paths, labels)
+    assert clf.score(paths, labels) == by_path.score(paths, labels)
+
+
 def test_adapt_to_eight_views_of_the_images(image_run, text_run, tmp_path, run_cli):
     """Images are adapted to by default as 8 views (turned, mirrored), each with its own adapted network;
     the saved model answers as the adapted one did, and `--views 1` is the single model."""

@@ -10,6 +10,7 @@ set, fit, score on the task's test split, save.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -23,6 +24,7 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.data.inputs import Inputs
 from mtl.data.registry import Registry, task_read_as
+from mtl.data.schema import ImageOptions
 from mtl.data.stream import TaskBatch
 from mtl.data.task import Split, Task
 from mtl.data.views import answered, check_views, episode_view, turned
@@ -245,6 +247,27 @@ def score_on_task(model: AdaptedModel, task: Task, support: Support | None = Non
             "test_ece_uncalibrated": expected_calibration_error(softmax(logits), yq)}
 
 
+def values_modality(inputs: Any, model: MultiTaskModel, tasks: Sequence[str], registry: Registry | None
+                    ) -> tuple[str, ImageOptions | None]:
+    """Whether ``(inputs, labels)`` are texts or images, and how image files and PIL images among them are read
+    (as the checkpoint's first training task's images, ``tasks``, at its ``model.image_size`` where it has one;
+    arrays are taken as they are). Strings are texts unless the checkpoint reads images only."""
+    from PIL import Image
+
+    first = next(iter(inputs), None)
+    if isinstance(first, str) and "text" in model.encoders:
+        return "text", None
+    if not isinstance(first, str | Path | Image.Image):
+        return "image", None
+    options = model.config.image_overrides
+    for name in tasks:
+        with contextlib.suppress(MtlError):
+            spec = (registry or Registry()).spec(name)
+            if spec.modality == "image":
+                return "image", spec.image_options.model_copy(update=options)
+    return "image", ImageOptions.model_validate(options)
+
+
 def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any] | None = None, *,
           shots: int = 5, examples: Path | str | None = None, steps: int | None = None, lr: float | None = None,
           head_init: str | None = None, encoder_layers: int | str = 0, encoder_epochs: int | None = None,
@@ -296,17 +319,16 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     if encoder_layers < 0 or (encoder_epochs is not None and encoder_epochs < 1):
         raise MtlError("--encoder-layers must be 0 or more (or all) and --encoder-epochs 1 or more",
                        "e.g. --encoder-layers 2")
-    stored = None
+    stored, trained_on = None, []
     if isinstance(checkpoint, Algorithm):
         learner, source = checkpoint, None
     else:
         learner, meta = load_learner(Path(checkpoint), resolve_device(device), hold_text=encoder_layers == 0)
-        source, stored = meta.get("path"), meta.get("adaptation")
+        source, stored, trained_on = meta.get("path"), meta.get("adaptation"), meta["recipe"].get("tasks", [])
     loaded: Task | None = None
     if isinstance(task, tuple):
         inputs, labels = task
-        modality = "text" if isinstance(next(iter(inputs), None), str) else "image"
-        support = support_from_arrays(inputs, labels, modality)
+        support = support_from_arrays(inputs, labels, *values_modality(inputs, learner.model, trained_on, registry))
     else:
         if task is None:
             raise MtlError("no task to adapt to", "give a registry task name, or (inputs, labels)")

@@ -1,8 +1,8 @@
 """A scikit-learn estimator over a learned initialization: ``FewShotClassifier(checkpoint=...)``.
 
-``fit(X, y)`` adapts the initialization to the few labelled examples given (texts, or uint8 images
-of the size the checkpoint was trained on); ``predict``, ``predict_proba`` and ``score`` follow
-scikit-learn's conventions (``classes_`` sorted, probabilities in that column order), so it works
+``fit(X, y)`` adapts the initialization to the few labelled examples given (texts, or images: uint8 arrays
+of the size the checkpoint was trained on, PIL images or image files); ``predict``, ``predict_proba`` and
+``score`` follow scikit-learn's conventions (``classes_`` sorted, probabilities in that column order), so it works
 with ``clone``, ``cross_val_score`` and ``GridSearchCV`` (e.g. over ``lr`` or ``steps``). A loaded
 checkpoint is shared by every estimator on it: adaptation never changes it.
 """
@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from mtl.algorithms import Algorithm
 from mtl.device import resolve_device
 from mtl.run import text_default
-from mtl.run.adapt import fit, views_for
+from mtl.run.adapt import fit, values_modality, views_for
 from mtl.run.adapted import AdaptedModel
 from mtl.run.calibration import REJECT_RATE
 from mtl.run.learner import load_learner
@@ -26,10 +26,12 @@ from mtl.run.support import support_from_arrays
 
 
 @lru_cache(maxsize=4)
-def _learner(checkpoint: str, device: str, hold_text: bool) -> Algorithm:
+def _learner(checkpoint: str, device: str, hold_text: bool) -> tuple[Algorithm, list[str]]:
+    """The loaded checkpoint and the tasks it was trained on."""
     from pathlib import Path
 
-    return load_learner(Path(checkpoint), resolve_device(device), hold_text=hold_text)[0]
+    learner, meta = load_learner(Path(checkpoint), resolve_device(device), hold_text=hold_text)
+    return learner, meta["recipe"].get("tasks", [])
 
 
 class FewShotClassifier(ClassifierMixin, BaseEstimator):
@@ -78,10 +80,11 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.shared_norms = shared_norms
 
     def fit(self, X: Any, y: Any) -> FewShotClassifier:
-        learner = _learner(str(self.checkpoint), self.device, self.encoder_layers == 0)
-        modality = _modality(X, learner)
+        learner, trained_on = _learner(str(self.checkpoint), self.device, self.encoder_layers == 0)
+        X = [str(x) if isinstance(x, np.str_) else x for x in X]
+        modality, image = values_modality(X, learner.model, trained_on, None)
         y = np.asarray(list(y))
-        support = support_from_arrays(list(X), [str(v) for v in y], modality)
+        support = support_from_arrays(X, [str(v) for v in y], modality, image)
         self.model_: AdaptedModel = fit(learner, support, self.steps, self.lr, self.head_init, self.encoder_layers,
                                         seed=self.seed, checkpoint=str(self.checkpoint),
                                         views=views_for(self.views, modality), shared_norms=self.shared_norms)
@@ -99,11 +102,3 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(1)]
 
-
-def _modality(X: Any, learner: Algorithm) -> str:
-    first = next(iter(X), None)
-    if isinstance(first, str | np.str_):
-        return "text"
-    if "image" not in learner.model.encoders:
-        return "text"
-    return "image"
