@@ -90,6 +90,25 @@ def test_bad_task_file_gets_one_line_with_file_field_and_fix(case, tmp_path, csv
     assert "Traceback" not in err + out
 
 
+def test_a_recipe_beside_the_tasks_is_skipped_and_a_first_row_of_data_is_spotted(tmp_path, csv_file, run_cli):
+    """A project folder holds its task files and the recipe that trains on them: the registry skips the
+    recipe, and `validate` given the recipe itself says what it is. A csv without a header row, read as if it
+    had one, has an example for column names: the fix says so."""
+    write(tmp_path / "tasks" / "t.yaml", good(csv_file))
+    write(tmp_path / "tasks" / "recipe.yaml", "method: protonet\ntasks: [tiny]\nways: 2\n")
+    code, out, err = run_cli("tasks", "validate", tmp_path / "tasks")
+    assert code == 0 and "tiny" in out and not err, err
+    assert Registry([tmp_path / "tasks"]).names() == ["tiny"]
+    code, out, err = run_cli("tasks", "validate", tmp_path / "tasks" / "recipe.yaml")
+    assert code == 1 and "recipe.yaml: a recipe (it lists `tasks:`), not a task file. Fix: train with it" in err
+    rows = [f"sentence number {i} is here,{'ab'[i % 2]}" for i in range(20)]
+    headless = write(tmp_path / "data" / "headless.csv", "\n".join(rows) + "\n")
+    path = write(tmp_path / "tasks" / "t.yaml", good(headless))
+    code, out, err = run_cli("tasks", "validate", path)
+    assert code == 1 and "column 'text' is not in the data" in err and "add `header: false` and `columns: [...]` " \
+        "(2 names)" in err, err
+
+
 def test_good_file_validates(tmp_path, csv_file, run_cli):
     path = write(tmp_path / "tasks" / "t.yaml", good(csv_file))
     code, out, err = run_cli("tasks", "validate", path)

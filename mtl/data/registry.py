@@ -115,6 +115,10 @@ def _field_of(loc: tuple[object, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
+class NotATaskFile(TaskFileError):
+    """A YAML file in a task folder that is something else: a recipe kept beside the tasks it trains on."""
+
+
 def parse_task_file(path: Path) -> TaskSpec:
     """Parse and validate one task file; raises :class:`TaskFileErrors`, one line per problem."""
     try:
@@ -143,6 +147,9 @@ def parse_task_file(path: Path) -> TaskSpec:
     if not isinstance(doc, dict):
         raise TaskFileErrors([TaskFileError(path, None, "the file is empty or not a mapping of fields",
                                             "start from an example in tasks/ (name:, modality:, source: ...)")])
+    if "tasks" in doc and "source" not in doc:
+        raise NotATaskFile(path, None, "a recipe (it lists `tasks:`), not a task file",
+                           f"train with it (`cli.py train --config {path}`); task folders skip recipes")
     try:
         return TaskSpec.model_validate(doc)
     except ValidationError as e:
@@ -182,7 +189,7 @@ class Registry:
             if not d.is_dir():
                 problems.append(TaskFileError(d, None, "task folder not found", "check the --tasks-dir path"))
         paths = [p for d in self.dirs if d.is_dir() for p in task_files(d)] + [Path(f) for f in files or []]
-        self.entries, more = scan(paths)
+        self.entries, more = scan(paths, [Path(f) for f in files or []])
         problems += more
         if problems:
             raise TaskFileErrors(problems)
@@ -263,13 +270,18 @@ def task_read_as(task: str | Task, image: Mapping[str, object] | None, registry:
     return read_as(task, image) if isinstance(task, Task) else (registry or Registry()).load(task, image)
 
 
-def scan(paths: list[Path]) -> tuple[dict[str, Entry], list[TaskFileError]]:
-    """Parse task files: the valid ones by name, and every problem (schema, duplicate names)."""
+def scan(paths: list[Path], named: Sequence[Path] = ()) -> tuple[dict[str, Entry], list[TaskFileError]]:
+    """Parse task files: the valid ones by name, and every problem (schema, duplicate names). A recipe in a
+    task folder is skipped (a project folder holds both); one ``named`` on its own is a problem."""
     entries: dict[str, Entry] = {}
     problems: list[TaskFileError] = []
     for path in paths:
         try:
             spec = parse_task_file(path)
+        except NotATaskFile as e:
+            if path in named:
+                problems.append(e)
+            continue
         except TaskFileErrors as e:
             problems += e.errors
             continue
@@ -293,7 +305,7 @@ def validate(paths: list[Path], check_data: bool = True) -> tuple[list[dict[str,
             files.append(p)
         else:
             problems.append(f"{p}: file not found. Fix: check the path.")
-    entries, errors = scan(files)
+    entries, errors = scan(files, [p for p in paths if not p.is_dir()])
     problems += [str(e) for e in errors]
     ok: list[dict[str, Any]] = []
     for e in entries.values():

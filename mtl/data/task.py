@@ -178,6 +178,15 @@ def _is_label(v: object) -> bool:
     return False
 
 
+def _reads_as_data(name: str) -> bool:
+    """A column name that is a number or a sentence: a header row that is the file's first example."""
+    try:
+        float(name)
+        return True
+    except ValueError:
+        return len(name) > 40 or name.count(" ") >= 3
+
+
 def joined_texts(columns: Sequence[Sequence[object]]) -> list[str]:
     """Each row's non-empty values of several text columns (a title and a body), joined by :data:`FIELD_SEP`;
     a missing value (None, NaN, blank) is left out, and a row with none is empty (an error when decoded)."""
@@ -204,10 +213,15 @@ def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str,
         for split, cols in raw.items():
             for role, col in [*(("input", c) for c in spec.input_fields), ("label", spec.label_field)]:
                 if col not in cols:
-                    visible = [c for c in cols if not c.startswith("_")]
+                    visible = [str(c) for c in cols if not str(c).startswith("_")]
                     fld = "input_field" if role == "input" else "label_field"
+                    fix = f"set `{fld}` to one of those columns"
+                    headless = src.format in ("csv", "tsv") and src.header and not src.columns
+                    if headless and any(map(_reads_as_data, visible)):
+                        fix = (f"its first row looks like an example, not column names: add `header: false` and "
+                               f"`columns: [...]` ({len(visible)} names) to `source`, then {fix}")
                     raise TaskFileError(None, fld, f"column '{col}' is not in the data (split '{split}' has "
-                                        f"{', '.join(visible)})", f"set `{fld}` to one of those columns")
+                                        f"{', '.join(visible)[:200]})", fix)
             raw_labels = cols[spec.label_field]
             bad = next((i for i, v in enumerate(raw_labels) if not _is_label(v)), None)
             if bad is not None:
