@@ -17,7 +17,7 @@ class MtlError(Exception):
         super().__init__(self._line())
 
     def _line(self) -> str:
-        text = self.problem + "."
+        text = self.problem + ("" if self.problem.endswith("?") else ".")
         if self.fix:
             fix = self.fix.rstrip(".")
             text += f" Fix: {fix}" + ("" if fix.endswith(("?", "!")) else ".")

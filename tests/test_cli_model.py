@@ -97,6 +97,21 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     long = "when is my next paycheck " * 20 + "notes.txt"  # too long to be a file name: a text all the same
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", long)
     assert code == 0 and json.loads(out)["predictions"][0]["label"] == "payday", err
+    # a table of inputs: its `text` column, else the task's own input column, else its one column but `label`
+    from mtl.run.examples import table_inputs
+
+    tables = {"a.csv": "id,text\n1,when is my next paycheck\n",
+              "b.jsonl": '{"query": "when is my next paycheck", "label": "x"}\n'}
+    for name, body in tables.items():
+        (tmp_path / name).write_text(body)
+        code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", tmp_path / name)
+        assert code == 0 and [p["label"] for p in json.loads(out)["predictions"]] == ["payday"], (name, err)
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["input_fields"] == ["text"]
+    (tmp_path / "c.tsv").write_text("query\twhen\nwhen is my next paycheck\t1\n")
+    assert table_inputs(tmp_path / "c.tsv", "text", ["query"]) == ["when is my next paycheck"]
+    (tmp_path / "d.csv").write_text("id,body\n1,hello\n")
+    code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "d.csv")
+    assert code == 2 and "has columns id, body: which holds the inputs? Fix: name it `text`" in err, err
     code, _, err = run_cli("evaluate", "--checkpoint", text_run, "--task", "clinc150-work", "--views", 4)
     assert code == 2 and "--views turns images; this task has texts" in err
 
@@ -325,6 +340,9 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--top", 2, tmp_path / "imgs")
     rows = [line.split() for line in out.strip().splitlines()]
     assert code == 0 and len(rows) == 2 and all(len(r) == 5 and r[4].endswith("x.png") for r in rows), (out, err)
+    (tmp_path / "list.csv").write_text("file,label\nimgs/a/x.png,a\n")  # paths relative to the table's folder
+    code, out2, err = run_cli("predict", "--model", tmp_path / "m", "--top", 2, tmp_path / "list.csv")
+    assert code == 0 and out2.splitlines()[0] == out.splitlines()[0], (out2, err)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
     code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "broken.png")
     assert code == 2 and "broken.png" in err and "Traceback" not in err

@@ -363,6 +363,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         model = self_train(model, support, unlabeled, seed, reject_rate)
     model.meta.update(score_on_task(model, loaded, support) if loaded is not None else
                       {"test_accuracy": None, "test_ci95": None, "test_examples": 0})
+    if loaded is not None:  # where `predict` finds the inputs in a table laid out as the task's data
+        model.meta["input_fields"] = loaded.spec.input_fields
     if reject_below is not None:
         model.reject_below(reject_below)
     if unknown is not None:

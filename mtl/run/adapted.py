@@ -22,6 +22,7 @@ from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run import outliers
 from mtl.run.calibration import Rejection
 from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
+from mtl.run.examples import TABLE_SUFFIXES, table_inputs
 from mtl.run.token_match import TAU as TOKEN_TAU
 from mtl.run.token_match import TokenMatcher, own_token_vectors
 
@@ -342,13 +343,15 @@ class AdaptedModel:
             raise MtlError(e.problem, e.fix) from None
 
     def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str]]:
-        """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line, and a folder
-        (image models) every image below it, class folders included."""
+        """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line, a CSV/TSV/JSONL file
+        its ``text`` column (:func:`table_inputs`), and a folder (image models) every image below it."""
         expanded: list[str] = []
         for item in items:
             p = Path(item)
             if p.suffix == ".txt" and is_a(p, "file"):  # a text is looked up on disk only where it may be a path
                 expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            elif p.suffix.lower() in TABLE_SUFFIXES and is_a(p, "file"):
+                expanded += table_inputs(p, self.modality, self.meta.get("input_fields"))
             elif self.modality == "image" and is_a(p, "dir"):
                 expanded += image_files(p)
             elif self.modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and is_a(p, "file"):

@@ -27,6 +27,42 @@ def columns(keys: list[str], fields: tuple[list[str], str] | None) -> tuple[list
     return ([keys[0]], keys[1]) if len(keys) == 2 else None
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+
+def table_rows(path: Path) -> list[Any]:
+    """The rows of a UTF-8 CSV/TSV with a header, or of JSON lines (each a mapping, if the file is right)."""
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return list(csv.DictReader(path.open(encoding="utf-8", newline=""), delimiter="\t" if path.suffix == ".tsv"
+                                   else ","))
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header or JSON lines") from None
+
+
+def table_inputs(path: Path, modality: str, fields: list[str] | None = None) -> list[str]:
+    """The inputs listed in a table, for ``predict``: its ``text`` column (images: ``image``, ``path``,
+    ``file`` or ``filepath``, relative to the table's folder), else the task's input columns (``fields``),
+    else the one column that is not ``label``."""
+    rows = table_rows(path)
+    keys = list(rows[0]) if rows and isinstance(rows[0], dict) else []
+    named = [["text"]] if modality == "text" else [["image"], ["path"], ["file"], ["filepath"]]
+    rest = [k for k in keys if k != "label"]
+    cols = next((c for c in [*named, fields or [], rest if len(rest) == 1 else []] if c and set(c) <= set(keys)),
+                None)
+    if cols is None:
+        raise MtlError(f"{path} has columns {', '.join(keys) or '(none)'}: which holds the inputs?",
+                       f"name it `{named[0][0]}`, or keep that column alone (a `label` column may stay)")
+    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict) or not set(cols) <= set(row)), None)
+    if bad is not None:
+        raise MtlError(f"{path} row {bad} has no `{'`, `'.join(cols)}`", "give every row its input")
+    values = joined_texts([[row[c] for row in rows] for c in cols])
+    if modality == "image":
+        values = [v if Path(v).is_absolute() else str(path.parent / v) for v in values]
+    return values
+
+
 def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: tuple[list[str], str] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Labelled examples from a CSV/JSONL (columns as :func:`columns` finds them) or a folder
@@ -45,13 +81,7 @@ def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: 
         names = [str(p) for p in files]
         inputs = prepare_images(texts, image, names)
     else:
-        try:
-            if path.suffix == ".jsonl":
-                rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            else:
-                rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
-        except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-            raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header or JSON lines") from None
+        rows = table_rows(path)
         pair = columns(list(rows[0]), fields) if rows and isinstance(rows[0], dict) else None
         for n, row in enumerate(rows, 1):
             if pair is None or not isinstance(row, dict) or not {*pair[0], pair[1]} <= set(row):
