@@ -203,6 +203,18 @@ def test_a_table_of_image_paths_reads_the_images(tmp_path, monkeypatch):
         load_task(spec("image", "file", "label", format="csv", path=str(tmp_path / "t" / "x.csv")))
 
 
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG (scans, microscopy) is scaled to 8 bits by its maximum, as an array is: Pillow's own
+    conversion clips it, and every pixel above 255 would be white."""
+    from mtl.data.images import prepare_images
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert Image.open(tmp_path / "ramp.png").mode.startswith("I;16")
+    x = prepare_images([(tmp_path / "ramp.png").read_bytes()], ImageOptions(size=8))[0]
+    assert x[0].max() < 30 and x[-1].min() > 225 and (np.diff(x[:, 0].astype(int)) > 0).all()
+
+
 def test_formats_that_name_their_columns_need_no_fields(tmp_path):
     """An image folder's columns are `image` and `label` whatever the task file says; a first task file
     need not know that. A csv's columns are the user's, so there the fields stay required."""

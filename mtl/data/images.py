@@ -59,6 +59,8 @@ def _to_pil(value: object, where: str) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(value))
             img.load()
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit or float: convert("L") would clip
+                return _to_pil(np.asarray(img), where)  # scaled to 8 bits by its maximum, as arrays are
             return img
         except UnidentifiedImageError:
             raise TaskFileError(None, "source", f"corrupt or unreadable image {where} (not an image format "
