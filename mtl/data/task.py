@@ -164,7 +164,7 @@ def _decoded_source(spec: TaskSpec, root: Path) -> dict[str, dict[str, np.ndarra
             for s, cols in merged.items()}
 
 
-DECODE_VERSION = 2  # bump when decoding or its checks change: cached examples are then decoded again
+DECODE_VERSION = 3  # bump when decoding or its checks change: cached examples are then decoded again
 
 
 def _is_label(v: object) -> bool:
