@@ -203,9 +203,9 @@ def test_a_table_of_image_paths_reads_the_images(tmp_path, monkeypatch):
         load_task(spec("image", "file", "label", format="csv", path=str(tmp_path / "t" / "x.csv")))
 
 
-def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+def test_sixteen_bit_and_turned_images_are_read_as_seen(tmp_path):
     """A 16-bit PNG (scans, microscopy) is scaled to 8 bits by its maximum, as an array is: Pillow's own
-    conversion clips it, and every pixel above 255 would be white."""
+    conversion clips it, and every pixel above 255 would be white. A photo is turned as its EXIF tag says."""
     from mtl.data.images import prepare_images
 
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
@@ -213,6 +213,15 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     assert Image.open(tmp_path / "ramp.png").mode.startswith("I;16")
     x = prepare_images([(tmp_path / "ramp.png").read_bytes()], ImageOptions(size=8))[0]
     assert x[0].max() < 30 and x[-1].min() > 225 and (np.diff(x[:, 0].astype(int)) > 0).all()
+    # a photo stored turned, with the EXIF tag that says so (orientation 6: turn 90 degrees clockwise to view)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    top_dark = np.full((16, 16), 255, np.uint8)
+    top_dark[:8] = 0
+    buf = io.BytesIO()
+    Image.fromarray(top_dark).save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    y = prepare_images([buf.getvalue()], ImageOptions(size=16))[0]
+    assert y[:, 8:].mean() < 40 and y[:, :8].mean() > 215  # as viewed: the dark half on the right
 
 
 def test_formats_that_name_their_columns_need_no_fields(tmp_path):

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mtl import settings
 from mtl.data.schema import ImageOptions
@@ -61,7 +61,7 @@ def _to_pil(value: object, where: str) -> Image.Image:
             img.load()
             if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit or float: convert("L") would clip
                 return _to_pil(np.asarray(img), where)  # scaled to 8 bits by its maximum, as arrays are
-            return img
+            return ImageOps.exif_transpose(img)  # a phone's photo is stored turned, with a tag saying how
         except UnidentifiedImageError:
             raise TaskFileError(None, "source", f"corrupt or unreadable image {where} (not an image format "
                                 "Pillow can read)", "re-export the image or remove it from the data") from None
