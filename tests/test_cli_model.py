@@ -114,6 +114,13 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     assert code == 2 and "has columns id, body: which holds the inputs? Fix: name it `text`" in err, err
     code, _, err = run_cli("evaluate", "--checkpoint", text_run, "--task", "clinc150-work", "--views", 4)
     assert code == 2 and "--views turns images; this task has texts" in err
+    # a large test split is scored on a seeded sample, and says so (all: every example)
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 5,
+                             "--test-examples", 100, "--out", tmp_path / "m2")
+    assert code == 0 and "on 100 examples of 450 (a random sample; --test-examples all scores every one)" in out, err
+    code, _, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--test-examples", "some",
+                           "--out", tmp_path / "m3")
+    assert code == 2 and "--test-examples some is not a number" in err
 
 
 def test_adapt_with_encoder_fine_tuning_saves_a_model_predict_reproduces(text_run, tmp_path, run_cli):

@@ -9,7 +9,19 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mtl.cli.common import Device, Json, SharedNorms, TasksDir, _print_json, _registry, app, err, out, progress
+from mtl.cli.common import (
+    Device,
+    Json,
+    SharedNorms,
+    TasksDir,
+    _print_json,
+    _registry,
+    app,
+    count_or_all,
+    err,
+    out,
+    progress,
+)
 from mtl.errors import MtlError
 
 
@@ -132,6 +144,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   help="Images: also adapt to the support set turned by 90-degree steps (4) and mirrored (8); "
                        "the views answer together (default 8).")] = None,
               shared_norms: SharedNorms = True,
+              test_examples: Annotated[str, typer.Option(
+                  help="Score on at most this many test examples, a seeded random sample (or all).")] = "5000",
               device: Device = "auto", seed: int = 0, tasks_dir: TasksDir = None, as_json: Json = False) -> None:
     """Fine-tune a learned initialization on a few labelled examples of a task and save it.
 
@@ -145,19 +159,23 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   device=device, out=out_dir,
                   registry=_registry(tasks_dir), reject_by=reject_by, reject_below=reject_below,
                   none=none_label, unknown=unknown, select=select, unlabeled=unlabeled, meta_only=meta_only,
-                  split=split, views=views, shared_norms=shared_norms,
+                  split=split, views=views, shared_norms=shared_norms, test_examples=count_or_all(test_examples,
+                                                                                                "--test-examples"),
                   **({} if reject_rate is None else {"reject_rate": reject_rate}))
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
-                                            "test_examples", "test_split", "test_ece", "test_ece_uncalibrated",
+                                            "test_examples", "test_of", "test_split", "test_ece",
+                                            "test_ece_uncalibrated",
                                             "calibration", "rejection", "open_set", "choice", "self_training",
                                             "views", "shared_norms", "seconds")}}
     if as_json:
         _print_json(result)
         return
     scored = ("test", "") if split is None else (f"{m.meta['test_split']}-split", " other")  # --split: the rest
+    sample = m.meta.get("test_of", 0) > m.meta["test_examples"]
+    of = f" of {m.meta['test_of']} (a random sample; --test-examples all scores every one)" if sample else ""
     acc = (f"{scored[0]} accuracy {m.meta['test_accuracy']:.4f} +/- {m.meta['test_ci95']:.4f} on "
-           f"{m.meta['test_examples']}{scored[1]} examples" if m.meta["test_accuracy"] is not None
+           f"{m.meta['test_examples']}{scored[1]} examples{of}" if m.meta["test_accuracy"] is not None
            else "no test examples of these classes" + ("" if split or examples else
                                                         " (`--split test` adapts to the test split's classes)"))
     sel = m.meta["selection"]

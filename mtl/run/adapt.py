@@ -229,20 +229,28 @@ def scored_split(task: Task, support: Support | None = None) -> Split:
     return Split(split.task, split.name, split.inputs[rest], split.labels[rest])
 
 
-def score_on_task(model: AdaptedModel, task: Task, support: Support | None = None) -> dict[str, Any]:
+TEST_EXAMPLES = 5000  # scored by `adapt` at most (a seeded sample): every shipped test split, 1.9 min of long texts
+
+
+def score_on_task(model: AdaptedModel, task: Task, support: Support | None = None, limit: int | None = None
+                  ) -> dict[str, Any]:
     """Accuracy (and its 95% CI) and expected calibration error, before and after the temperature, on
-    the examples of :func:`scored_split` whose class the model knows."""
+    the examples of :func:`scored_split` whose class the model knows (at most ``limit`` of them, drawn at
+    random with a fixed seed; ``test_of`` says of how many)."""
     name_to_id = {c: i for i, c in enumerate(model.classes)}
     test = scored_split(task, support)
-    keep = np.asarray([task.classes[c] in name_to_id for c in test.labels.tolist()], bool)
-    if not keep.any():
+    keep = np.flatnonzero([task.classes[c] in name_to_id for c in test.labels.tolist()])
+    if not len(keep):
         return {"test_accuracy": None, "test_ci95": None, "test_examples": 0, "test_split": test.name}
+    total = len(keep)
+    if limit is not None and total > limit:
+        keep = np.sort(np.random.default_rng(0).choice(keep, limit, replace=False))
     yq = np.asarray([name_to_id[task.classes[c]] for c in test.labels[keep].tolist()])
-    log.info("scoring the %s split: %d examples", test.name, len(yq))
+    log.info("scoring the %s split: %d examples%s", test.name, len(yq), f" of {total}" if total > len(yq) else "")
     logits, _ = model.outputs(test.inputs[keep], cached=True)
     acc = float((logits.argmax(1) == yq).mean())
     return {"test_accuracy": acc, "test_ci95": float(1.96 * np.sqrt(acc * (1 - acc) / len(yq))),
-            "test_examples": len(yq), "test_split": test.name,
+            "test_examples": len(yq), "test_of": total, "test_split": test.name,
             "test_ece": expected_calibration_error(softmax(logits, model.temperature), yq),
             "test_ece_uncalibrated": expected_calibration_error(softmax(logits), yq)}
 
@@ -276,7 +284,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
           unknown: str | Task | None = None, select: bool = False,
           unlabeled: Path | str | Sequence[str] | None = None, meta_only: bool = False,
-          split: str | None = None, views: int | None = None, shared_norms: bool = True) -> AdaptedModel:
+          split: str | None = None, views: int | None = None, shared_norms: bool = True,
+          test_examples: int | None = TEST_EXAMPLES) -> AdaptedModel:
     """Adapt a learned initialization to a task and return the adapted model (saved to ``out`` if given).
 
     ``task``: a registry task name (or a loaded :class:`Task`), whose train split gives ``shots``
@@ -303,9 +312,12 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     ``views``: for images, how many turned copies of the support set are adapted to and answer together
     (1, 4 or 8; by default 8: :func:`fit`; with ``unlabeled``, each view's head is refitted); texts have one.
     ``shared_norms``: the views normalised with the batch-norm statistics of the support set in all of them
-    (:mod:`mtl.run.view_norms`), else each with its own.
+    (:mod:`mtl.run.view_norms`), else each with its own. ``test_examples``: score on a seeded random sample of
+    at most this many test examples (None: all), so a large test split does not hold up the adapted model.
     """
     t0 = time.perf_counter()
+    if test_examples is not None and test_examples < 1:
+        raise MtlError(f"--test-examples {test_examples} is not a number of examples", "use 1 or more, or all")
     if shots < 1:
         raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
     check_setting(steps, lr, head_init)
@@ -361,7 +373,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
         from mtl.run.self_training import self_train
 
         model = self_train(model, support, unlabeled, seed, reject_rate)
-    model.meta.update(score_on_task(model, loaded, support) if loaded is not None else
+    model.meta.update(score_on_task(model, loaded, support, test_examples) if loaded is not None else
                       {"test_accuracy": None, "test_ci95": None, "test_examples": 0})
     if loaded is not None:  # where `predict` finds the inputs in a table laid out as the task's data
         model.meta["input_fields"] = loaded.spec.input_fields
