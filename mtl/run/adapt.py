@@ -229,7 +229,7 @@ def scored_split(task: Task, support: Support | None = None) -> Split:
     return Split(split.task, split.name, split.inputs[rest], split.labels[rest])
 
 
-TEST_EXAMPLES = 5000  # scored by `adapt` at most (a seeded sample): every shipped test split, 1.9 min of long texts
+TEST_EXAMPLES = 5000  # scored by `adapt` at most (a seeded sample): every shipped test split; 1.8 min of long texts
 
 
 def score_on_task(model: AdaptedModel, task: Task, support: Support | None = None, limit: int | None = None
