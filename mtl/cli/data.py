@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from mtl import settings
 from mtl.cli.common import Json, TasksDir, _print_json, _registry, data_app, out
@@ -23,7 +23,8 @@ def data_status(names: Annotated[list[str] | None, typer.Argument(help="Tasks (d
     if as_json:
         _print_json({"files": rows, "data_dir": str(settings.data_dir()), "cache": str(settings.download_dir())})
         return
-    table = Table("task", "file", "status", "where", "size", "source",
+    table = Table(Column("task", overflow="fold", min_width=min(32, max((len(r["task"]) for r in rows), default=4))),
+                  *(Column(h, overflow="fold") for h in ("file", "status", "where", "size", "source")),
                   title=f"data: {settings.data_dir()}, then {settings.download_dir()}")
     for r in rows:
         size = f"{r['size'] / 2**20:.1f} MB" if r["size"] else "-"

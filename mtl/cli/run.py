@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from mtl.cli.common import (
     Device,
@@ -360,8 +360,10 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
     if as_json:
         _print_json(doc)
         return
-    table = Table("task", "shots", "method", "accuracy", "95% CI", "p vs reference", "step size", "ECE",
-                  title="same episodes for every method")
+    names = [Column(h, overflow="fold", min_width=min(32, max(len(getattr(r, h)) for r in rows)))
+             for h in ("task", "method")]
+    table = Table(names[0], "shots", names[1], "accuracy", "95% CI", "p vs reference", "step size", "ECE",
+                  title="same episodes for every method")  # the names whole: a user types them again
     for r in rows:
         table.add_row(r.task, str(r.shots), r.method, f"{100 * r.accuracy:.2f}%", f"±{100 * r.ci95:.2f}",
                       "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}", r.step_size,

@@ -24,7 +24,9 @@ def tasks_list(tasks_dir: TasksDir = None,
         _print_json({"tasks": rows, "data_dir": str(settings.data_dir())})
         return
     table = Table(title=f"{len(rows)} tasks (data: {settings.data_dir()})")
-    for col in ("name", "modality", "classes", "examples per split", "role"):
+    longest = max((len(r["name"]) for r in rows), default=4)  # a name shown whole (folded if long), to type again
+    table.add_column("name", overflow="fold", min_width=min(longest, 32))
+    for col in ("modality", "classes", "examples per split", "role"):
         table.add_column(col, justify="right" if col == "classes" else "left")
     for r in rows:
         splits = ", ".join(f"{s} {n:,}" for s, n in r["splits"].items())
