@@ -90,7 +90,8 @@ def test_too_many_ways_names_task_and_counts():
 
 
 def test_too_many_shots_names_class_and_counts():
-    with pytest.raises(MtlError, match=r"class 'c2' of task 'toy' split 'train' has 3 examples.*1 \+ 5"):
+    with pytest.raises(MtlError, match=r"class 'c2' of task 'toy' split 'train' has 3 examples.*1 \+ 5.*"
+                       r"e\.g\. --queries 2 \(in a recipe, `queries: 2`\)"):
         EpisodeSampler(toy_task(per_class=[10, 10, 3]), ways=2, shots=1, queries=5)
 
 

@@ -82,7 +82,8 @@ class EpisodeSampler:
                                f"'{split}' has {len(members)} examples, fewer than shots + queries = "
                                f"{shots} + {queries}",
                                f"ask for at most {len(members)} shots + queries in all"
-                               + (f", e.g. --queries {len(members) - shots}" if len(members) > shots else ""))
+                               + (f", e.g. --queries {len(members) - shots} (in a recipe, `queries: "
+                                  f"{len(members) - shots}`)" if len(members) > shots else ""))
 
         self.within_groups = within_groups
         groups = class_groups([f"{p}:{self.tasks[p].classes[c]}" for p, c in self._classes]) if within_groups else []
