@@ -215,7 +215,8 @@ class Registry:
     def entry(self, name: str) -> Entry:
         if name not in self.entries:
             close = difflib.get_close_matches(name, list(self.entries), n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else "run `cli.py tasks list` to see the tasks"
+            hint = (f"did you mean {', '.join(close)}?" if close else "run `cli.py tasks list` to see the tasks, "
+                    "or add --tasks-dir with the folder that holds its task file (or set MTL_TASKS_DIRS)")
             raise MtlError(f"no task named '{name}' in {', '.join(str(d) for d in self.dirs)}", hint)
         return self.entries[name]
 
