@@ -98,17 +98,22 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", long)
     assert code == 0 and json.loads(out)["predictions"][0]["label"] == "payday", err
     # a table of inputs: its `text` column, else the task's own input column, else its one column but `label`
-    from mtl.run.examples import table_inputs
+    from mtl.run.given_inputs import table_inputs
 
     tables = {"a.csv": "id,text\n1,when is my next paycheck\n",
-              "b.jsonl": '{"query": "when is my next paycheck", "label": "x"}\n'}
+              "b.jsonl": '{"query": "when is my next paycheck", "label": "payday"}\n{"query": "how many '
+                         'vacation days do i have left", "label": "payday"}\n'}
     for name, body in tables.items():
         (tmp_path / name).write_text(body)
         code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", tmp_path / name)
-        assert code == 0 and [p["label"] for p in json.loads(out)["predictions"]] == ["payday"], (name, err)
+        assert code == 0 and json.loads(out)["predictions"][0]["label"] == "payday", (name, err)
+    assert json.loads(out)["score"] == {"accuracy": 0.5, "ci95": pytest.approx(0.693, abs=1e-3), "labelled": 2}
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "b.jsonl", "when is my next paycheck")
+    assert code == 0 and "accuracy 0.5000 +/- 0.6930 on the 2 inputs whose table gives their label" in err, err
+    assert len(out.strip().splitlines()) == 3  # the labels stay on stdout alone
     assert json.loads((tmp_path / "m" / "model.json").read_text())["input_fields"] == ["text"]
     (tmp_path / "c.tsv").write_text("query\twhen\nwhen is my next paycheck\t1\n")
-    assert table_inputs(tmp_path / "c.tsv", "text", ["query"]) == ["when is my next paycheck"]
+    assert table_inputs(tmp_path / "c.tsv", "text", ["query"]) == (["when is my next paycheck"], None)
     (tmp_path / "d.csv").write_text("id,body\n1,hello\n")
     code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "d.csv")
     assert code == 2 and "has columns id, body: which holds the inputs? Fix: name it `text`" in err, err

@@ -251,12 +251,22 @@ def predict(model: Annotated[Path, typer.Option("--model", help="Folder written 
     if reject_below is not None:
         m.reject_below(reject_below)
     rows = m.predictions(inputs, top)
+    import numpy as np
+
+    labelled = [r["label"] == r["expected"] for r in rows if "expected" in r]  # a table with a label column
+    acc = float(np.mean(labelled)) if labelled else None
+    score = {"accuracy": acc, "ci95": 1.96 * float(np.sqrt(acc * (1 - acc) / len(labelled))),
+             "labelled": len(labelled)} if acc is not None else None
     if as_json:
-        _print_json({"model": str(model), "task": m.meta["task"], "predictions": rows})
+        _print_json({"model": str(model), "task": m.meta["task"], "predictions": rows,
+                     **({"score": score} if score else {})})
         return
     for r in rows:
         others = "".join(f"\t{t['label']}\t{t['probability']:.3f}" for t in r["top"][1:])
         out.print(f"{r['label']}\t{r['probability']:.3f}{others}\t{r['input']}", highlight=False, markup=False)
+    if score:
+        err.print(f"accuracy {score['accuracy']:.4f} +/- {score['ci95']:.4f} on the {score['labelled']} inputs "
+                  "whose table gives their label", highlight=False)
 
 
 @app.command("evaluate")

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl.data.formats import IMAGE_SUFFIXES
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
 from mtl.device import autocast, native_bf16
@@ -22,7 +21,7 @@ from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run import outliers
 from mtl.run.calibration import Rejection
 from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
-from mtl.run.examples import TABLE_SUFFIXES, table_inputs
+from mtl.run.given_inputs import is_a, read_inputs
 from mtl.run.token_match import TAU as TOKEN_TAU
 from mtl.run.token_match import TokenMatcher, own_token_vectors
 
@@ -48,32 +47,6 @@ def plain_model(encoder: str, device: torch.device | str) -> MultiTaskModel:
     """The pretrained text encoder and nothing else (no trunk, frozen): what the alternatives to the
     meta-learned path start from, and what a fine-tuned model's out-of-scope score reads."""
     return MultiTaskModel(ModelConfig(text_encoder=encoder), ["text"]).to(device).eval()
-
-
-def is_a(path: Path, kind: str) -> bool:
-    """Whether ``path`` is a ``"file"`` or a ``"dir"``; False for a text too long to be a file name."""
-    try:
-        return path.is_file() if kind == "file" else path.is_dir()
-    except OSError:
-        return False
-
-
-def first_blank(texts: Sequence[str]) -> int | None:
-    """The position of the first empty (or all-space) text, which would get a label all the same, from nothing."""
-    return next((i for i, t in enumerate(texts) if not t.strip()), None)
-
-
-def image_files(folder: Path) -> list[str]:
-    """Every image file below ``folder``, in a stable order; other files (notes, ``.DS_Store``) are
-    skipped, since a folder of class folders is how users keep images."""
-    from PIL import Image
-
-    suffixes = {ext.lower() for ext in Image.registered_extensions()}
-    found = sorted(str(f) for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
-                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
-    if not found:
-        raise MtlError(f"no image files in {folder}", "give a folder holding .png/.jpg images, or image paths")
-    return found
 
 
 def model_inputs(x: np.ndarray, model: MultiTaskModel, modality: str, device: torch.device, cache: bool = True
@@ -342,37 +315,23 @@ class AdaptedModel:
         except TaskFileError as e:  # about an input, not a task file's field
             raise MtlError(e.problem, e.fix) from None
 
-    def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str]]:
-        """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line, a CSV/TSV/JSONL file
-        its ``text`` column (:func:`table_inputs`), and a folder (image models) every image below it."""
-        expanded: list[str] = []
-        for item in items:
-            p = Path(item)
-            if p.suffix == ".txt" and is_a(p, "file"):  # a text is looked up on disk only where it may be a path
-                expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-            elif p.suffix.lower() in TABLE_SUFFIXES and is_a(p, "file"):
-                expanded += table_inputs(p, self.modality, self.meta.get("input_fields"))
-            elif self.modality == "image" and is_a(p, "dir"):
-                expanded += image_files(p)
-            elif self.modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and is_a(p, "file"):
-                raise MtlError(f"{item} is an image, and this model reads texts (adapted to {self.meta['task']})",
-                               "give it texts, or predict with a model adapted to an image task")
-            else:
-                expanded.append(item)
-        if not expanded:
-            raise MtlError("no inputs to predict", "give texts, image paths or a .txt file of them")
-        if self.modality == "text":
-            blank = first_blank(expanded)
-            if blank is not None:
-                raise MtlError(f"input {blank + 1} is empty", "give the text to label")
-            return np.asarray(expanded, dtype=np.str_), expanded
-        return self._images(expanded), expanded
+    def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str], list[str | None]]:
+        """What ``predict`` is given, read (:func:`~mtl.run.given_inputs.read_inputs`): the model's inputs, how
+        each is shown, and the label a table gave it (else None)."""
+        values, expected = read_inputs(items, self.modality, self.meta)
+        x = np.asarray(values, dtype=np.str_) if self.modality == "text" else self._images(values)
+        return x, values, expected
 
     def predictions(self, items: list[str], top: int = 1) -> list[dict[str, Any]]:
         """``predict``'s rows: for each input its label (or ``none``), calibrated probability, the
-        ``top`` best labels, and the score rejection compares with its threshold."""
-        x, shown = self.load_inputs(items)
-        return self.rows(x, shown, top)
+        ``top`` best labels, the score rejection compares with its threshold, and the ``expected`` label where
+        a table of inputs has a ``label`` column."""
+        x, shown, expected = self.load_inputs(items)
+        rows = self.rows(x, shown, top)
+        for row, label in zip(rows, expected, strict=True):
+            if label is not None:
+                row["expected"] = label
+        return rows
 
     def rows(self, x: np.ndarray, shown: list[str], top: int = 1) -> list[dict[str, Any]]:
         probs, scores, refused = self.decide(x)

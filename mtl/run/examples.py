@@ -41,28 +41,6 @@ def table_rows(path: Path) -> list[Any]:
         raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header or JSON lines") from None
 
 
-def table_inputs(path: Path, modality: str, fields: list[str] | None = None) -> list[str]:
-    """The inputs listed in a table, for ``predict``: its ``text`` column (images: ``image``, ``path``,
-    ``file`` or ``filepath``, relative to the table's folder), else the task's input columns (``fields``),
-    else the one column that is not ``label``."""
-    rows = table_rows(path)
-    keys = list(rows[0]) if rows and isinstance(rows[0], dict) else []
-    named = [["text"]] if modality == "text" else [["image"], ["path"], ["file"], ["filepath"]]
-    rest = [k for k in keys if k != "label"]
-    cols = next((c for c in [*named, fields or [], rest if len(rest) == 1 else []] if c and set(c) <= set(keys)),
-                None)
-    if cols is None:
-        raise MtlError(f"{path} has columns {', '.join(keys) or '(none)'}: which holds the inputs?",
-                       f"name it `{named[0][0]}`, or keep that column alone (a `label` column may stay)")
-    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict) or not set(cols) <= set(row)), None)
-    if bad is not None:
-        raise MtlError(f"{path} row {bad} has no `{'`, `'.join(cols)}`", "give every row its input")
-    values = joined_texts([[row[c] for row in rows] for c in cols])
-    if modality == "image":
-        values = [v if Path(v).is_absolute() else str(path.parent / v) for v in values]
-    return values
-
-
 def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: tuple[list[str], str] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Labelled examples from a CSV/JSONL (columns as :func:`columns` finds them) or a folder

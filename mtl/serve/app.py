@@ -21,7 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtl.errors import MtlError
-from mtl.run.adapted import AdaptedModel, first_blank
+from mtl.run.adapted import AdaptedModel
+from mtl.run.given_inputs import first_blank
 
 MAX_BATCH = 256  # inputs in one request
 MAX_TEXT = 10_000  # characters of one text

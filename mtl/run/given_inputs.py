@@ -1,0 +1,94 @@
+"""What ``predict`` is given: texts or image paths, ``.txt`` files of them, tables (CSV/TSV/JSONL) and folders of
+images, read into one list of inputs (and, from a table with a ``label`` column, the label each should get)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mtl.data.formats import IMAGE_SUFFIXES
+from mtl.data.task import joined_texts
+from mtl.errors import MtlError
+from mtl.run.examples import TABLE_SUFFIXES, table_rows
+
+
+def is_a(path: Path, kind: str) -> bool:
+    """Whether ``path`` is a ``"file"`` or a ``"dir"``; False for a text too long to be a file name."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except OSError:
+        return False
+
+
+def first_blank(texts: Sequence[str]) -> int | None:
+    """The position of the first empty (or all-space) text, which would get a label all the same, from nothing."""
+    return next((i for i, t in enumerate(texts) if not t.strip()), None)
+
+
+def image_files(folder: Path) -> list[str]:
+    """Every image file below ``folder``, in a stable order; other files (notes, ``.DS_Store``) are
+    skipped, since a folder of class folders is how users keep images."""
+    from PIL import Image
+
+    suffixes = {ext.lower() for ext in Image.registered_extensions()}
+    found = sorted(str(f) for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    if not found:
+        raise MtlError(f"no image files in {folder}", "give a folder holding .png/.jpg images, or image paths")
+    return found
+
+
+def table_inputs(path: Path, modality: str, fields: list[str] | None = None) -> tuple[list[str], list[str] | None]:
+    """The inputs listed in a table, and its ``label`` column if it has one: its ``text`` column (images:
+    ``image``, ``path``, ``file`` or ``filepath``, relative to the table's folder), else the task's input
+    columns (``fields``), else the one column that is not ``label``."""
+    rows = table_rows(path)
+    keys = list(rows[0]) if rows and isinstance(rows[0], dict) else []
+    named = [["text"]] if modality == "text" else [["image"], ["path"], ["file"], ["filepath"]]
+    rest = [k for k in keys if k != "label"]
+    cols = next((c for c in [*named, fields or [], rest if len(rest) == 1 else []] if c and set(c) <= set(keys)),
+                None)
+    if cols is None:
+        raise MtlError(f"{path} has columns {', '.join(keys) or '(none)'}: which holds the inputs?",
+                       f"name it `{named[0][0]}`, or keep that column alone (a `label` column may stay)")
+    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict) or not set(cols) <= set(row)), None)
+    if bad is not None:
+        raise MtlError(f"{path} row {bad} has no `{'`, `'.join(cols)}`", "give every row its input")
+    values = joined_texts([[row[c] for row in rows] for c in cols])
+    if modality == "image":
+        values = [v if Path(v).is_absolute() else str(path.parent / v) for v in values]
+    labels = [str(row.get("label", "")).strip() for row in rows] if "label" in keys else None
+    return values, labels
+
+
+def read_inputs(items: Sequence[str], modality: str, meta: dict[str, Any]) -> tuple[list[str], list[str | None]]:
+    """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line, a table its inputs
+    (:func:`table_inputs`), and a folder (image models) every image below it. Returns the inputs and, for each,
+    the label its table gave it (None where there is none)."""
+    expanded: list[str] = []
+    expected: list[str | None] = []
+    for item in items:
+        p = Path(item)
+        labels: list[str] | None = None
+        before = len(expanded)
+        if p.suffix == ".txt" and is_a(p, "file"):  # a text is looked up on disk only where it may be a path
+            expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        elif p.suffix.lower() in TABLE_SUFFIXES and is_a(p, "file"):
+            values, labels = table_inputs(p, modality, meta.get("input_fields"))
+            expanded += values
+        elif modality == "image" and is_a(p, "dir"):
+            expanded += image_files(p)
+        elif modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and is_a(p, "file"):
+            raise MtlError(f"{item} is an image, and this model reads texts (adapted to {meta['task']})",
+                           "give it texts, or predict with a model adapted to an image task")
+        else:
+            expanded.append(item)
+        expected += [label or None for label in labels] if labels is not None else [None] * (len(expanded) - before)
+    if not expanded:
+        raise MtlError("no inputs to predict", "give texts, image paths or a .txt file of them")
+    if modality == "text":
+        blank = first_blank(expanded)
+        if blank is not None:
+            raise MtlError(f"input {blank + 1} is empty", "give the text to label")
+    return expanded, expected
