@@ -197,6 +197,9 @@ def test_a_table_of_image_paths_reads_the_images(tmp_path, monkeypatch):
     task = load_task(spec("image", "file", "label", format="csv", path=str(tmp_path / "t" / "x.csv")))
     a_means = {int(x.mean()) for s in task.splits.values() for x, y in zip(s.inputs, s.labels, strict=True) if y == 0}
     assert 180 in a_means
+    (tmp_path / "t" / "links.csv").write_text("file,label\nhttps://example.org/a.png,a\n")
+    with pytest.raises(TaskFileError, match=r"image 'https://example.org/a.png' is a link; images are read from files"):
+        load_task(spec("image", "file", "label", format="csv", path=str(tmp_path / "t" / "links.csv")))
     (tmp_path / "t" / "pics" / "3.png").unlink()
     with pytest.raises(TaskFileError, match=r"input_field: image file 'pics/3.png' not found \(looked for "
                        + str(tmp_path / "t" / "pics" / "3.png")):

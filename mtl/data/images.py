@@ -17,6 +17,9 @@ from mtl.errors import TaskFileError
 def image_path(value: str | Path, folders: Sequence[Path], where: str) -> Path:
     """An image file named in a table (a CSV's ``filepath`` column): absolute, or relative to the first of
     ``folders`` (the table's own folder, then the data directory) that holds it."""
+    if str(value).startswith(("http://", "https://")):
+        raise TaskFileError(None, "input_field", f"image {where} is a link; images are read from files",
+                            "download the images and list their paths (or register the folder: format: imagefolder)")
     p = Path(value).expanduser()
     tried = [p] if p.is_absolute() else [f / p for f in folders]
     for full in tried:
