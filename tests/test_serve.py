@@ -93,7 +93,15 @@ def test_health_info_and_predict_answer_as_the_model_does(text_server):
     code, body = server.call("/predict", {"texts": texts, "top": 3})
     assert code == 200
     rows = body["predictions"]
-    assert [r["label"] for r in rows] == model.predict(texts).tolist()
+    # as the model answers in this thread: the same numbers up to the last bits that another thread's
+    # OpenMP team may round differently, so the same label wherever the decision is not on a knife's edge
+    probs, scores, _ = model.decide(texts)
+    assert np.allclose([r["probability"] for r in rows], probs.max(1), atol=1e-4)
+    assert np.allclose([r["score"] for r in rows], scores, atol=1e-3)
+    top2 = np.sort(probs, 1)[:, -2:]
+    clear = (np.abs(scores - model.rejection.threshold) > 1e-3) & (top2[:, 1] - top2[:, 0] > 1e-4)
+    assert clear.sum() >= len(texts) - 2
+    assert [r["label"] for r, c in zip(rows, clear, strict=True) if c] == model.predict(texts)[clear].tolist()
     assert all(len(r["top"]) == 3 and 0 <= r["probability"] <= 1 for r in rows)
     assert any(r["label"] == "none" and r["rejected"] for r in rows)  # refused by the support-set threshold
 
