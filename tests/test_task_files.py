@@ -179,6 +179,9 @@ def test_cli_process_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "cli.py", "tasks", "validate", str(path)], capture_output=True,
                           text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode == 1 and "invalid YAML" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "mtl", "tasks", "validate", str(path)], capture_output=True,
+                          text=True, cwd=tmp_path)  # `python -m mtl`, as a user may run it from anywhere
+    assert proc.returncode == 1 and "invalid YAML" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_safe_mode_refuses_paths_outside_the_data_dir(tmp_path, csv_file, run_cli, monkeypatch):
