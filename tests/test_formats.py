@@ -145,6 +145,10 @@ def test_textfolder_reads_one_example_per_file(tmp_path):
         load_task(TaskSpec.model_validate(doc))
     with pytest.raises(ValueError, match="holds texts; set `modality: text`"):
         TaskSpec.model_validate({**doc, "modality": "image"})
+    (tmp_path / "docs" / "b" / "x.txt").unlink()
+    (tmp_path / "docs" / "b" / "x.png").write_bytes(png(10))
+    with pytest.raises(TaskFileError, match=r"x.png \(an image, not text\).*`format: imagefolder`"):
+        load_task(TaskSpec.model_validate(doc))
 
 
 def png(value: int, size: int = 10) -> bytes:

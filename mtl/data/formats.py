@@ -311,6 +311,9 @@ def read_textfolder(source: Source, root: Path) -> Raw:
                 try:
                     cols["text"].append(f.read_text(encoding=source.encoding).strip())
                 except UnicodeDecodeError as e:
+                    if f.suffix.lower() in IMAGE_SUFFIXES:
+                        raise _bad_file(f, "source", "an image, not text", "for a folder of images, set "
+                                        "`modality: image` and `format: imagefolder`") from None
                     raise _bad_file(f, "source", e, f"set `encoding` to the file's (e.g. latin-1), or save it as "
                                     f"{source.encoding}") from None
                 cols["label"].append(f.parent.name)
