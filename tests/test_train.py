@@ -244,7 +244,7 @@ def test_a_model_reads_every_image_task_as_it_was_trained(tmp_path, registry, mo
     png = tmp_path / "digit.png"
     digit = registry.load("digits").test.inputs[0]
     Image.fromarray(digit).save(png)
-    images, _ = model.load_inputs([str(png)])
+    images, _, _ = model.load_inputs([str(png)])
     expected = np.asarray(fit_to_content(Image.fromarray(digit), (16, 16)).resize((16, 16), Image.Resampling.LANCZOS))
     np.testing.assert_array_equal(images[0], expected)
     assert model.predict(images).shape == (1,)

@@ -246,17 +246,13 @@ def predict(model: Annotated[Path, typer.Option("--model", help="Folder written 
     """Predict label names (or 'none' for inputs that fit no class) and calibrated probabilities."""
     from mtl.device import resolve_device
     from mtl.run.adapted import AdaptedModel
+    from mtl.run.given_inputs import table_score
 
     m = AdaptedModel.load(model, resolve_device(device))
     if reject_below is not None:
         m.reject_below(reject_below)
     rows = m.predictions(inputs, top)
-    import numpy as np
-
-    labelled = [r["label"] == r["expected"] for r in rows if "expected" in r]  # a table with a label column
-    acc = float(np.mean(labelled)) if labelled else None
-    score = {"accuracy": acc, "ci95": 1.96 * float(np.sqrt(acc * (1 - acc) / len(labelled))),
-             "labelled": len(labelled)} if acc is not None else None
+    score = table_score(rows)  # a table of inputs with a label column
     if as_json:
         _print_json({"model": str(model), "task": m.meta["task"], "predictions": rows,
                      **({"score": score} if score else {})})

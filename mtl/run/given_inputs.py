@@ -3,6 +3,7 @@ images, read into one list of inputs (and, from a table with a ``label`` column,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,12 @@ def read_inputs(items: Sequence[str], modality: str, meta: dict[str, Any]) -> tu
         if blank is not None:
             raise MtlError(f"input {blank + 1} is empty", "give the text to label")
     return expanded, expected
+
+
+def table_score(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Accuracy (and its 95% CI) of ``predict``'s rows over those whose table gave the label they should get."""
+    right = [r["label"] == r["expected"] for r in rows if "expected" in r]
+    if not right:
+        return None
+    acc = sum(right) / len(right)
+    return {"accuracy": acc, "ci95": 1.96 * math.sqrt(acc * (1 - acc) / len(right)), "labelled": len(right)}
