@@ -100,7 +100,7 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     # a table of inputs: its `text` column, else the task's own input column, else its one column but `label`
     from mtl.run.given_inputs import table_inputs
 
-    tables = {"a.csv": "id,text\n1,when is my next paycheck\n",
+    tables = {"a.csv": "\ufefftext,id\r\nwhen is my next paycheck,1\r\n",  # as Excel saves it: a BOM, CRLF
               "b.jsonl": '{"query": "when is my next paycheck", "label": "payday"}\n{"query": "how many '
                          'vacation days do i have left", "label": "payday"}\n'}
     for name, body in tables.items():

@@ -34,8 +34,8 @@ def table_rows(path: Path) -> list[Any]:
     """The rows of a UTF-8 CSV/TSV with a header, or of JSON lines (each a mapping, if the file is right)."""
     try:
         if path.suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return list(csv.DictReader(path.open(encoding="utf-8", newline=""), delimiter="\t" if path.suffix == ".tsv"
+            return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        return list(csv.DictReader(path.open(encoding="utf-8-sig", newline=""), delimiter="\t" if path.suffix == ".tsv"
                                    else ","))
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
         raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header or JSON lines") from None

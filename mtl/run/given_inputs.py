@@ -74,7 +74,7 @@ def read_inputs(items: Sequence[str], modality: str, meta: dict[str, Any]) -> tu
         labels: list[str] | None = None
         before = len(expanded)
         if p.suffix == ".txt" and is_a(p, "file"):  # a text is looked up on disk only where it may be a path
-            expanded += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            expanded += [line for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         elif p.suffix.lower() in TABLE_SUFFIXES and is_a(p, "file"):
             values, labels = table_inputs(p, modality, meta.get("input_fields"))
             expanded += values

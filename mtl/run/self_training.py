@@ -63,7 +63,7 @@ def read_unlabeled(source: Path | str | Sequence[Any], model: AdaptedModel | Non
         if not path.is_file():
             raise MtlError(f"--unlabeled {path} is a folder", "give a .txt file with one unlabeled text per line")
         try:
-            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            texts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except UnicodeDecodeError:
             raise MtlError(f"--unlabeled {path} is not UTF-8 text", "give a .txt file with one text per line") from None
         return np.asarray(texts, dtype=np.str_)
