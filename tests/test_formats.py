@@ -229,6 +229,14 @@ def test_sixteen_bit_and_turned_images_are_read_as_seen(tmp_path):
     Image.fromarray(top_dark).save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
     y = prepare_images([buf.getvalue()], ImageOptions(size=16))[0]
     assert y[:, 8:].mean() < 40 and y[:, :8].mean() > 215  # as viewed: the dark half on the right
+    # a large JPEG is decoded at a reduced scale (twice the size asked, at least): the same pixels, near enough
+    noise = np.random.default_rng(0).integers(0, 255, (30, 40, 3), np.uint8)
+    photo = np.asarray(Image.fromarray(noise).resize((800, 600)))
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="JPEG", quality=95)
+    full = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L").resize((28, 28), Image.Resampling.LANCZOS))
+    fast = prepare_images([buf.getvalue()], ImageOptions(size=28))[0]
+    assert np.abs(fast.astype(int) - full).max() <= 4 and np.abs(fast.astype(int) - full).mean() < 1
 
 
 def test_formats_that_name_their_columns_need_no_fields(tmp_path):
