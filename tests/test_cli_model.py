@@ -114,6 +114,12 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     assert json.loads((tmp_path / "m" / "model.json").read_text())["input_fields"] == ["text"]
     (tmp_path / "c.tsv").write_text("query\twhen\nwhen is my next paycheck\t1\n")
     assert table_inputs(tmp_path / "c.tsv", "text", ["query"]) == (["when is my next paycheck"], None)
+    (tmp_path / "e.json").write_text('[{"text": "when is my next paycheck", "label": "payday"}]')
+    code, out, err = run_cli("predict", "--model", tmp_path / "m", "--json", tmp_path / "e.json")
+    assert code == 0 and json.loads(out)["score"]["accuracy"] == 1.0, err
+    (tmp_path / "f.json").write_text('{"texts": ["when is my next paycheck"]}')
+    code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "f.json")
+    assert code == 2 and "holds one JSON dict, not a list of rows" in err, err
     (tmp_path / "d.csv").write_text("id,body\n1,hello\n")
     code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "d.csv")
     assert code == 2 and "has columns id, body: which holds the inputs? Fix: name it `text`" in err, err

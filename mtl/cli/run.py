@@ -237,7 +237,7 @@ def labelled(classes: int, shots: int, examples: int | None) -> str:
 @app.command("predict")
 def predict(model: Annotated[Path, typer.Option("--model", help="Folder written by `adapt`.")],
             inputs: Annotated[list[str], typer.Argument(
-                help="Texts or image paths; .txt files of them, one per line; CSV/TSV/JSONL tables (their `text` "
+                help="Texts or image paths; .txt files of them, one per line; CSV/TSV/JSON(L) tables (their `text` "
                 "column, or for images `path`); folders of images.")],
             top: Annotated[int, typer.Option(help="How many labels to list per input.")] = 1,
             reject_below: Annotated[float | None, typer.Option(

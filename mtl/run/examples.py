@@ -27,18 +27,25 @@ def columns(keys: list[str], fields: tuple[list[str], str] | None) -> tuple[list
     return ([keys[0]], keys[1]) if len(keys) == 2 else None
 
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 
 def table_rows(path: Path) -> list[Any]:
-    """The rows of a UTF-8 CSV/TSV with a header, or of JSON lines (each a mapping, if the file is right)."""
+    """The rows of a UTF-8 CSV/TSV with a header, of JSON lines, or of a JSON list (each row a mapping, if the
+    file is right)."""
     try:
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+            if not isinstance(rows, list):
+                raise MtlError(f"{path} holds one JSON {type(rows).__name__}, not a list of rows",
+                               'give a list such as [{"text": "...", "label": "..."}, ...], or JSON lines')
+            return rows
         return list(csv.DictReader(path.open(encoding="utf-8-sig", newline=""), delimiter="\t" if path.suffix == ".tsv"
                                    else ","))
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-        raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header or JSON lines") from None
+        raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header, JSON lines or a JSON list") from None
 
 
 def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: tuple[list[str], str] | None = None
