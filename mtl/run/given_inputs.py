@@ -1,4 +1,4 @@
-"""What ``predict`` is given: texts or image paths, ``.txt`` files of them, tables (CSV/TSV/JSONL) and folders of
+"""What ``predict`` is given: texts or image paths, ``.txt`` files of them, tables (CSV/TSV/JSON/JSONL) and folders of
 images, read into one list of inputs (and, from a table with a ``label`` column, the label each should get)."""
 
 from __future__ import annotations
