@@ -15,6 +15,8 @@ from mtl.run.trainer import Trainer
 from mtl.run.whitening import whiten, whitening_matrix
 from tests.conftest import needs_data
 
+ROOT = Path(__file__).parents[1]
+
 
 def test_whitening_matrix_makes_the_covariance_isotropic_at_its_mean_variance():
     g = torch.Generator().manual_seed(0)
@@ -63,6 +65,19 @@ def test_a_whitened_checkpoint_answers_through_whitened_features(tmp_path, regis
     for bad in (("--shrink", "2"), ("--within-groups", "-1"), ("--views", "3"), ("--episodes", "0")):
         code, _, err = run_cli("whiten", "--checkpoint", run, *bad)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (bad, err)
+
+
+def test_a_checkpoint_trained_on_a_users_task_folder_is_whitened_without_naming_it_again(tmp_path, run_cli):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "task.yaml").write_text((ROOT / "tasks" / "vision" / "digits.yaml").read_text().replace(
+        "name: digits", "name: my-digits").replace("role: held_out", "role: meta_train"))
+    (folder / "recipe.yaml").write_text("method: protonet\ntasks: [my-digits]\nval_tasks: []\nways: 5\nshots: 1\n"
+                                        "queries: 5\nmeta_batch: 2\niterations: 2\nchoose_adaptation: false\n")
+    code, _, err = run_cli("train", "--config", folder / "recipe.yaml", "--tasks-dir", folder, "--out", tmp_path / "r")
+    assert code == 0, err
+    code, out, err = run_cli("whiten", "--checkpoint", tmp_path / "r", "--episodes", "2", "--views", "1", "--json")
+    assert code == 0 and '"tasks": ["my-digits"]' in out, err
 
 
 @pytest.mark.parametrize("shrink", [0.0, 0.5])
