@@ -67,7 +67,9 @@ def test_a_whitened_checkpoint_answers_through_whitened_features(tmp_path, regis
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (bad, err)
 
 
-def test_a_checkpoint_trained_on_a_users_task_folder_is_whitened_without_naming_it_again(tmp_path, run_cli):
+def test_a_checkpoint_trained_on_a_users_task_folder_finds_its_tasks_there(tmp_path, run_cli):
+    """`train --tasks-dir` records the folder (absolute) in the checkpoint's recipe; `whiten`, `evaluate` and
+    `adapt` look there too, so a user's own tasks need not be named again."""
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "task.yaml").write_text((ROOT / "tasks" / "vision" / "digits.yaml").read_text().replace(
@@ -78,6 +80,11 @@ def test_a_checkpoint_trained_on_a_users_task_folder_is_whitened_without_naming_
     assert code == 0, err
     code, out, err = run_cli("whiten", "--checkpoint", tmp_path / "r", "--episodes", "2", "--views", "1", "--json")
     assert code == 0 and '"tasks": ["my-digits"]' in out, err
+    code, out, err = run_cli("evaluate", "--checkpoint", tmp_path / "r", "--task", "my-digits", "--episodes", "2")
+    assert code == 0 and "my-digits (test) 5-way 1-shot over 2 episodes" in out, err
+    code, out, err = run_cli("adapt", "--checkpoint", tmp_path / "r", "--task", "my-digits", "--shots", "1",
+                             "--views", "1", "--out", tmp_path / "m")
+    assert code == 0 and "adapted to my-digits" in out, err
 
 
 @pytest.mark.parametrize("shrink", [0.0, 0.5])

@@ -6,6 +6,7 @@ is reported once with its path, field and fix; ``Registry.load(name)`` reads the
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -269,6 +270,17 @@ def task_read_as(task: str | Task, image: Mapping[str, object] | None, registry:
     """A task given by name (read from ``registry``) or as a :class:`Task`, its images read with ``image``'s
     options: a checkpoint's ``model.image_overrides``, so it meets the task as it met its training tasks."""
     return read_as(task, image) if isinstance(task, Task) else (registry or Registry()).load(task, image)
+
+
+def with_dirs(registry: Registry | None, dirs: Sequence[str]) -> Registry:
+    """``registry`` (default: the usual folders), also reading ``dirs``, the task folders a checkpoint was trained
+    with (its recipe's ``tasks_dirs``) that still exist: its own tasks are found without naming them again."""
+    base = registry.dirs if registry is not None else settings.tasks_dirs()
+    extra = [d for d in map(Path, dirs) if d.is_dir() and d not in base]
+    if extra:
+        with contextlib.suppress(TaskFileErrors):  # a folder broken since: not asked for this time, so left out
+            return Registry([*base, *extra])
+    return registry or Registry(base)
 
 
 def scan(paths: list[Path], named: Sequence[Path] = ()) -> tuple[dict[str, Entry], list[TaskFileError]]:

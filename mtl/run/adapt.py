@@ -23,7 +23,7 @@ import torch
 
 from mtl.algorithms import Algorithm
 from mtl.data.inputs import Inputs
-from mtl.data.registry import Registry, task_read_as
+from mtl.data.registry import Registry, task_read_as, with_dirs
 from mtl.data.schema import ImageOptions
 from mtl.data.stream import TaskBatch
 from mtl.data.task import Split, Task
@@ -337,6 +337,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     else:
         learner, meta = load_learner(Path(checkpoint), resolve_device(device), hold_text=encoder_layers == 0)
         source, stored, trained_on = meta.get("path"), meta.get("adaptation"), meta["recipe"].get("tasks", [])
+        if not isinstance(task, tuple | Task):
+            registry = with_dirs(registry, meta["recipe"].get("tasks_dirs", []))
     loaded: Task | None = None
     if isinstance(task, tuple):
         inputs, labels = task

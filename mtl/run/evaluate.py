@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from mtl.data.registry import Registry, task_read_as
+from mtl.data.registry import Registry, task_read_as, with_dirs
 from mtl.data.task import Task
 
 
@@ -56,6 +56,8 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     check_episodes(ways, [shots], queries, episodes)
     dev = resolve_device(device)
     learner, meta = load_learner(Path(checkpoint), dev)
+    if isinstance(task, str):  # a name: looked for in the task folders the checkpoint was trained with too
+        registry = with_dirs(registry, meta["recipe"].get("tasks_dirs", []))
     t = task_read_as(task, learner.model.config.image_overrides, registry)
     check_setting(steps, lr, head_init)
     if t.modality not in learner.model.encoders:

@@ -331,7 +331,7 @@ def train(recipe: Recipe | Path | str | dict[str, Any], out: Path | str, *, resu
         recipe = Path(recipe)
     r = load_recipe(recipe, overrides)
     if tasks_dirs:
-        r = r.model_copy(update={"tasks_dirs": r.tasks_dirs + [str(p) for p in tasks_dirs]})
+        r = r.model_copy(update={"tasks_dirs": r.tasks_dirs + [str(Path(p).resolve()) for p in tasks_dirs]})
     if r.workers > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun already
         from mtl.run.workers import in_workers
 

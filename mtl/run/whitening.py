@@ -27,9 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl import settings
 from mtl.algorithms import Algorithm
-from mtl.data.registry import Registry, task_read_as
+from mtl.data.registry import Registry, task_read_as, with_dirs
 from mtl.data.task import Task
 from mtl.errors import MtlError
 
@@ -107,11 +106,7 @@ def whiten(run: Path | str, tasks: Sequence[str] | None = None, shrink: float = 
     if hasattr(learner.model, "whitening"):
         learner.model.whitening.copy_(torch.eye(learner.model.feature_dim))  # estimate on the features as trained
     names = list(tasks or meta["recipe"]["tasks"])
-    dirs = registry.dirs if registry is not None else settings.tasks_dirs()
-    trained_from = [d for d in map(Path, meta["recipe"].get("tasks_dirs", [])) if d.is_dir() and d not in dirs]
-    if trained_from:  # the folders `train --tasks-dir` named: its tasks are found without naming them again
-        registry = Registry([*dirs, *trained_from])
-    registry = registry or Registry()
+    registry = with_dirs(registry, meta["recipe"].get("tasks_dirs", []))
     loaded = [task_read_as(n, learner.model.config.image_overrides, registry) for n in names]
     cov = within_class_covariance(learner, loaded, meta["recipe"].get("precision", "fp32"), episodes, views=views,
                                   within_groups=within_groups)
