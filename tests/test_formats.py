@@ -239,6 +239,28 @@ def test_sixteen_bit_and_turned_images_are_read_as_seen(tmp_path):
     assert np.abs(fast.astype(int) - full).max() <= 4 and np.abs(fast.astype(int) - full).mean() < 1
 
 
+def test_a_folder_of_split_folders_gives_those_splits(tmp_path):
+    """`data/train/<label>/...` and `data/test/<label>/...`, as most image sets ship: one `path` gives both
+    splits; a folder of class folders alone is one pool, and a task file that does not split it is told how."""
+    for split, n in (("train", 6), ("Test", 3)):
+        for i in range(n):
+            for y in "ab":
+                (tmp_path / "data" / split / y).mkdir(parents=True, exist_ok=True)
+                (tmp_path / "data" / split / y / f"{i}.png").write_bytes(png(60 * (ord(y) - 96)))
+                (tmp_path / "docs" / split / y).mkdir(parents=True, exist_ok=True)
+                (tmp_path / "docs" / split / y / f"{i}.txt").write_text(f"{y} text {i}")
+    doc = {"name": "t", "modality": "image", "role": "held_out", "image": {"size": 8},
+           "source": {"format": "imagefolder", "path": str(tmp_path / "data")}}
+    task = load_task(TaskSpec.model_validate(doc))
+    assert {k: len(v) for k, v in task.splits.items()} == {"train": 12, "test": 6} and task.classes == ["a", "b"]
+    text = load_task(TaskSpec.model_validate({**doc, "modality": "text", "image": None,
+                                              "source": {"format": "textfolder", "path": str(tmp_path / "docs")}}))
+    assert {k: len(v) for k, v in text.splits.items()} == {"train": 12, "test": 6}
+    with pytest.raises(TaskFileError, match=r"split 'train' does not exist \(the data has all\).*`splits: \{by: "):
+        load_task(TaskSpec.model_validate({**doc, "source": {"format": "imagefolder", "path": str(tmp_path / "data"
+                                                                                                   / "train")}}))
+
+
 def test_formats_that_name_their_columns_need_no_fields(tmp_path):
     """An image folder's columns are `image` and `label` whatever the task file says; a first task file
     need not know that. A csv's columns are the user's, so there the fields stay required."""

@@ -69,7 +69,24 @@ def located(source: Source, root: Path) -> dict[str, list[Path]]:
         return {split: [resolve(p, root, f"source.files.{split}", source) for p in _as_list(v)]
                 for split, v in items}
     assert source.path is not None
-    return {"all": [resolve(p, root, "source.path", source) for p in _as_list(source.path)]}
+    paths = [resolve(p, root, "source.path", source) for p in _as_list(source.path)]
+    if source.format in ("imagefolder", "textfolder") and len(paths) == 1 and (splits := split_folders(paths[0])):
+        return {split: [folder] for split, folder in splits.items()}
+    return {"all": paths}
+
+
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+
+
+def split_folders(folder: Path) -> dict[str, Path] | None:
+    """A folder of class folders kept per split, ``folder/train/<label>/...`` and ``folder/test/<label>/...``
+    (as most image data sets ship): ``{split: its folder}``, or None for a folder of class folders."""
+    if not folder.is_dir():
+        return None
+    found = {SPLIT_FOLDERS[d.name.lower()]: d for d in sorted(folder.iterdir())
+             if d.is_dir() and d.name.lower() in SPLIT_FOLDERS}
+    return found if "train" in found and len(found) > 1 else None
 
 
 def _as_list(v: str | list[str]) -> list[str]:
@@ -334,7 +351,8 @@ def source_fingerprint(source: Source, root: Path) -> list[object]:
     if source.format in ("hub", "sklearn"):
         return [source.dataset, source.config, source.revision]
     stamps: list[object] = []
-    for paths in located(source, root).values():
+    for split, paths in located(source, root).items():
+        stamps.append(split)  # the same files may be split otherwise (a folder's train/ and test/ folders)
         for p in paths:
             files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
             stamps += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]

@@ -137,8 +137,13 @@ def _load(spec: TaskSpec, file: Path | None, root: Path) -> Task:
     for required in (spec.train_split, spec.test_split, spec.val_split):
         if required and required not in splits:
             field_name = next(k for k in ("train_split", "test_split", "val_split") if getattr(spec, k) == required)
+            fix = f"set `{field_name}` to one of those splits"
+            if list(splits) == ["all"]:  # one pool of examples (`path:`), never split
+                fix = ("the data is one pool (`source.path`): split it, `splits: {by: examples, sizes: {train: "
+                       "0.8, test: 0.2}}`, or give each split its own file or folder, `source.files: {train: ..., "
+                       "test: ...}`")
             raise TaskFileError(None, field_name, f"split '{required}' does not exist (the data has "
-                                f"{', '.join(splits) or 'none'})", f"set `{field_name}` to one of those splits")
+                                f"{', '.join(splits) or 'none'})", fix)
     for s in splits.values():
         if len(s) == 0:
             raise TaskFileError(None, "splits", f"split '{s.name}' of task '{spec.name}' is empty",
