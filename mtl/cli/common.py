@@ -61,18 +61,6 @@ def _registry(tasks_dir: list[Path] | None):
     return Registry(settings.tasks_dirs(tasks_dir))
 
 
-def count_or_all(value: str, flag: str) -> int | None:
-    """A count given on the command line, or ``all`` (None)."""
-    from mtl.errors import MtlError
-
-    if value.strip().lower() == "all":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise MtlError(f"{flag} {value} is not a number", "give a count, or all") from None
-
-
 def _print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, sort_keys=True, default=_jsonable) + "\n")
 

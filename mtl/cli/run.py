@@ -17,7 +17,6 @@ from mtl.cli.common import (
     _print_json,
     _registry,
     app,
-    count_or_all,
     err,
     out,
     progress,
@@ -151,6 +150,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
 
     The adapted model's probabilities are calibrated, and it learns when to answer "none of these"."""
     from mtl.run.adapt import adapt
+    from mtl.run.select import count_or_all
     from mtl.run.text_finetune import layer_count
 
     with progress(f"adapting to {task}", quiet=as_json):

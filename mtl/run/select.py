@@ -59,6 +59,18 @@ LOGISTIC = Setting(0, None, "logistic")  # a head fitted by logistic regression 
 HEAD_INITS = ("zero", "proto", "logistic")  # what a new task's head may start from at adaptation
 
 
+def count_or_all(value: int | str, flag: str) -> int | None:
+    """A count given as a number or a string (the command line's), or ``all`` (None)."""
+    if isinstance(value, int):
+        return value
+    if value.strip().lower() == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise MtlError(f"{flag} {value} is not a number", "give a count, or all") from None
+
+
 def check_setting(steps: int | None, lr: float | None, head_init: str | None) -> None:
     """Refuses an adaptation setting given by hand that is not one: a negative step count, a step size of 0 or
     below (which would climb the loss), an unknown head."""

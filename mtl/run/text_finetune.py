@@ -10,9 +10,9 @@ import torch
 
 from mtl.data.embeddings import load_transformer, transformer_layers
 from mtl.device import autocast, native_bf16
-from mtl.errors import MtlError
 from mtl.models import MultiTaskModel
 from mtl.run.adapted import HEAD
+from mtl.run.select import count_or_all
 
 log = logging.getLogger(__name__)  # progress of a long adaptation (the CLI shows it on a spinner)
 
@@ -22,14 +22,8 @@ ALL_LAYERS = 10_000  # `--encoder-layers all`: every transformer layer (capped a
 
 def layer_count(layers: int | str) -> int:
     """``--encoder-layers``: a number, or ``all`` (every layer of the sentence encoder)."""
-    if isinstance(layers, str):
-        if layers.strip().lower() == "all":
-            return ALL_LAYERS
-        try:
-            return int(layers)
-        except ValueError:
-            raise MtlError(f"--encoder-layers {layers} is not a number of layers", "use a number or all") from None
-    return layers
+    n = count_or_all(layers, "--encoder-layers")
+    return ALL_LAYERS if n is None else n
 
 
 # optimizer steps of encoder fine-tuning by default, at ENCODER_LR: BANKING77 10-shot gains nothing from
