@@ -140,6 +140,14 @@ def test_textfolder_reads_one_example_per_file(tmp_path):
     doc = {"name": "t", "modality": "text", "role": "held_out", "source": {"format": "textfolder",
            "path": str(tmp_path / "docs")}, "splits": {"by": "examples", "sizes": {"train": 0.5, "test": 0.5}}}
     check_text(load_task(TaskSpec.model_validate(doc)))
+    from mtl.run.examples import read_examples  # `adapt --examples FOLDER` and `predict FOLDER` read it too
+    from mtl.run.given_inputs import text_files
+
+    xs, ys, classes = read_examples(tmp_path / "docs", "text", ImageOptions())
+    assert classes == ["a", "b", "c"] and sorted(xs.tolist()) == sorted(TEXTS)
+    assert all(LABELS[TEXTS.index(x)] == classes[y] for x, y in zip(xs, ys, strict=True))
+    assert sorted(text_files(tmp_path / "docs" / "a")) == sorted(t for t, y in zip(TEXTS, LABELS, strict=True)
+                                                                  if y == "a")
     (tmp_path / "docs" / "b" / "x.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(TaskFileError, match=r"source: cannot read x.txt .*Fix: set `encoding`"):
         load_task(TaskSpec.model_validate(doc))

@@ -102,8 +102,8 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
               lr: Annotated[float | None, typer.Option(help="Step size (default: the learned ones).")] = None,
               examples: Annotated[Path | None, typer.Option(
                   help="Your labelled examples: CSV/JSONL with text,label (or the task file's field names, or any "
-                  "two columns: text, then label); for images the same with each image file's path, or a folder "
-                  "label/image.")] = None,
+                  "two columns: text, then label); for images the same with each image file's path; or a folder "
+                  "label/image (label/text file).")] = None,
               head_init: Annotated[str | None, typer.Option(
                   help="zero, proto or logistic (a head fitted by logistic regression).")] = None,
               encoder_layers: Annotated[str, typer.Option(
@@ -238,7 +238,7 @@ def labelled(classes: int, shots: int, examples: int | None) -> str:
 def predict(model: Annotated[Path, typer.Option("--model", help="Folder written by `adapt`.")],
             inputs: Annotated[list[str], typer.Argument(
                 help="Texts or image paths; .txt files of them, one per line; CSV/TSV/JSON(L) tables (their `text` "
-                "column, or for images `path`); folders of images.")],
+                "column, or for images `path`); folders of images, or of text files.")],
             top: Annotated[int, typer.Option(help="How many labels to list per input.")] = 1,
             reject_below: Annotated[float | None, typer.Option(
                 help="Answer 'none' below this score instead of the model's threshold.")] = None,

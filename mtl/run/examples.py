@@ -50,16 +50,27 @@ def table_rows(path: Path) -> list[Any]:
 
 def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: tuple[list[str], str] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Labelled examples from a CSV/JSONL (columns as :func:`columns` finds them) or a folder
-    ``label/image``; ``fields``: the task's input columns and label column."""
+    """Labelled examples from a CSV/JSONL (columns as :func:`columns` finds them) or a folder ``label/image``
+    (``label/text file`` for a text task); ``fields``: the task's input columns and label column."""
     path = Path(path)
     if not path.exists():
         raise MtlError(f"examples file {path} not found", "check the path")
     texts: list[Any] = []
     labels: list[str] = []
-    if path.is_dir():
-        if modality != "image":
-            raise MtlError(f"{path} is a folder of images but the task is text", "give a CSV or JSONL of texts")
+    if path.is_dir() and modality == "text":  # a folder per class of text files, as `format: textfolder` reads
+        from mtl.data.formats import read_source
+        from mtl.data.schema import Source
+
+        try:
+            raw = read_source(Source(format="textfolder", path=str(path.resolve())), path)
+        except TaskFileError as e:
+            raise MtlError(f"{path}: {e.problem}", e.fix) from None
+        texts = [t for cols in raw.values() for t in cols["text"]]
+        labels = [y for cols in raw.values() for y in cols["label"]]
+        if not all(t.strip() for t in texts):
+            raise MtlError(f"{path} holds an empty text file", "fill it in, or delete it")
+        inputs = np.asarray(texts, dtype=np.str_)
+    elif path.is_dir():
         files = sorted(p for p in path.glob("*/*") if p.is_file())
         texts = [p.read_bytes() for p in files]
         labels = [p.parent.name for p in files]

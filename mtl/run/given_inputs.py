@@ -40,6 +40,22 @@ def image_files(folder: Path) -> list[str]:
     return found
 
 
+def text_files(folder: Path) -> list[str]:
+    """The text of every file below ``folder`` (one example each, as `format: textfolder` reads them), in a stable
+    order; hidden files are skipped."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file()
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8-sig").strip())
+        except UnicodeDecodeError:
+            raise MtlError(f"{f} is not UTF-8 text", "save it as UTF-8, or move it out of the folder") from None
+    if not texts:
+        raise MtlError(f"no files in {folder}", "give a folder of text files, one text each")
+    return texts
+
+
 def table_inputs(path: Path, modality: str, fields: list[str] | None = None) -> tuple[list[str], list[str] | None]:
     """The inputs listed in a table, and its ``label`` column if it has one: its ``text`` column (images:
     ``image``, ``path``, ``file`` or ``filepath``, relative to the table's folder), else the task's input
@@ -80,6 +96,8 @@ def read_inputs(items: Sequence[str], modality: str, meta: dict[str, Any]) -> tu
             expanded += values
         elif modality == "image" and is_a(p, "dir"):
             expanded += image_files(p)
+        elif modality == "text" and is_a(p, "dir"):  # every text file below it, one text each
+            expanded += text_files(p)
         elif modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and is_a(p, "file"):
             raise MtlError(f"{item} is an image, and this model reads texts (adapted to {meta['task']})",
                            "give it texts, or predict with a model adapted to an image task")
