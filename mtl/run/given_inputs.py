@@ -81,8 +81,8 @@ def table_inputs(path: Path, modality: str, fields: list[str] | None = None) -> 
 
 def read_inputs(items: Sequence[str], modality: str, meta: dict[str, Any]) -> tuple[list[str], list[str | None]]:
     """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line, a table its inputs
-    (:func:`table_inputs`), and a folder (image models) every image below it. Returns the inputs and, for each,
-    the label its table gave it (None where there is none)."""
+    (:func:`table_inputs`), and a folder every image (image models) or text file (text models) below it. Returns
+    the inputs and, for each, the label its table gave it (None where there is none)."""
     expanded: list[str] = []
     expected: list[str | None] = []
     for item in items:
