@@ -7,7 +7,7 @@ images. Labels are int64 indices into :attr:`Task.classes`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +15,10 @@ import numpy as np
 
 from mtl import settings
 from mtl.data.cache import cached_arrays
+from mtl.data.columns import is_label, joined_texts, reads_as_data
 from mtl.data.formats import located, read_source, source_fingerprint
 from mtl.data.images import file_stamp, prepare_images
-from mtl.data.schema import FIELD_SEP, ImageOptions, Source, TaskSpec
+from mtl.data.schema import ImageOptions, Source, TaskSpec
 from mtl.errors import TaskFileError
 
 
@@ -172,37 +173,6 @@ def _decoded_source(spec: TaskSpec, root: Path) -> dict[str, dict[str, np.ndarra
 DECODE_VERSION = 3  # bump when decoding or its checks change: cached examples are then decoded again
 
 
-def _is_label(v: object) -> bool:
-    """A label is a non-empty string or a finite number; None, NaN, blanks and lists are not."""
-    if isinstance(v, str):
-        return bool(v.strip())
-    if isinstance(v, bool | int | np.integer):
-        return True
-    if isinstance(v, float | np.floating):
-        return bool(np.isfinite(v))
-    return False
-
-
-def _reads_as_data(name: str) -> bool:
-    """A column name that is a number or a sentence: a header row that is the file's first example."""
-    try:
-        float(name)
-        return True
-    except ValueError:
-        return len(name) > 40 or name.count(" ") >= 3
-
-
-def joined_texts(columns: Sequence[Sequence[object]]) -> list[str]:
-    """Each row's non-empty values of several text columns (a title and a body), joined by :data:`FIELD_SEP`;
-    a missing value (None, NaN, blank) is left out, and a row with none is empty (an error when decoded)."""
-    def part(v: object) -> str:
-        if v is None or (isinstance(v, float | np.floating) and not np.isfinite(v)):
-            return ""
-        return str(v).strip()
-
-    return [FIELD_SEP.join(p for p in map(part, row) if p) for row in zip(*columns, strict=True)]
-
-
 def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str, np.ndarray]]:
     image = spec.image_options if spec.modality == "image" else None
     # `fit_content` is left out of the key when off, so arrays decoded before it existed stay valid
@@ -222,13 +192,13 @@ def _decoded_one(spec: TaskSpec, src: Source, root: Path) -> dict[str, dict[str,
                     fld = "input_field" if role == "input" else "label_field"
                     fix = f"set `{fld}` to one of those columns"
                     headless = src.format in ("csv", "tsv") and src.header and not src.columns
-                    if headless and any(map(_reads_as_data, visible)):
+                    if headless and any(map(reads_as_data, visible)):
                         fix = (f"its first row looks like an example, not column names: add `header: false` and "
                                f"`columns: [...]` ({len(visible)} names) to `source`, then {fix}")
                     raise TaskFileError(None, fld, f"column '{col}' is not in the data (split '{split}' has "
                                         f"{', '.join(visible)[:200]})", fix)
             raw_labels = cols[spec.label_field]
-            bad = next((i for i, v in enumerate(raw_labels) if not _is_label(v)), None)
+            bad = next((i for i, v in enumerate(raw_labels) if not is_label(v)), None)
             if bad is not None:
                 raise TaskFileError(None, "label_field", f"example {bad} of split '{split}' has no usable label "
                                     f"({raw_labels[bad]!r:.40})", "give every example one label (text or "

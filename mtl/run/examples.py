@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from mtl import settings
+from mtl.data.columns import joined_texts
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
-from mtl.data.task import joined_texts
 from mtl.errors import MtlError, TaskFileError
 
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mtl.data.columns import joined_texts
 from mtl.data.formats import IMAGE_SUFFIXES
-from mtl.data.task import joined_texts
 from mtl.errors import MtlError
 from mtl.run.examples import TABLE_SUFFIXES, table_rows
 

@@ -1,0 +1,41 @@
+"""What a data file's columns hold: a usable label, a text joined from several columns, a header row that is
+really the file's first example. Shared by the task loader and by the tables a user gives ``adapt`` and ``predict``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mtl.data.schema import FIELD_SEP
+
+
+def is_label(v: object) -> bool:
+    """A label is a non-empty string or a finite number; None, NaN, blanks and lists are not."""
+    if isinstance(v, str):
+        return bool(v.strip())
+    if isinstance(v, bool | int | np.integer):
+        return True
+    if isinstance(v, float | np.floating):
+        return bool(np.isfinite(v))
+    return False
+
+
+def reads_as_data(name: str) -> bool:
+    """A column name that is a number or a sentence: a header row that is the file's first example."""
+    try:
+        float(name)
+        return True
+    except ValueError:
+        return len(name) > 40 or name.count(" ") >= 3
+
+
+def joined_texts(columns: Sequence[Sequence[object]]) -> list[str]:
+    """Each row's non-empty values of several text columns (a title and a body), joined by :data:`FIELD_SEP`;
+    a missing value (None, NaN, blank) is left out, and a row with none is empty (an error when decoded)."""
+    def part(v: object) -> str:
+        if v is None or (isinstance(v, float | np.floating) and not np.isfinite(v)):
+            return ""
+        return str(v).strip()
+
+    return [FIELD_SEP.join(p for p in map(part, row) if p) for row in zip(*columns, strict=True)]
