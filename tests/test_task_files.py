@@ -109,6 +109,43 @@ def test_a_recipe_beside_the_tasks_is_skipped_and_a_first_row_of_data_is_spotted
         "(2 names)" in err, err
 
 
+def test_tasks_init_writes_a_task_file_that_loads_from_the_data_alone(tmp_path, run_cli):
+    """`tasks init DATA --name N`: the format, the input and label columns and the splits guessed from the data (a
+    csv with its test file beside it, a headerless tsv, a table of image paths, a folder of train/ and test/ class
+    folders), written only once the task loads; an existing file is kept unless --force."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    rows = [(f"example sentence number {i}", "ab"[i % 2]) for i in range(20)]
+    write(data / "intents_train.csv", "id,utterance,intent\n" + "".join(f"{i},{t},{y}\n" for i, (t, y) in
+                                                                          enumerate(rows)))
+    write(data / "intents_test.csv", "id,utterance,intent\n" + "".join(f"{i},{t},{y}\n" for i, (t, y) in
+                                                                         enumerate(rows[:6])))
+    write(data / "moods.tsv", "".join(f"{y}\t{t} and then some more words\n" for t, y in rows))
+    for i in range(8):
+        for split in ("train", "test"):
+            (data / "pics" / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(data / "pics" / split / f"c{i % 2}" / f"{i}.png")
+    write(data / "pics.csv", "file,kind\n" + "".join(f"pics/{s}/c{i % 2}/{i}.png,k{i % 2}\n" for i in range(8)
+                                                     for s in ("train", "test")))
+    out = tmp_path / "mine"
+    expect = {"intents_train.csv": ("utterance", "intent", "train 20, test 6"),
+              "moods.tsv": ("text", "label", "train 16, test 4"),
+              "pics.csv": ("file", "kind", "image, 2 classes"), "pics": ("image", "label", "train 8, test 8")}
+    for i, (given, (inp, label, says)) in enumerate(expect.items()):
+        code, said, err = run_cli("tasks", "init", data / given, "--name", f"t{i}", "--out", out)
+        assert code == 0 and says in said and f"(input `{inp}`, label `{label}`)" in said, (given, said, err)
+    code, said, err = run_cli("tasks", "validate", out)
+    assert code == 0 and said.count("ok") == 4, err
+    code, _, err = run_cli("tasks", "init", data / "moods.tsv", "--name", "t1", "--out", out)
+    assert code == 2 and "already exists. Fix: choose another --name, or pass --force" in err
+    for args, says in ((["--name", "My Task"], "--name 'My Task' is not a task name"),
+                       (["--name", "t9", "--role", "train"], "--role 'train' is not a task role")):
+        code, _, err = run_cli("tasks", "init", data / "moods.tsv", *args, "--out", out)
+        assert code == 2 and says in err and "Traceback" not in err, err
+
+
 def test_good_file_validates(tmp_path, csv_file, run_cli):
     path = write(tmp_path / "tasks" / "t.yaml", good(csv_file))
     code, out, err = run_cli("tasks", "validate", path)

@@ -64,6 +64,24 @@ def tasks_show(name: str, tasks_dir: TasksDir = None,
         out.print(f"  [{ex['label']}] {shown[:100]}", markup=False, highlight=False)
 
 
+@tasks_app.command("init")
+def tasks_init(data: Annotated[Path, typer.Argument(help="A data file (csv, tsv, json, jsonl, parquet) or a folder "
+                                                        "of class folders (images or text files).")],
+               name: Annotated[str, typer.Option(help="The task's name (lowercase, digits, _ - .).")],
+               out_dir: Annotated[Path, typer.Option("--out", help="Folder for the task file.")] = Path("tasks_mine"),
+               role: Annotated[str, typer.Option(help="held_out, meta_train or meta_val.")] = "held_out",
+               force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False) -> None:
+    """Write a first task file from the data itself (format, input and label columns, splits), checked by loading."""
+    from mtl.data.scaffold import write_task_file
+
+    path, task = write_task_file(data, name, out_dir, role, force)
+    order = {"train": 0, "val": 1, "test": 2}
+    splits = sorted(task.splits.items(), key=lambda kv: order.get(kv[0], 3))
+    out.print(f"wrote {path}: {task.spec.modality}, {len(task.classes)} classes, " + ", ".join(
+        f"{s} {len(v):,}" for s, v in splits) + f" (input `{task.spec.input_field}`, label "
+        f"`{task.spec.label_field}`); use it with --tasks-dir {out_dir}", highlight=False, markup=False)
+
+
 @tasks_app.command("validate")
 def tasks_validate(paths: Annotated[list[Path], typer.Argument(help="Task files or folders.")],
                    no_data: Annotated[bool, typer.Option("--no-data", help="Check the schema only.")] = False,

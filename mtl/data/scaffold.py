@@ -1,0 +1,149 @@
+"""A first task file written from the data itself (``cli.py tasks init DATA``), so a user starts from a file that
+loads instead of from the schema: the format from the file's suffix or the folder's contents, the input and label
+columns from their names and values, the splits from sibling files (``train.csv`` beside ``test.csv``) or split
+folders, else a stratified 80/20 split. The file is checked by loading the task before it is kept."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from mtl.data.columns import reads_as_data
+from mtl.data.formats import IMAGE_SUFFIXES, split_folders
+from mtl.data.schema import TaskSpec
+from mtl.data.task import Task, load_task
+from mtl.errors import MtlError
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+LABEL_NAMES = ("label", "labels", "class", "category", "intent", "target", "y", "sentiment", "topic")
+INPUT_NAMES = ("text", "sentence", "utterance", "query", "question", "review", "content", "body", "image", "path",
+               "file", "filepath", "image_path")
+SPLIT_WORDS = {"train": "train", "training": "train", "dev": "val", "val": "val", "valid": "val",
+               "validation": "val", "test": "test", "testing": "test"}
+
+
+def _rows(path: Path, columns: list[str] | None = None, limit: int = 2000) -> list[dict[str, Any]]:
+    """The first ``limit`` rows of a table, read as the task will read it (through `datasets`); ``columns``: the
+    names of a delimited file's columns, which has no header row."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    builder = {"tsv": "csv", "jsonl": "json"}.get(FORMATS[path.suffix.lower()], FORMATS[path.suffix.lower()])
+    kwargs: dict[str, Any] = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if builder == "csv":
+        kwargs["keep_default_na"] = False
+    if columns:
+        kwargs.update(header=None, column_names=columns)
+    try:
+        part = datasets.load_dataset(builder, data_files=str(path), split=f"train[:{limit}]", **kwargs)
+    except Exception as e:  # the library raises many types; all mean "could not read this file"
+        raise MtlError(f"cannot read {path} as {FORMATS[path.suffix.lower()]} ({type(e).__name__})",
+                       "check the file, or write the task file by hand (docs/TASKS.md)") from None
+    return [dict(r) for r in part]
+
+
+def _columns(rows: list[dict[str, Any]], path: Path) -> tuple[str, str, str]:
+    """(input column, label column, modality) of a table, by the columns' names, else by their values: the label
+    repeats (fewest distinct values), the input is the longest text, and image file names make it an image task."""
+    keys = list(rows[0]) if rows else []
+    if len(keys) < 2:
+        raise MtlError(f"{path} has {len(keys)} column(s); a task needs an input column and a label column",
+                       "give the file a header row naming both, e.g. text,label")
+    named = {k.lower(): k for k in keys}
+    distinct = {k: len({str(r[k]) for r in rows}) for k in keys}
+    label = next((named[n] for n in LABEL_NAMES if n in named), None) or min(keys, key=lambda k: distinct[k])
+    rest = [k for k in keys if k != label]
+    length = {k: sum(len(str(r[k])) for r in rows) for k in rest}
+    inp = next((named[n] for n in INPUT_NAMES if n in named and named[n] != label), None) or max(rest, key=length.get)
+    images = all(str(r[inp]).lower().endswith(IMAGE_SUFFIXES) for r in rows[:50])
+    return inp, label, "image" if images else "text"
+
+
+def _siblings(path: Path) -> dict[str, str]:
+    """``train.csv`` beside ``test.csv`` (or ``x_train.csv`` beside ``x_test.csv``): one file per split."""
+    stem = path.stem.lower()
+    word = next((w for w in SPLIT_WORDS if re.search(rf"(^|[_\-.]){w}$", stem)), None)
+    if word is None:
+        return {}
+    found = {}
+    for other, split in SPLIT_WORDS.items():
+        candidate = path.with_name(path.name[:len(stem) - len(word)] + other + path.suffix)
+        if candidate.is_file():
+            found.setdefault(split, str(candidate.resolve()))
+    return found if "train" in found and len(found) > 1 else {}
+
+
+def task_document(data: Path, name: str, role: str = "held_out") -> dict[str, Any]:
+    """The task file for ``data`` (a table, or a folder of class folders), as a mapping in the schema's order."""
+    if not data.exists():
+        raise MtlError(f"{data} not found", "give a data file (csv, tsv, json, jsonl, parquet) or a folder")
+    doc: dict[str, Any] = {"name": name, "modality": "text", "role": role}
+    for field, fix in (("name", "use lowercase letters, digits and _ - ., e.g. --name my-task"),
+                       ("role", "use held_out, meta_train or meta_val")):
+        info = TaskSpec.model_fields[field]
+        try:
+            kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+            TypeAdapter(kind).validate_python(doc[field])
+        except ValidationError:
+            raise MtlError(f"--{field} {doc[field]!r} is not a task {field}", fix) from None
+    if data.is_dir():
+        pool = split_folders(data)
+        sample = next((f for f in sorted((pool["train"] if pool else data).glob("*/*")) if f.is_file()), None)
+        if sample is None:
+            raise MtlError(f"{data} holds no class folders of files", "put each class's examples in a folder "
+                           "named for the class: FOLDER/<label>/<file>")
+        image = sample.suffix.lower() in IMAGE_SUFFIXES
+        doc.update(modality="image" if image else "text",
+                   source={"format": "imagefolder" if image else "textfolder", "path": str(data.resolve())})
+    else:
+        if data.suffix.lower() not in FORMATS:
+            raise MtlError(f"{data.name}: no reader for '{data.suffix}' files",
+                           f"give one of {', '.join(FORMATS)}, or a folder of class folders")
+        rows = _rows(data)
+        options: dict[str, Any] = {}
+        if data.suffix.lower() in (".csv", ".tsv") and any(reads_as_data(str(k)) for k in rows[0]):
+            names = [f"column{i + 1}" for i in range(len(rows[0]))]  # no header row: the first row is an example
+            inp, label, _ = _columns(_rows(data, names), data)
+            names = ["text" if n == inp else "label" if n == label else n for n in names]
+            options = {"header": False, "columns": names}
+            rows = _rows(data, names)
+        inp, label, modality = _columns(rows, data)
+        files = _siblings(data)
+        fmt = FORMATS[data.suffix.lower()]
+        doc.update(modality=modality, source={"format": fmt, **({"files": files} if files else
+                                                                {"path": str(data.resolve())}), **options},
+                   input_field=inp, label_field=label)
+        pool = files or None
+    if not pool:
+        doc["splits"] = {"by": "examples", "sizes": {"train": 0.8, "test": 0.2}}
+    elif "val" in pool:
+        doc["val_split"] = "val"
+    TaskSpec.model_validate(doc)
+    return doc
+
+
+def write_task_file(data: Path, name: str, out: Path, role: str = "held_out", force: bool = False
+                    ) -> tuple[Path, Task]:
+    """Write ``out/<name>.yaml`` for ``data`` once the task it describes loads; returns its path and the task."""
+    doc = task_document(data, name, role)
+    path = out / f"{name}.yaml"
+    if path.exists() and not force:
+        raise MtlError(f"{path} already exists", "choose another --name, or pass --force to replace it")
+    try:
+        task = load_task(TaskSpec.model_validate(doc), path)  # a file that would not load is not written
+    except MtlError:
+        if "files" not in doc["source"]:
+            raise
+        # the sibling files are laid out otherwise (SST-2's test file): the one file given, split 80/20
+        doc["source"] = {**{k: v for k, v in doc["source"].items() if k != "files"}, "path": str(data.resolve())}
+        doc.pop("val_split", None)
+        doc["splits"] = {"by": "examples", "sizes": {"train": 0.8, "test": 0.2}}
+        task = load_task(TaskSpec.model_validate(doc), path)
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"# Written by `cli.py tasks init {data}`; check the guesses (docs/TASKS.md lists every field).\n"
+    path.write_text(header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path, task
