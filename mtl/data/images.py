@@ -11,7 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mtl import settings
 from mtl.data.schema import ImageOptions
-from mtl.errors import TaskFileError
+from mtl.errors import MtlError, TaskFileError
 
 
 def image_path(value: str | Path, folders: Sequence[Path], where: str) -> Path:
@@ -148,3 +148,23 @@ def prepare_images(values: Iterable[object], options: ImageOptions, names: Seque
         out.append(255 - arr if options.invert else arr)
     shape = (0, h, w) if options.grayscale else (0, h, w, 3)
     return np.stack(out) if out else np.zeros(shape, np.uint8)
+
+
+def given_images(values: Sequence[object], options: ImageOptions) -> np.ndarray:
+    """Images a user hands over (file paths, PIL images, arrays), read as a task's are; a problem is about that
+    input, so it is an :class:`MtlError`, not a task file's."""
+    read: list[object] = []
+    for v in values:
+        if isinstance(v, str | Path):
+            try:
+                found = Path(v).is_file()
+            except OSError:  # a name longer than the file system allows
+                found = False
+            if not found:
+                raise MtlError(f"image {v} not found", "check the path")
+            v = Path(v)
+        read.append(v)
+    try:
+        return prepare_images(read, options, [str(v) if isinstance(v, Path) else f"#{i}" for i, v in enumerate(read)])
+    except TaskFileError as e:
+        raise MtlError(e.problem, e.fix) from None

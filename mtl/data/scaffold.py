@@ -13,8 +13,8 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from mtl.data.columns import reads_as_data
-from mtl.data.formats import IMAGE_SUFFIXES, split_folders
-from mtl.data.schema import TaskSpec
+from mtl.data.formats import IMAGE_SUFFIXES, SPLIT_FOLDERS, read_source, split_folders
+from mtl.data.schema import Source, TaskSpec
 from mtl.data.task import Task, load_task
 from mtl.errors import MtlError
 
@@ -22,28 +22,17 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".p
 LABEL_NAMES = ("label", "labels", "class", "category", "intent", "target", "y", "sentiment", "topic")
 INPUT_NAMES = ("text", "sentence", "utterance", "query", "question", "review", "content", "body", "image", "path",
                "file", "filepath", "image_path")
-SPLIT_WORDS = {"train": "train", "training": "train", "dev": "val", "val": "val", "valid": "val",
-               "validation": "val", "test": "test", "testing": "test"}
 
 
 def _rows(path: Path, columns: list[str] | None = None, limit: int = 2000) -> list[dict[str, Any]]:
-    """The first ``limit`` rows of a table, read as the task will read it (through `datasets`); ``columns``: the
-    names of a delimited file's columns, which has no header row."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    builder = {"tsv": "csv", "jsonl": "json"}.get(FORMATS[path.suffix.lower()], FORMATS[path.suffix.lower()])
-    kwargs: dict[str, Any] = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
-    if builder == "csv":
-        kwargs["keep_default_na"] = False
-    if columns:
-        kwargs.update(header=None, column_names=columns)
-    try:
-        part = datasets.load_dataset(builder, data_files=str(path), split=f"train[:{limit}]", **kwargs)
-    except Exception as e:  # the library raises many types; all mean "could not read this file"
-        raise MtlError(f"cannot read {path} as {FORMATS[path.suffix.lower()]} ({type(e).__name__})",
-                       "check the file, or write the task file by hand (docs/TASKS.md)") from None
-    return [dict(r) for r in part]
+    """The first ``limit`` rows of a table, read by the reader the task will use; ``columns``: the names of a
+    delimited file's columns, which has no header row."""
+    options: dict[str, Any] = {"header": False, "columns": columns} if columns else {}
+    cols = read_source(Source(format=FORMATS[path.suffix.lower()], path=str(path.resolve()), **options),
+                       path.parent)["all"]
+    keys = [k for k in cols if not str(k).startswith("_")]
+    n = min(limit, len(cols[keys[0]])) if keys else 0
+    return [{k: cols[k][i] for k in keys} for i in range(n)]
 
 
 def _columns(rows: list[dict[str, Any]], path: Path) -> tuple[str, str, str]:
@@ -66,11 +55,11 @@ def _columns(rows: list[dict[str, Any]], path: Path) -> tuple[str, str, str]:
 def _siblings(path: Path) -> dict[str, str]:
     """``train.csv`` beside ``test.csv`` (or ``x_train.csv`` beside ``x_test.csv``): one file per split."""
     stem = path.stem.lower()
-    word = next((w for w in SPLIT_WORDS if re.search(rf"(^|[_\-.]){w}$", stem)), None)
+    word = next((w for w in SPLIT_FOLDERS if re.search(rf"(^|[_\-.]){w}$", stem)), None)
     if word is None:
         return {}
     found = {}
-    for other, split in SPLIT_WORDS.items():
+    for other, split in SPLIT_FOLDERS.items():
         candidate = path.with_name(path.name[:len(stem) - len(word)] + other + path.suffix)
         if candidate.is_file():
             found.setdefault(split, str(candidate.resolve()))

@@ -268,9 +268,10 @@ def values_modality(inputs: Any, model: MultiTaskModel, tasks: Sequence[str], re
     if not isinstance(first, str | Path | Image.Image):
         return "image", None
     options = model.config.image_overrides
+    registry = registry or Registry()
     for name in tasks:
         with contextlib.suppress(MtlError):
-            spec = (registry or Registry()).spec(name)
+            spec = registry.spec(name)
             if spec.modality == "image":
                 return "image", spec.image_options.model_copy(update=options)
     return "image", ImageOptions.model_validate(options)

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl.data.images import prepare_images
+from mtl.data.images import given_images
 from mtl.data.schema import ImageOptions
 from mtl.device import autocast, native_bf16
-from mtl.errors import MtlError, TaskFileError
+from mtl.errors import MtlError
 from mtl.models import ModelConfig, MultiTaskModel
 from mtl.run import outliers
 from mtl.run.calibration import Rejection
 from mtl.run.checkpoint import load_checkpoint, load_into, save_checkpoint
-from mtl.run.given_inputs import is_a, read_inputs
+from mtl.run.given_inputs import read_inputs
 from mtl.run.token_match import TAU as TOKEN_TAU
 from mtl.run.token_match import TokenMatcher, own_token_vectors
 
@@ -302,18 +302,7 @@ class AdaptedModel:
         items = list(items)
         if all(isinstance(x, np.ndarray) and x.shape == shape for x in items):
             return np.stack(items) if items else np.zeros((0, *shape), np.uint8)
-        values: list[Any] = []
-        for x in items:
-            if isinstance(x, str | Path):
-                if not is_a(Path(x), "file"):
-                    raise MtlError(f"image {x} not found", "check the path")
-                x = Path(x)
-            values.append(x)
-        names = [str(x) if isinstance(x, Path) else f"#{i}" for i, x in enumerate(values)]
-        try:
-            return prepare_images(values, options, names)
-        except TaskFileError as e:  # about an input, not a task file's field
-            raise MtlError(e.problem, e.fix) from None
+        return given_images(items, options)
 
     def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str], list[str | None]]:
         """What ``predict`` is given, read (:func:`~mtl.run.given_inputs.read_inputs`): the model's inputs, how

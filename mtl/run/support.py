@@ -4,15 +4,14 @@ Python values (texts or images, and their label names)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mtl.data.images import prepare_images
+from mtl.data.images import given_images
 from mtl.data.schema import ImageOptions
 from mtl.data.task import Task
-from mtl.errors import MtlError, TaskFileError
+from mtl.errors import MtlError
 
 
 @dataclass(frozen=True)
@@ -69,16 +68,8 @@ def support_from_arrays(inputs: Any, labels: Any, modality: str, image: ImageOpt
     if modality == "text":
         x = np.asarray([str(t) for t in inputs], dtype=np.str_)
     elif any(not isinstance(i, np.ndarray) for i in inputs):  # image files or PIL images, read as a task's are
-        values = [Path(i) if isinstance(i, str | Path) else i for i in inputs]
-        missing = next((v for v in values if isinstance(v, Path) and not v.is_file()), None)
-        if missing is not None:
-            raise MtlError(f"image {missing} not found", "check the path")
         image = image or ImageOptions()
-        try:
-            names = [str(v) if isinstance(v, Path) else f"#{i}" for i, v in enumerate(values)]
-            x = prepare_images(values, image, names)
-        except TaskFileError as e:  # about an input, not a task file's field
-            raise MtlError(e.problem, e.fix) from None
+        x = given_images(list(inputs), image)
     else:
         x = np.stack([np.asarray(i) for i in inputs])
         if image is None and x.ndim in (3, 4) and all(4 <= n <= 1024 for n in x.shape[1:3]):
