@@ -109,7 +109,7 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
         assert code == 0 and json.loads(out)["predictions"][0]["label"] == "payday", (name, err)
     assert json.loads(out)["score"] == {"accuracy": 0.5, "ci95": pytest.approx(0.693, abs=1e-3), "labelled": 2}
     code, out, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "b.jsonl", "when is my next paycheck")
-    assert code == 0 and "accuracy 0.5000 +/- 0.6930 on the 2 inputs whose table gives their label" in err, err
+    assert code == 0 and "accuracy 0.5000 +/- 0.6930 on the 2 inputs whose table (or class folder) gives" in err, err
     assert len(out.strip().splitlines()) == 3  # the labels stay on stdout alone
     assert json.loads((tmp_path / "m" / "model.json").read_text())["input_fields"] == ["text"]
     (tmp_path / "c.tsv").write_text("query\twhen\nwhen is my next paycheck\t1\n")
@@ -335,6 +335,24 @@ def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
     code, _, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", bad,
                            "--out", tmp_path / "m2")
     assert code == 2 and "label 'not_an_intent'" in err and len(err.strip().splitlines()) == 1
+    # the examples alone, no registry task: named after their file (train.csv: its folder), labels of their own
+    mine = write(tmp_path / "mine" / "train.csv", "text,label\n" + "".join(f"{t},{y} \n" for t, y in rows) +
+                 "is the card lost,card_lost\nmy card is gone,card_lost\n")
+    code, out, err = run_cli("adapt", "--checkpoint", text_run, "--examples", mine, "--out", tmp_path / "m5")
+    assert code == 0 and "adapted to mine: 3 classes x 2 shots," in out and "no test split" in out, err
+    folder = tmp_path / "test"  # a folder of class folders is scored as a labelled table is
+    for n, (text, label) in enumerate([*rows, ("i lost my card", "card_lost")]):
+        write(folder / label / f"{n}.txt", text)
+    code, out, err = run_cli("predict", "--model", tmp_path / "m5", "--json", folder)
+    assert code == 0 and json.loads(out)["score"]["labelled"] == 5, err
+    code, _, err = run_cli("adapt", "--checkpoint", text_run, "--out", tmp_path / "m6")
+    assert code == 2 and "adapt needs a task. Fix: give --task NAME (a registry task) or --examples FILE" in err
+    blank = write(tmp_path / "blank.csv", "text,label\nhello,balance\nbye, \n")
+    code, _, err = run_cli("adapt", "--checkpoint", text_run, "--examples", blank, "--out", tmp_path / "m6")
+    assert code == 2 and "blank.csv row 2 has no label. Fix: fill in its label" in err, err
+    code, _, err = run_cli("adapt", "--checkpoint", text_run, "--examples", tmp_path / "test", "--split", "test",
+                           "--out", tmp_path / "m6")
+    assert code == 2 and "--split draws the shots from a registry task" in err, err
 
 
 def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
@@ -361,6 +379,20 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
     (tmp_path / "list.csv").write_text("file,label\nimgs/a/x.png,a\n")  # paths relative to the table's folder
     code, out2, err = run_cli("predict", "--model", tmp_path / "m", "--top", 2, tmp_path / "list.csv")
     assert code == 0 and out2.splitlines()[0] == out.splitlines()[0], (out2, err)
+    faces = Registry().load("olivetti")  # a user's own image folder alone, read as the checkpoint's task reads its
+    for i in [*np.flatnonzero(faces.test.labels == 0)[:2], *np.flatnonzero(faces.test.labels == 1)[:2]]:
+        person = tmp_path / "mine" / "train" / faces.classes[faces.test.labels[i]]
+        person.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(faces.test.inputs[i]).save(person / f"{i}.png")
+    code, out, err = run_cli("adapt", "--checkpoint", image_run, "--examples", tmp_path / "mine" / "train",
+                             "--views", 1, "--out", tmp_path / "m7", "--json")
+    assert code == 0 and json.loads(out)["task"] == "mine" and json.loads(out)["test_accuracy"] is None, err
+    code, out, err = run_cli("predict", "--model", tmp_path / "m7", "--json", tmp_path / "mine" / "train")
+    assert code == 0 and json.loads(out)["score"]["labelled"] == 4, err
+    (tmp_path / "texts.csv").write_text("text,label\nhello,a\nbye,b\n")
+    code, _, err = run_cli("adapt", "--checkpoint", image_run, "--examples", tmp_path / "texts.csv", "--out",
+                           tmp_path / "m8")
+    assert code == 2 and "texts.csv holds texts, but the checkpoint reads image files" in err, err
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
     code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "broken.png")
     assert code == 2 and "broken.png" in err and "Traceback" not in err

@@ -94,9 +94,11 @@ class _Rate:
 
 
 @app.command("adapt")
-def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to adapt to.")],
-              checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run folder or checkpoint file.")],
+def adapt_cmd(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run folder or checkpoint file.")],
               out_dir: Annotated[Path, typer.Option("--out", help="Folder for the adapted model.")],
+              task: Annotated[str | None, typer.Option(
+                  "--task", help="Registry task to adapt to (with --examples: optional; then the examples alone, "
+                  "named after their file).")] = None,
               shots: Annotated[int, typer.Option(help="Labelled examples per class.")] = 5,
               steps: Annotated[int | None, typer.Option(help="Gradient steps (default: the recipe's).")] = None,
               lr: Annotated[float | None, typer.Option(help="Step size (default: the learned ones).")] = None,
@@ -153,7 +155,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     from mtl.run.select import count_or_all
     from mtl.run.text_finetune import layer_count
 
-    with progress(f"adapting to {task}", quiet=as_json):
+    if task is None and examples is None:
+        raise MtlError("adapt needs a task", "give --task NAME (a registry task) or --examples FILE (your own)")
+    with progress(f"adapting to {task or examples}", quiet=as_json):
         m = adapt(checkpoint, task, shots=shots, examples=examples, steps=steps, lr=lr, head_init=head_init,
                   encoder_layers=encoder_layers, encoder_epochs=encoder_epochs, encoder_lr=encoder_lr, seed=seed,
                   device=device, out=out_dir,
@@ -162,6 +166,7 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
                   split=split, views=views, shared_norms=shared_norms, test_examples=count_or_all(test_examples,
                                                                                                 "--test-examples"),
                   **({} if reject_rate is None else {"reject_rate": reject_rate}))
+    task = m.meta["task"]
     result = {"model_dir": str(out_dir), "task": task, "classes": len(m.classes),
               **{k: m.meta.get(k) for k in ("shots", "steps", "lr", "selection", "test_accuracy", "test_ci95",
                                             "test_examples", "test_of", "test_split", "test_ece",
@@ -176,8 +181,9 @@ def adapt_cmd(task: Annotated[str, typer.Option("--task", help="Registry task to
     of = f" of {m.meta['test_of']} (a random sample; --test-examples all scores every one)" if sample else ""
     acc = (f"{scored[0]} accuracy {m.meta['test_accuracy']:.4f} +/- {m.meta['test_ci95']:.4f} on "
            f"{m.meta['test_examples']}{scored[1]} examples{of}" if m.meta["test_accuracy"] is not None
-           else "no test examples of these classes" + ("" if split or examples else
-                                                        " (`--split test` adapts to the test split's classes)"))
+           else "no test split (score it on a labelled file: `cli.py predict --model MODEL FILE.csv`)"
+           if m.meta.get("test_split") is None else "no test examples of these classes" + (
+               "" if split or examples else " (`--split test` adapts to the test split's classes)"))
     sel = m.meta["selection"]
     size = "the learned step size" if sel.get("lr") is None else f"step size {sel['lr']:g}"
     how = f"{sel['steps']} steps at {size}" if sel["steps"] else "no gradient steps, the initial head as it is"
@@ -262,7 +268,7 @@ def predict(model: Annotated[Path, typer.Option("--model", help="Folder written 
         out.print(f"{r['label']}\t{r['probability']:.3f}{others}\t{r['input']}", highlight=False, markup=False)
     if score:
         err.print(f"accuracy {score['accuracy']:.4f} +/- {score['ci95']:.4f} on the {score['labelled']} inputs "
-                  "whose table gives their label", highlight=False)
+                  "whose table (or class folder) gives their label", highlight=False)
 
 
 @app.command("evaluate")

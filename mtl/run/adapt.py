@@ -10,7 +10,6 @@ set, fit, score on the task's test split, save.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -24,7 +23,6 @@ import torch
 from mtl.algorithms import Algorithm
 from mtl.data.inputs import Inputs
 from mtl.data.registry import Registry, task_read_as, with_dirs
-from mtl.data.schema import ImageOptions
 from mtl.data.stream import TaskBatch
 from mtl.data.task import Split, Task
 from mtl.data.views import answered, check_views, episode_view, turned
@@ -45,7 +43,7 @@ from mtl.run.calibration import (
 from mtl.run.examples import read_examples
 from mtl.run.learner import load_learner
 from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, check_setting, choose, support_folds
-from mtl.run.support import Support, support_from_arrays, support_from_task
+from mtl.run.support import Support, support_from_arrays, support_from_examples, support_from_task, values_modality
 from mtl.run.text_finetune import encoder_lr_for, layer_count, tune_text_encoder
 from mtl.run.view_norms import Rows, episode_shared, keep_statistics, normalising_with, shared_rows
 
@@ -255,28 +253,6 @@ def score_on_task(model: AdaptedModel, task: Task, support: Support | None = Non
             "test_ece_uncalibrated": expected_calibration_error(softmax(logits), yq)}
 
 
-def values_modality(inputs: Any, model: MultiTaskModel, tasks: Sequence[str], registry: Registry | None
-                    ) -> tuple[str, ImageOptions | None]:
-    """Whether ``(inputs, labels)`` are texts or images, and how image files and PIL images among them are read
-    (as the checkpoint's first training task's images, ``tasks``, at its ``model.image_size`` where it has one;
-    arrays are taken as they are). Strings are texts unless the checkpoint reads images only."""
-    from PIL import Image
-
-    first = next(iter(inputs), None)
-    if isinstance(first, str) and "text" in model.encoders:
-        return "text", None
-    if not isinstance(first, str | Path | Image.Image):
-        return "image", None
-    options = model.config.image_overrides
-    registry = registry or Registry()
-    for name in tasks:
-        with contextlib.suppress(MtlError):
-            spec = registry.spec(name)
-            if spec.modality == "image":
-                return "image", spec.image_options.model_copy(update=options)
-    return "image", ImageOptions.model_validate(options)
-
-
 def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any] | None = None, *,
           shots: int = 5, examples: Path | str | None = None, steps: int | None = None, lr: float | None = None,
           head_init: str | None = None, encoder_layers: int | str = 0, encoder_epochs: int | None = None,
@@ -344,9 +320,13 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     if isinstance(task, tuple):
         inputs, labels = task
         support = support_from_arrays(inputs, labels, *values_modality(inputs, learner.model, trained_on, registry))
+    elif task is None and examples is not None:  # a user's own examples alone: no registry task, no test split
+        if split is not None:
+            raise MtlError("--split draws the shots from a registry task", "give --task NAME, or leave --split out")
+        support = support_from_examples(examples, learner.model, trained_on, registry)
     else:
         if task is None:
-            raise MtlError("no task to adapt to", "give a registry task name, or (inputs, labels)")
+            raise MtlError("no task to adapt to", "give a registry task name, examples, or (inputs, labels)")
         loaded = task_read_as(task, learner.model.config.image_overrides, registry)
         if examples is not None:
             if split is not None:

@@ -307,7 +307,7 @@ class AdaptedModel:
     def load_inputs(self, items: list[str]) -> tuple[np.ndarray, list[str], list[str | None]]:
         """What ``predict`` is given, read (:func:`~mtl.run.given_inputs.read_inputs`): the model's inputs, how
         each is shown, and the label a table gave it (else None)."""
-        values, expected = read_inputs(items, self.modality, self.meta)
+        values, expected = read_inputs(items, self.modality, self.meta, self.classes)
         x = np.asarray(values, dtype=np.str_) if self.modality == "text" else self._images(values)
         return x, values, expected
 

@@ -18,11 +18,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from mtl.algorithms import Algorithm
 from mtl.device import resolve_device
 from mtl.run import text_default
-from mtl.run.adapt import fit, values_modality, views_for
+from mtl.run.adapt import fit, views_for
 from mtl.run.adapted import AdaptedModel
 from mtl.run.calibration import REJECT_RATE
 from mtl.run.learner import load_learner
-from mtl.run.support import support_from_arrays
+from mtl.run.support import support_from_arrays, values_modality
 
 
 @lru_cache(maxsize=4)

@@ -12,6 +12,7 @@ import numpy as np
 
 from mtl import settings
 from mtl.data.columns import joined_texts
+from mtl.data.formats import IMAGE_SUFFIXES
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
 from mtl.errors import MtlError, TaskFileError
@@ -46,6 +47,20 @@ def table_rows(path: Path) -> list[Any]:
                                    else ","))
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
         raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header, JSON lines or a JSON list") from None
+
+
+def examples_modality(path: Path) -> str:
+    """Whether a file (or folder) of labelled examples holds images or texts: image files by their suffix (in a
+    folder, any file; in a table, the input column's first value)."""
+    if path.is_dir():
+        images = any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.rglob("*") if f.is_file())
+        return "image" if images else "text"
+    if not path.exists():
+        raise MtlError(f"examples file {path} not found", "check the path")
+    rows = table_rows(path)
+    pair = columns(list(rows[0]), None) if rows and isinstance(rows[0], dict) else None
+    first = str(rows[0].get(pair[0][0], "")).strip() if pair else ""
+    return "image" if first.lower().endswith(IMAGE_SUFFIXES) else "text"
 
 
 def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: tuple[list[str], str] | None = None
@@ -87,7 +102,10 @@ def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: 
             texts += joined_texts([[row[c]] for c in pair[0]])
             if not texts[-1]:
                 raise MtlError(f"{path} row {n} has no text", "fill in its text, or delete the row")
-            labels.append(str(row[pair[1]]))
+            labels.append(str(row[pair[1]] if row[pair[1]] is not None else "").strip())
+            if not labels[-1]:
+                raise MtlError(f"{path} row {n} has no label", "fill in its label, or delete the row (texts without "
+                               "labels can go to --unlabeled)")
         if modality == "image":  # a table of image files and labels, paths relative to the table's folder
             try:
                 inputs = prepare_images(texts, image, folders=[path.parent, settings.data_dir()])

@@ -27,26 +27,28 @@ def first_blank(texts: Sequence[str]) -> int | None:
     return next((i for i, t in enumerate(texts) if not t.strip()), None)
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """Every file below ``folder`` in a stable order, hidden ones (``.DS_Store``, ``.git``) left out."""
+    return sorted(f for f in folder.rglob("*") if f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
 def image_files(folder: Path) -> list[str]:
-    """Every image file below ``folder``, in a stable order; other files (notes, ``.DS_Store``) are
-    skipped, since a folder of class folders is how users keep images."""
+    """Every image file below ``folder``; other files (notes) are skipped, since a folder of class folders is how
+    users keep images."""
     from PIL import Image
 
     suffixes = {ext.lower() for ext in Image.registered_extensions()}
-    found = sorted(str(f) for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
-                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    found = [str(f) for f in visible_files(folder) if f.suffix.lower() in suffixes]
     if not found:
         raise MtlError(f"no image files in {folder}", "give a folder holding .png/.jpg images, or image paths")
     return found
 
 
 def text_files(folder: Path) -> list[str]:
-    """The text of every file below ``folder`` (one example each, as `format: textfolder` reads them), in a stable
-    order; hidden files are skipped."""
-    files = sorted(f for f in folder.rglob("*") if f.is_file()
-                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    """The text of every file below ``folder`` (one example each, as `format: textfolder` reads them)."""
     texts = []
-    for f in files:
+    for f in visible_files(folder):
         try:
             texts.append(f.read_text(encoding="utf-8-sig").strip())
         except UnicodeDecodeError:
@@ -54,6 +56,14 @@ def text_files(folder: Path) -> list[str]:
     if not texts:
         raise MtlError(f"no files in {folder}", "give a folder of text files, one text each")
     return texts
+
+
+def class_folders(folder: Path, files: Sequence[str | Path], classes: Sequence[str]) -> list[str] | None:
+    """The class each file's folder names, where ``folder`` holds one folder per class of the model and nothing
+    else (``test/cat/1.jpg``): a labelled test folder is scored as a table with a label column is; else None."""
+    parts = [Path(f).relative_to(folder).parts for f in files]
+    labels = [p[0] for p in parts]
+    return labels if all(len(p) == 2 for p in parts) and set(labels) <= set(classes) else None
 
 
 def table_inputs(path: Path, modality: str, fields: list[str] | None = None) -> tuple[list[str], list[str] | None]:
@@ -79,10 +89,12 @@ def table_inputs(path: Path, modality: str, fields: list[str] | None = None) -> 
     return values, labels
 
 
-def read_inputs(items: Sequence[str], modality: str, meta: dict[str, Any]) -> tuple[list[str], list[str | None]]:
+def read_inputs(items: Sequence[str], modality: str, meta: dict[str, Any], classes: Sequence[str] = ()
+                ) -> tuple[list[str], list[str | None]]:
     """Texts, or image paths; a ``.txt`` file holds one text (or image path) per line, a table its inputs
     (:func:`table_inputs`), and a folder every image (image models) or text file (text models) below it. Returns
-    the inputs and, for each, the label its table gave it (None where there is none)."""
+    the inputs and, for each, the label its table (or its class folder, :func:`class_folders`) gave it (None where
+    there is none)."""
     expanded: list[str] = []
     expected: list[str | None] = []
     for item in items:
@@ -94,10 +106,10 @@ def read_inputs(items: Sequence[str], modality: str, meta: dict[str, Any]) -> tu
         elif p.suffix.lower() in TABLE_SUFFIXES and is_a(p, "file"):
             values, labels = table_inputs(p, modality, meta.get("input_fields"))
             expanded += values
-        elif modality == "image" and is_a(p, "dir"):
-            expanded += image_files(p)
-        elif modality == "text" and is_a(p, "dir"):  # every text file below it, one text each
-            expanded += text_files(p)
+        elif is_a(p, "dir"):  # every image (image models) or text file (text models) below it
+            values = image_files(p) if modality == "image" else text_files(p)
+            labels = class_folders(p, values if modality == "image" else visible_files(p), classes)
+            expanded += values
         elif modality == "text" and p.suffix.lower() in IMAGE_SUFFIXES and is_a(p, "file"):
             raise MtlError(f"{item} is an image, and this model reads texts (adapted to {meta['task']})",
                            "give it texts, or predict with a model adapted to an image task")

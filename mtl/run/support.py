@@ -1,17 +1,26 @@
-"""The labelled examples a model adapts to: drawn from a registry task's train split, or given as
-Python values (texts or images, and their label names)."""
+"""The labelled examples a model adapts to: drawn from a registry task's train split, read from a user's file of
+examples, or given as Python values (texts or images, and their label names)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mtl.data.formats import SPLIT_FOLDERS
 from mtl.data.images import given_images
+from mtl.data.registry import Registry
 from mtl.data.schema import ImageOptions
 from mtl.data.task import Task
 from mtl.errors import MtlError
+from mtl.run.examples import examples_modality, read_examples
+
+if TYPE_CHECKING:
+    from mtl.models import MultiTaskModel
 
 
 @dataclass(frozen=True)
@@ -77,3 +86,49 @@ def support_from_arrays(inputs: Any, labels: Any, modality: str, image: ImageOpt
             image = ImageOptions(size=h if h == w else (h, w), grayscale=x.ndim == 3)
     index = {c: i for i, c in enumerate(classes)}
     return Support(x, np.asarray([index[c] for c in labels]), classes, modality, task, image or ImageOptions())
+
+
+def image_options_for(model: MultiTaskModel, tasks: Sequence[str], registry: Registry | None) -> ImageOptions:
+    """How a checkpoint's user reads image files: as its first image training task (``tasks``) reads its own, at
+    the checkpoint's ``model.image_size`` where it has one (Omniglot's strokes inverted, faces in grey)."""
+    options = model.config.image_overrides
+    for name in tasks:
+        with contextlib.suppress(MtlError):
+            spec = (registry or Registry()).spec(name)
+            if spec.modality == "image":
+                return spec.image_options.model_copy(update=options)
+    return ImageOptions.model_validate(options)
+
+
+def values_modality(inputs: Any, model: MultiTaskModel, tasks: Sequence[str], registry: Registry | None
+                    ) -> tuple[str, ImageOptions | None]:
+    """Whether ``(inputs, labels)`` are texts or images, and how image files and PIL images among them are read
+    (:func:`image_options_for`; arrays are taken as they are). Strings are texts unless the checkpoint reads
+    images only."""
+    from PIL import Image
+
+    first = next(iter(inputs), None)
+    if isinstance(first, str) and "text" in model.encoders:
+        return "text", None
+    if not isinstance(first, str | Path | Image.Image):
+        return "image", None
+    return "image", image_options_for(model, tasks, registry)
+
+
+def support_from_examples(path: Path | str, model: MultiTaskModel, tasks: Sequence[str], registry: Registry | None
+                          ) -> Support:
+    """A user's own file (or folder) of labelled examples with no registry task behind it (``adapt --examples``
+    alone): texts or image files as the file holds, read as the checkpoint reads them, the task named after the
+    file (or, for ``train.csv`` or ``train/``, its folder)."""
+    path = Path(path)
+    modality = examples_modality(path)
+    if modality not in model.encoders:
+        kind = {"text": "texts", "image": "image files"}
+        raise MtlError(f"{path} holds {kind[modality]}, but the checkpoint reads {kind[next(iter(model.encoders))]}",
+                       f"adapt a checkpoint trained on {modality} tasks")
+    image = image_options_for(model, tasks, registry) if modality == "image" else ImageOptions()
+    xs, ys, classes = read_examples(path, modality, image)
+    name = path.stem if path.is_file() else path.resolve().name
+    if name.lower() in SPLIT_FOLDERS:  # my-photos/train/ or reviews/train.csv: the data set's name is above
+        name = path.resolve().parent.name
+    return Support(xs, ys, classes, modality, name, image)
