@@ -68,8 +68,8 @@ def test_a_whitened_checkpoint_answers_through_whitened_features(tmp_path, regis
 
 
 def test_a_checkpoint_trained_on_a_users_task_folder_finds_its_tasks_there(tmp_path, run_cli):
-    """`train --tasks-dir` records the folder (absolute) in the checkpoint's recipe; `whiten`, `evaluate` and
-    `adapt` look there too, so a user's own tasks need not be named again."""
+    """`train --tasks-dir` records the folder (absolute) in the checkpoint's recipe; `whiten`, `evaluate`, `adapt`
+    and `compare` look there too, so a user's own tasks need not be named again."""
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "task.yaml").write_text((ROOT / "tasks" / "vision" / "digits.yaml").read_text().replace(
@@ -85,6 +85,9 @@ def test_a_checkpoint_trained_on_a_users_task_folder_finds_its_tasks_there(tmp_p
     code, out, err = run_cli("adapt", "--checkpoint", tmp_path / "r", "--task", "my-digits", "--shots", "1",
                              "--views", "1", "--out", tmp_path / "m")
     assert code == 0 and "adapted to my-digits" in out, err
+    code, out, err = run_cli("compare", "--checkpoints", f"protonet={tmp_path / 'r'}", "--tasks", "my-digits",
+                             "--shots", "1", "--episodes", "2", "--methods", "protonet", "--out", tmp_path / "c")
+    assert code == 0 and "my-digits" in out, err
 
 
 @pytest.mark.parametrize("shrink", [0.0, 0.5])

@@ -365,8 +365,8 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
         raise MtlError(f"--shots {shots!r} is not a list of numbers", "write e.g. --shots 1,5,10") from None
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     with progress("comparing", quiet=as_json):
-        rows = compare([reg.load(t.strip()) for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways,
-                       steps, queries, seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir),
+        rows = compare([t.strip() for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways, steps, queries,
+                       seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir), registry=reg,
                        finetune_epochs=finetune_epochs, views=views, shared_norms=shared_norms)
     doc = write_reports(rows, out_dir)
     if as_json:

@@ -35,7 +35,7 @@ from scipy import stats
 from mtl.algorithms import Algorithm
 from mtl.data.cache import atomic_write_bytes
 from mtl.data.inputs import concat
-from mtl.data.registry import Registry, task_read_as
+from mtl.data.registry import Registry, task_read_as, with_dirs
 from mtl.data.stream import EpisodeStream, TaskBatch
 from mtl.data.task import Task, reading
 from mtl.data.views import check_views, episode_view, together
@@ -213,20 +213,21 @@ def compare(tasks: Sequence[Task | str], shots_list: Sequence[int], episodes: in
     check_episodes(ways, shots_list, queries, episodes)
     check_setting(steps, None, None)
     device = resolve_device(device) if isinstance(device, str) else device
-    if any(isinstance(t, str) for t in tasks):
-        registry = registry or Registry()
-    modalities = {t.modality if isinstance(t, Task) else registry.spec(t).modality  # type: ignore[union-attr]
-                  for t in tasks}
     checkpoints = {k: Path(v) for k, v in checkpoints.items()}
     if not checkpoints:
         raise MtlError("compare needs at least one checkpoint", "pass --checkpoints maml=RUN_DIR[,multitask=RUN_DIR]")
+    learners = {k: load_learner(p, device) for k, p in checkpoints.items()}
+    if any(isinstance(t, str) for t in tasks):  # also where the checkpoints' own task folders are
+        registry = with_dirs(registry, [d for _, meta in learners.values()
+                                        for d in meta["recipe"].get("tasks_dirs", [])])
+    modalities = {t.modality if isinstance(t, Task) else registry.spec(t).modality  # type: ignore[union-attr]
+                  for t in tasks}
     texts = "text" in modalities
     methods = list(methods or [*checkpoints, *BASELINES, *(TEXT_BASELINES if texts else ())])
     unknown = [m for m in methods if m not in checkpoints and m not in BASELINES + TEXT_BASELINES + ON_REQUEST]
     if unknown:
         raise MtlError(f"unknown method '{unknown[0]}'", f"use checkpoint labels ({', '.join(checkpoints)}) "
                        f"or baselines ({', '.join(BASELINES + TEXT_BASELINES + ON_REQUEST)})")
-    learners = {k: load_learner(p, device) for k, p in checkpoints.items()}
     depth = {k: lm[0].model.config.text_trainable_layers for k, lm in learners.items()}
     if len(set(depth.values())) > 1:  # one set of episode inputs serves every checkpoint
         raise MtlError(f"the checkpoints train different numbers of text encoder layers ({depth})",
