@@ -55,6 +55,23 @@ def test_csv_and_relative_path_through_data_dir(tmp_path, monkeypatch):
     check_text(load_task(spec(format="csv", path="d/x.csv")))
 
 
+@pytest.mark.parametrize(("suffix", "sep"), [(".csv", ";"), (".csv", "\t"), (".tsv", ",")])
+def test_a_tables_separator_is_found_from_its_header(tmp_path, suffix, sep):
+    """Excel in much of Europe saves `;`; many `.csv` files hold tabs: read as they are, by a task, by `adapt
+    --examples` and by `predict`, where one column named 'text;label' was read before."""
+    from mtl.data.columns import column_sep
+    from mtl.run.examples import read_examples, table_rows
+
+    path = tmp_path / f"x{suffix}"
+    more = ", or so" if sep != "," else " or so"  # the other separators in a text, where they are not its own
+    path.write_text(f"text{sep}label\n" + "".join(f"{t}{more}{sep}{y}\n" for t, y in zip(TEXTS, LABELS, strict=True)))
+    assert column_sep(path, "\t" if suffix == ".tsv" else ",") == sep
+    task = load_task(spec(format=suffix[1:], path=str(path)))
+    assert task.classes == ["a", "b", "c"] and len(task.train) + len(task.test) == 12
+    assert table_rows(path)[0] == {"text": f"sentence 0{more}", "label": "a"}
+    assert read_examples(path, "text", ImageOptions())[2] == ["a", "b", "c"]
+
+
 def test_headerless_tsv_keeps_quotes_and_null_text(tmp_path):
     texts = [*TEXTS[:-2], '"quoted', "null"]
     (tmp_path / "x.tsv").write_text("".join(f"{y}\t{t}\n" for t, y in zip(texts, LABELS, strict=True)))

@@ -123,6 +123,7 @@ def test_tasks_init_writes_a_task_file_that_loads_from_the_data_alone(tmp_path, 
     write(data / "intents_test.csv", "id,utterance,intent\n" + "".join(f"{i},{t},{y}\n" for i, (t, y) in
                                                                          enumerate(rows[:6])))
     write(data / "moods.tsv", "".join(f"{y}\t{t} and then some more words\n" for t, y in rows))
+    write(data / "excel.csv", "Text;Category\n" + "".join(f"{t}, then more;{y}\n" for t, y in rows))
     for i in range(8):
         for split in ("train", "test"):
             (data / "pics" / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
@@ -132,12 +133,14 @@ def test_tasks_init_writes_a_task_file_that_loads_from_the_data_alone(tmp_path, 
     out = tmp_path / "mine"
     expect = {"intents_train.csv": ("utterance", "intent", "train 20, test 6"),
               "moods.tsv": ("text", "label", "train 16, test 4"),
+              "excel.csv": ("Text", "Category", "train 16, test 4"),
               "pics.csv": ("file", "kind", "image, 2 classes"), "pics": ("image", "label", "train 8, test 8")}
     for i, (given, (inp, label, says)) in enumerate(expect.items()):
         code, said, err = run_cli("tasks", "init", data / given, "--name", f"t{i}", "--out", out)
         assert code == 0 and says in said and f"(input `{inp}`, label `{label}`)" in said, (given, said, err)
     code, said, err = run_cli("tasks", "validate", out)
-    assert code == 0 and said.count("ok") == 4, err
+    assert code == 0 and said.count("ok") == 5, err
+    assert "sep: ;" in (out / "t2.yaml").read_text()
     code, _, err = run_cli("tasks", "init", data / "moods.tsv", "--name", "t1", "--out", out)
     assert code == 2 and "already exists. Fix: choose another --name, or pass --force" in err
     for args, says in ((["--name", "My Task"], "--name 'My Task' is not a task name"),

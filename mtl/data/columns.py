@@ -1,9 +1,11 @@
 """What a data file's columns hold: a usable label, a text joined from several columns, a header row that is
-really the file's first example. Shared by the task loader and by the tables a user gives ``adapt`` and ``predict``."""
+really the file's first example, the character between the columns. Shared by the task loader and by the tables
+a user gives ``adapt`` and ``predict``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -39,3 +41,20 @@ def joined_texts(columns: Sequence[Sequence[object]]) -> list[str]:
         return str(v).strip()
 
     return [FIELD_SEP.join(p for p in map(part, row) if p) for row in zip(*columns, strict=True)]
+
+
+SEPARATORS = (",", "\t", ";", "|")
+
+
+def column_sep(path: Path, default: str) -> str:
+    """The character between a delimited file's columns, from its first line: ``default`` (the suffix's) if the
+    line has it, else the one of :data:`SEPARATORS` it has most (Excel in much of Europe saves ``.csv`` files
+    with ``;``; many ``.csv`` files hold tabs)."""
+    try:
+        with path.open(encoding="utf-8-sig", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return default
+    counts = {sep: first.count(sep) for sep in SEPARATORS}
+    best = max(counts, key=counts.get)
+    return default if counts.get(default) or not counts[best] else best

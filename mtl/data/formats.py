@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from mtl import settings
+from mtl.data.columns import column_sep
 from mtl.data.fetch import locate, offline
 from mtl.data.schema import Source
 from mtl.errors import TaskFileError
@@ -127,6 +128,9 @@ def read_with_datasets(source: Source, root: Path) -> Raw:
         else:
             files = located(source, root)
             data_files = {_hf_split(split): [str(p) for p in paths] for split, paths in files.items()}
+            first = next((p for ps in files.values() for p in ps if p.is_file()), None)
+            if fmt in ("csv", "tsv") and source.sep is None and first is not None:  # `;` from Excel, tabs in a .csv
+                kwargs["sep"] = column_sep(first, kwargs["sep"])
             if fmt == "imagefolder":
                 kwargs["drop_labels"] = False
                 dirs = [p for ps in files.values() for p in ps if p.is_dir()]

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from mtl.data.columns import reads_as_data
+from mtl.data.columns import column_sep, reads_as_data
 from mtl.data.formats import IMAGE_SUFFIXES, SPLIT_FOLDERS, read_source, split_folders
 from mtl.data.schema import Source, TaskSpec
 from mtl.data.task import Task, load_task
@@ -94,6 +94,9 @@ def task_document(data: Path, name: str, role: str = "held_out") -> dict[str, An
                            f"give one of {', '.join(FORMATS)}, or a folder of class folders")
         rows = _rows(data)
         options: dict[str, Any] = {}
+        default = "\t" if data.suffix.lower() == ".tsv" else ","
+        if data.suffix.lower() in (".csv", ".tsv") and column_sep(data, default) != default:
+            options["sep"] = column_sep(data, default)  # the reader finds it too; written so that it shows
         if data.suffix.lower() in (".csv", ".tsv") and any(reads_as_data(str(k)) for k in rows[0]):
             names = [f"column{i + 1}" for i in range(len(rows[0]))]  # no header row: the first row is an example
             inp, label, _ = _columns(_rows(data, names), data)

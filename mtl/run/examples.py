@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mtl import settings
-from mtl.data.columns import joined_texts
+from mtl.data.columns import column_sep, joined_texts
 from mtl.data.formats import IMAGE_SUFFIXES
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
@@ -32,8 +32,8 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 
 def table_rows(path: Path) -> list[Any]:
-    """The rows of a UTF-8 CSV/TSV with a header, of JSON lines, or of a JSON list (each row a mapping, if the
-    file is right)."""
+    """The rows of a UTF-8 CSV/TSV with a header (its columns separated as :func:`column_sep` finds), of JSON
+    lines, or of a JSON list (each row a mapping, if the file is right)."""
     try:
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
@@ -43,8 +43,8 @@ def table_rows(path: Path) -> list[Any]:
                 raise MtlError(f"{path} holds one JSON {type(rows).__name__}, not a list of rows",
                                'give a list such as [{"text": "...", "label": "..."}, ...], or JSON lines')
             return rows
-        return list(csv.DictReader(path.open(encoding="utf-8-sig", newline=""), delimiter="\t" if path.suffix == ".tsv"
-                                   else ","))
+        sep = column_sep(path, "\t" if path.suffix == ".tsv" else ",")
+        return list(csv.DictReader(path.open(encoding="utf-8-sig", newline=""), delimiter=sep))
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
         raise MtlError(f"cannot read {path} ({e})", "use UTF-8 CSV with a header, JSON lines or a JSON list") from None
 
