@@ -257,7 +257,8 @@ def predict(model: Annotated[Path, typer.Option("--model", help="Folder written 
     m = AdaptedModel.load(model, resolve_device(device))
     if reject_below is not None:
         m.reject_below(reject_below)
-    rows = m.predictions(inputs, top)
+    with progress("reading the inputs", quiet=as_json):
+        rows = m.predictions(inputs, top)
     score = table_score(rows)  # a table of inputs with a label column
     if as_json:
         _print_json({"model": str(model), "task": m.meta["task"], "predictions": rows,

@@ -5,6 +5,7 @@ with (:mod:`mtl.run.outliers`) travel in the same file."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -26,6 +27,7 @@ from mtl.run.token_match import TAU as TOKEN_TAU
 from mtl.run.token_match import TokenMatcher, own_token_vectors
 
 HEAD = "adapted"
+log = logging.getLogger(__name__)
 OUTLIER_PREFIX = "rejection."  # saved tensors of the out-of-scope score: rejection.means, ...
 PROBE_PREFIX = "probe."  # saved linear head of a companion probe on the frozen encoder (meta["probe"])
 TOKENS_PREFIX = "tokens."  # saved support token states of a companion token matcher (meta["tokens"])
@@ -211,7 +213,10 @@ class AdaptedModel:
             batches = [back[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
         logits, sims = [], []
         parts: dict[str, list[np.ndarray]] = {"probe": [], "tokens": [], "tuned_tokens": []}
-        for idx in batches:
+        for done, idx in enumerate(batches, 1):
+            if len(batches) > 1:  # a long `predict` (the CLI shows it on a spinner)
+                log.info("labelling inputs %d-%d of %d", (done - 1) * batch_size + 1,
+                         min(done * batch_size, len(inputs)), len(inputs))
             if states is not None:
                 x: Any = states[torch.as_tensor(idx, device=self.device)]
             else:
