@@ -56,7 +56,7 @@ class Server:
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
 
-    def call(self, path: str, body: bytes | dict | None = None) -> tuple[int, dict]:
+    def call(self, path: str, body: bytes | dict | list | None = None) -> tuple[int, dict]:
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         try:
@@ -119,7 +119,9 @@ def test_health_info_and_predict_answer_as_the_model_does(text_server):
     ({"texts": ["x"] * 300}, 413, "300 inputs in one request; the limit is 256"),
     ({"texts": ["x" * 20_000]}, 413, "texts[0] has 20,000 characters"),
     ({"texts": ["book a table", "  "]}, 422, "texts[1] is empty"),
-    (b"{not json", 422, "JSON decode error"),
+    (b"{not json", 422, "JSON decode error (the body takes `texts`, a list"),
+    (["book a table"], 422, "body: Input should be a valid dictionary or object to extract fields from (the body "
+                            'takes `texts`, a list, and `top`: {"texts": [...], "top": 1})'),
 ])
 def test_bad_requests_get_a_4xx_with_one_line(text_server, body, status, says):
     server, _, _ = text_server

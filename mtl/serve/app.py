@@ -82,7 +82,7 @@ def create_app(model: AdaptedModel, folder: str = "", max_batch: int = MAX_BATCH
         e = exc.errors()[0]
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         fix = ""
-        if e.get("type") == "extra_forbidden":  # e.g. {"inputs": [...]}: say what the body takes
+        if e.get("type") in ("extra_forbidden", "model_attributes_type", "json_invalid"):  # {"inputs": ...}, [...]
             want = "texts" if model.modality == "text" else "images"
             fix = f" (the body takes `{want}`, a list, and `top`: {{\"{want}\": [...], \"top\": 1}})"
         return JSONResponse(status_code=422, content={"detail": f"{where}: {e.get('msg', 'invalid')}{fix}"})
