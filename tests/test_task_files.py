@@ -193,6 +193,22 @@ def test_duplicate_names_name_both_files(tmp_path, csv_file):
     assert str(a) in str(e.value) and str(b) in str(e.value)
 
 
+def test_a_relative_path_is_also_looked_for_beside_the_task_file(tmp_path, csv_file, run_cli, monkeypatch):
+    """A project folder (task files beside their data) works wherever it is moved; a path the data directory
+    holds is still read there, and a path found nowhere names both places in its fix."""
+    monkeypatch.setenv("MTL_DATA_DIR", str(tmp_path / "mirror"))
+    write(tmp_path / "project" / "tiny.yaml", GOOD.format(path="data/tiny.csv"))
+    write(tmp_path / "project" / "data" / "tiny.csv", csv_file.read_text())
+    (tmp_path / "project").rename(tmp_path / "moved")
+    code, out, err = run_cli("tasks", "show", "tiny", "--tasks-dir", tmp_path / "moved", "--json")
+    assert code == 0 and '"classes": ["a", "b"]' in out and str(tmp_path / "moved" / "data" / "tiny.csv") in out, err
+    write(tmp_path / "mirror" / "data" / "tiny.csv", csv_file.read_text().replace(",b", ",c"))
+    assert Registry([tmp_path / "moved"]).load("tiny").classes == ["a", "c"]  # the data directory first
+    write(tmp_path / "other" / "tiny.yaml", GOOD.format(path="data/nowhere.csv"))
+    code, _, err = run_cli("tasks", "show", "tiny", "--tasks-dir", tmp_path / "other")
+    assert code == 2 and "correct the path (relative to MTL_DATA_DIR or to the task file's folder)" in err, err
+
+
 def test_user_folder_and_env_var(tmp_path, csv_file, run_cli, monkeypatch):
     write(tmp_path / "mine" / "tiny.yaml", good(csv_file))
     code, out, _ = run_cli("tasks", "list", "--tasks-dir", tmp_path / "mine", "--json")

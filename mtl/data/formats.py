@@ -59,7 +59,9 @@ def resolve(path: str, root: Path, field: str, source: Source | None = None) -> 
             return fetched
     if not exists:
         raise TaskFileError(None, field, f"'{path}' not found (looked at {full})",
-                            "correct the path, or point MTL_DATA_DIR at the folder that holds it")
+                            "correct the path" + ("" if p.is_absolute() else " (relative to MTL_DATA_DIR or to "
+                                                  "the task file's folder)")
+                            + ", or point MTL_DATA_DIR at the folder that holds it")
     return full
 
 

@@ -152,7 +152,7 @@ def parse_task_file(path: Path) -> TaskSpec:
         raise NotATaskFile(path, None, "a recipe (it lists `tasks:`), not a task file",
                            f"train with it (`cli.py train --config {path}`); task folders skip recipes")
     try:
-        return TaskSpec.model_validate(doc)
+        return TaskSpec.model_validate(doc).beside(path.parent, settings.data_dir())
     except ValidationError as e:
         problems = []
         for err in e.errors(include_url=False):

@@ -6,6 +6,7 @@ turns pydantic's errors into one line per problem with a fix. See ``docs/TASKS.m
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -280,3 +281,26 @@ class TaskSpec(_Strict):
     @property
     def image_options(self) -> ImageOptions:
         return self.image or ImageOptions()
+
+    def beside(self, folder: Path, root: Path) -> TaskSpec:
+        """This spec with each relative data path that ``root`` (the data directory) lacks but ``folder`` (the
+        task file's) holds made absolute: a project keeps its task files beside their data (``path:
+        reviews.csv``) and moves as one folder."""
+        def found(p: str) -> str:
+            given = Path(p).expanduser()
+            try:
+                if given.is_absolute() or (root / given).exists() or not (folder / given).exists():
+                    return p
+            except OSError:  # a name no file system takes: said where the source is read
+                return p
+            return str((folder / given).resolve())
+
+        def each(v: Paths) -> Paths:
+            return found(v) if isinstance(v, str) else [found(p) for p in v]
+
+        moved = [src.model_copy(update={"path": None if src.path is None else each(src.path),
+                                        "files": None if src.files is None else
+                                        {k: each(v) for k, v in src.files.items()}}) for src in self.sources]
+        if moved == self.sources:
+            return self
+        return self.model_copy(update={"source": moved if isinstance(self.source, list) else moved[0]})

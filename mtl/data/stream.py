@@ -7,6 +7,7 @@ Which registry task and which episode make up slot ``b`` of iteration ``it`` dep
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,17 @@ class TaskBatch:
         return int(self.ys.max()) + 1
 
 
+def warn_left_out(stream: EpisodeStream, purpose: str) -> None:
+    """One warning per task whose classes too small for an episode (fewer than shots + queries examples) are left
+    out of the ``purpose`` episodes: a registry's uneven task trains on the rest instead of stopping."""
+    for sampler in stream.samplers:
+        if sampler.left_out:
+            names = ", ".join(sampler.left_out[:5]) + (", ..." if len(sampler.left_out) > 5 else "")
+            warnings.warn(f"task '{sampler.tasks[0].name}': {len(sampler.left_out)} classes with fewer than "
+                          f"{sampler.shots + sampler.queries} examples in split '{sampler.split}' (shots + queries) "
+                          f"left out of the {purpose} episodes ({names})", stacklevel=2)
+
+
 class EpisodeStream:
     def __init__(self, tasks: Sequence[Task], split: str | dict[str, str] | None, ways: int, shots: int,
                  queries: int, seed: int, device: torch.device, text_encoder: str = "minilm",
@@ -54,8 +66,9 @@ class EpisodeStream:
         self.inputs: list[SplitInputs] = []
         for i, t in enumerate(self.tasks):
             name = (split.get(t.name) if isinstance(split, dict) else split) or t.spec.train_split
-            n_classes = len(t.split(name).class_ids())
-            n_ways = min(ways, n_classes) if cap_ways else ways
+            counts = t.split(name).counts()
+            n_classes = sum(n >= shots + queries for n in counts.values()) if skip_small else len(counts)
+            n_ways = min(ways, max(n_classes, 2)) if cap_ways else ways  # too few left: the sampler says so
             self.samplers.append(EpisodeSampler(t, name, n_ways, shots, queries, seed=seed * 1000 + i,
                                                 skip_small=skip_small, within_groups=within_groups))
             self.inputs.append(SplitInputs(t.split(name), t.modality, device, text_encoder, text_layers))

@@ -23,7 +23,7 @@ import yaml
 from mtl.algorithms import get_algorithm
 from mtl.data.cache import atomic_write_bytes
 from mtl.data.registry import Registry
-from mtl.data.stream import ClassBatches, EpisodeStream
+from mtl.data.stream import ClassBatches, EpisodeStream, warn_left_out
 from mtl.device import all_reduce_sum, autocast, barrier, close_distributed, init_distributed, set_threads
 from mtl.errors import MtlError
 from mtl.run.calibration import fit_temperature
@@ -103,20 +103,28 @@ class Trainer:
             self.heads = {t.name: len(t.classes) for t in tasks}
         else:
             self.source = EpisodeStream(tasks, None, r.ways, r.shots, r.queries, r.seed, self.device,
-                                        r.model.text_encoder, layers, augment=r.augment,
+                                        r.model.text_encoder, layers, skip_small=True, augment=r.augment,
                                         within_groups=r.within_groups)
             self.heads = {t.name: self.source.ways_of(t.name) for t in tasks}
+            if self.rank == 0:
+                warn_left_out(self.source, "training")
         self.val: EpisodeStream | None = None
         if r.val_tasks:
             vt = [self.registry.load(n, r.model.image_overrides) for n in r.val_tasks]
             split = {t.name: t.spec.val_split or t.spec.test_split for t in vt}
             self.val = EpisodeStream(vt, split, r.val_ways or r.ways, r.val_shots or r.shots, r.queries,
-                                     r.seed + 7919, self.device, r.model.text_encoder, layers)
+                                     r.seed + 7919, self.device, r.model.text_encoder, layers, skip_small=True)
+            if self.rank == 0:
+                warn_left_out(self.val, "validation")
         val_tasks = self.val.tasks if self.val else []
         self.modalities = sorted({t.modality for t in tasks} | {t.modality for t in val_tasks})
         torch.manual_seed(r.seed)
         self.learner = build_learner(r, self.modalities, self.heads).to(self.device)
         self.params = [p for p in self.learner.parameters() if p.requires_grad]
+        if not self.params:  # a frozen sentence encoder, no trunk, and an algorithm that trains no head
+            raise MtlError(f"{r.method} has no weights to train in this model (a frozen text encoder, no trunk)",
+                           "give it a trunk, `model: {trunk: [384]}`, or train the encoder's top layers, "
+                           "`model: {text_trainable_layers: 2}`")
         # a pretrained encoder's trainable layers may learn more slowly than the rest (`encoder_lr`)
         pretrained = {id(p) for n, p in self.learner.named_parameters() if n.startswith("model.encoders.text.")}
         groups = [{"params": [p for p in self.params if id(p) not in pretrained], "scale": 1.0},
