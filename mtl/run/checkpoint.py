@@ -44,7 +44,9 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     atomic_write_bytes(path.with_suffix(".json"), text.encode())
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
             if (path / name).exists():
