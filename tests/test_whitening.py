@@ -88,6 +88,10 @@ def test_a_checkpoint_trained_on_a_users_task_folder_finds_its_tasks_there(tmp_p
     code, out, err = run_cli("compare", "--checkpoints", f"protonet={tmp_path / 'r'}", "--tasks", "my-digits",
                              "--shots", "1", "--episodes", "2", "--methods", "protonet", "--out", tmp_path / "c")
     assert code == 0 and "my-digits" in out, err
+    import mtl  # the same from Python: one folder as a str
+
+    mtl.train(folder / "recipe.yaml", tmp_path / "r2", tasks_dirs=str(folder), iterations=1)
+    assert mtl.evaluate(tmp_path / "r2", "my-digits", ways=5, shots=1, episodes=2)["episodes"] == 2
 
 
 @pytest.mark.parametrize("shrink", [0.0, 0.5])

@@ -327,8 +327,8 @@ class Trainer:
 
 
 def train(recipe: Recipe | Path | str | dict[str, Any], out: Path | str, *, resume: bool = False,
-          on_step: Callback | None = None, registry: Registry | None = None, tasks_dirs: list[Path] | None = None,
-          **overrides: Any) -> dict[str, Any]:
+          on_step: Callback | None = None, registry: Registry | None = None,
+          tasks_dirs: Path | str | list[Path | str] | None = None, **overrides: Any) -> dict[str, Any]:
     """Train a recipe (a :class:`Recipe`, a YAML path or a dict) into the run folder ``out``.
 
     ``overrides`` set recipe fields, dotted for nested ones: ``train("configs/smoke.yaml", "runs/a",
@@ -338,6 +338,8 @@ def train(recipe: Recipe | Path | str | dict[str, Any], out: Path | str, *, resu
     if isinstance(recipe, str):
         recipe = Path(recipe)
     r = load_recipe(recipe, overrides)
+    if isinstance(tasks_dirs, str | Path):  # one folder of the user's task files
+        tasks_dirs = [tasks_dirs]
     if tasks_dirs:
         r = r.model_copy(update={"tasks_dirs": r.tasks_dirs + [str(Path(p).resolve()) for p in tasks_dirs]})
     if r.workers > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun already
