@@ -47,6 +47,8 @@ def test_overrides_and_errors(tmp_path):
         load_recipe(CONFIGS[0], {"inner": 5, "inner.steps": 3})
     on = load_recipe(None, {"method": "protonet", "tasks": ["digits"], "whiten": True, "whiten.episodes": 4})
     assert on.whiten.episodes == 4 and on.whiten.views == 8  # a section switched on, then one of its settings
+    names = load_recipe(CONFIGS[0], {"tasks": "trec, sst2", "val_tasks": "sst5"})  # --set tasks=trec,sst2
+    assert names.tasks == ["trec", "sst2"] and names.val_tasks == ["sst5"]
 
 
 def test_max_threads_caps_a_recipes_threads(monkeypatch):

@@ -87,6 +87,12 @@ class Recipe(BaseModel):
             raise ValueError(f"unknown augmentation '{name}'; known: {', '.join(AUGMENTATIONS)}")
         return name
 
+    @field_validator("tasks", "val_tasks", "log", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """``tasks: trec`` or ``--set tasks=trec,sst2``: one name, or names separated by commas."""
+        return [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else value
+
     @field_validator("whiten", mode="before")
     @classmethod
     def _whiten_switch(cls, value: Any) -> Any:
