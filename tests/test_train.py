@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ from mtl.errors import MtlError
 from mtl.run.checkpoint import load_checkpoint
 from mtl.run.learner import load_learner
 from mtl.run.recipe import load_recipe
-from mtl.run.trainer import RunLock, Trainer
+from mtl.run.run_control import RunInterrupted, RunLock
+from mtl.run.trainer import Trainer
 from tests.conftest import needs_data
 
 pytestmark = needs_data
@@ -94,6 +97,41 @@ def test_a_run_killed_between_validations_resumes_from_its_timed_checkpoint(tmp_
     Trainer(recipe(iterations=6, **over), tmp_path / "part", registry).run(resume=True)
     a, b = params(tmp_path / "full" / "last.safetensors"), params(tmp_path / "part" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_at_the_iterations_end_saved_for_resume(tmp_path, registry, signum, run_cli,
+                                                                         monkeypatch):
+    """The first Ctrl-C (or a cluster's SIGTERM) ends the run after the iteration it lands in, with that
+    iteration saved and its metrics row written, long before any validation or timed save; --resume then goes
+    on as if never stopped. The command line says where it saved, and exits with 130."""
+    over, before = {"val_every": 1000, "val_episodes": 4}, signal.getsignal(signum)
+    Trainer(recipe(iterations=6, **over), tmp_path / "full", registry).run()
+
+    def signal_at_3(row: dict) -> None:
+        if row["iteration"] == 2:  # after the third iteration's check: the fourth is the last
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(RunInterrupted, match=r"interrupted after iteration 4 of 6: saved .*--resume"):
+        Trainer(recipe(iterations=6, **over), tmp_path / "part", registry).run(on_step=signal_at_3)
+    assert load_checkpoint(tmp_path / "part" / "last.safetensors")[1]["iteration"] == 3
+    assert signal.getsignal(signum) == before and not (tmp_path / "part" / ".lock").exists()  # handler given back
+    Trainer(recipe(iterations=6, **over), tmp_path / "part", registry).run(resume=True)
+    a, b = params(tmp_path / "full" / "last.safetensors"), params(tmp_path / "part" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["iteration"] for r in rows] == list(range(6))
+    step = Trainer.step
+
+    def step_then_signal(self: Trainer, it: int) -> tuple[float, float]:
+        if it == 1:
+            os.kill(os.getpid(), signum)
+        return step(self, it)
+
+    monkeypatch.setattr(Trainer, "step", step_then_signal)
+    (tmp_path / "recipe.yaml").write_text(json.dumps({**SMALL, "iterations": 6, **over}))
+    code, _, err = run_cli("train", "--config", tmp_path / "recipe.yaml", "--out", tmp_path / "cli")
+    assert code == 130 and "interrupted after iteration 2 of 6: saved" in err, err
 
 
 def test_same_seed_same_result(tmp_path, registry):

@@ -44,6 +44,7 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mtl.run.recipe import load_recipe
+    from mtl.run.run_control import RunInterrupted
     from mtl.run.trainer import train as run_training
 
     overrides: dict[str, object] = {"method": method, "seed": seed, "device": device, "iterations": iterations,
@@ -66,7 +67,12 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
             bar.update(job, completed=int(row["iteration"]) + 1, loss=row["loss"], acc=row["accuracy"], val=val,
                        rate=rate.tick())
 
-        result = run_training(recipe, out_dir, resume=resume, on_step=on_step, tasks_dirs=tasks_dir)
+        try:
+            result = run_training(recipe, out_dir, resume=resume, on_step=on_step, tasks_dirs=tasks_dir)
+        except RunInterrupted as e:  # Click would swallow it without a word
+            bar.stop()
+            err.print(str(e), highlight=False, markup=False)
+            raise typer.Exit(130) from None
     if result["rank"] != 0:  # under torchrun, rank 0 alone reports
         return
     if as_json:
@@ -77,8 +83,9 @@ def train(config: Annotated[Path, typer.Option("--config", help="Recipe YAML (se
     out.print(f"trained {result['iterations']} iterations in {result['seconds']} s{best}", highlight=False)
     if result["whitening"]:
         out.print(_whitened(result["whitening"]), highlight=False)
-    out.print(f"run folder: {out_dir} (best.safetensors, last.safetensors, metrics.jsonl, curve.png)",
-              highlight=False)
+    files = [f for f in ("best.safetensors", "last.safetensors", "metrics.jsonl", "curve.png")
+             if (out_dir / f).exists()]
+    out.print(f"run folder: {out_dir} ({', '.join(files)})", highlight=False)
 
 
 class _Rate:

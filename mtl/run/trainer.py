@@ -31,41 +31,11 @@ from mtl.run.checkpoint import load_checkpoint, load_into, optimizer_tensors, re
 from mtl.run.evaluate import mean_ci
 from mtl.run.learner import build_learner, load_learner
 from mtl.run.recipe import Recipe, changed_settings, load_recipe
+from mtl.run.run_control import RunInterrupted, RunLock, StopSignals
 from mtl.run.select import LOGISTIC, Setting, as_dict, candidates, choose, episode_logits
 from mtl.run.tracking import open_trackers
 
 Callback = Callable[[dict[str, Any]], None]
-
-
-class RunLock:
-    """An exclusive lock file in the run folder; a stale lock (dead process) is taken over."""
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / ".lock"
-
-    def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text() or 0)
-                    os.kill(pid, 0)
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    self.path.unlink(missing_ok=True)  # stale
-                    continue
-                except PermissionError:
-                    pass
-                raise MtlError(f"another run (pid {pid}) is writing to {self.path.parent}",
-                               "wait for it, or use another --out folder") from None
-        raise MtlError(f"cannot lock {self.path.parent}", "use another --out folder")
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 class Trainer:
@@ -214,14 +184,14 @@ class Trainer:
                     p.clamp_(min=1e-6)
         return loss, acc
 
-    def agreed(self, seconds: float) -> float:
-        """The ranks' mean elapsed time: every rank must take the same learning rate and stop at the
-        same iteration, or their collectives would no longer pair up."""
+    def agreed(self, seconds: float, stop: bool) -> tuple[float, bool]:
+        """The ranks' mean elapsed time, and whether any was asked to stop: every rank must take the same
+        learning rate and stop at the same iteration, or their collectives would no longer pair up."""
         if self.world == 1:
-            return seconds
-        t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+            return seconds, stop
+        t = torch.tensor([seconds, float(stop)], dtype=torch.float64, device=self.device)
         all_reduce_sum([t])
-        return float(t) / self.world
+        return float(t[0]) / self.world, bool(t[1] > 0)
 
     def validate(self) -> tuple[float, float]:
         assert self.val is not None  # batch norm keeps episodic (support) statistics: train mode on purpose
@@ -260,7 +230,7 @@ class Trainer:
         self.setup()
         r = self.recipe
         lead = self.rank == 0
-        with RunLock(self.out) if lead else contextlib.nullcontext():
+        with RunLock(self.out) if lead else contextlib.nullcontext(), StopSignals() as signals:
             if resume:
                 self.resume()
             elif lead:
@@ -281,11 +251,11 @@ class Trainer:
             try:
                 for it in range(self.start, r.iterations):
                     loss, acc = self.step(it)
-                    self.elapsed = self.agreed(time.perf_counter() - t0)
+                    self.elapsed, stop = self.agreed(time.perf_counter() - t0, signals.requested)
                     row: dict[str, Any] = {"iteration": it, "loss": round(loss, 5), "accuracy": round(acc, 5),
                                            "lr": self.lr, "seconds": round(self.elapsed, 2)}
                     last = it == r.iterations - 1 or (r.time_limit_minutes and self.elapsed > 60 * r.time_limit_minutes)
-                    if lead and ((it + 1) % r.val_every == 0 or last):
+                    if lead and ((it + 1) % r.val_every == 0 or last) and not stop:
                         if self.val is not None:
                             mean, ci = self.validate()
                             row.update(val_accuracy=round(mean, 5), val_ci95=round(ci, 5))
@@ -306,6 +276,12 @@ class Trainer:
                         tracker.log(row, it)
                     if on_step:
                         on_step(row)
+                    if stop:  # Ctrl-C or SIGTERM: this iteration saved for --resume, without validating
+                        if lead:
+                            self.save("last", it, with_optimizer=True)
+                        raise RunInterrupted(f"interrupted after iteration {it + 1} of {r.iterations}: saved "
+                                             f"{self.out / 'last.safetensors'}; run the same command with --resume "
+                                             "to go on (adapt and evaluate can use it as it is)")
                     if last:
                         break
             finally:
@@ -321,7 +297,7 @@ class Trainer:
                 if self.val is not None and r.choose_adaptation and (self.out / "best.safetensors").exists():
                     self.choose_adaptation()
         barrier()  # every rank returns once rank 0 has written the checkpoints
-        return {"iterations": it + 1, "best_val_accuracy": self.best if self.val else None,
+        return {"iterations": it + 1, "best_val_accuracy": self.best if self.val and self.best >= 0 else None,
                 "last_val": last_val, "seconds": round(self.elapsed, 1), "out": str(self.out), "rank": self.rank,
                 "algorithm": r.method, "whitening": whitened}
 
