@@ -141,6 +141,19 @@ def test_tasks_init_writes_a_task_file_that_loads_from_the_data_alone(tmp_path, 
     code, said, err = run_cli("tasks", "validate", out)
     assert code == 0 and said.count("ok") == 5, err
     assert "sep: ;" in (out / "t2.yaml").read_text()
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blobs = []  # a hub image data set saved as parquet: each image a {bytes, path} record
+    for i in range(20):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(buf, format="PNG")
+        blobs.append({"bytes": buf.getvalue(), "path": f"{i}.png"})
+    pq.write_table(pa.table({"image": blobs, "label": [i % 2 for i in range(20)]}), data / "hub.parquet")
+    code, said, err = run_cli("tasks", "init", data / "hub.parquet", "--name", "t9", "--out", out)
+    assert code == 0 and "image, 2 classes" in said, (said, err)
     code, _, err = run_cli("tasks", "init", data / "moods.tsv", "--name", "t1", "--out", out)
     assert code == 2 and "already exists. Fix: choose another --name, or pass --force" in err
     for args, says in ((["--name", "My Task"], "--name 'My Task' is not a task name"),

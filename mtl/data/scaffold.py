@@ -48,8 +48,18 @@ def _columns(rows: list[dict[str, Any]], path: Path) -> tuple[str, str, str]:
     rest = [k for k in keys if k != label]
     length = {k: sum(len(str(r[k])) for r in rows) for k in rest}
     inp = next((named[n] for n in INPUT_NAMES if n in named and named[n] != label), None) or max(rest, key=length.get)
-    images = all(str(r[inp]).lower().endswith(IMAGE_SUFFIXES) for r in rows[:50])
+    images = all(_is_image(r[inp]) for r in rows[:50])
     return inp, label, "image" if images else "text"
+
+
+def _is_image(value: Any) -> bool:
+    """An image file's name, or an image held in the table: its bytes, or the ``{bytes, path}`` record of a
+    Hugging Face data set saved as parquet (how image data sets come from the hub)."""
+    if isinstance(value, bytes | bytearray):
+        return True
+    if isinstance(value, dict):
+        return bool({"bytes", "path"} & set(value))
+    return str(value).lower().endswith(IMAGE_SUFFIXES)
 
 
 def _siblings(path: Path) -> dict[str, str]:
