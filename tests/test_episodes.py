@@ -95,6 +95,16 @@ def test_too_many_shots_names_class_and_counts():
         EpisodeSampler(toy_task(per_class=[10, 10, 3]), ways=2, shots=1, queries=5)
 
 
+def test_small_classes_left_out_and_the_fix_that_would_fit():
+    """With ``skip_small`` (training, evaluate, compare) too small a class is left out and listed; when too few
+    remain for the ways, the fix names the shots + queries that ``ways`` classes all have."""
+    sampler = EpisodeSampler(toy_task(per_class=[10, 10, 10, 3]), ways=3, shots=1, queries=5, skip_small=True)
+    assert sampler.left_out == ["c3"] and sampler.num_classes == 3
+    with pytest.raises(MtlError, match=r"has 0 classes with at least 12 examples, fewer than the 3 ways asked\. "
+                                       r"Fix: ask for at most 10 shots \+ queries, e\.g\. --queries 9"):
+        EpisodeSampler(toy_task(per_class=[10, 10, 10, 3]), ways=3, shots=1, queries=11, skip_small=True)
+
+
 def test_pool_refuses_mixed_modalities():
     with pytest.raises(MtlError, match="cannot mix text and image"):
         EpisodeSampler([toy_task("a"), toy_task("b", modality="text")])

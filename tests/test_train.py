@@ -320,23 +320,27 @@ def test_a_recipe_draws_its_share_of_episodes_within_one_alphabet(registry, tmp_
         recipe(within_groups=1.5)
 
 
-def test_classes_too_small_for_an_episode_are_left_out_with_a_warning(tmp_path):
+def test_classes_too_small_for_an_episode_are_left_out_with_a_warning(tmp_path, run_cli):
     """A user's uneven task (a few classes with 3 examples) trains on the classes that fill an episode and says
     which it left out, where the first episode stopped the run; nothing to train is said before training."""
     from mtl.data.registry import Registry
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(8), [12] * 6 + [3, 3])
-    np.savez(tmp_path / "uneven.npz", images=rng.integers(0, 256, (len(labels), 12, 12), dtype=np.uint8),
+    np.savez(tmp_path / "uneven.npz", images=rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8),
              labels=labels)
     (tmp_path / "uneven.yaml").write_text(
         "name: uneven\nmodality: image\nrole: meta_train\nsource: {format: npz, path: uneven.npz, labels_key: labels}"
-        "\nsplits: {by: examples, sizes: {train: 0.75, test: 0.25}}\nimage: {size: 12}\n")
+        "\nsplits: {by: examples, sizes: {train: 0.75, test: 0.25}}\nimage: {size: 28}\n")
     with pytest.warns(UserWarning, match=r"task 'uneven': 2 classes with fewer than 6 examples in split 'train' "
                                          r"\(shots \+ queries\) left out of the training episodes \(6, 7\)"):
         trainer = Trainer(recipe(tasks=["uneven"], val_tasks=[], shots=1, iterations=2, ways=5),
                           tmp_path / "run", Registry([tmp_path])).setup()
     assert trainer.source.samplers[0].num_classes == 6
+    trainer.run()
+    code, out, err = run_cli("evaluate", "--checkpoint", tmp_path / "run", "--task", "uneven", "--tasks-dir",
+                             tmp_path, "--split", "train", "--shots", 1, "--queries", 5, "--episodes", 2)
+    assert code == 0 and "2 classes with fewer than 6 examples (shots + queries) left out (6, 7)" in out, err
     with pytest.raises(MtlError, match=r"protonet has no weights to train .* Fix: give it a trunk"):
         Trainer(recipe(method="protonet", tasks=["clinc150-home"], val_tasks=[], ways=3, iterations=1),
                 tmp_path / "text").setup()

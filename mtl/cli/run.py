@@ -305,6 +305,10 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
         out.print(f"{task} ({info['split']}) {info['ways']}-way {shots}-shot over {episodes} episodes{seen}: "
                   f"{100 * info['accuracy']:.2f}% +/- {100 * info['ci95']:.2f}% (95% CI); ECE {info['ece']:.3f} at "
                   f"temperature {info['temperature']:.2f} ({info['ece_uncalibrated']:.3f} at 1)", highlight=False)
+        left = info["left_out"]
+        if left:
+            out.print(f"{len(left)} classes with fewer than {shots + queries} examples (shots + queries) left out "
+                      f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''})", highlight=False)
 
 
 @app.command("whiten")

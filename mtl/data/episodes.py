@@ -66,6 +66,7 @@ class EpisodeSampler:
         name = "+".join(t.name for t in self.tasks)
         need = shots + queries
         self.left_out: list[str] = []
+        sizes = sorted((len(m) for m in self._members), reverse=True)
         if skip_small:
             keep = [i for i, m in enumerate(self._members) if len(m) >= need]
             self.left_out = [self.tasks[p].classes[c] for i, (p, c) in enumerate(self._classes) if i not in set(keep)]
@@ -73,9 +74,13 @@ class EpisodeSampler:
             self._members = [self._members[i] for i in keep]
         if ways > len(self._classes):
             enough = f" with at least {need} examples" if skip_small else ""
+            room = sizes[ways - 1] if skip_small and len(sizes) >= ways else 0  # what `ways` classes all have
+            fewer = [f"at most {len(self._classes)} ways"] if len(self._classes) >= 1 else []
+            if room > shots:
+                fewer.append(f"at most {room} shots + queries, e.g. --queries {room - shots}")
             raise MtlError(f"task '{name}' split '{split}' has {len(self._classes)} classes{enough}, fewer than "
-                           f"the {ways} ways asked", f"ask for at most {len(self._classes)} ways"
-                           + (" or fewer shots + queries" if skip_small else ""))
+                           f"the {ways} ways asked", f"ask for {' or '.join(fewer)}" if fewer else
+                           f"use a split with {ways} or more classes of {shots + 1} or more examples")
         for (pos, c), members in zip(self._classes, self._members, strict=True):
             if len(members) < need:
                 raise MtlError(f"class '{self.tasks[pos].classes[c]}' of task '{self.tasks[pos].name}' split "

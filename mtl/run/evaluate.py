@@ -66,7 +66,7 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
     name = split or t.spec.test_split
     config = learner.model.config
     stream = EpisodeStream([t], name, ways, shots, queries, seed, dev, config.text_encoder,
-                           config.text_trainable_layers, cap_ways=False)
+                           config.text_trainable_layers, cap_ways=False, skip_small=True)  # as compare does
     logits, labels = [], []
     with autocast(dev, meta["recipe"].get("precision", "fp32")):
         for b in stream.fixed(episodes):
@@ -82,4 +82,4 @@ def evaluate(checkpoint: Path | str, task: str | Task, ways: int = 5, shots: int
             "episodes": episodes, "accuracy": round(mean, 5), "ci95": round(ci, 5),
             "ece_uncalibrated": round(ece[0], 5), "ece": round(ece[1], 5), "temperature": temperature,
             "checkpoint": meta["path"], "algorithm": learner.name, "head_init": head_init, "views": views,
-            "shared_norms": shared_norms and shares(learner, views, steps)}
+            "shared_norms": shared_norms and shares(learner, views, steps), "left_out": stream.samplers[0].left_out}
