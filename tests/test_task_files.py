@@ -154,6 +154,10 @@ def test_tasks_init_writes_a_task_file_that_loads_from_the_data_alone(tmp_path, 
     pq.write_table(pa.table({"image": blobs, "label": [i % 2 for i in range(20)]}), data / "hub.parquet")
     code, said, err = run_cli("tasks", "init", data / "hub.parquet", "--name", "t9", "--out", out)
     assert code == 0 and "image, 2 classes" in said, (said, err)
+    write(data / "few.csv", "text,label\nbook a flight,travel\nwhat time is it,time\nfly me to rome,travel\n")
+    code, _, err = run_cli("tasks", "init", data / "few.csv", "--name", "t10", "--out", out)
+    assert code == 2 and "few.csv: too few examples of each class to hold a fifth out" in err, err
+    assert "--examples" in err and not (out / "t10.yaml").exists()
     code, _, err = run_cli("tasks", "init", data / "moods.tsv", "--name", "t1", "--out", out)
     assert code == 2 and "already exists. Fix: choose another --name, or pass --force" in err
     for args, says in ((["--name", "My Task"], "--name 'My Task' is not a task name"),

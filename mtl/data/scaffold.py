@@ -16,7 +16,7 @@ from mtl.data.columns import column_sep, reads_as_data
 from mtl.data.formats import IMAGE_SUFFIXES, SPLIT_FOLDERS, read_source, split_folders
 from mtl.data.schema import Source, TaskSpec
 from mtl.data.task import Task, load_task
-from mtl.errors import MtlError
+from mtl.errors import MtlError, TaskFileError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 LABEL_NAMES = ("label", "labels", "class", "category", "intent", "target", "y", "sentiment", "topic")
@@ -128,6 +128,27 @@ def task_document(data: Path, name: str, role: str = "held_out") -> dict[str, An
     return doc
 
 
+def _trial(doc: dict[str, Any], path: Path, data: Path) -> Task:
+    """The task ``doc`` describes, loaded as if written at ``path``; its problems are said of ``data``."""
+    try:
+        return load_task(TaskSpec.model_validate(doc), path)
+    except MtlError as e:
+        raise _unwritten(e, data) from None
+
+
+def _unwritten(e: MtlError, data: Path) -> MtlError:
+    """A trial load's problem, said of the data (the task file it names was not written): a split left empty
+    means too few examples per class to hold a fifth out, where `adapt --examples` takes the file as it is."""
+    if not isinstance(e, TaskFileError):
+        return e
+    if e.field == "splits" and "is empty" in e.problem:
+        return MtlError(f"{data}: too few examples of each class to hold a fifth out as a test split",
+                        f"give a test file of its own ({data.stem}_train{data.suffix} beside "
+                        f"{data.stem}_test{data.suffix}), or adapt to it as it is: "
+                        f"`cli.py adapt --checkpoint RUN --examples {data} --out MODEL`")
+    return MtlError(f"{data}, read as a task ({e.field}): {e.problem}", e.fix)
+
+
 def write_task_file(data: Path, name: str, out: Path, role: str = "held_out", force: bool = False
                     ) -> tuple[Path, Task]:
     """Write ``out/<name>.yaml`` for ``data`` once the task it describes loads; returns its path and the task."""
@@ -137,14 +158,14 @@ def write_task_file(data: Path, name: str, out: Path, role: str = "held_out", fo
         raise MtlError(f"{path} already exists", "choose another --name, or pass --force to replace it")
     try:
         task = load_task(TaskSpec.model_validate(doc), path)  # a file that would not load is not written
-    except MtlError:
+    except MtlError as e:
         if "files" not in doc["source"]:
-            raise
+            raise _unwritten(e, data) from None
         # the sibling files are laid out otherwise (SST-2's test file): the one file given, split 80/20
         doc["source"] = {**{k: v for k, v in doc["source"].items() if k != "files"}, "path": str(data.resolve())}
         doc.pop("val_split", None)
         doc["splits"] = {"by": "examples", "sizes": {"train": 0.8, "test": 0.2}}
-        task = load_task(TaskSpec.model_validate(doc), path)
+        task = _trial(doc, path, data)
     out.mkdir(parents=True, exist_ok=True)
     header = f"# Written by `cli.py tasks init {data}`; check the guesses (docs/TASKS.md lists every field).\n"
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
