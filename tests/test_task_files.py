@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mtl.data.registry import Registry
 from mtl.errors import TaskFileErrors
@@ -154,6 +155,14 @@ def test_tasks_init_writes_a_task_file_that_loads_from_the_data_alone(tmp_path, 
     pq.write_table(pa.table({"image": blobs, "label": [i % 2 for i in range(20)]}), data / "hub.parquet")
     code, said, err = run_cli("tasks", "init", data / "hub.parquet", "--name", "t9", "--out", out)
     assert code == 0 and "image, 2 classes" in said, (said, err)
+    for i in range(10):  # colour photos: read in colour, at their own size up to 84
+        (data / "photos" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((40, 50, 3), (200, 20 * i, 30), np.uint8)).save(data / "photos" / f"c{i % 2}" /
+                                                                                f"{i}.jpg")
+    code, said, err = run_cli("tasks", "init", data / "photos", "--name", "t11", "--out", out)
+    assert code == 0 and yaml.safe_load((out / "t11.yaml").read_text())["image"] == {"grayscale": False,
+                                                                                    "size": 40}, err
+    assert "image" not in yaml.safe_load((out / "t3.yaml").read_text())  # grey ones: the default reading
     write(data / "few.csv", "text,label\nbook a flight,travel\nwhat time is it,time\nfly me to rome,travel\n")
     code, _, err = run_cli("tasks", "init", data / "few.csv", "--name", "t10", "--out", out)
     assert code == 2 and "few.csv: too few examples of each class to hold a fifth out" in err, err

@@ -5,10 +5,12 @@ folders, else a stratified 80/20 split. The file is checked by loading the task 
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
@@ -62,6 +64,27 @@ def _is_image(value: Any) -> bool:
     return str(value).lower().endswith(IMAGE_SUFFIXES)
 
 
+def _image_options(samples: list[Any], folder: Path) -> dict[str, Any]:
+    """``image:`` for colour images (files, paths relative to ``folder``, bytes or hub ``{bytes, path}``
+    records): read in colour at their own size up to 84 x 84 (mini-ImageNet's); grey ones as the default
+    reads them (28 x 28, grey), so nothing is said."""
+    from PIL import Image, UnidentifiedImageError
+
+    colour, sides = False, []
+    for value in samples[:20]:
+        value = value.get("bytes") or value.get("path") if isinstance(value, dict) else value
+        source = io.BytesIO(value) if isinstance(value, bytes | bytearray) else Path(folder, str(value))
+        try:
+            with Image.open(source) as img:
+                sides.append(min(img.size))
+                img.draft("RGB", (64, 64))  # a JPEG decoded small: only the colours are looked at
+                rgb = np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.int16)
+        except (OSError, UnidentifiedImageError):
+            continue  # a file the trial load will name
+        colour = colour or bool(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max() > 8)
+    return {"image": {"grayscale": False, "size": int(min(84, max(16, np.median(sides))))}} if colour else {}
+
+
 def _siblings(path: Path) -> dict[str, str]:
     """``train.csv`` beside ``test.csv`` (or ``x_train.csv`` beside ``x_test.csv``): one file per split."""
     stem = path.stem.lower()
@@ -98,6 +121,10 @@ def task_document(data: Path, name: str, role: str = "held_out") -> dict[str, An
         image = sample.suffix.lower() in IMAGE_SUFFIXES
         doc.update(modality="image" if image else "text",
                    source={"format": "imagefolder" if image else "textfolder", "path": str(data.resolve())})
+        if image:
+            firsts = [next(iter(sorted(d.iterdir())), None) for d in sorted(sample.parent.parent.iterdir())
+                      if d.is_dir()]
+            doc.update(_image_options([f for f in firsts if f is not None], data))
     else:
         if data.suffix.lower() not in FORMATS:
             raise MtlError(f"{data.name}: no reader for '{data.suffix}' files",
@@ -111,7 +138,7 @@ def task_document(data: Path, name: str, role: str = "held_out") -> dict[str, An
             names = [f"column{i + 1}" for i in range(len(rows[0]))]  # no header row: the first row is an example
             inp, label, _ = _columns(_rows(data, names), data)
             names = ["text" if n == inp else "label" if n == label else n for n in names]
-            options = {"header": False, "columns": names}
+            options.update(header=False, columns=names)
             rows = _rows(data, names)
         inp, label, modality = _columns(rows, data)
         files = _siblings(data)
@@ -119,6 +146,8 @@ def task_document(data: Path, name: str, role: str = "held_out") -> dict[str, An
         doc.update(modality=modality, source={"format": fmt, **({"files": files} if files else
                                                                 {"path": str(data.resolve())}), **options},
                    input_field=inp, label_field=label)
+        if modality == "image":
+            doc.update(_image_options([r[inp] for r in rows[::max(1, len(rows) // 20)]], data.parent))
         pool = files or None
     if not pool:
         doc["splits"] = {"by": "examples", "sizes": {"train": 0.8, "test": 0.2}}
