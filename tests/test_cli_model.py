@@ -412,6 +412,8 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
         model.predict(str(tmp_path / "face.png"))
     with pytest.raises(MtlError, match=r"image nowhere\.png not found"):
         model.predict(["nowhere.png"])
+    with pytest.raises(MtlError, match=r"is a link; images are read from files\. Fix: download it first"):
+        model.predict(["https://example.com/face.png"])
     code, out, err = run_cli("evaluate", "--checkpoint", image_run, "--task", "omniglot", "--ways", 5, "--shots", 1,
                              "--episodes", 20, "--json")
     assert code == 0, err

@@ -160,6 +160,9 @@ def given_images(values: Sequence[object], options: ImageOptions) -> np.ndarray:
                 found = Path(v).is_file()
             except OSError:  # a name longer than the file system allows
                 found = False
+            if not found and str(v).startswith(("http://", "https://")):
+                raise MtlError(f"image {v} is a link; images are read from files",
+                               f"download it first (e.g. `curl -O {v}`) and give the file's path")
             if not found:
                 raise MtlError(f"image {v} not found", "check the path")
             v = Path(v)
