@@ -211,6 +211,22 @@ def test_a_missing_field_is_answered_with_the_line_to_add(tmp_path, run_cli):
     assert "description" not in err  # optional
 
 
+def test_a_broken_task_file_keeps_only_itself_out(tmp_path, csv_file, run_cli):
+    """A folder of tasks with one file being edited: the others still list and adapt, the broken one is named in
+    a warning, asking for a task not found shows the broken file's error, and `validate` fails on it."""
+    write(tmp_path / "reg" / "good.yaml", good(csv_file))
+    write(tmp_path / "reg" / "broken.yaml", "name: broken\nmodality: text\nsource: {format: csv\n")
+    with pytest.warns(UserWarning, match=r"task file left out: .*broken\.yaml: line 4, column 1: invalid YAML"):
+        reg = Registry([tmp_path / "reg"])
+    assert reg.names() == ["tiny"] and reg.load("tiny").classes == ["a", "b"]
+    with pytest.raises(TaskFileErrors, match=r"broken\.yaml"):
+        reg.spec("broken")
+    code, out, err = run_cli("tasks", "list", "--tasks-dir", tmp_path / "reg", "--json")
+    assert code == 0 and '"tiny"' in out, err  # (the warning goes to pytest's record here, to stderr otherwise)
+    code, _, err = run_cli("tasks", "validate", tmp_path / "reg")
+    assert code == 1 and "broken.yaml: line 4" in err
+
+
 def test_duplicate_names_name_both_files(tmp_path, csv_file):
     a = write(tmp_path / "reg" / "a.yaml", good(csv_file))
     b = write(tmp_path / "reg" / "sub" / "b.yaml", good(csv_file))

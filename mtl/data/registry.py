@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,9 +192,14 @@ class Registry:
                 problems.append(TaskFileError(d, None, "task folder not found", "check the --tasks-dir path"))
         paths = [p for d in self.dirs if d.is_dir() for p in task_files(d)] + [Path(f) for f in files or []]
         self.entries, more = scan(paths, [Path(f) for f in files or []])
-        problems += more
+        # a file that does not parse keeps only itself out (a warning each; `tasks validate` fails on it, and
+        # asking for a task that is not found says why); a missing folder or a name used twice is an error
+        self.unread = [e for e in more if e.field != "name" or "already used" not in e.problem]
+        problems += [e for e in more if e not in self.unread]
         if problems:
             raise TaskFileErrors(problems)
+        for e in self.unread:
+            warnings.warn(f"task file left out: {e}", stacklevel=2)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (for another process, e.g. a training worker): the task files, not the data loaded
@@ -214,6 +220,8 @@ class Registry:
                 if (role is None or e.spec.role == role) and (modality is None or e.spec.modality == modality)]
 
     def entry(self, name: str) -> Entry:
+        if name not in self.entries and self.unread:  # perhaps in a file that could not be read
+            raise TaskFileErrors(self.unread)
         if name not in self.entries:
             close = difflib.get_close_matches(name, list(self.entries), n=3)
             hint = (f"did you mean {', '.join(close)}?" if close else "run `cli.py tasks list` to see the tasks, "
