@@ -23,6 +23,9 @@ class MtlError(Exception):
             text += f" Fix: {fix}" + ("" if fix.endswith(("?", "!")) else ".")
         return " ".join(text.split())
 
+    def __reduce__(self) -> tuple[object, ...]:  # to another process (a training worker) as it was made
+        return type(self), (self.problem, self.fix)
+
 
 class TaskFileError(MtlError):
     """A problem in one task file, located by file and field."""
@@ -34,6 +37,9 @@ class TaskFileError(MtlError):
         super().__init__(f"{where}: {problem}" if where else problem, fix)
         self.problem = problem.rstrip(".")  # unlocated, so that the error can be re-raised with a file
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.file, self.field, self.problem, self.fix)
+
 
 class TaskFileErrors(MtlError):
     """Several task-file problems at once (one line each), so a user fixes them in one pass."""
@@ -42,6 +48,9 @@ class TaskFileErrors(MtlError):
         self.errors = errors
         Exception.__init__(self, "\n".join(str(e) for e in errors))
         self.problem, self.fix = str(self), None
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.errors,)
 
     def _line(self) -> str:  # pragma: no cover - str() is set directly
         return str(self)

@@ -219,6 +219,9 @@ def test_a_broken_task_file_keeps_only_itself_out(tmp_path, csv_file, run_cli):
     with pytest.warns(UserWarning, match=r"task file left out: .*broken\.yaml: line 4, column 1: invalid YAML"):
         reg = Registry([tmp_path / "reg"])
     assert reg.names() == ["tiny"] and reg.load("tiny").classes == ["a", "b"]
+    import pickle  # as a training worker gets it: the problems travel too
+
+    assert [str(e) for e in pickle.loads(pickle.dumps(reg)).unread] == [str(e) for e in reg.unread]
     with pytest.raises(TaskFileErrors, match=r"broken\.yaml"):
         reg.spec("broken")
     code, out, err = run_cli("tasks", "list", "--tasks-dir", tmp_path / "reg", "--json")
