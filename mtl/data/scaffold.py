@@ -72,7 +72,7 @@ def _image_options(samples: list[Any], folder: Path) -> dict[str, Any]:
 
     colour, sides = False, []
     for value in samples[:20]:
-        value = value.get("bytes") or value.get("path") if isinstance(value, dict) else value
+        value = (value.get("bytes") or value.get("path")) if isinstance(value, dict) else value
         source = io.BytesIO(value) if isinstance(value, bytes | bytearray) else Path(folder, str(value))
         try:
             with Image.open(source) as img:
