@@ -376,10 +376,22 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
     except ValueError:
         raise MtlError(f"--shots {shots!r} is not a list of numbers", "write e.g. --shots 1,5,10") from None
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    with progress("comparing", quiet=as_json):
-        rows = compare([t.strip() for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways, steps, queries,
-                       seed, resolve_device(device), on_rows=lambda rows: write_reports(rows, out_dir), registry=reg,
-                       finetune_epochs=finetune_epochs, views=views, shared_norms=shared_norms)
+    done: list[Any] = []
+
+    def keep(rows: list[Any]) -> None:
+        write_reports(rows, out_dir)
+        done[:] = rows
+
+    try:
+        with progress("comparing", quiet=as_json):
+            rows = compare([t.strip() for t in tasks.split(",")], shot_list, episodes, cps, chosen, ways, steps,
+                           queries, seed, resolve_device(device), on_rows=keep, registry=reg,
+                           finetune_epochs=finetune_epochs, views=views, shared_norms=shared_norms)
+    except KeyboardInterrupt:  # Click would swallow it without a word
+        n = len(done)
+        kept = f"{out_dir} holds the {n} result{'s' * (n != 1)} finished so far" if n else "no setting had finished"
+        err.print(f"interrupted: {kept}", highlight=False)
+        raise typer.Exit(130) from None
     doc = write_reports(rows, out_dir)
     if as_json:
         _print_json(doc)
