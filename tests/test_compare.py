@@ -111,7 +111,7 @@ def test_compare_answers_image_episodes_in_eight_views(runs, registry):
 
 
 @needs_data
-def test_compare_on_a_users_own_task_folder(runs, run_cli, tmp_path):
+def test_compare_on_a_users_own_task_folder(runs, run_cli, tmp_path, monkeypatch):
     text = (ROOT / "tasks" / "omniglot" / "alphabets" / "angelic.yaml").read_text()
     write(tmp_path / "mine" / "glyphs.yaml", text.replace("name: omniglot-angelic", "name: my-glyphs"))
     code, out, err = run_cli("compare", "--tasks", "my-glyphs", "--tasks-dir", tmp_path / "mine", "--shots", "1",
@@ -120,6 +120,23 @@ def test_compare_on_a_users_own_task_folder(runs, run_cli, tmp_path):
     assert code == 0, err
     rows = json.loads(out)["results"]
     assert {(r["task"], r["method"]) for r in rows} == {("my-glyphs", "maml"), ("my-glyphs", "centroid")}
+
+    import mtl.run.compare as compare_module  # Ctrl-C after the first setting: said, with what the reports hold
+
+    real = compare_module.compare
+
+    def first_then_interrupted(*args, on_rows, **kwargs):
+        def then_stop(rows):
+            on_rows(rows)
+            raise KeyboardInterrupt
+        return real(*args, on_rows=then_stop, **kwargs)
+
+    monkeypatch.setattr(compare_module, "compare", first_then_interrupted)
+    code, _, err = run_cli("compare", "--tasks", "my-glyphs", "--tasks-dir", tmp_path / "mine", "--shots", "1,2",
+                           "--episodes", 4, "--checkpoints", f"maml={runs / 'maml'}", "--methods", "maml",
+                           "--steps", 1, "--queries", 2, "--out", tmp_path / "cmp2")
+    assert code == 130 and f"interrupted: {tmp_path / 'cmp2'} holds the 1 result finished so far" in err, err
+    assert len(json.loads((tmp_path / "cmp2" / "results.json").read_text())["results"]) == 1
 
 
 @needs_data
