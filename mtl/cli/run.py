@@ -188,7 +188,7 @@ def adapt_cmd(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run
     of = f" of {m.meta['test_of']} (a random sample; --test-examples all scores every one)" if sample else ""
     acc = (f"{scored[0]} accuracy {m.meta['test_accuracy']:.4f} +/- {m.meta['test_ci95']:.4f} on "
            f"{m.meta['test_examples']}{scored[1]} examples{of}" if m.meta["test_accuracy"] is not None
-           else "no test split (score it on a labelled file: `cli.py predict --model MODEL FILE.csv`)"
+           else f"no test split (score it on labelled examples: `cli.py predict --model {out_dir} FILE.csv`)"
            if m.meta.get("test_split") is None else "no test examples of these classes" + (
                "" if split or examples else " (`--split test` adapts to the test split's classes)"))
     sel = m.meta["selection"]
