@@ -318,7 +318,7 @@ def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
     code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", f,
                              "--out", tmp_path / "m1")  # on a terminal, a text task is pointed to --select
     assert code == 0 and "adapted to clinc150-banking: 2 classes x 2 shots," in out, out
-    assert err.startswith("tip: --select"), err
+    assert err.startswith("tip: ") and "--select also tries fine-tuning" in err, err
     uneven = write(tmp_path / "uneven.csv", "text,label\n" + "".join(f"{t},{y}\n" for t, y in rows[:3]))
     code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", uneven,
                              "--out", tmp_path / "m4")  # two of one class, one of the other
@@ -340,6 +340,9 @@ def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
                  "is the card lost,card_lost\nmy card is gone,card_lost\n")
     code, out, err = run_cli("adapt", "--checkpoint", text_run, "--examples", mine, "--out", tmp_path / "m5")
     assert code == 0 and "adapted to mine: 3 classes x 2 shots," in out and "no test split" in out, err
+    named = write(tmp_path / "intents_train.csv", mine.read_text())
+    code, out, err = run_cli("adapt", "--checkpoint", text_run, "--examples", named, "--out", tmp_path / "m9", "--json")
+    assert code == 0 and json.loads(out)["task"] == "intents", err  # less the split's name
     folder = tmp_path / "test"  # a folder of class folders is scored as a labelled table is
     for n, (text, label) in enumerate([*rows, ("i lost my card", "card_lost")]):
         write(folder / label / f"{n}.txt", text)

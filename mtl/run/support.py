@@ -4,6 +4,7 @@ examples, or given as Python values (texts or images, and their label names)."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ def support_from_examples(path: Path | str, model: MultiTaskModel, tasks: Sequen
                           ) -> Support:
     """A user's own file (or folder) of labelled examples with no registry task behind it (``adapt --examples``
     alone): texts or image files as the file holds, read as the checkpoint reads them, the task named after the
-    file (or, for ``train.csv`` or ``train/``, its folder)."""
+    file, less a split's name (``intents_train.csv``: intents; ``train.csv`` or ``train/``: its folder)."""
     path = Path(path)
     modality = examples_modality(path)
     if modality not in model.encoders:
@@ -131,4 +132,5 @@ def support_from_examples(path: Path | str, model: MultiTaskModel, tasks: Sequen
     name = path.stem if path.is_file() else path.resolve().name
     if name.lower() in SPLIT_FOLDERS:  # my-photos/train/ or reviews/train.csv: the data set's name is above
         name = path.resolve().parent.name
+    name = re.sub(rf"[_.\-]({'|'.join(SPLIT_FOLDERS)})$", "", name, flags=re.IGNORECASE) or name  # intents_train
     return Support(xs, ys, classes, modality, name, image)
