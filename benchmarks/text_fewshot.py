@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--encoder-layers", type=int, default=0, help="also fine-tune this many top encoder layers")
     ap.add_argument("--encoder-epochs", type=int, default=30)
     ap.add_argument("--meta-only", action="store_true", help="the meta-learned adaptation, no probe weighed")
+    ap.add_argument("--select", action="store_true", help="adapt --select: fine-tuning weighed too")
     a = ap.parse_args()
     torch.set_num_threads(2)
     reg = Registry()
@@ -43,19 +44,22 @@ def main() -> None:
     for item in a.tasks.split(","):
         name, shots = item.split(":")
         task = reg.load(name)
-        accs, chosen, eces = [], [], []
+        accs, chosen, eces, seconds = [], [], [], []
         for seed in range(a.seeds):  # adaptation leaves the loaded learner unchanged: one load serves every seed
             r = adapt(learner, task, shots=int(shots), seed=seed, steps=a.steps, head_init=a.head_init,
-                      encoder_layers=a.encoder_layers, encoder_epochs=a.encoder_epochs, meta_only=a.meta_only)
+                      encoder_layers=a.encoder_layers, encoder_epochs=a.encoder_epochs if a.encoder_layers else None,
+                      meta_only=a.meta_only, select=a.select)
             accs.append(r.meta["test_accuracy"])
             chosen.append(r.meta.get("choice", {}).get("method", "meta-learned"))
             eces.append(r.meta["test_ece"])
+            seconds.append(r.meta["seconds"])
         mean, ci = mean_ci(accs)
         pooled += accs
         print(json.dumps({"task": name, "shots": int(shots), "classes": len(task.classes), "seeds": a.seeds,
                           "encoder_layers": a.encoder_layers,
                           "accuracy": round(mean, 4), "ci95": round(ci, 4), "per_seed": [round(x, 4) for x in accs],
-                          "chosen": chosen, "ece": round(sum(eces) / len(eces), 4)}),
+                          "chosen": chosen, "ece": round(sum(eces) / len(eces), 4),
+                          "seconds": [round(x, 1) for x in seconds], "select": a.select}),
               flush=True)
 
 

@@ -59,6 +59,9 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         Text: keep the meta-learned adaptation. By default, with none of the four settings above, a linear
         probe on the pretrained encoder is weighed against it on the support set's folds, as ``adapt`` does
         (:mod:`mtl.run.text_default`).
+    select : bool or None
+        Text: also weigh fine-tuning of the pretrained encoder (``adapt --select``); ``None``: as ``adapt``
+        does, for a support set of at most :data:`~mtl.run.text_default.SELECT_UP_TO` texts.
     device : str
         ``auto``, ``cpu`` or ``cuda``.
     seed : int
@@ -67,7 +70,8 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, checkpoint: str = "", steps: int | None = None, lr: float | None = None,
                  head_init: str | None = None, encoder_layers: int = 0, device: str = "cpu", seed: int = 0,
-                 meta_only: bool = False, views: int | None = None, shared_norms: bool = True) -> None:
+                 meta_only: bool = False, views: int | None = None, shared_norms: bool = True,
+                 select: bool | None = None) -> None:
         self.checkpoint = checkpoint
         self.steps = steps
         self.lr = lr
@@ -78,6 +82,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.meta_only = meta_only
         self.views = views
         self.shared_norms = shared_norms
+        self.select = select
 
     def fit(self, X: Any, y: Any) -> FewShotClassifier:
         learner, trained_on = _learner(str(self.checkpoint), self.device, self.encoder_layers == 0)
@@ -88,8 +93,13 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.model_: AdaptedModel = fit(learner, support, self.steps, self.lr, self.head_init, self.encoder_layers,
                                         seed=self.seed, checkpoint=str(self.checkpoint),
                                         views=views_for(self.views, modality), shared_norms=self.shared_norms)
-        if not self.meta_only and text_default.applies(support, self.steps, self.lr, self.head_init,
-                                                       self.encoder_layers):
+        if text_default.selects(support, self.select, self.meta_only, self.steps, self.lr, self.head_init,
+                                self.encoder_layers):
+            from mtl.run.alternatives import select
+
+            self.model_ = select(self.model_, learner, support, None, None, self.seed, "distance", REJECT_RATE, "none")
+        elif not self.meta_only and text_default.applies(support, self.steps, self.lr, self.head_init,
+                                                         self.encoder_layers):
             self.model_ = text_default.choose_text(self.model_, learner, support, "distance", REJECT_RATE, "none")
         self.classes_ = np.unique(y)  # scikit-learn's order and the labels' own type (ints stay ints)
         column = {c: i for i, c in enumerate(support.classes)}  # the model's classes: their names, sorted as text

@@ -49,15 +49,20 @@ MIN_PER_CLASS = 5
 MAX_UNLABELED = 20_000  # inputs drawn from a larger pool (seeded): scoring them is the cost
 
 
+def check_path(source: Path | str | Sequence[Any]) -> None:
+    """A missing ``--unlabeled`` file or folder, said before the adaptation (a minute or more) instead of after."""
+    if isinstance(source, (str, Path)) and not Path(source).exists():
+        raise MtlError(f"--unlabeled {source}: no such file or folder",
+                       "give a .txt file of unlabeled texts (or image paths), or a folder of images")
+
+
 def read_unlabeled(source: Path | str | Sequence[Any], model: AdaptedModel | None = None) -> np.ndarray:
     """Unlabeled inputs. Texts: a sequence of strings, or a ``.txt`` file of one text per line. Images
     (``model`` an image model): a folder of image files, a ``.txt`` file of image paths, or a sequence
     of images as the model takes them (``predict``'s arrays)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.exists():
-            raise MtlError(f"--unlabeled {path}: no such file or folder",
-                           "give a .txt file of unlabeled texts (or image paths), or a folder of images")
+        check_path(path)
         if model is not None and model.modality == "image":
             return model.load_inputs([str(path)])[0]
         if not path.is_file():
