@@ -79,7 +79,7 @@ def test_an_untrained_learner_with_nothing_to_train_adapts():
     recipe = Recipe(method="maml", tasks=["clinc150-work"], model=ModelConfig(text_encoder="minilm", trunk=[]))
     learner = build_learner(recipe, ["text"], {})
     assert not list(learner.parameters())
-    model = adapt(learner, "clinc150-work", shots=2, select=False)
+    model = adapt(learner, "clinc150-work", shots=2)
     assert model.meta["test_accuracy"] > 0.5  # 15 intents: chance is 0.07
 
 

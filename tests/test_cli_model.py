@@ -64,7 +64,7 @@ def image_run(tmp_path_factory) -> Path:
 
 
 def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
-    code, out, err = run_cli("adapt", "--no-select", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 5,
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 5,
                              "--unknown", "clinc150-oos", "--out", tmp_path / "m", "--json")
     assert code == 0, err
     res = json.loads(out)
@@ -126,7 +126,7 @@ def test_adapt_then_predict_text(text_run, tmp_path, run_cli):
     code, _, err = run_cli("evaluate", "--checkpoint", text_run, "--task", "clinc150-work", "--views", 4)
     assert code == 2 and "--views turns images; this task has texts" in err
     # a large test split is scored on a seeded sample, and says so (all: every example)
-    code, out, err = run_cli("adapt", "--no-select", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 5,
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 5,
                              "--test-examples", 100, "--out", tmp_path / "m2")
     assert code == 0 and "on 100 examples of 450 (a random sample; --test-examples all scores every one)" in out, err
     code, _, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--test-examples", "some",
@@ -311,32 +311,28 @@ def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
     rows = [("my card got blocked", "account_blocked"), ("why is my account frozen", "account_blocked"),
             ("what's my balance", "balance"), ("how much money do i have", "balance")]
     f = write(tmp_path / "ex.csv", "text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
-    code, out, err = run_cli("adapt", "--no-select", "--task", "clinc150-banking", "--checkpoint", text_run,
+    code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run,
                              "--examples", f, "--out", tmp_path / "m", "--json")
     assert code == 0, err
     assert json.loads(out)["classes"] == 2
     code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run, "--examples", f,
-                             "--out", tmp_path / "m1")  # a few texts: fine-tuning weighed too, by default
+                             "--out", tmp_path / "m1")  # on a terminal, a text task is pointed to --select
     assert code == 0 and "adapted to clinc150-banking: 2 classes x 2 shots," in out, out
-    assert "fine-tuning weighed by default for up to 100 labelled texts, --no-select takes seconds" in out, out
-    assert "tip:" not in err, err
-    code, out, err = run_cli("adapt", "--meta-only", "--task", "clinc150-banking", "--checkpoint", text_run,
-                             "--examples", f, "--out", tmp_path / "m1")  # where it was not: pointed to --select
-    assert err.startswith("tip: ") and "--select also tries fine-tuning" in err, err
+    assert err.startswith("tip: the support set's folds answered") and "--select also tries fine-tuning" in err, err
     uneven = write(tmp_path / "uneven.csv", "text,label\n" + "".join(f"{t},{y}\n" for t, y in rows[:3]))
-    code, out, err = run_cli("adapt", "--no-select", "--task", "clinc150-banking", "--checkpoint", text_run,
+    code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run,
                              "--examples", uneven, "--out", tmp_path / "m4")  # two of one class, one of the other
     assert code == 0 and "2 classes, 3 examples (at least 1 each)" in out, err
     other = write(tmp_path / "other.csv", "sentence,intent\n" + "".join(f"{t},{y}\n" for t, y in rows))
-    code, out, err = run_cli("adapt", "--no-select", "--task", "clinc150-banking", "--checkpoint", text_run,
+    code, out, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run,
                              "--examples", other, "--out", tmp_path / "m3", "--json")  # two columns: text, then label
     assert code == 0 and json.loads(out)["classes"] == 2, err
     from mtl.run.adapt import adapt
 
-    mine = adapt(str(text_run), "clinc150-banking", examples=str(f), select=False)  # paths as str, from Python
+    mine = adapt(str(text_run), "clinc150-banking", examples=str(f))  # paths as strings, from Python
     assert mine.classes == ["account_blocked", "balance"]
     bad = write(tmp_path / "bad.csv", "text,label\nhello,not_an_intent\nbye,balance\n")
-    code, _, err = run_cli("adapt", "--no-select", "--task", "clinc150-banking", "--checkpoint", text_run,
+    code, _, err = run_cli("adapt", "--task", "clinc150-banking", "--checkpoint", text_run,
                            "--examples", bad, "--out", tmp_path / "m2")
     assert code == 2 and "label 'not_an_intent'" in err and len(err.strip().splitlines()) == 1
     # the examples alone, no registry task: named after their file (train.csv: its folder), labels of their own
@@ -345,7 +341,7 @@ def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
     code, out, err = run_cli("adapt", "--checkpoint", text_run, "--examples", mine, "--out", tmp_path / "m5")
     assert code == 0 and "adapted to mine: 3 classes x 2 shots," in out and "no test split" in out, err
     named = write(tmp_path / "intents_train.csv", mine.read_text())
-    code, out, err = run_cli("adapt", "--no-select", "--checkpoint", text_run, "--examples", named, "--out",
+    code, out, err = run_cli("adapt", "--checkpoint", text_run, "--examples", named, "--out",
                              tmp_path / "m9", "--json")
     assert code == 0 and json.loads(out)["task"] == "intents", err  # less the split's name
     folder = tmp_path / "test"  # a folder of class folders is scored as a labelled table is
@@ -356,7 +352,7 @@ def test_adapt_from_a_users_examples_file(text_run, tmp_path, run_cli):
     code, _, err = run_cli("adapt", "--checkpoint", text_run, "--out", tmp_path / "m6")
     assert code == 2 and "adapt needs a task. Fix: give --task NAME (a registry task) or --examples FILE" in err
     blank = write(tmp_path / "blank.csv", "text,label\nhello,balance\nbye, \n")
-    code, _, err = run_cli("adapt", "--no-select", "--checkpoint", text_run, "--examples", blank, "--out",
+    code, _, err = run_cli("adapt", "--checkpoint", text_run, "--examples", blank, "--out",
                            tmp_path / "m6")
     assert code == 2 and "blank.csv row 2 has no label. Fix: fill in its label" in err, err
     code, _, err = run_cli("adapt", "--checkpoint", text_run, "--examples", tmp_path / "test", "--split", "test",
@@ -674,7 +670,7 @@ def test_text_default_weighs_a_probe_against_the_meta_learned_adaptation(text_ru
 
     if forced:
         monkeypatch.setattr(text_default, "pick", lambda cands, default: next(c for c in cands if c.name == forced))
-    m = mtl.adapt(text_run, "clinc150-work", shots=3, out=tmp_path / "m", select=False)  # seconds, not a minute
+    m = mtl.adapt(text_run, "clinc150-work", shots=3, out=tmp_path / "m")
     choice = m.meta["choice"]
     assert set(choice["accuracy"]) == {"meta-learned", "linear_probe", "probe+tokens"}
     acc = choice["accuracy"]  # the probe, or a way that beat it on held-out examples
@@ -712,7 +708,7 @@ def test_text_at_one_shot_probes_the_example_and_the_class_name(text_run, tmp_pa
 
 
 def test_the_estimator_adapts_text_as_adapt_does(text_run):
-    """FewShotClassifier weighs the probe as `adapt` does (and, for a few texts, fine-tuning too), and `meta_only`
+    """FewShotClassifier weighs the probe as `adapt` does (and with `select`, fine-tuning too), and `meta_only`
     (a parameter clone keeps) does not."""
     from sklearn.base import clone
 
@@ -722,9 +718,9 @@ def test_the_estimator_adapts_text_as_adapt_does(text_run):
     train = Registry().load("clinc150-work").train
     rows = np.concatenate([np.flatnonzero(train.labels == c)[:3] for c in range(5)])
     x, y = train.inputs[rows].tolist(), train.labels[rows]
-    clf = mtl.FewShotClassifier(checkpoint=str(text_run), select=False).fit(x, y)
+    clf = mtl.FewShotClassifier(checkpoint=str(text_run)).fit(x, y)
     assert set(clf.model_.meta["choice"]["accuracy"]) == {"meta-learned", "linear_probe", "probe+tokens"}
-    chosen = clone(clf).set_params(select=None).fit(x, y)  # 15 texts: fine-tuning weighed too, as `adapt` does
+    chosen = clone(clf).set_params(select=True).fit(x, y)  # fine-tuning weighed too, as `adapt --select` does
     assert {"finetune", "linear_probe"} <= set(chosen.model_.meta["choice"]["accuracy"])
     assert clf.score(x, y) > 0.6 and clf.classes_.tolist() == [0, 1, 2, 3, 4]  # int labels stay ints
     plain = clone(clf).set_params(meta_only=True).fit(x, y)

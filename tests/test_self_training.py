@@ -47,8 +47,8 @@ def test_adapt_with_unlabeled_texts(text_run, tmp_path, run_cli):  # noqa: F811
     assert code == 0, err
     assert [p["label"] for p in json.loads(out)["predictions"]] == saved.predict(x).tolist()
     # by default the model may itself be the probe (mtl.run.text_default): then the probe is refitted, not added
-    code, out, err = run_cli("adapt", "--no-select", "--task", "clinc150-work", "--checkpoint", text_run,
-                             "--shots", 3, "--unlabeled", pool, "--out", tmp_path / "d", "--json")
+    code, out, err = run_cli("adapt", "--task", "clinc150-work", "--checkpoint", text_run, "--shots", 3,
+                             "--unlabeled", pool, "--out", tmp_path / "d", "--json")
     assert code == 0, err
     result = json.loads(out)
     is_probe = result["choice"]["method"] in ("linear_probe", "probe+tokens")
@@ -64,7 +64,7 @@ def test_unlabeled_errors_are_one_line(text_run, image_run, tmp_path, run_cli): 
              (image_run, "mnist", tmp_path / "nothing", "no such file or folder")]
     for run, task, pool, message in cases:
         code, _, err = run_cli("adapt", "--task", task, "--checkpoint", run, "--shots", 2, "--unlabeled", pool,
-                               "--out", tmp_path / "x", *(["--no-select"] if run == text_run else []))
+                               "--out", tmp_path / "x")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 

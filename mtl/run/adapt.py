@@ -259,7 +259,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
           encoder_lr: float | None = None, seed: int = 0, device: str | torch.device = "auto",
           out: Path | str | None = None, registry: Registry | None = None, reject_by: str = "distance",
           reject_rate: float = REJECT_RATE, reject_below: float | None = None, none: str = "none",
-          unknown: str | Task | None = None, select: bool | None = None,
+          unknown: str | Task | None = None, select: bool = False,
           unlabeled: Path | str | Sequence[str] | None = None, meta_only: bool = False,
           split: str | None = None, views: int | None = None, shared_norms: bool = True,
           test_examples: int | None = TEST_EXAMPLES) -> AdaptedModel:
@@ -278,9 +278,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     report on them and the known test examples goes to ``meta["open_set"]``. ``select`` (text): the
     meta-learned initialization, a linear probe or plain fine-tuning of the pretrained encoder
     (``encoder_epochs``, ``encoder_lr``: default :func:`encoder_lr_for`), by cross-validation on the support set
-    (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``. By default (None) it
-    runs for a support set of at most :data:`~mtl.run.text_default.SELECT_UP_TO` texts (about a minute here).
-    Without it, a text task
+    (:func:`mtl.run.alternatives.select`); what was chosen goes to ``meta["choice"]``. Without it, a text task
     with two or more shots per class and no inner-loop setting given gets the meta-learned adaptation, a
     linear probe or the probe with token matching, by the same folds (at one shot, with class names that
     read as words, the probe on the examples and the names: :mod:`mtl.run.text_default`), unless
@@ -352,7 +350,7 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     views = views_for(views, support.modality)
     model = fit(learner, support, steps, lr, head_init, encoder_layers, encoder_epochs, encoder_lr, seed, source,
                 stored, reject_by, reject_rate, none, views, shared_norms)
-    if text_default.selects(support, select, meta_only, steps, lr, head_init, encoder_layers):
+    if select and support.shots >= 2:
         from mtl.run.alternatives import select as choose_method
 
         model = choose_method(model, learner, support, encoder_epochs, encoder_lr, seed, reject_by, reject_rate, none)

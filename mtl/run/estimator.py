@@ -59,9 +59,9 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         Text: keep the meta-learned adaptation. By default, with none of the four settings above, a linear
         probe on the pretrained encoder is weighed against it on the support set's folds, as ``adapt`` does
         (:mod:`mtl.run.text_default`).
-    select : bool or None
-        Text: also weigh fine-tuning of the pretrained encoder (``adapt --select``); ``None``: as ``adapt``
-        does, for a support set of at most :data:`~mtl.run.text_default.SELECT_UP_TO` texts.
+    select : bool
+        Text: also weigh fine-tuning of the pretrained encoder, as ``adapt --select`` does (a minute or more
+        per fit on a CPU, instead of seconds).
     device : str
         ``auto``, ``cpu`` or ``cuda``.
     seed : int
@@ -71,7 +71,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, checkpoint: str = "", steps: int | None = None, lr: float | None = None,
                  head_init: str | None = None, encoder_layers: int = 0, device: str = "cpu", seed: int = 0,
                  meta_only: bool = False, views: int | None = None, shared_norms: bool = True,
-                 select: bool | None = None) -> None:
+                 select: bool = False) -> None:
         self.checkpoint = checkpoint
         self.steps = steps
         self.lr = lr
@@ -93,8 +93,7 @@ class FewShotClassifier(ClassifierMixin, BaseEstimator):
         self.model_: AdaptedModel = fit(learner, support, self.steps, self.lr, self.head_init, self.encoder_layers,
                                         seed=self.seed, checkpoint=str(self.checkpoint),
                                         views=views_for(self.views, modality), shared_norms=self.shared_norms)
-        if text_default.selects(support, self.select, self.meta_only, self.steps, self.lr, self.head_init,
-                                self.encoder_layers):
+        if self.select and support.shots >= 2:
             from mtl.run.alternatives import select
 
             self.model_ = select(self.model_, learner, support, None, None, self.seed, "distance", REJECT_RATE, "none")

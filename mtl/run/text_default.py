@@ -57,22 +57,6 @@ def applies(support: Support, steps: int | None, lr: float | None, head_init: st
             and not encoder_layers and steps is None and lr is None and head_init is None)
 
 
-SELECT_UP_TO = 100  # support texts: up to this many, `--select` is the default (30-90 s on 2 CPU cores)
-
-
-def selects(support: Support, select: bool | None, meta_only: bool, steps: int | None, lr: float | None,
-            head_init: str | None, encoder_layers: int) -> bool:
-    """Whether fine-tuning of the encoder is weighed too (``--select``, :func:`mtl.run.alternatives.select`):
-    as asked; by default where the support set is small enough that it costs about a minute, and the default
-    would weigh the probe (:func:`applies`). On the development tasks at 5 shots (2 draws) it was ahead by 6 points
-    on average (TREC 57.0% -> 70.8%, SNIPS 86.9% -> 93.0%, SST-5 26.9% -> 31.3%, SST-2 64.1% -> 63.6%),
-    as on the held-out CLINC150 domains (docs/BENCHMARKS.md, "--select by default for a small support set")."""
-    if select is not None or meta_only:
-        return bool(select) and support.shots >= 2
-    return (applies(support, steps, lr, head_init, encoder_layers) and support.shots >= 2
-            and len(support.labels) <= SELECT_UP_TO)
-
-
 def choose_text(adapted: AdaptedModel, learner: Algorithm, support: Support, reject_by: str, reject_rate: float,
                 none: str) -> AdaptedModel:
     """``adapted`` (the meta-learned adaptation, as :func:`mtl.run.adapt.fit` made it), a linear probe, or
