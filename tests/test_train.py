@@ -150,6 +150,20 @@ def test_refuses_to_overwrite_or_share_a_run_folder(tmp_path, registry, trained)
         Trainer(recipe(iterations=2), tmp_path / "locked", registry).run()
 
 
+def test_resuming_a_run_killed_before_its_first_save_begins_it_again(tmp_path, registry):
+    """Killed before it saved anything (its metrics logged, no checkpoint): without --resume the folder "holds a
+    run", so --resume begins it again instead of saying there is nothing to resume."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"iteration": 0, "loss": 1.0}\n{"iteration": 1, "loss": 0.9}\n')
+    with pytest.raises(MtlError, match="already holds a run"):
+        Trainer(recipe(iterations=2, val_every=2, val_episodes=2), out, registry).run()
+    with pytest.warns(UserWarning, match="stopped before it saved anything: starting from the first iteration"):
+        Trainer(recipe(iterations=2, val_every=2, val_episodes=2), out, registry).run(resume=True)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1] and "accuracy" in rows[0]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, registry):
     out = tmp_path / "nan"
     Trainer(recipe(iterations=2, val_every=2, val_episodes=2), out, registry).run()

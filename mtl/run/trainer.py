@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,13 @@ class Trainer:
         save_checkpoint(self.out / f"{name}.safetensors", tensors, meta)
 
     def resume(self) -> None:
-        path = self.out / "last.safetensors"
+        path, metrics = self.out / "last.safetensors", self.out / "metrics.jsonl"
+        if not path.exists() and metrics.exists():  # stopped before its first save: begun again, not refused
+            warnings.warn(f"{self.out} was stopped before it saved anything: starting from the first iteration",
+                          stacklevel=2)
+            if self.rank == 0:  # emptied, not deleted: every rank sees the same folder
+                atomic_write_bytes(metrics, b"")
+            return
         if not path.exists():
             raise MtlError(f"nothing to resume in {self.out} (no last.safetensors)", "run without --resume")
         tensors, meta = load_checkpoint(path, self.device)
@@ -136,7 +143,6 @@ class Trainer:
         self.start = int(meta["iteration"]) + 1
         self.best = float(meta["best_val"])
         self.elapsed = float(meta.get("elapsed_seconds", 0.0))
-        metrics = self.out / "metrics.jsonl"
         if self.rank == 0 and metrics.exists():  # drop lines logged after the checkpoint: logged again
             keep = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["iteration"] <= meta["iteration"]]
