@@ -399,6 +399,8 @@ def test_adapt_predict_evaluate_images(image_run, tmp_path, run_cli):
                            tmp_path / "m8")
     assert code == 2 and "texts.csv holds texts, but the checkpoint reads image files" in err, err
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
+    code, _, err = run_cli("adapt", "--task", "olivetti", "--checkpoint", image_run, "--out", tmp_path / "broken.png")
+    assert code == 2 and "--out" in err and "is a file. Fix: give a folder for the adapted model" in err, err
     code, _, err = run_cli("predict", "--model", tmp_path / "m", tmp_path / "broken.png")
     assert code == 2 and "broken.png" in err and "Traceback" not in err
     # in Python, `predict` takes what the command line takes: image paths, PIL images, or arrays of any size,

@@ -16,7 +16,7 @@ from mtl.run.checkpoint import load_checkpoint
 from mtl.run.learner import load_learner
 from mtl.run.recipe import load_recipe
 from mtl.run.run_control import RunInterrupted, RunLock
-from mtl.run.trainer import Trainer
+from mtl.run.trainer import Trainer, train
 from tests.conftest import needs_data
 
 pytestmark = needs_data
@@ -148,6 +148,9 @@ def test_refuses_to_overwrite_or_share_a_run_folder(tmp_path, registry, trained)
         Trainer(recipe(iterations=2), out, registry).run()
     with RunLock(tmp_path / "locked"), pytest.raises(MtlError, match="another run"):
         Trainer(recipe(iterations=2), tmp_path / "locked", registry).run()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(MtlError, match=r"is a file\. Fix: give a folder for the run"):
+        train(recipe(iterations=2), tmp_path / "a_file", registry=registry)
 
 
 def test_resuming_a_run_killed_before_its_first_save_begins_it_again(tmp_path, registry):

@@ -298,6 +298,8 @@ def adapt(checkpoint: Path | str | Algorithm, task: str | Task | tuple[Any, Any]
     if shots < 1:
         raise MtlError(f"--shots {shots} is not a number of examples", "use --shots 1 or more")
     check_setting(steps, lr, head_init)
+    if out is not None and Path(out).is_file():  # said now, not after the adaptation
+        raise MtlError(f"--out {out} is a file", "give a folder for the adapted model (made if missing)")
     if unlabeled is not None:
         from mtl.run.self_training import check_path
 

@@ -319,6 +319,8 @@ def train(recipe: Recipe | Path | str | dict[str, Any], out: Path | str, *, resu
     trains and rank 0 writes."""
     if isinstance(recipe, str):
         recipe = Path(recipe)
+    if Path(out).is_file():
+        raise MtlError(f"--out {out} is a file", "give a folder for the run (made if missing)")
     r = load_recipe(recipe, overrides)
     if isinstance(tasks_dirs, str | Path):  # one folder of the user's task files
         tasks_dirs = [tasks_dirs]
