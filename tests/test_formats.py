@@ -72,6 +72,19 @@ def test_a_tables_separator_is_found_from_its_header(tmp_path, suffix, sep):
     assert read_examples(path, "text", ImageOptions())[2] == ["a", "b", "c"]
 
 
+def test_a_labels_name_beside_its_number_is_the_label(tmp_path):
+    """Hugging Face exports (and SetFit's data sets) give `label` 3 and `label_text` "sports": the names are
+    the classes, for `adapt --examples` and for `predict`'s score as for `tasks init` (tests/test_task_files.py)."""
+    from mtl.run.examples import read_examples
+    from mtl.run.given_inputs import table_inputs
+
+    path = tmp_path / "hf.csv"
+    path.write_text("text,label,label_text\n" + "".join(f"{t},{'abc'.index(y)},{y}\n" for t, y in zip(TEXTS, LABELS,
+                                                                                                   strict=True)))
+    assert read_examples(path, "text", ImageOptions())[2] == ["a", "b", "c"]
+    assert table_inputs(path, "text") == (TEXTS, LABELS)
+
+
 def test_headerless_tsv_keeps_quotes_and_null_text(tmp_path):
     texts = [*TEXTS[:-2], '"quoted', "null"]
     (tmp_path / "x.tsv").write_text("".join(f"{y}\t{t}\n" for t, y in zip(texts, LABELS, strict=True)))

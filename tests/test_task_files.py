@@ -163,6 +163,9 @@ def test_tasks_init_writes_a_task_file_that_loads_from_the_data_alone(tmp_path, 
     assert code == 0 and yaml.safe_load((out / "t11.yaml").read_text())["image"] == {"grayscale": False,
                                                                                     "size": 40}, err
     assert "image" not in yaml.safe_load((out / "t3.yaml").read_text())  # grey ones: the default reading
+    write(data / "hf.csv", "text,label,label_text\n" + "".join(f"{t},{'ab'.index(y)},{y}\n" for t, y in rows))
+    code, said, err = run_cli("tasks", "init", data / "hf.csv", "--name", "t12", "--out", out)
+    assert code == 0 and "(input `text`, label `label_text`)" in said, (said, err)
     write(data / "few.csv", "text,label\nbook a flight,travel\nwhat time is it,time\nfly me to rome,travel\n")
     code, _, err = run_cli("tasks", "init", data / "few.csv", "--name", "t10", "--out", out)
     assert code == 2 and "few.csv: too few examples of each class to hold a fifth out" in err, err

@@ -43,6 +43,15 @@ def joined_texts(columns: Sequence[Sequence[object]]) -> list[str]:
     return [FIELD_SEP.join(p for p in map(part, row) if p) for row in zip(*columns, strict=True)]
 
 
+LABEL_TEXT = ("label_text", "label_name", "class_name")  # Hugging Face exports and SetFit's data sets have both
+
+
+def named_label(keys: Sequence[str], label: str = "label") -> str:
+    """The column that names the classes where a table has both a label's number and its name (``label`` 3,
+    ``label_text`` "sports"): the names are what a user reads and gives again; else ``label``."""
+    return next((k for k in keys if str(k).lower() in LABEL_TEXT), label)
+
+
 SEPARATORS = (",", "\t", ";", "|")
 
 

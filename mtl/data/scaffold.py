@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from mtl.data.columns import column_sep, reads_as_data
+from mtl.data.columns import column_sep, named_label, reads_as_data
 from mtl.data.formats import IMAGE_SUFFIXES, SPLIT_FOLDERS, read_source, split_folders
 from mtl.data.schema import Source, TaskSpec
 from mtl.data.task import Task, load_task
@@ -47,7 +47,9 @@ def _columns(rows: list[dict[str, Any]], path: Path) -> tuple[str, str, str]:
     named = {k.lower(): k for k in keys}
     distinct = {k: len({str(r[k]) for r in rows}) for k in keys}
     label = next((named[n] for n in LABEL_NAMES if n in named), None) or min(keys, key=lambda k: distinct[k])
-    rest = [k for k in keys if k != label]
+    number = label
+    label = named_label(keys, label)  # the classes' names where the table has them beside their numbers
+    rest = [k for k in keys if k not in (label, number)]
     length = {k: sum(len(str(r[k])) for r in rows) for k in rest}
     inp = next((named[n] for n in INPUT_NAMES if n in named and named[n] != label), None) or max(rest, key=length.get)
     images = all(_is_image(r[inp]) for r in rows[:50])

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mtl import settings
-from mtl.data.columns import column_sep, joined_texts
+from mtl.data.columns import column_sep, joined_texts, named_label
 from mtl.data.formats import IMAGE_SUFFIXES
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
@@ -21,10 +21,11 @@ from mtl.errors import MtlError, TaskFileError
 def columns(keys: list[str], fields: tuple[list[str], str] | None) -> tuple[list[str], str] | None:
     """Which columns hold the text and the label: ``text`` and ``label``, else the task file's own fields
     (``fields``: its input columns, joined as the task joins them, and its label column), else the only two
-    columns there are, in order; None if none of these fits."""
+    columns there are, in order; None if none of these fits. A ``label_text`` beside the label is taken in its
+    place (:func:`~mtl.data.columns.named_label`)."""
     for inputs, label in ((["text"], "label"), fields or ([], "")):
         if inputs and {*inputs, label} <= set(keys):
-            return inputs, label
+            return inputs, named_label(keys, label)
     return ([keys[0]], keys[1]) if len(keys) == 2 else None
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mtl.data.columns import joined_texts
+from mtl.data.columns import joined_texts, named_label
 from mtl.data.formats import IMAGE_SUFFIXES
 from mtl.errors import MtlError
 from mtl.run.examples import TABLE_SUFFIXES, table_rows
@@ -73,7 +73,8 @@ def table_inputs(path: Path, modality: str, fields: list[str] | None = None) -> 
     rows = table_rows(path)
     keys = list(rows[0]) if rows and isinstance(rows[0], dict) else []
     named = [["text"]] if modality == "text" else [["image"], ["path"], ["file"], ["filepath"]]
-    rest = [k for k in keys if k != "label"]
+    label = named_label(keys)  # a label's name where the table has it beside its number
+    rest = [k for k in keys if k not in ("label", label)]
     cols = next((c for c in [*named, fields or [], rest if len(rest) == 1 else []] if c and set(c) <= set(keys)),
                 None)
     if cols is None:
@@ -85,7 +86,7 @@ def table_inputs(path: Path, modality: str, fields: list[str] | None = None) -> 
     values = joined_texts([[row[c] for row in rows] for c in cols])
     if modality == "image":
         values = [v if Path(v).is_absolute() else str(path.parent / v) for v in values]
-    labels = [str(row.get("label", "")).strip() for row in rows] if "label" in keys else None
+    labels = [str(row.get(label, "")).strip() for row in rows] if label in keys else None
     return values, labels
 
 
