@@ -311,8 +311,10 @@ def evaluate(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run 
                   f"temperature {info['temperature']:.2f} ({info['ece_uncalibrated']:.3f} at 1)", highlight=False)
         left = info["left_out"]
         if left:
+            from mtl.data.episodes import listed
+
             out.print(f"{len(left)} classes with fewer than {shots + queries} examples (shots + queries) left out "
-                      f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''})", highlight=False)
+                      f"({listed(left)})", highlight=False)
 
 
 @app.command("whiten")
@@ -409,7 +411,9 @@ def compare_cmd(tasks: Annotated[str, typer.Option("--tasks", help="Registry tas
                       "-" if r.p_vs_maml is None else f"{r.p_vs_maml:.3g}", r.step_size,
                       "-" if r.ece is None else f"{r.ece:.3f}")
     out.print(table)
+    from mtl.data.episodes import listed
+
     for task, shot, left in sorted({(r.task, r.shots, tuple(r.left_out)) for r in rows if r.left_out}):
         out.print(f"{task} {shot}-shot: {len(left)} classes with too few test examples left out "
-                  f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''})", highlight=False)
+                  f"({listed(left)})", highlight=False)
     out.print(f"wrote {out_dir}/results.csv, results.md, results.png, results.json", highlight=False)

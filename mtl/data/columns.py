@@ -43,6 +43,18 @@ def joined_texts(columns: Sequence[Sequence[object]]) -> list[str]:
     return [FIELD_SEP.join(p for p in map(part, row) if p) for row in zip(*columns, strict=True)]
 
 
+def holds_image(value: object) -> bool:
+    """A table cell that is an image: a file's name by its suffix, its bytes, or the ``{bytes, path}`` record of
+    a Hugging Face data set saved as parquet (how image data sets come from the hub)."""
+    from mtl.data.formats import IMAGE_SUFFIXES
+
+    if isinstance(value, bytes | bytearray):
+        return True
+    if isinstance(value, dict):
+        return bool({"bytes", "path"} & set(value))
+    return str(value).strip().lower().endswith(IMAGE_SUFFIXES)
+
+
 LABEL_TEXT = ("label_text", "label_name", "class_name")  # Hugging Face exports and SetFit's data sets have both
 
 

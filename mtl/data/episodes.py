@@ -36,6 +36,11 @@ class Episode:
         return len(self.classes)
 
 
+def listed(names: Sequence[str], most: int = 5) -> str:
+    """The first ``most`` of ``names``, for a one-line message (the classes left out of episodes)."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 class EpisodeSampler:
     """Draws episodes from one split of one task, or from the pooled classes of several tasks."""
 

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from mtl.data.columns import column_sep, named_label, reads_as_data
+from mtl.data.columns import column_sep, holds_image, named_label, reads_as_data
 from mtl.data.formats import IMAGE_SUFFIXES, SPLIT_FOLDERS, read_source, split_folders
 from mtl.data.schema import Source, TaskSpec
 from mtl.data.task import Task, load_task
@@ -52,18 +52,8 @@ def _columns(rows: list[dict[str, Any]], path: Path) -> tuple[str, str, str]:
     rest = [k for k in keys if k not in (label, number)]
     length = {k: sum(len(str(r[k])) for r in rows) for k in rest}
     inp = next((named[n] for n in INPUT_NAMES if n in named and named[n] != label), None) or max(rest, key=length.get)
-    images = all(_is_image(r[inp]) for r in rows[:50])
+    images = all(holds_image(r[inp]) for r in rows[:50])
     return inp, label, "image" if images else "text"
-
-
-def _is_image(value: Any) -> bool:
-    """An image file's name, or an image held in the table: its bytes, or the ``{bytes, path}`` record of a
-    Hugging Face data set saved as parquet (how image data sets come from the hub)."""
-    if isinstance(value, bytes | bytearray):
-        return True
-    if isinstance(value, dict):
-        return bool({"bytes", "path"} & set(value))
-    return str(value).lower().endswith(IMAGE_SUFFIXES)
 
 
 def _image_options(samples: list[Any], folder: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mtl.data.augment import augment
-from mtl.data.episodes import Episode, EpisodeSampler
+from mtl.data.episodes import Episode, EpisodeSampler, listed
 from mtl.data.inputs import Inputs, SplitInputs
 from mtl.data.task import Task
 
@@ -43,10 +43,9 @@ def warn_left_out(stream: EpisodeStream, purpose: str) -> None:
     out of the ``purpose`` episodes: a registry's uneven task trains on the rest instead of stopping."""
     for sampler in stream.samplers:
         if sampler.left_out:
-            names = ", ".join(sampler.left_out[:5]) + (", ..." if len(sampler.left_out) > 5 else "")
             warnings.warn(f"task '{sampler.tasks[0].name}': {len(sampler.left_out)} classes with fewer than "
                           f"{sampler.shots + sampler.queries} examples in split '{sampler.split}' (shots + queries) "
-                          f"left out of the {purpose} episodes ({names})", stacklevel=2)
+                          f"left out of the {purpose} episodes ({listed(sampler.left_out)})", stacklevel=2)
 
 
 class EpisodeStream:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mtl import settings
-from mtl.data.columns import column_sep, joined_texts, named_label
+from mtl.data.columns import column_sep, holds_image, joined_texts, named_label
 from mtl.data.formats import IMAGE_SUFFIXES
 from mtl.data.images import prepare_images
 from mtl.data.schema import ImageOptions
@@ -60,8 +60,7 @@ def examples_modality(path: Path) -> str:
         raise MtlError(f"examples file {path} not found", "check the path")
     rows = table_rows(path)
     pair = columns(list(rows[0]), None) if rows and isinstance(rows[0], dict) else None
-    first = str(rows[0].get(pair[0][0], "")).strip() if pair else ""
-    return "image" if first.lower().endswith(IMAGE_SUFFIXES) else "text"
+    return "image" if pair and holds_image(rows[0].get(pair[0][0], "")) else "text"
 
 
 def read_examples(path: Path | str, modality: str, image: ImageOptions, fields: tuple[list[str], str] | None = None

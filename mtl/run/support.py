@@ -93,9 +93,11 @@ def image_options_for(model: MultiTaskModel, tasks: Sequence[str], registry: Reg
     """How a checkpoint's user reads image files: as its first image training task (``tasks``) reads its own, at
     the checkpoint's ``model.image_size`` where it has one (Omniglot's strokes inverted, faces in grey)."""
     options = model.config.image_overrides
+    if tasks:
+        registry = registry or Registry()  # built once, not once per training task
     for name in tasks:
         with contextlib.suppress(MtlError):
-            spec = (registry or Registry()).spec(name)
+            spec = registry.spec(name)  # type: ignore[union-attr]
             if spec.modality == "image":
                 return spec.image_options.model_copy(update=options)
     return ImageOptions.model_validate(options)
