@@ -159,6 +159,7 @@ def adapt_cmd(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run
     """Fine-tune a learned initialization on a few labelled examples of a task and save it.
 
     The adapted model's probabilities are calibrated, and it learns when to answer "none of these"."""
+    from mtl.cli.adapt_summary import summary
     from mtl.run.adapt import adapt
     from mtl.run.select import count_or_all
     from mtl.run.text_finetune import layer_count
@@ -184,52 +185,9 @@ def adapt_cmd(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run
     if as_json:
         _print_json(result)
         return
-    scored = ("test", "") if split is None else (f"{m.meta['test_split']}-split", " other")  # --split: the rest
-    sample = m.meta.get("test_of", 0) > m.meta["test_examples"]
-    of = f" of {m.meta['test_of']} (a random sample; --test-examples all scores every one)" if sample else ""
-    acc = (f"{scored[0]} accuracy {m.meta['test_accuracy']:.4f} +/- {m.meta['test_ci95']:.4f} on "
-           f"{m.meta['test_examples']}{scored[1]} examples{of}" if m.meta["test_accuracy"] is not None
-           else f"no test split (score it on labelled examples: `cli.py predict --model {out_dir} FILE.csv`)"
-           if m.meta.get("test_split") is None else "no test examples of these classes" + (
-               "" if split or examples else " (`--split test` adapts to the test split's classes)"))
-    sel = m.meta["selection"]
-    size = "the learned step size" if sel.get("lr") is None else f"step size {sel['lr']:g}"
-    how = f"{sel['steps']} steps at {size}" if sel["steps"] else "no gradient steps, the initial head as it is"
-    if sel.get("head_init") == "logistic":
-        how = "a head fitted by logistic regression on its features" + (f", then {how}" if sel["steps"] else "")
-    why = "as given" if sel["by"] == "given" else f"chosen by {sel['by']}"
-    choice = m.meta.get("choice")
-    if choice and choice["method"] != "meta-learned":
-        shares = ", ".join(f"{v} {w:.2f}" for v, w in choice.get("weights", {}).items() if w)
-        how = {"linear_probe": "a linear probe on the pretrained encoder",
-               "probe+tokens": "a linear probe on the pretrained encoder and token matching, answering together",
-               "finetune": "every layer of the pretrained encoder fine-tuned",
-               "probe+finetune+tokens": f"the pretrained encoder fine-tuned, probed and token-matched, answering "
-                                        f"together ({shares}; {choice.get('weights_by')})"}[choice["method"]]
-        how += ", the class names as one more example each" if choice.get("label_names") else ""
-    if choice and "accuracy" in choice:
-        why = f"chosen by {choice['by']}: " + ", ".join(f"{k} {v:.3f}" for k, v in choice["accuracy"].items())
-    st = m.meta.get("self_training")
-    self_trained = "" if not st else (
-        f"; then the probe refitted with {st['pseudo_labelled']} of {st['unlabeled']} unlabeled texts it labelled"
-        if m.meta["modality"] == "text" and st["share"] == 1.0 else
-        f"; then a probe self-trained on {st['pseudo_labelled']} of {st['unlabeled']} unlabeled texts it labelled, "
-        f"answering beside it (share {st['share']:.2f})" if m.meta["modality"] == "text" else
-        f"; then its head refitted on its features of the labelled images and {st['pseudo_labelled']} of "
-        f"{st['unlabeled']} unlabeled images it labelled")
-    cal, rej = m.meta["calibration"], m.meta["rejection"]
-    ece = (f"; ECE {m.meta['test_ece']:.3f} (uncalibrated {m.meta['test_ece_uncalibrated']:.3f})"
-           if m.meta.get("test_ece") is not None else "")
-    on = " on the pretrained encoder" if rej.get("reads") == "frozen" else ""
-    refuse = (f"answers '{rej['none']}' below {rej['score']}{on} {rej['threshold']:.3f} ({rej['by']})"
-              if rej["threshold"] is not None else f"never answers '{rej['none']}' ({rej['by']})")
-    views = f", one per view of the images ({m.meta['views']}: turned, mirrored)" if m.meta.get("views", 1) > 1 else ""
-    out.print(f"adapted to {task}: {labelled(len(m.classes), m.meta['shots'], m.meta.get('examples'))}, {how} "
-              f"({why}){views}"
-              f"{self_trained}; {acc}{ece}; temperature {cal['temperature']:.2f} ({cal['by']}); {refuse}; "
-              f"saved {out_dir} ({m.meta['seconds']:.2f} s)", highlight=False)
+    out.print(summary(m.meta, len(m.classes), out_dir, split, examples), highlight=False)
     if m.meta.get("modality") == "text" and not select and layer_count(encoder_layers) == 0:
-        folds = (choice or {}).get("accuracy") or {}
+        folds = (m.meta.get("choice") or {}).get("accuracy") or {}
         said = (f"the support set's folds answered {max(folds.values()):.0%} right this way; " if folds else "")
         err.print(f"tip: {said}--select also tries fine-tuning the pretrained encoder, alone and with the probe and "
                   "token matching, and keeps what cross-validation on the support set favours: minutes instead of "
@@ -241,14 +199,6 @@ def adapt_cmd(checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run
                   f"{o['oos_recall']:.3f}, precision {o['oos_precision']:.3f}, AUROC {o['auroc']:.3f}; in-scope "
                   f"accuracy {o['in_scope_accuracy_with_rejection']:.4f} with refusals ({o['in_scope_accuracy']:.4f} "
                   "without)", highlight=False)
-
-
-def labelled(classes: int, shots: int, examples: int | None) -> str:
-    """How many labelled examples: "5 classes x 5 shots", or for a user's own uneven ones "4 classes, 5 examples
-    (at least 1 each)"."""
-    if examples is None or examples == classes * shots:
-        return f"{classes} classes x {shots} shot{'s' * (shots != 1)}"
-    return f"{classes} classes, {examples} examples (at least {shots} each)"
 
 
 @app.command("predict")
